@@ -1,0 +1,62 @@
+"""OnceOnly Core: run each side-effecting agent tool call at most once per key.
+
+>>> from onceonly_core import guard
+>>> guard(charge_card, "cus_42", 500)      # runs
+>>> guard(charge_card, "cus_42", 500)      # replays the stored result
+
+See README.md for the guarantees and the crash matrix.
+"""
+
+from __future__ import annotations
+
+from .codec import Codec
+from .errors import (
+    CachedFailure,
+    CodecError,
+    CompletionNotRecorded,
+    ConfigError,
+    FingerprintError,
+    InProgress,
+    KeyReuseError,
+    LeaseLost,
+    MissingExtraError,
+    OnceOnlyError,
+    SchemaError,
+    StoreError,
+    UnknownOutcome,
+)
+from .guard import BLOCKED, Guard, Stats, current_call, guard
+from .protocol import NOT_DONE, CallContext, Options, Outcome
+from .stores import MemoryStore, Record, Store, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCKED",
+    "NOT_DONE",
+    "CachedFailure",
+    "CallContext",
+    "Codec",
+    "CodecError",
+    "CompletionNotRecorded",
+    "ConfigError",
+    "FingerprintError",
+    "Guard",
+    "InProgress",
+    "KeyReuseError",
+    "LeaseLost",
+    "MemoryStore",
+    "MissingExtraError",
+    "OnceOnlyError",
+    "Options",
+    "Outcome",
+    "Record",
+    "SchemaError",
+    "Stats",
+    "Store",
+    "StoreError",
+    "UnknownOutcome",
+    "current_call",
+    "guard",
+    "open_store",
+]

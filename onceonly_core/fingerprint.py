@@ -1,0 +1,434 @@
+"""Canonical form of a tool call and the key derived from it.
+
+A derived key is ``sha256(SCHEME, workflow, tool identity, canonical args)`` in hex. The
+canonical form is a compact, tagged text that depends only on the *values* of the
+arguments, never on ``PYTHONHASHSEED``, memory addresses, the machine or the Python
+version. The scheme is versioned (:data:`SCHEME`); a change to the canonical form bumps
+it, so old and new keys never silently compare equal.
+
+Rules (documented in ``docs/keys.md``):
+
+* arguments are bound to the signature: positional ≡ keyword, defaults applied;
+* numbers compare by decimal value: ``100 == 100.0 == Decimal("100.00")``, while
+  ``99.99 != 99.98`` and ``1e-9 != 2e-9`` (floats are written exactly, by their shortest
+  round-tripping repr); ``True`` is not ``1``; NaN and infinities are rejected;
+* ``str`` is NFC-normalised; lone surrogates are rejected;
+* tuples ≡ lists; sets are sorted by the canonical form of their items; mappings are
+  sorted by the canonical form of their keys (so ``{1: x}`` differs from ``{"1": x}``);
+* Decimal, datetime (aware → UTC; naive stays naive and differs from aware), date, time,
+  timedelta, UUID, Enum, bytes, paths, dataclasses and pydantic models are supported;
+* anything else, a cycle, nesting deeper than :data:`MAX_DEPTH` or more than
+  :data:`MAX_NODES` values raises :class:`~onceonly_core.errors.FingerprintError` naming
+  the argument path. Register your own type with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import functools
+import hashlib
+import inspect
+import pathlib
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from .errors import ConfigError, FingerprintError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_NODES",
+    "SCHEME",
+    "Signature",
+    "canonical",
+    "derive_key",
+    "register",
+    "tool_identity",
+]
+
+SCHEME = "oo1"
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+_CUSTOM: dict[type, Callable[[Any], Any]] = {}
+
+
+def register(cls: type, to_canonical: Callable[[Any], Any]) -> None:
+    """Teach the fingerprint a type: ``to_canonical(value)`` returns supported values.
+
+    The output is tagged with the type's module and qualname, so two registered types
+    never collide with each other or with builtins.
+    """
+    _CUSTOM[cls] = to_canonical
+
+
+class _Walker:
+    __slots__ = ("float_digits", "nodes", "out", "stack")
+
+    def __init__(self, float_digits: int | None) -> None:
+        self.out: list[str] = []
+        self.nodes = 0
+        self.stack: set[int] = set()
+        self.float_digits = float_digits
+
+    def walk(self, v: Any, path: str, depth: int) -> None:  # noqa: C901 - one dispatch
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise FingerprintError(path, f"more than {MAX_NODES} values in the arguments")
+        out = self.out
+        t = type(v)
+        # Exact-type checks first: they are the hot path and keep bool out of int.
+        if t is str:
+            out.append("s")
+            out.append(_text(v, path))
+        elif t is int:
+            out.append("n")
+            out.append(_int(v, path))
+            out.append(";")
+        elif t is float:
+            out.append("n")
+            out.append(_float(v, path, self.float_digits))
+            out.append(";")
+        elif v is None:
+            out.append("z")
+        elif t is bool:
+            out.append("T" if v else "F")
+        elif t is dict or isinstance(v, Mapping):
+            self._enter(v, path, depth)
+            items = []
+            for k, val in v.items():
+                sub = _Walker(self.float_digits)
+                sub.nodes = self.nodes
+                sub.stack = self.stack
+                sub.walk(k, f"{path}[{k!r}]", depth + 1)
+                self.nodes = sub.nodes
+                items.append(("".join(sub.out), k, val))
+            items.sort(key=lambda item: item[0])
+            out.append("{")
+            for enc, k, val in items:
+                out.append(enc)
+                out.append(":")
+                self.walk(val, f"{path}[{k!r}]", depth + 1)
+            out.append("}")
+            self.stack.discard(id(v))
+        elif t is list or t is tuple or isinstance(v, (list, tuple)):
+            self._enter(v, path, depth)
+            out.append("[")
+            for i, item in enumerate(v):
+                self.walk(item, f"{path}[{i}]", depth + 1)
+            out.append("]")
+            self.stack.discard(id(v))
+        elif isinstance(v, (set, frozenset)):
+            self._enter(v, path, depth)
+            encoded = []
+            for item in v:
+                sub = _Walker(self.float_digits)
+                sub.nodes = self.nodes
+                sub.stack = self.stack
+                sub.walk(item, f"{path}{{item}}", depth + 1)
+                self.nodes = sub.nodes
+                encoded.append("".join(sub.out))
+            encoded.sort()
+            out.append("<")
+            out.extend(encoded)
+            out.append(">")
+            self.stack.discard(id(v))
+        elif isinstance(v, bool):
+            out.append("T" if v else "F")
+        elif isinstance(v, enum.Enum):
+            out.append("E")
+            out.append(_text(_type_name(t), path))
+            self.walk(v.value, f"{path}.value", depth + 1)
+        elif isinstance(v, int):
+            out.append("n")
+            out.append(_int(int(v), path))
+            out.append(";")
+        elif isinstance(v, float):
+            out.append("n")
+            out.append(_float(float(v), path, self.float_digits))
+            out.append(";")
+        elif isinstance(v, Decimal):
+            out.append("n")
+            out.append(_decimal(v, path))
+            out.append(";")
+        elif isinstance(v, str):
+            out.append("s")
+            out.append(_text(str(v), path))
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            b = bytes(v)
+            out.append("b")
+            out.append(b.hex())
+            out.append(";")
+        elif isinstance(v, _dt.datetime):
+            if v.tzinfo is not None and v.utcoffset() is not None:
+                out.append("D")
+                out.append(v.astimezone(_dt.timezone.utc).replace(tzinfo=None).isoformat())
+            else:
+                out.append("d")
+                out.append(v.replace(tzinfo=None).isoformat())
+            out.append(";")
+        elif isinstance(v, _dt.date):
+            out.append("a")
+            out.append(v.isoformat())
+            out.append(";")
+        elif isinstance(v, _dt.time):
+            out.append("h")
+            if v.tzinfo is not None and v.utcoffset() is not None:
+                out.append(v.isoformat())
+            else:
+                out.append(v.replace(tzinfo=None).isoformat())
+            out.append(";")
+        elif isinstance(v, _dt.timedelta):
+            out.append("t")
+            out.append(str((v.days * 86400 + v.seconds) * 1_000_000 + v.microseconds))
+            out.append(";")
+        elif isinstance(v, uuid.UUID):
+            out.append("u")
+            out.append(v.hex)
+            out.append(";")
+        elif isinstance(v, pathlib.PurePath):
+            out.append("p")
+            out.append(_text(v.as_posix(), path))
+        elif t in _CUSTOM:
+            out.append("X")
+            out.append(_text(_type_name(t), path))
+            self._enter(v, path, depth)
+            self.walk(_CUSTOM[t](v), f"{path}", depth + 1)
+            self.stack.discard(id(v))
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            self._enter(v, path, depth)
+            out.append("C")
+            out.append(_text(_type_name(t), path))
+            out.append("{")
+            for f in dataclasses.fields(v):
+                out.append(_text(f.name, path))
+                self.walk(getattr(v, f.name), f"{path}.{f.name}", depth + 1)
+            out.append("}")
+            self.stack.discard(id(v))
+        elif hasattr(t, "__pydantic_fields__") and hasattr(v, "model_dump"):
+            self._enter(v, path, depth)
+            out.append("M")
+            out.append(_text(_type_name(t), path))
+            out.append("{")
+            for name in t.__pydantic_fields__:
+                out.append(_text(name, path))
+                self.walk(getattr(v, name), f"{path}.{name}", depth + 1)
+            out.append("}")
+            self.stack.discard(id(v))
+        else:
+            for base, fn in _CUSTOM.items():
+                if isinstance(v, base):
+                    out.append("X")
+                    out.append(_text(_type_name(base), path))
+                    self.walk(fn(v), path, depth + 1)
+                    return
+            raise FingerprintError(
+                path,
+                f"values of type {_type_name(t)} are not supported; pass key=, key_args= or "
+                "exclude=, or teach it with onceonly_core.fingerprint.register()",
+            )
+
+    def _enter(self, v: Any, path: str, depth: int) -> None:
+        if depth >= MAX_DEPTH:
+            raise FingerprintError(path, f"nested deeper than {MAX_DEPTH} levels")
+        i = id(v)
+        if i in self.stack:
+            raise FingerprintError(path, "the value contains a reference cycle")
+        self.stack.add(i)
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _text(s: str, path: str) -> str:
+    # Length-prefixed: no escaping needed, and no string can imitate another token.
+    if not s.isascii():
+        if not unicodedata.is_normalized("NFC", s):
+            s = unicodedata.normalize("NFC", s)
+        try:
+            n = len(s.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise FingerprintError(path, "the string contains a lone surrogate") from None
+        return f"{n}:{s}"
+    return f"{len(s)}:{s}"
+
+
+def _float(v: float, path: str, digits: int | None) -> str:
+    if v != v or v in (float("inf"), float("-inf")):
+        raise FingerprintError(path, f"{v!r} is not a finite number")
+    if digits is not None:
+        v = float(f"{v:.{digits}g}")
+    if v.is_integer() and -1e15 < v < 1e15:
+        return str(int(v))  # 100.0 -> "100", -0.0 -> "0": the same amount as the int
+    # repr() is the shortest text that round-trips: distinct floats never share it.
+    return _decimal(Decimal(repr(v)), path)
+
+
+def _decimal(v: Decimal, path: str) -> str:
+    # Exact: no Decimal context is involved (normalize() would round to 28 digits).
+    if not v.is_finite():
+        raise FingerprintError(path, f"{v!r} is not a finite number")
+    sign, digits, exp = v.as_tuple()
+    assert isinstance(exp, int)
+    text = "".join(map(str, digits))
+    stripped = text.rstrip("0")
+    if not stripped:
+        return "0"  # -0, 0E+5 and 0.000 are all zero
+    exp += len(text) - len(stripped)
+    prefix = "-" if sign else ""
+    if 0 <= exp and len(stripped) + exp <= _PLAIN_DIGITS:
+        return prefix + stripped + "0" * exp  # an integer: the same form as int
+    return f"{prefix}{stripped}e{exp}"
+
+
+def _int(v: int, path: str) -> str:
+    if -_PLAIN_LIMIT < v < _PLAIN_LIMIT:
+        return str(v)
+    return _decimal(Decimal(v), path)
+
+
+_PLAIN_DIGITS = 30
+_PLAIN_LIMIT = 10**_PLAIN_DIGITS
+
+
+def canonical(value: Any, *, float_digits: int | None = None, path: str = "args") -> str:
+    """Return the canonical text of ``value`` (the part of a key that depends on data)."""
+    w = _Walker(float_digits)
+    w.walk(value, path, 0)
+    return "".join(w.out)
+
+
+def tool_identity(fn: Callable[..., Any]) -> str:
+    """Stable name of a callable: ``module.qualname``.
+
+    Bound methods use their function's qualname (``Stripe.charge`` and ``Paypal.charge``
+    differ); ``functools.partial`` uses the wrapped function; lambdas add their source
+    line (``module.f.<locals>.<lambda>@12``), so two lambdas in one scope never collide
+    — pass ``name=`` for an identity that survives edits to the file.
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    target = getattr(fn, "__func__", fn)  # bound method -> function
+    qualname = getattr(target, "__qualname__", None)
+    module = getattr(target, "__module__", None)
+    if qualname is None:
+        # A callable instance: identify it by its class.
+        cls = type(target)
+        qualname, module = cls.__qualname__, cls.__module__
+    name = f"{module or 'builtins'}.{qualname}"
+    if "<lambda>" in qualname:
+        code = getattr(target, "__code__", None)
+        if code is not None:
+            name += f"@{code.co_firstlineno}"
+    return name
+
+
+class Signature:
+    """A callable's parameters, bound fast to a call's arguments.
+
+    ``bind(args, kwargs)`` returns the canonical mapping ``{name: value}`` with defaults
+    applied, ``*args`` as a list and ``**kwargs`` merged as a dict under its name, so
+    ``f(1, 2)``, ``f(1, b=2)`` and ``f(a=1, b=2)`` bind equally.
+    """
+
+    __slots__ = ("_fast", "_names", "_defaults", "_sig", "bound_self", "partial_args", "partial_kw")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.partial_args: tuple[Any, ...] = ()
+        self.partial_kw: dict[str, Any] = {}
+        while isinstance(fn, functools.partial):
+            self.partial_args = tuple(fn.args) + self.partial_args
+            self.partial_kw = {**fn.keywords, **self.partial_kw}
+            fn = fn.func
+        # The receiver of a bound method is not part of the fingerprint: it is usually a
+        # client object without a stable value. Distinguish accounts with key_args/namespace.
+        self.bound_self = getattr(fn, "__self__", None)
+        target = getattr(fn, "__func__", fn)
+        try:
+            sig = inspect.signature(target)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"cannot read the signature of {fn!r}: {err}") from err
+        params = list(sig.parameters.values())
+        if self.bound_self is not None and params and not isinstance(self.bound_self, type):
+            params = params[1:]
+        elif self.bound_self is not None and isinstance(self.bound_self, type) and params:
+            params = params[1:]  # classmethod: drop cls
+        self._sig = sig.replace(parameters=params)
+        simple = all(
+            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params
+        ) and not any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params)
+        self._fast = simple
+        self._names = tuple(p.name for p in params)
+        self._defaults = tuple(p.default for p in params)
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return self._names
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.partial_args:
+            args = (*self.partial_args, *args)
+        if self.partial_kw:
+            kwargs = {**self.partial_kw, **kwargs}
+        if self._fast and len(args) <= len(self._names):
+            names = self._names
+            out: dict[str, Any] = {}
+            for i, a in enumerate(args):
+                out[names[i]] = a
+            ok = True
+            for k, val in kwargs.items():
+                if k in out or k not in names:
+                    ok = False
+                    break
+                out[k] = val
+            if ok:
+                empty = inspect.Parameter.empty
+                for name, default in zip(names, self._defaults):
+                    if name not in out:
+                        if default is empty:
+                            ok = False
+                            break
+                        out[name] = default
+                if ok:
+                    return {n: out[n] for n in names}
+        bound = self._sig.bind(*args, **kwargs)  # raises the usual TypeError
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+
+def derive_key(
+    tool: str,
+    bound: Mapping[str, Any],
+    *,
+    workflow: str | None = None,
+    key_args: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    float_digits: int | None = None,
+) -> str:
+    """The derived key of one call, 64 hex characters."""
+    if key_args is not None:
+        chosen = {}
+        for name in key_args:
+            if name not in bound:
+                raise ConfigError(f"key_args names {name!r}, which {tool} does not take")
+            chosen[name] = bound[name]
+        data: Mapping[str, Any] = chosen
+    elif exclude:
+        skip = set(exclude)
+        data = {k: v for k, v in bound.items() if k not in skip}
+    else:
+        data = bound
+    text = canonical(data, float_digits=float_digits)
+    return digest(tool, text, workflow)
+
+
+def digest(tool: str, canonical_text: str, workflow: str | None = None) -> str:
+    h = hashlib.sha256()
+    h.update(f"{SCHEME}\0{workflow or ''}\0{tool}\0".encode())
+    h.update(canonical_text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()

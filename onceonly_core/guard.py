@@ -1,0 +1,677 @@
+"""The facade: ``guard(fn, *args, **kwargs)``, ``@guard.once``, ``guard.wrap_tools`` and friends.
+
+Everything here prepares a call (tool identity, bound arguments, key, options) and
+then hands it to the one copy of the protocol in :mod:`onceonly_core.protocol`,
+driven synchronously or on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar, overload
+
+from . import fingerprint as fp
+from .codec import ResultCodec, default_codec
+from .errors import ConfigError, OnceOnlyError
+from .protocol import (
+    Call,
+    CallContext,
+    Options,
+    Outcome,
+    Ran,
+    flow,
+    run_async,
+    run_sync,
+)
+from .stores import Record, Store, open_store
+from .stores.base import MAX_LABEL, NewClaim, check_labels
+
+__all__ = [
+    "BLOCKED",
+    "Guard",
+    "Stats",
+    "current_call",
+    "guard",
+]
+
+log = logging.getLogger("onceonly")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_workflow: contextvars.ContextVar[str | None] = contextvars.ContextVar("onceonly_workflow", default=None)
+_caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("onceonly_caller", default=None)
+_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("onceonly_run", default=None)
+_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "onceonly_call", default=None
+)
+
+_OPTION_NAMES = frozenset(f.name for f in fields(Options))
+
+
+class _Blocked:
+    """Returned for a duplicate when replay is off. Falsy, a singleton."""
+
+    _instance: _Blocked | None = None
+
+    def __new__(cls) -> _Blocked:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "BLOCKED"
+
+
+BLOCKED: Any = _Blocked()
+
+
+def current_call() -> CallContext | None:
+    """The context of the guarded call running in this thread/task, or None."""
+    return _current.get()
+
+
+@dataclass(slots=True)
+class Stats:
+    """Decisions this Guard made in this process (the ledger has the durable view)."""
+
+    attempts: int = 0
+    executed: int = 0
+    replayed: int = 0
+    blocked: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _label(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_LABEL:
+        raise ConfigError(f"{what} must be a non-empty string of at most {MAX_LABEL} characters")
+    if any(ord(c) < 32 for c in value):
+        raise ConfigError(f"{what} must not contain control characters: {value!r}")
+    return value
+
+
+class _Heartbeats:
+    """One daemon thread per Guard extends the leases of long calls.
+
+    A call registers when it starts executing; the thread extends its lease every
+    ``lease / 3`` seconds with a fenced UPDATE. Calls shorter than that never cost a
+    write. A stopped process (crash, SIGSTOP) stops heartbeating, so its lease expires.
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = weakref.ref(guard)
+        self._active: dict[int, list[Any]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._ids = iter(range(1, sys.maxsize))
+
+    def add(self, store: Store, ns: str, key: str, token: int, lease: float) -> int:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="onceonly-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+            hid = next(self._ids)
+            self._active[hid] = [store, ns, key, token, lease, time.monotonic() + lease / 3]
+        return hid
+
+    def remove(self, hid: int) -> None:
+        with self._lock:
+            self._active.pop(hid, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                due = [(hid, e) for hid, e in self._active.items() if e[5] <= time.monotonic()]
+                nxt = min((e[5] for e in self._active.values()), default=time.monotonic() + 1.0)
+            for hid, (store, ns, key, token, lease, _) in due:
+                try:
+                    ok = store.heartbeat(ns, key, token, lease)
+                except OnceOnlyError as err:
+                    log.warning("heartbeat for %s failed: %s", key, err)
+                    ok = True  # transient; the fenced completion is the real check
+                with self._lock:
+                    entry = self._active.get(hid)
+                    if entry is not None:
+                        entry[5] = time.monotonic() + lease / 3
+                if not ok:
+                    log.warning("lease on %s (token %s) was taken over while running", key, token)
+            if self._guard() is None:
+                return
+            self._wake.wait(max(0.01, min(1.0, nxt - time.monotonic())))
+            self._wake.clear()
+
+
+@dataclass(slots=True)
+class _Tool:
+    """A callable prepared once: identity, signature, sync/async, merged options."""
+
+    fn: Callable[..., Any]
+    name: str
+    sig: fp.Signature
+    is_async: bool
+    overrides: dict[str, Any]
+
+
+class Guard:
+    """An exactly-once guard over one ledger.
+
+    ``Guard()`` reads ``ONCEONLY_DB_URL`` (default ``sqlite:///onceonly.db``),
+    ``ONCEONLY_NAMESPACE`` (default ``default``) and ``ONCEONLY_QUIET`` at first use,
+    not at construction, and creates nothing until then.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        store: Store | None = None,
+        codec: ResultCodec | None = None,
+        quiet: bool | None = None,
+        caller: str | None = None,
+        **defaults: Any,
+    ) -> None:
+        unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
+        if unknown:
+            raise ConfigError(f"unknown Guard options: {', '.join(sorted(unknown))}")
+        self._url = url
+        self._store_options: dict[str, Any] = defaults.pop("store_options", {}) or {}
+        self._namespace = _label(namespace, "namespace")
+        self._store = store
+        self._quiet = quiet
+        self._caller = _label(caller, "caller")
+        self.codec: ResultCodec = codec or default_codec
+        self._defaults = Options(**defaults)
+        _check_options(self._defaults)
+        self._policies: dict[str, dict[str, Any]] = {}
+        self._tools: dict[Any, _Tool] = {}
+        self._stats = Stats()
+        self._stats_lock = threading.Lock()
+        self._hooks: dict[str, list[Callable[[Outcome], Any]]] = {
+            "executed": [], "replayed": [], "blocked": [], "failed": [],
+        }
+        self._config_lock = threading.Lock()
+        self._heartbeats = _Heartbeats(self)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # -- configuration (lazy) -----------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The ledger, opened at first use."""
+        s = self._store
+        if s is None:
+            with self._config_lock:
+                if self._store is None:
+                    url = self._url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
+                    self._store = open_store(url, **self._store_options)
+                s = self._store
+        return s
+
+    @property
+    def namespace(self) -> str:
+        if self._namespace is None:
+            ns = _label(os.environ.get("ONCEONLY_NAMESPACE") or "default", "ONCEONLY_NAMESPACE")
+            assert ns is not None
+            self._namespace = ns
+        return self._namespace
+
+    @property
+    def quiet(self) -> bool:
+        if self._quiet is None:
+            self._quiet = os.environ.get("ONCEONLY_QUIET", "").lower() in ("1", "true", "yes")
+        return self._quiet
+
+    def configure(self, url: str | None = None, *, namespace: str | None = None,
+                  store: Store | None = None, quiet: bool | None = None,
+                  **defaults: Any) -> Guard:
+        """Point this guard elsewhere or change defaults (before or between uses)."""
+        with self._config_lock:
+            if url is not None or store is not None:
+                if self._store is not None:
+                    self._store.close()
+                self._store, self._url = store, url
+            if namespace is not None:
+                self._namespace = _label(namespace, "namespace")
+            if quiet is not None:
+                self._quiet = quiet
+            if defaults:
+                unknown = set(defaults) - _OPTION_NAMES
+                if unknown:
+                    raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+                self._defaults = replace(self._defaults, **defaults)
+                _check_options(self._defaults)
+            self._tools.clear()
+        return self
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- scopes (context-local: safe across threads and asyncio tasks) ------------------
+    @contextlib.contextmanager
+    def workflow(self, workflow_id: str) -> Iterator[None]:
+        """Scope keys to a workflow: records live in namespace ``<namespace>/<workflow>``."""
+        token = _workflow.set(_label(workflow_id, "workflow id"))
+        try:
+            yield
+        finally:
+            _workflow.reset(token)
+
+    @contextlib.contextmanager
+    def as_caller(self, caller: str) -> Iterator[None]:
+        """Record who is calling (a worker, a user) on the records claimed inside."""
+        token = _caller.set(_label(caller, "caller"))
+        try:
+            yield
+        finally:
+            _caller.reset(token)
+
+    @contextlib.contextmanager
+    def run(self, run_id: str) -> Iterator[None]:
+        """Tag records claimed inside with an agent run id (readable by the tool)."""
+        token = _run_id.set(_label(run_id, "run id"))
+        try:
+            yield
+        finally:
+            _run_id.reset(token)
+
+    def current_namespace(self) -> str:
+        wf = _workflow.get()
+        return self.namespace if wf is None else f"{self.namespace}/{wf}"
+
+    # -- policies and hooks -------------------------------------------------------------
+    def policy(self, tool: Callable[..., Any] | str, **options: Any) -> None:
+        """Per-tool options (by callable or by tool name): ``unlimited=``, ``replay=``,
+        ``max=``, ``ttl=``, ``lease=``, ``wait=``, ``on_unknown=``, ``cache_errors=``..."""
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            raise ConfigError(f"unknown policy options: {', '.join(sorted(unknown))}")
+        _check_options(replace(self._defaults, **options))
+        name = tool if isinstance(tool, str) else fp.tool_identity(tool)
+        with self._config_lock:
+            self._policies[name] = {**self._policies.get(name, {}), **options}
+            self._tools.clear()
+
+    def on_success(self, hook: Callable[[Outcome], Any]) -> Callable[[Outcome], Any]:
+        self._hooks["executed"].append(hook)
+        return hook
+
+    def on_replay(self, hook: Callable[[Outcome], Any]) -> Callable[[Outcome], Any]:
+        self._hooks["replayed"].append(hook)
+        return hook
+
+    def on_block(self, hook: Callable[[Outcome], Any]) -> Callable[[Outcome], Any]:
+        self._hooks["blocked"].append(hook)
+        return hook
+
+    def on_failure(self, hook: Callable[[Outcome], Any]) -> Callable[[Outcome], Any]:
+        self._hooks["failed"].append(hook)
+        return hook
+
+    # -- calling ------------------------------------------------------------------------
+    def __call__(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` at most once per key; replay its result after.
+
+        Every keyword goes to ``fn`` (a tool may take a parameter called ``key``); set
+        options with ``guard.using(key=...)(fn, ...)`` or ``@guard.once(...)``.
+        For an ``async def`` tool this returns an awaitable.
+        """
+        return self._invoke(self._tool(fn, {}), args, kwargs, force=False)
+
+    def using(self, **options: Any) -> Callable[..., Any]:
+        """Options for one call: ``guard.using(key="order-42")(charge, "c1", 500)``."""
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+
+        def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            return self._invoke(self._tool(fn, options), args, kwargs, force=False)
+
+        return call
+
+    @overload
+    def once(self, fn: F, /) -> F: ...
+
+    @overload
+    def once(self, fn: None = None, /, **options: Any) -> Callable[[F], F]: ...
+
+    def once(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Decorator: ``@guard.once`` or ``@guard.once(key_args=["order_id"], ttl=3600)``."""
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+
+        def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+            tool = self._tool(f, options)
+            if tool.is_async:
+
+                @functools.wraps(f)
+                async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                    return await self._invoke(self._tool(f, options), args, kwargs, force=False)
+
+                awrapper.__onceonly_tool__ = tool.name  # type: ignore[attr-defined]
+                return awrapper
+
+            @functools.wraps(f)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return self._invoke(self._tool(f, options), args, kwargs, force=False)
+
+            wrapper.__onceonly_tool__ = tool.name  # type: ignore[attr-defined]
+            return wrapper
+
+        return wrap if fn is None else wrap(fn)
+
+    def wrap_tools(self, tools: Any, *, blocked_return: Any = BLOCKED, **options: Any) -> Any:
+        """Guard every callable in a dict (same keys) or a list (same order).
+
+        With ``blocked_return=X``, a duplicate returns ``X`` instead of replaying the
+        stored result.
+        """
+        if blocked_return is not BLOCKED:
+            options = {"replay": False, "blocked_return": blocked_return, **options}
+        if isinstance(tools, Mapping):
+            return type(tools)({k: self.once(**options)(v) for k, v in tools.items()})  # type: ignore[call-arg]
+        if isinstance(tools, (list, tuple)):
+            return type(tools)(self.once(**options)(v) for v in tools)
+        raise ConfigError(f"wrap_tools takes a dict or a list of callables, not {type(tools)!r}")
+
+    def force(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run again even if the key already ran; fences out any current owner."""
+        return self._invoke(self._tool(fn, {}), args, kwargs, force=True)
+
+    def retry(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> bool:
+        """Clear the record of this call so the next call runs again.
+
+        Returns False if there was nothing to clear. Raises InProgress if the call is
+        running with a live lease (clearing it would allow a concurrent second run).
+        """
+        tool = self._tool(fn, {})
+        ns, key, _, _ = self._key(tool, args, kwargs)
+        return self.clear(key, namespace=ns)
+
+    def clear(self, key: str, *, namespace: str | None = None) -> bool:
+        """Clear one record by key (what ``onceonly retry`` does)."""
+        from .errors import InProgress
+
+        ns = namespace or self.current_namespace()
+        done = self.store.clear(ns, key)
+        if done is False:
+            rec = self.store.get(ns, key)
+            raise InProgress(ns, key, rec.owner if rec else None)
+        return bool(done)
+
+    def key_for(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> str:
+        """The key a call would use (for logs, ``onceonly retry --key``)."""
+        return self._key(self._tool(fn, {}), args, kwargs)[1]
+
+    # -- reading ------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """This process's decisions: attempts, executed, replayed, blocked, failed."""
+        with self._stats_lock:
+            return self._stats.as_dict()
+
+    def history(self, tool: Callable[..., Any] | str | None = None, *, limit: int = 50,
+                all_namespaces: bool = False) -> list[Record]:
+        """Recent records of this namespace (and its workflows), newest first."""
+        name = None if tool is None else tool if isinstance(tool, str) else fp.tool_identity(tool)
+        ns = None if all_namespaces else self.namespace
+        return self.store.list(namespace=ns, prefix=True, tool=name, limit=limit)
+
+    def log(self, limit: int = 20, file: Any = None) -> None:
+        """Print recent records (state, tool, key, attempts) to stdout."""
+        out = file or sys.stdout
+        for r in self.history(limit=limit):
+            stamp = time.strftime("%H:%M:%S", time.localtime(r.updated_at))
+            print(f"{stamp}  {r.state:<9}  {r.tool}  key={r.key[:16]}  token={r.token} "
+                  f"runs={r.executions}", file=out)
+
+    def check(self) -> bool:
+        """Self-test: exactly-once, replay and fencing on a scratch in-memory ledger,
+        then a round trip on this guard's own ledger. Raises on any failure."""
+        from .stores.memory import MemoryStore
+
+        clock = [1000.0]
+        scratch = Guard(store=MemoryStore(clock=lambda: clock[0]), quiet=True, lease=5.0)
+        calls: list[int] = []
+
+        def tool(x: int) -> int:
+            calls.append(x)
+            return x * 2
+
+        if [scratch(tool, 21), scratch(tool, 21), scratch(tool, 22)] != [42, 42, 44]:
+            raise OnceOnlyError("self-test: wrong results")
+        if calls != [21, 22]:
+            raise OnceOnlyError(f"self-test: executions {calls}")
+        store = self.store
+        ns = f"{self.namespace}/_check"
+        key = f"check-{uuid.uuid4().hex}"
+        new = NewClaim("onceonly.check", self._owner, 5.0)
+        rec = store.claim(ns, key, new)
+        if not rec.mine or store.claim(ns, key, new).mine:
+            raise OnceOnlyError("self-test: the ledger's claim is not exclusive")
+        if not store.finish(ns, key, rec.token, ok=True, result="1"):
+            raise OnceOnlyError("self-test: the ledger refused the owner's completion")
+        if store.finish(ns, key, rec.token, ok=True, result="2"):
+            raise OnceOnlyError("self-test: the ledger accepted a second completion")
+        store.clear(ns, key)
+        return True
+
+    # -- internals ----------------------------------------------------------------------
+    def _tool(self, fn: Callable[..., Any], overrides: Mapping[str, Any]) -> _Tool:
+        cache_key = (fn, tuple(sorted((k, id(v)) for k, v in overrides.items())))
+        try:
+            tool = self._tools.get(cache_key)
+        except TypeError:  # unhashable callable
+            tool, cache_key = None, None
+        if tool is not None:
+            return tool
+        if not callable(fn):
+            raise ConfigError(f"guard needs a callable, got {type(fn).__name__}")
+        name = overrides.get("name") or fp.tool_identity(fn)
+        merged = {**self._policies.get(name, {}), **overrides}
+        for opt in ("key_args", "exclude"):
+            if isinstance(merged.get(opt), str):
+                merged[opt] = (merged[opt],)
+            elif merged.get(opt) is not None:
+                merged[opt] = tuple(merged[opt])
+        _check_options(replace(self._defaults, **merged))
+        target = fn
+        while isinstance(target, functools.partial):
+            target = target.func
+        is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+            getattr(target, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        tool = _Tool(fn, name, fp.Signature(fn), is_async, merged)
+        if cache_key is not None and len(self._tools) < 10_000:
+            self._tools[cache_key] = tool
+        return tool
+
+    def _key(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]
+             ) -> tuple[str, str, str | None, Options]:
+        opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
+        try:
+            bound = tool.sig.bind(args, kwargs)
+        except TypeError as err:
+            hint = ""
+            if set(kwargs) & _OPTION_NAMES:
+                hint = (" (guard(fn, ...) passes every keyword to the tool; set options with "
+                        "guard.using(key=...)(fn, ...) or @guard.once(...))")
+            raise TypeError(f"{tool.name}: {err}{hint}") from None
+        ns = self.current_namespace()
+        wf = _workflow.get()
+        if opts.key is not None:
+            key = opts.key if isinstance(opts.key, str) else opts.key(*args, **kwargs)
+            if not isinstance(key, str):
+                raise ConfigError(f"key= must give a string, got {type(key).__name__}")
+            skip = set(opts.exclude)
+            data = {k: v for k, v in bound.items() if k not in skip}
+            digest = (
+                fp.digest(tool.name, fp.canonical(data, float_digits=opts.float_digits))
+                if opts.check_payload else None
+            )
+        else:
+            key = fp.derive_key(tool.name, bound, workflow=wf, key_args=opts.key_args,
+                                exclude=opts.exclude, float_digits=opts.float_digits)
+            digest = None
+        check_labels(ns, key)
+        return ns, key, digest, opts
+
+    def _prepare(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 force: bool) -> Call:
+        ns, key, digest, opts = self._key(tool, args, kwargs)
+        new = NewClaim(tool.name, self._owner, opts.lease, digest, _run_id.get(),
+                       _caller.get() or self._caller)
+        return Call(ns, key, tool.name, digest, opts, new, self.codec, force)
+
+    def _invoke(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any],
+                force: bool) -> Any:
+        if tool.is_async:
+            return self._ainvoke(tool, args, kwargs, force)
+        opts_unlimited = tool.overrides.get("unlimited", self._defaults.unlimited)
+        if opts_unlimited and not force:
+            self._count("attempts")
+            return tool.fn(*args, **kwargs)
+        call = self._prepare(tool, args, kwargs, force)
+        store = self.store
+
+        def execute(ctx: CallContext) -> Ran:
+            hid = self._heartbeats.add(store, ctx.namespace, ctx.key, ctx.token, call.opts.lease)
+            token = _current.set(ctx)
+            try:
+                value = tool.fn(*args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - handed to the protocol, re-raised
+                return Ran(False, error=err)
+            finally:
+                _current.reset(token)
+                self._heartbeats.remove(hid)
+            if inspect.isawaitable(value):
+                if inspect.iscoroutine(value):
+                    value.close()
+                return Ran(False, error=TypeError(
+                    f"{tool.name} returned an awaitable; guard async tools with "
+                    "`await guard(fn, ...)` (declare them `async def`)"))
+            return Ran(True, value)
+
+        def reconcile(ctx: CallContext) -> Any:
+            assert callable(call.opts.on_unknown)
+            return call.opts.on_unknown(ctx)
+
+        try:
+            outcome = run_sync(flow(call), store, execute, reconcile)
+        except BaseException as err:
+            self._after_error(call, err)
+            raise
+        return self._after(outcome)
+
+    async def _ainvoke(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any],
+                       force: bool) -> Any:
+        if tool.overrides.get("unlimited", self._defaults.unlimited) and not force:
+            self._count("attempts")
+            return await tool.fn(*args, **kwargs)
+        call = self._prepare(tool, args, kwargs, force)
+        store = self.store
+
+        async def execute(ctx: CallContext) -> Ran:
+            hid = self._heartbeats.add(store, ctx.namespace, ctx.key, ctx.token, call.opts.lease)
+            token = _current.set(ctx)
+            try:
+                value = await tool.fn(*args, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - handed to the protocol, re-raised
+                return Ran(False, error=err)
+            finally:
+                _current.reset(token)
+                self._heartbeats.remove(hid)
+            return Ran(True, value)
+
+        def reconcile(ctx: CallContext) -> Any:
+            assert callable(call.opts.on_unknown)
+            return call.opts.on_unknown(ctx)
+
+        try:
+            outcome = await run_async(flow(call), store, execute, reconcile)
+        except BaseException as err:
+            self._after_error(call, err)
+            raise
+        return self._after(outcome)
+
+    def _count(self, *names: str) -> None:
+        with self._stats_lock:
+            for n in names:
+                setattr(self._stats, n, getattr(self._stats, n) + 1)
+
+    def _after(self, outcome: Outcome) -> Any:
+        decision = outcome.decision
+        kind = "executed" if decision == "reconciled" else decision
+        self._count("attempts", kind)
+        self._emit(kind, outcome)
+        if decision == "blocked":
+            return outcome.value if outcome.value is not None else BLOCKED
+        return outcome.value
+
+    def _after_error(self, call: Call, err: BaseException) -> None:
+        self._count("attempts", "failed")
+        self._emit("failed", Outcome("failed", call.tool, call.namespace, call.key, error=err))
+
+    def _emit(self, kind: str, outcome: Outcome) -> None:
+        if not self.quiet:
+            mark = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}[kind]
+            extra = f" ({type(outcome.error).__name__}: {outcome.error})" if outcome.error else ""
+            print(f"[onceonly] {mark} {outcome.tool} {kind}{extra}", file=sys.stderr)
+        for hook in self._hooks[kind]:
+            try:
+                hook(outcome)
+            except Exception:  # a hook must never turn a done effect into an error
+                log.exception("onceonly %s hook %r failed", kind, hook)
+
+
+def _check_options(o: Options) -> None:
+    if o.lease <= 0:
+        raise ConfigError(f"lease must be > 0 seconds, got {o.lease}")
+    if o.wait < 0:
+        raise ConfigError(f"wait must be >= 0 seconds, got {o.wait}")
+    if o.ttl is not None and o.ttl <= 0:
+        raise ConfigError(f"ttl must be > 0 seconds or None, got {o.ttl}")
+    if not isinstance(o.max, int) or o.max < 1:
+        raise ConfigError(f"max must be an integer >= 1, got {o.max!r}")
+    if o.on_unknown not in ("retry", "raise") and not callable(o.on_unknown):
+        raise ConfigError("on_unknown must be 'retry', 'raise' or a reconcile callable")
+    if o.key is not None and not (isinstance(o.key, str) or callable(o.key)):
+        raise ConfigError("key= must be a string or a callable returning one")
+    if o.key is not None and o.key_args is not None:
+        raise ConfigError("pass key= or key_args=, not both")
+    if o.float_digits is not None and not (1 <= o.float_digits <= 17):
+        raise ConfigError("float_digits must be between 1 and 17")
+
+
+guard = Guard()
+"""The default guard: configured from the environment at first use."""

@@ -1,0 +1,398 @@
+"""The claim protocol (DESIGN §4), written once, free of I/O.
+
+:func:`decide` is a pure function of a record and the caller's options. :func:`flow`
+is a generator that walks one call through claim → decide → (wait | take over | replay)
+→ execute → fenced completion. It *yields* what it needs done — a store primitive, a
+sleep, the execution of the tool, a reconcile callback — and is driven by a thin
+synchronous shell or a thin asynchronous shell (see :mod:`onceonly_core.guard`). The
+protocol therefore exists in one copy for both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .codec import ResultCodec
+from .errors import (
+    CachedFailure,
+    CodecError,
+    CompletionNotRecorded,
+    InProgress,
+    KeyReuseError,
+    LeaseLost,
+    StoreError,
+    UnknownOutcome,
+)
+from .stores.base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
+
+__all__ = ["NOT_DONE", "CallContext", "Options", "Outcome", "decide", "flow"]
+
+OnUnknown = Literal["retry", "raise"] | Callable[["CallContext"], Any]
+
+
+class _NotDone:
+    def __repr__(self) -> str:
+        return "NOT_DONE"
+
+
+#: Returned by a reconcile callback: "the earlier attempt did not happen, run again".
+NOT_DONE: Any = _NotDone()
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Per-call behaviour. Set defaults on the Guard, per tool with ``guard.policy``,
+    per call with ``guard.using(...)`` / ``@guard.once(...)``."""
+
+    key: str | Callable[..., str] | None = None
+    key_args: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    name: str | None = None
+    ttl: float | None = None
+    lease: float = 30.0
+    wait: float = 30.0
+    on_unknown: OnUnknown = "retry"
+    cache_errors: bool = False
+    max: int = 1
+    unlimited: bool = False
+    replay: bool = True
+    blocked_return: Any = None
+    check_payload: bool = True
+    float_digits: int | None = None
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a running tool can read about its own call (``onceonly_core.current_call()``).
+
+    Pass ``idempotency_key`` downstream (e.g. Stripe's ``Idempotency-Key``): it is the
+    same for every attempt of this key, which turns "at most once in our ledger" into
+    "effectively once in the world" when the downstream honours it.
+    """
+
+    namespace: str
+    key: str
+    tool: str
+    token: int
+    attempt: int
+    run_id: str | None
+    caller: str | None
+
+    @property
+    def idempotency_key(self) -> str:
+        raw = f"{self.namespace}:{self.key}"
+        if len(raw) <= 255:
+            return raw
+        import hashlib
+
+        return "oo-" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one guarded call ended; handed to hooks and kept in stats."""
+
+    decision: Literal["executed", "replayed", "blocked", "failed", "reconciled"]
+    tool: str
+    namespace: str
+    key: str
+    value: Any = None
+    error: BaseException | None = None
+    record: Record | None = None
+    token: int = 0
+    attempt: int = 0
+
+
+# -- ops yielded by flow(), carried out by a driver ------------------------------------
+@dataclass(slots=True)
+class StoreOp:
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(slots=True)
+class Execute:
+    context: CallContext
+
+
+@dataclass(slots=True)
+class Reconcile:
+    context: CallContext
+
+
+@dataclass(slots=True)
+class Ran:
+    """What the driver sends back after Execute."""
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+
+
+# -- pure decisions --------------------------------------------------------------------
+EXECUTE = "execute"
+REPLAY = "replay"
+BLOCK = "block"
+REPLAY_ERROR = "replay_error"
+KEY_REUSE = "key_reuse"
+WAIT = "wait"
+TAKE_OVER = "take_over"
+UNKNOWN = "unknown"
+
+
+def decide(rec: Record, opts: Options, digest: str | None) -> str:
+    """What to do with the record a claim found. Pure: same inputs, same answer."""
+    if rec.mine:
+        return EXECUTE
+    state = rec.state
+    expired = state == SUCCEEDED and rec.expires_at is not None and rec.expires_at <= rec.now
+    if (
+        opts.check_payload
+        and digest is not None
+        and rec.args_digest is not None
+        and digest != rec.args_digest
+        and state != CLEARED
+        and not expired
+    ):
+        return KEY_REUSE
+    if state == SUCCEEDED:
+        if expired or rec.executions < opts.max:
+            return TAKE_OVER
+        return REPLAY if opts.replay else BLOCK
+    if state == FAILED:
+        return REPLAY_ERROR if opts.cache_errors else TAKE_OVER
+    if state == CLEARED:
+        return TAKE_OVER
+    if state == RUNNING:
+        return WAIT if rec.lease_live else UNKNOWN
+    raise StoreError(f"record {rec.key!r} has an unknown state {state!r}")
+
+
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__module__}.{type(err).__qualname__}: {err}"[:4000]
+
+
+# -- the flow --------------------------------------------------------------------------
+@dataclass(slots=True)
+class Call:
+    """Everything the flow needs about one call, prepared by the facade."""
+
+    namespace: str
+    key: str
+    tool: str
+    digest: str | None
+    opts: Options
+    new: NewClaim
+    codec: ResultCodec
+    force: bool = False
+
+
+FINISH_RETRIES = (0.05, 0.2, 0.5, 1.0)
+
+Op = StoreOp | Sleep | Execute | Reconcile
+
+
+def flow(call: Call) -> Generator[Op, Any, Outcome]:
+    ns, key, opts = call.namespace, call.key, call.opts
+    rec: Record | None = yield StoreOp("claim", (ns, key, call.new))
+    deadline: float | None = None
+    delay = 0.002
+    while True:
+        if rec is None:  # purged while we looked: claim afresh
+            rec = yield StoreOp("claim", (ns, key, call.new))
+            continue
+        if call.force and not rec.mine:
+            taken = yield StoreOp("take_over", (ns, key, rec, call.new), {"force": True})
+            if taken is None:
+                rec = yield StoreOp("get", (ns, key))
+                continue
+            rec = taken
+            break
+        d = decide(rec, opts, call.digest)
+        if d == EXECUTE:
+            break
+        if d == REPLAY:
+            return _replay(call, rec)
+        if d == BLOCK:
+            return Outcome("blocked", call.tool, ns, key, opts.blocked_return, record=rec,
+                           token=rec.token, attempt=rec.attempt)
+        if d == REPLAY_ERROR:
+            etype, _, msg = (rec.error or "").partition(": ")
+            raise CachedFailure(etype, msg)
+        if d == KEY_REUSE:
+            raise KeyReuseError(ns, key, rec.tool)
+        if d == WAIT:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + opts.wait
+            if now >= deadline:
+                raise InProgress(ns, key, rec.owner)
+            yield Sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 0.25)
+            rec = yield StoreOp("get", (ns, key))
+            continue
+        if d == UNKNOWN and opts.on_unknown == "raise":
+            raise UnknownOutcome(ns, key, rec.owner, rec.token)
+        # TAKE_OVER, or UNKNOWN with retry/reconcile: fence first (token + 1), so that
+        # exactly one caller proceeds and the old owner can no longer complete.
+        taken = yield StoreOp("take_over", (ns, key, rec, call.new))
+        if taken is None:
+            rec = yield StoreOp("get", (ns, key))
+            continue
+        if d == UNKNOWN and callable(opts.on_unknown):
+            ctx = _context(call, taken)
+            try:
+                verdict = yield Reconcile(ctx)
+            except BaseException:
+                # The reconciler failed: give the key back at once, outcome still unknown.
+                try:
+                    yield StoreOp("heartbeat", (ns, key, taken.token, -1.0))
+                except StoreError:
+                    pass
+                raise
+            if verdict is not NOT_DONE:
+                yield from _record_success(call, taken, verdict)
+                return Outcome("reconciled", call.tool, ns, key, verdict, record=taken,
+                               token=taken.token, attempt=taken.attempt)
+        rec = taken
+        break
+
+    ran: Ran = yield Execute(_context(call, rec))
+    if ran.ok:
+        yield from _record_success(call, rec, ran.value)
+        return Outcome("executed", call.tool, ns, key, ran.value, record=rec,
+                       token=rec.token, attempt=rec.attempt)
+    assert ran.error is not None
+    if isinstance(ran.error, Exception):
+        # The tool failed: release the key (a failure is not a result) so a retry runs.
+        try:
+            yield StoreOp("finish", (ns, key, rec.token),
+                          {"ok": False, "error": error_text(ran.error)})
+        except StoreError:
+            pass  # the lease expires on its own; the tool's error matters more
+    else:
+        # Interrupted (cancelled task, KeyboardInterrupt, SystemExit): whether the effect
+        # happened is unknown. Expire the lease now, so the next caller applies the
+        # unknown-outcome policy at once instead of waiting out the lease.
+        try:
+            yield StoreOp("heartbeat", (ns, key, rec.token, -1.0))
+        except StoreError:
+            pass
+    raise ran.error
+
+
+def _context(call: Call, rec: Record) -> CallContext:
+    return CallContext(call.namespace, call.key, call.tool, rec.token, rec.attempt,
+                       call.new.run_id, call.new.caller)
+
+
+def _replay(call: Call, rec: Record) -> Outcome:
+    if rec.result is None:
+        raise CodecError(
+            f"{call.tool} ran once (key {rec.key!r}) but its result could not be stored: "
+            f"{rec.error or 'no result'}"
+        )
+    value = call.codec.decode(rec.result)
+    return Outcome("replayed", call.tool, call.namespace, call.key, value, record=rec,
+                   token=rec.token, attempt=rec.attempt)
+
+
+def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, None]:
+    try:
+        text: str | None = call.codec.encode(value)
+        note = None
+    except CodecError as err:
+        # The effect happened: record success anyway (never run again), without a result.
+        text, note = None, f"result not stored: {err}"
+    for i, pause in enumerate((0.0, *FINISH_RETRIES)):
+        if pause:
+            yield Sleep(pause)
+        try:
+            done = yield StoreOp(
+                "finish", (call.namespace, call.key, rec.token),
+                {"ok": True, "result": text, "error": note, "ttl": call.opts.ttl},
+            )
+        except StoreError as err:
+            if i == len(FINISH_RETRIES):
+                raise CompletionNotRecorded(
+                    f"{call.tool} ran (key {call.key!r}, token {rec.token}) but its outcome "
+                    f"could not be recorded: {err}. The record stays running until its lease "
+                    "expires; then the unknown-outcome policy applies.",
+                    result=value,
+                ) from err
+            continue
+        if not done:
+            raise LeaseLost(call.namespace, call.key, rec.token, result=value)
+        return
+
+
+def run_sync(gen: Generator[Op, Any, Outcome], store: Store,
+             execute: Callable[[CallContext], Ran],
+             reconcile: Callable[[CallContext], Any]) -> Outcome:
+    """Drive :func:`flow` synchronously."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = gen.throw(error) if error is not None else gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        send = None
+        try:
+            if type(op) is StoreOp:
+                send = getattr(store, op.method)(*op.args, **op.kwargs)
+            elif type(op) is Sleep:
+                time.sleep(op.seconds)
+            elif type(op) is Execute:
+                send = execute(op.context)
+            elif type(op) is Reconcile:
+                send = reconcile(op.context)
+        except BaseException as err:  # handed to the flow, which re-raises what it can't use
+            error = err
+
+
+async def run_async(gen: Generator[Op, Any, Outcome], store: Store,
+                    execute: Callable[[CallContext], Any],
+                    reconcile: Callable[[CallContext], Any]) -> Outcome:
+    """Drive :func:`flow` on an event loop: blocking store calls run in a worker thread."""
+    import asyncio
+    import inspect
+
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = gen.throw(error) if error is not None else gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        error = None
+        send = None
+        try:
+            if type(op) is StoreOp:
+                method = getattr(store, op.method)
+                if store.blocking and not (op.method == "heartbeat" and op.args[-1] < 0):
+                    send = await asyncio.to_thread(method, *op.args, **op.kwargs)
+                else:
+                    # Releasing a lease runs inline: it must happen even when the task
+                    # has just been cancelled, and awaiting again could be cancelled too.
+                    send = method(*op.args, **op.kwargs)
+            elif type(op) is Sleep:
+                await asyncio.sleep(op.seconds)
+            elif type(op) is Execute:
+                send = await execute(op.context)
+            elif type(op) is Reconcile:
+                send = reconcile(op.context)
+                if inspect.isawaitable(send):
+                    send = await send
+        except BaseException as err:
+            error = err

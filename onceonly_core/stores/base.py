@@ -1,0 +1,188 @@
+"""The store contract: a handful of primitives, each one atomic on its own.
+
+Everything else — deciding whether to replay, wait, take over or run; heartbeats;
+hooks — lives above, in :mod:`onceonly_core.protocol`. A store never holds a lock or a
+transaction across a tool's execution.
+
+Primitives (each a single conditional write or a single read):
+
+``claim``      insert a ``running`` record if the key is absent; else return the record
+``take_over``  compare-and-set on (token, state): ``token + 1``, state ``running``
+``finish``     fenced completion: only the holder of the current token may write
+``heartbeat``  fenced lease extension (``lease=0`` releases the lease at once)
+``clear``      mark a record ``cleared`` unless it is running with a live lease
+``get``        read one record (with the store's clock reading)
+
+Times are float seconds since the epoch from one clock: the database server's for
+PostgreSQL and MySQL, the host's for SQLite and memory (one host by construction).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "CLEARED",
+    "FAILED",
+    "RUNNING",
+    "STATES",
+    "SUCCEEDED",
+    "NewClaim",
+    "Record",
+    "Store",
+]
+
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CLEARED = "cleared"
+STATES = (RUNNING, SUCCEEDED, FAILED, CLEARED)
+
+MAX_KEY = 255
+MAX_NAMESPACE = 255
+MAX_LABEL = 255
+
+
+@dataclass(slots=True)
+class Record:
+    """One ledger row, as read at store clock time ``now``."""
+
+    namespace: str
+    key: str
+    tool: str
+    state: str
+    token: int
+    owner: str | None
+    attempt: int
+    executions: int
+    lease_until: float | None
+    expires_at: float | None
+    args_digest: str | None
+    result: str | None
+    error: str | None
+    run_id: str | None
+    caller: str | None
+    created_at: float
+    updated_at: float
+    now: float = 0.0
+    mine: bool = field(default=False, compare=False)
+
+    @property
+    def lease_live(self) -> bool:
+        return (
+            self.state == RUNNING and self.lease_until is not None and self.lease_until > self.now
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class NewClaim:
+    """What a caller writes when it claims or takes over a key."""
+
+    tool: str
+    owner: str
+    lease: float
+    args_digest: str | None = None
+    run_id: str | None = None
+    caller: str | None = None
+
+
+class Store(abc.ABC):
+    """Base class of every store. Subclass it to add a backend; see the module docstring."""
+
+    #: True when primitives may block (network, disk locks): async callers then run
+    #: them in a worker thread instead of on the event loop.
+    blocking: bool = True
+
+    @abc.abstractmethod
+    def get(self, namespace: str, key: str) -> Record | None: ...
+
+    @abc.abstractmethod
+    def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
+        """Insert a running record with token 1 unless the key exists (``mine=True``),
+        or return the existing record (``mine=False``)."""
+
+    @abc.abstractmethod
+    def take_over(
+        self, namespace: str, key: str, seen: Record, new: NewClaim, *, force: bool = False
+    ) -> Record | None:
+        """Take ``seen`` over if it is unchanged (same token and state; for a running
+        record, its lease has expired). ``force`` only requires the same token.
+        Returns the new record (token + 1, ``mine=True``) or None if another caller won."""
+
+    @abc.abstractmethod
+    def finish(
+        self,
+        namespace: str,
+        key: str,
+        token: int,
+        *,
+        ok: bool,
+        result: str | None = None,
+        error: str | None = None,
+        ttl: float | None = None,
+    ) -> bool:
+        """Record the outcome iff ``token`` is current and the record is running."""
+
+    @abc.abstractmethod
+    def heartbeat(self, namespace: str, key: str, token: int, lease: float) -> bool:
+        """Extend the lease to now + ``lease`` iff ``token`` is current and running."""
+
+    @abc.abstractmethod
+    def clear(self, namespace: str, key: str) -> bool | None:
+        """Mark cleared so the next call runs again. True: cleared; False: refused
+        (running with a live lease); None: no such record."""
+
+    # -- reading for operators (not on the hot path) -----------------------------------
+    @abc.abstractmethod
+    def list(
+        self,
+        *,
+        namespace: str | None = None,
+        prefix: bool = False,
+        state: str | None = None,
+        tool: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Record]:
+        """Records newest-updated first; ``prefix`` matches namespaces that start with
+        ``namespace`` (a workflow under a tenant is ``tenant/workflow``)."""
+
+    @abc.abstractmethod
+    def clear_namespace(self, namespace: str) -> int:
+        """Clear every record of a namespace that is not running with a live lease."""
+
+    def iter_all(self, namespace: str | None = None, batch: int = 1000) -> Iterator[Record]:
+        yield from self.list(namespace=namespace, prefix=True, limit=10**9)
+
+    def now(self) -> float:
+        """The store's clock."""
+        import time
+
+        return time.time()
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_labels(namespace: str, key: str) -> None:
+    from ..errors import ConfigError
+
+    if not key or len(key) > MAX_KEY:
+        raise ConfigError(f"a key must be 1..{MAX_KEY} characters, got {len(key)}")
+    if not namespace or len(namespace) > MAX_NAMESPACE:
+        raise ConfigError(f"a namespace must be 1..{MAX_NAMESPACE} characters")
+
+
+def summarize(records: Sequence[Record]) -> dict[str, int]:
+    out = {s: 0 for s in STATES}
+    for r in records:
+        out[r.state] = out.get(r.state, 0) + 1
+    return out
