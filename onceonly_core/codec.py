@@ -80,7 +80,7 @@ class Codec:
         except (TypeError, ValueError, RecursionError) as err:
             raise CodecError(f"cannot store the result: {err}") from err
 
-    def _enc(self, v: Any, depth: int) -> Any:  # noqa: C901 - one dispatch
+    def _enc(self, v: Any, depth: int) -> Any:
         t = type(v)
         if t in _PLAIN:
             return v
@@ -95,8 +95,10 @@ class Codec:
         if t is dict:
             if all(type(k) is str for k in v) and "$" not in v:
                 return {k: self._enc(x, depth + 1) for k, x in v.items()}
-            return {"$": "map", "v": [[self._enc(k, depth + 1), self._enc(x, depth + 1)]
-                                      for k, x in v.items()]}
+            return {
+                "$": "map",
+                "v": [[self._enc(k, depth + 1), self._enc(x, depth + 1)] for k, x in v.items()],
+            }
         if t is tuple:
             return {"$": "tuple", "v": [self._enc(x, depth + 1) for x in v]}
         if t in self._by_type:
@@ -134,8 +136,9 @@ class Codec:
         if hasattr(t, "__pydantic_fields__") and hasattr(v, "model_dump"):
             return {"$": "pydantic", "c": _path(t), "v": v.model_dump(mode="json")}
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            fields = {f.name: self._enc(getattr(v, f.name), depth + 1)
-                      for f in dataclasses.fields(v)}
+            fields = {
+                f.name: self._enc(getattr(v, f.name), depth + 1) for f in dataclasses.fields(v)
+            }
             return {"$": "dataclass", "c": _path(t), "v": fields}
         if isinstance(v, (list, tuple, dict)):
             raise CodecError(f"cannot store a {t.__qualname__} (a subclass of a builtin container)")
@@ -162,7 +165,7 @@ class Codec:
         except Exception as err:
             raise CodecError(f"cannot replay the stored result: {err!r}") from err
 
-    def _dec(self, v: Any) -> Any:  # noqa: C901 - one dispatch
+    def _dec(self, v: Any) -> Any:
         if type(v) is list:
             return [self._dec(x) for x in v]
         if type(v) is not dict:
@@ -170,7 +173,7 @@ class Codec:
         tag = v.get("$")
         if tag is None:
             return {k: self._dec(x) for k, x in v.items()}
-        payload = v.get("v")
+        payload: Any = v.get("v")
         if tag == "tuple":
             return tuple(self._dec(x) for x in payload)
         if tag == "map":

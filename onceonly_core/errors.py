@@ -57,8 +57,7 @@ class MissingExtraError(OnceOnlyError, ImportError):
         self.extra = extra
         what = f" ({missing} is not installed)" if missing else ""
         super().__init__(
-            f"{feature} needs the '{extra}' extra{what}: "
-            f'pip install "onceonly-core[{extra}]"',
+            f"{feature} needs the '{extra}' extra{what}: pip install \"onceonly-core[{extra}]\"",
             name=missing,
         )
 

@@ -75,7 +75,7 @@ class _Walker:
         self.stack: set[int] = set()
         self.float_digits = float_digits
 
-    def walk(self, v: Any, path: str, depth: int) -> None:  # noqa: C901 - one dispatch
+    def walk(self, v: Any, path: str, depth: int) -> None:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise FingerprintError(path, f"more than {MAX_NODES} values in the arguments")
@@ -281,7 +281,7 @@ def _decimal(v: Decimal, path: str) -> str:
         return "0"  # -0, 0E+5 and 0.000 are all zero
     exp += len(text) - len(stripped)
     prefix = "-" if sign else ""
-    if 0 <= exp and len(stripped) + exp <= _PLAIN_DIGITS:
+    if exp >= 0 and len(stripped) + exp <= _PLAIN_DIGITS:
         return prefix + stripped + "0" * exp  # an integer: the same form as int
     return f"{prefix}{stripped}e{exp}"
 
@@ -336,7 +336,7 @@ class Signature:
     ``f(1, 2)``, ``f(1, b=2)`` and ``f(a=1, b=2)`` bind equally.
     """
 
-    __slots__ = ("_fast", "_names", "_defaults", "_sig", "bound_self", "partial_args", "partial_kw")
+    __slots__ = ("_defaults", "_fast", "_names", "_sig", "bound_self", "partial_args", "partial_kw")
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.partial_args: tuple[Any, ...] = ()
@@ -388,7 +388,7 @@ class Signature:
                 out[k] = val
             if ok:
                 empty = inspect.Parameter.empty
-                for name, default in zip(names, self._defaults):
+                for name, default in zip(names, self._defaults, strict=True):
                     if name not in out:
                         if default is empty:
                             ok = False

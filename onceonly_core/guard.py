@@ -51,9 +51,10 @@ log = logging.getLogger("onceonly")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_workflow: contextvars.ContextVar[str | None] = contextvars.ContextVar("onceonly_workflow", default=None)
-_caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("onceonly_caller", default=None)
-_run_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("onceonly_run", default=None)
+_Var = contextvars.ContextVar
+_workflow: _Var[str | None] = _Var("onceonly_workflow", default=None)
+_caller: _Var[str | None] = _Var("onceonly_caller", default=None)
+_run_id: _Var[str | None] = _Var("onceonly_run", default=None)
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "onceonly_call", default=None
 )
@@ -131,8 +132,9 @@ class _Heartbeats:
         with self._lock:
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
                 self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="onceonly-heartbeat",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, name="onceonly-heartbeat", daemon=True
+                )
                 self._thread.start()
             hid = next(self._ids)
             self._active[hid] = [store, ns, key, token, lease, time.monotonic() + lease / 3]
@@ -212,7 +214,10 @@ class Guard:
         self._stats = Stats()
         self._stats_lock = threading.Lock()
         self._hooks: dict[str, list[Callable[[Outcome], Any]]] = {
-            "executed": [], "replayed": [], "blocked": [], "failed": [],
+            "executed": [],
+            "replayed": [],
+            "blocked": [],
+            "failed": [],
         }
         self._config_lock = threading.Lock()
         self._heartbeats = _Heartbeats(self)
@@ -245,9 +250,15 @@ class Guard:
             self._quiet = os.environ.get("ONCEONLY_QUIET", "").lower() in ("1", "true", "yes")
         return self._quiet
 
-    def configure(self, url: str | None = None, *, namespace: str | None = None,
-                  store: Store | None = None, quiet: bool | None = None,
-                  **defaults: Any) -> Guard:
+    def configure(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        store: Store | None = None,
+        quiet: bool | None = None,
+        **defaults: Any,
+    ) -> Guard:
         """Point this guard elsewhere or change defaults (before or between uses)."""
         with self._config_lock:
             if url is not None or store is not None:
@@ -440,8 +451,13 @@ class Guard:
         with self._stats_lock:
             return self._stats.as_dict()
 
-    def history(self, tool: Callable[..., Any] | str | None = None, *, limit: int = 50,
-                all_namespaces: bool = False) -> list[Record]:
+    def history(
+        self,
+        tool: Callable[..., Any] | str | None = None,
+        *,
+        limit: int = 50,
+        all_namespaces: bool = False,
+    ) -> list[Record]:
         """Recent records of this namespace (and its workflows), newest first."""
         name = None if tool is None else tool if isinstance(tool, str) else fp.tool_identity(tool)
         ns = None if all_namespaces else self.namespace
@@ -452,8 +468,11 @@ class Guard:
         out = file or sys.stdout
         for r in self.history(limit=limit):
             stamp = time.strftime("%H:%M:%S", time.localtime(r.updated_at))
-            print(f"{stamp}  {r.state:<9}  {r.tool}  key={r.key[:16]}  token={r.token} "
-                  f"runs={r.executions}", file=out)
+            print(
+                f"{stamp}  {r.state:<9}  {r.tool}  key={r.key[:16]}  token={r.token} "
+                f"runs={r.executions}",
+                file=out,
+            )
 
     def check(self) -> bool:
         """Self-test: exactly-once, replay and fencing on a scratch in-memory ledger,
@@ -488,7 +507,7 @@ class Guard:
 
     # -- internals ----------------------------------------------------------------------
     def _tool(self, fn: Callable[..., Any], overrides: Mapping[str, Any]) -> _Tool:
-        cache_key = (fn, tuple(sorted((k, id(v)) for k, v in overrides.items())))
+        cache_key: Any = (fn, tuple(sorted((k, id(v)) for k, v in overrides.items())))
         try:
             tool = self._tools.get(cache_key)
         except TypeError:  # unhashable callable
@@ -516,16 +535,19 @@ class Guard:
             self._tools[cache_key] = tool
         return tool
 
-    def _key(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]
-             ) -> tuple[str, str, str | None, Options]:
+    def _key(
+        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, str, str | None, Options]:
         opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
         try:
             bound = tool.sig.bind(args, kwargs)
         except TypeError as err:
             hint = ""
             if set(kwargs) & _OPTION_NAMES:
-                hint = (" (guard(fn, ...) passes every keyword to the tool; set options with "
-                        "guard.using(key=...)(fn, ...) or @guard.once(...))")
+                hint = (
+                    " (guard(fn, ...) passes every keyword to the tool; set options with "
+                    "guard.using(key=...)(fn, ...) or @guard.once(...))"
+                )
             raise TypeError(f"{tool.name}: {err}{hint}") from None
         ns = self.current_namespace()
         wf = _workflow.get()
@@ -537,24 +559,34 @@ class Guard:
             data = {k: v for k, v in bound.items() if k not in skip}
             digest = (
                 fp.digest(tool.name, fp.canonical(data, float_digits=opts.float_digits))
-                if opts.check_payload else None
+                if opts.check_payload
+                else None
             )
         else:
-            key = fp.derive_key(tool.name, bound, workflow=wf, key_args=opts.key_args,
-                                exclude=opts.exclude, float_digits=opts.float_digits)
+            key = fp.derive_key(
+                tool.name,
+                bound,
+                workflow=wf,
+                key_args=opts.key_args,
+                exclude=opts.exclude,
+                float_digits=opts.float_digits,
+            )
             digest = None
         check_labels(ns, key)
         return ns, key, digest, opts
 
-    def _prepare(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 force: bool) -> Call:
+    def _prepare(
+        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
+    ) -> Call:
         ns, key, digest, opts = self._key(tool, args, kwargs)
-        new = NewClaim(tool.name, self._owner, opts.lease, digest, _run_id.get(),
-                       _caller.get() or self._caller)
+        new = NewClaim(
+            tool.name, self._owner, opts.lease, digest, _run_id.get(), _caller.get() or self._caller
+        )
         return Call(ns, key, tool.name, digest, opts, new, self.codec, force)
 
-    def _invoke(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any],
-                force: bool) -> Any:
+    def _invoke(
+        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
+    ) -> Any:
         if tool.is_async:
             return self._ainvoke(tool, args, kwargs, force)
         opts_unlimited = tool.overrides.get("unlimited", self._defaults.unlimited)
@@ -569,7 +601,7 @@ class Guard:
             token = _current.set(ctx)
             try:
                 value = tool.fn(*args, **kwargs)
-            except BaseException as err:  # noqa: BLE001 - handed to the protocol, re-raised
+            except BaseException as err:
                 return Ran(False, error=err)
             finally:
                 _current.reset(token)
@@ -577,9 +609,13 @@ class Guard:
             if inspect.isawaitable(value):
                 if inspect.iscoroutine(value):
                     value.close()
-                return Ran(False, error=TypeError(
-                    f"{tool.name} returned an awaitable; guard async tools with "
-                    "`await guard(fn, ...)` (declare them `async def`)"))
+                return Ran(
+                    False,
+                    error=TypeError(
+                        f"{tool.name} returned an awaitable; guard async tools with "
+                        "`await guard(fn, ...)` (declare them `async def`)"
+                    ),
+                )
             return Ran(True, value)
 
         def reconcile(ctx: CallContext) -> Any:
@@ -593,8 +629,9 @@ class Guard:
             raise
         return self._after(outcome)
 
-    async def _ainvoke(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any],
-                       force: bool) -> Any:
+    async def _ainvoke(
+        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
+    ) -> Any:
         if tool.overrides.get("unlimited", self._defaults.unlimited) and not force:
             self._count("attempts")
             return await tool.fn(*args, **kwargs)
@@ -606,7 +643,7 @@ class Guard:
             token = _current.set(ctx)
             try:
                 value = await tool.fn(*args, **kwargs)
-            except BaseException as err:  # noqa: BLE001 - handed to the protocol, re-raised
+            except BaseException as err:
                 return Ran(False, error=err)
             finally:
                 _current.reset(token)

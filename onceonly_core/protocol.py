@@ -10,6 +10,7 @@ protocol therefore exists in one copy for both.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -223,8 +224,16 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
         if d == REPLAY:
             return _replay(call, rec)
         if d == BLOCK:
-            return Outcome("blocked", call.tool, ns, key, opts.blocked_return, record=rec,
-                           token=rec.token, attempt=rec.attempt)
+            return Outcome(
+                "blocked",
+                call.tool,
+                ns,
+                key,
+                opts.blocked_return,
+                record=rec,
+                token=rec.token,
+                attempt=rec.attempt,
+            )
         if d == REPLAY_ERROR:
             etype, _, msg = (rec.error or "").partition(": ")
             raise CachedFailure(etype, msg)
@@ -254,45 +263,64 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
                 verdict = yield Reconcile(ctx)
             except BaseException:
                 # The reconciler failed: give the key back at once, outcome still unknown.
-                try:
+                with contextlib.suppress(StoreError):
                     yield StoreOp("heartbeat", (ns, key, taken.token, -1.0))
-                except StoreError:
-                    pass
                 raise
             if verdict is not NOT_DONE:
                 yield from _record_success(call, taken, verdict)
-                return Outcome("reconciled", call.tool, ns, key, verdict, record=taken,
-                               token=taken.token, attempt=taken.attempt)
+                return Outcome(
+                    "reconciled",
+                    call.tool,
+                    ns,
+                    key,
+                    verdict,
+                    record=taken,
+                    token=taken.token,
+                    attempt=taken.attempt,
+                )
         rec = taken
         break
 
     ran: Ran = yield Execute(_context(call, rec))
     if ran.ok:
         yield from _record_success(call, rec, ran.value)
-        return Outcome("executed", call.tool, ns, key, ran.value, record=rec,
-                       token=rec.token, attempt=rec.attempt)
+        return Outcome(
+            "executed",
+            call.tool,
+            ns,
+            key,
+            ran.value,
+            record=rec,
+            token=rec.token,
+            attempt=rec.attempt,
+        )
     assert ran.error is not None
     if isinstance(ran.error, Exception):
         # The tool failed: release the key (a failure is not a result) so a retry runs.
-        try:
-            yield StoreOp("finish", (ns, key, rec.token),
-                          {"ok": False, "error": error_text(ran.error)})
-        except StoreError:
-            pass  # the lease expires on its own; the tool's error matters more
+        # If this write fails the lease expires on its own; the tool's error matters more.
+        with contextlib.suppress(StoreError):
+            yield StoreOp(
+                "finish", (ns, key, rec.token), {"ok": False, "error": error_text(ran.error)}
+            )
     else:
         # Interrupted (cancelled task, KeyboardInterrupt, SystemExit): whether the effect
         # happened is unknown. Expire the lease now, so the next caller applies the
         # unknown-outcome policy at once instead of waiting out the lease.
-        try:
+        with contextlib.suppress(StoreError):
             yield StoreOp("heartbeat", (ns, key, rec.token, -1.0))
-        except StoreError:
-            pass
     raise ran.error
 
 
 def _context(call: Call, rec: Record) -> CallContext:
-    return CallContext(call.namespace, call.key, call.tool, rec.token, rec.attempt,
-                       call.new.run_id, call.new.caller)
+    return CallContext(
+        call.namespace,
+        call.key,
+        call.tool,
+        rec.token,
+        rec.attempt,
+        call.new.run_id,
+        call.new.caller,
+    )
 
 
 def _replay(call: Call, rec: Record) -> Outcome:
@@ -302,8 +330,16 @@ def _replay(call: Call, rec: Record) -> Outcome:
             f"{rec.error or 'no result'}"
         )
     value = call.codec.decode(rec.result)
-    return Outcome("replayed", call.tool, call.namespace, call.key, value, record=rec,
-                   token=rec.token, attempt=rec.attempt)
+    return Outcome(
+        "replayed",
+        call.tool,
+        call.namespace,
+        call.key,
+        value,
+        record=rec,
+        token=rec.token,
+        attempt=rec.attempt,
+    )
 
 
 def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, None]:
@@ -318,7 +354,8 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
             yield Sleep(pause)
         try:
             done = yield StoreOp(
-                "finish", (call.namespace, call.key, rec.token),
+                "finish",
+                (call.namespace, call.key, rec.token),
                 {"ok": True, "result": text, "error": note, "ttl": call.opts.ttl},
             )
         except StoreError as err:
@@ -335,9 +372,12 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
         return
 
 
-def run_sync(gen: Generator[Op, Any, Outcome], store: Store,
-             execute: Callable[[CallContext], Ran],
-             reconcile: Callable[[CallContext], Any]) -> Outcome:
+def run_sync(
+    gen: Generator[Op, Any, Outcome],
+    store: Store,
+    execute: Callable[[CallContext], Ran],
+    reconcile: Callable[[CallContext], Any],
+) -> Outcome:
     """Drive :func:`flow` synchronously."""
     send: Any = None
     error: BaseException | None = None
@@ -361,9 +401,12 @@ def run_sync(gen: Generator[Op, Any, Outcome], store: Store,
             error = err
 
 
-async def run_async(gen: Generator[Op, Any, Outcome], store: Store,
-                    execute: Callable[[CallContext], Any],
-                    reconcile: Callable[[CallContext], Any]) -> Outcome:
+async def run_async(
+    gen: Generator[Op, Any, Outcome],
+    store: Store,
+    execute: Callable[[CallContext], Any],
+    reconcile: Callable[[CallContext], Any],
+) -> Outcome:
     """Drive :func:`flow` on an event loop: blocking store calls run in a worker thread."""
     import asyncio
     import inspect

@@ -44,10 +44,23 @@ class MemoryStore(Store):
             if rec is not None:
                 return self._out(rec, now)
             rec = Record(
-                namespace=namespace, key=key, tool=new.tool, state=RUNNING, token=1,
-                owner=new.owner, attempt=1, executions=0, lease_until=now + new.lease,
-                expires_at=None, args_digest=new.args_digest, result=None, error=None,
-                run_id=new.run_id, caller=new.caller, created_at=now, updated_at=now,
+                namespace=namespace,
+                key=key,
+                tool=new.tool,
+                state=RUNNING,
+                token=1,
+                owner=new.owner,
+                attempt=1,
+                executions=0,
+                lease_until=now + new.lease,
+                expires_at=None,
+                args_digest=new.args_digest,
+                result=None,
+                error=None,
+                run_id=new.run_id,
+                caller=new.caller,
+                created_at=now,
+                updated_at=now,
             )
             self._rows[(namespace, key)] = rec
             return self._out(rec, now, mine=True)
@@ -79,8 +92,15 @@ class MemoryStore(Store):
             return self._out(rec, now, mine=True)
 
     def finish(
-        self, namespace: str, key: str, token: int, *, ok: bool,
-        result: str | None = None, error: str | None = None, ttl: float | None = None,
+        self,
+        namespace: str,
+        key: str,
+        token: int,
+        *,
+        ok: bool,
+        result: str | None = None,
+        error: str | None = None,
+        ttl: float | None = None,
     ) -> bool:
         with self._lock:
             now = self._clock()
@@ -134,16 +154,25 @@ class MemoryStore(Store):
             return n
 
     def list(
-        self, *, namespace: str | None = None, prefix: bool = False, state: str | None = None,
-        tool: str | None = None, since: float | None = None, limit: int = 100,
+        self,
+        *,
+        namespace: str | None = None,
+        prefix: bool = False,
+        state: str | None = None,
+        tool: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
     ) -> list[Record]:
         with self._lock:
             now = self._clock()
             rows = [
                 self._out(r, now)
                 for (ns, _), r in self._rows.items()
-                if (namespace is None or ns == namespace
-                    or (prefix and ns.startswith(namespace + "/")))
+                if (
+                    namespace is None
+                    or ns == namespace
+                    or (prefix and ns.startswith(namespace + "/"))
+                )
                 and (state is None or r.state == state)
                 and (tool is None or r.tool == tool)
                 and (since is None or r.updated_at > since)

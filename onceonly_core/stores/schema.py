@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
@@ -29,7 +31,7 @@ class _Ident(sa.types.TypeDecorator[str]):
         super().__init__(length)
         self.length = length
 
-    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[object]:
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
             return dialect.type_descriptor(mysql.VARBINARY(self.length * 4))
         return dialect.type_descriptor(sa.String(self.length))

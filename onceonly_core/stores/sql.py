@@ -30,6 +30,7 @@ database clock there.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -132,7 +133,10 @@ _NOW = {
 }
 
 _BACKENDS = {"sqlite": "sqlite", "postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
-_DRIVERS = {"postgresql": ("psycopg", "postgres", "psycopg"), "mysql": ("pymysql", "mysql", "PyMySQL")}
+_DRIVERS = {
+    "postgresql": ("psycopg", "postgres", "psycopg"),
+    "mysql": ("pymysql", "mysql", "PyMySQL"),
+}
 
 
 def _render(sql: str, kind: str) -> str:
@@ -149,10 +153,25 @@ def _to_str(v: Any) -> Any:
 def _record(row: Sequence[Any], mine: bool = False) -> Record:
     # row = the 17 ledger columns, then the clock reading
     return Record(
-        _to_str(row[0]), _to_str(row[1]), row[2], row[3], int(row[4]), row[5], int(row[6]),
-        int(row[7]), None if row[8] is None else float(row[8]),
-        None if row[9] is None else float(row[9]), row[10], row[11], row[12], row[13], row[14],
-        float(row[15]), float(row[16]), float(row[17]), mine,
+        _to_str(row[0]),
+        _to_str(row[1]),
+        row[2],
+        row[3],
+        int(row[4]),
+        row[5],
+        int(row[6]),
+        int(row[7]),
+        None if row[8] is None else float(row[8]),
+        None if row[9] is None else float(row[9]),
+        row[10],
+        row[11],
+        row[12],
+        row[13],
+        row[14],
+        float(row[15]),
+        float(row[16]),
+        float(row[17]),
+        mine,
     )
 
 
@@ -210,9 +229,7 @@ class SQLStore(Store):
                 self.url = self.url.set(drivername="postgresql+psycopg")
             if self.url.drivername in ("mysql", "mariadb"):
                 self.url = self.url.set(drivername=f"{self.url.drivername}+pymysql")
-            connect_args: dict[str, Any] = (
-                {"connect_timeout": int(connect_timeout)}
-            )
+            connect_args: dict[str, Any] = {"connect_timeout": int(connect_timeout)}
             self._engine = sa.create_engine(
                 self.url,
                 isolation_level="AUTOCOMMIT",
@@ -225,9 +242,7 @@ class SQLStore(Store):
                 _PG_CLAIM if self.kind == "postgresql" else _SQL["insert"], self.kind
             )
             self._dbapi_error: type[BaseException] = self._engine.dialect.loaded_dbapi.Error
-            self._integrity: type[BaseException] = (
-                self._engine.dialect.loaded_dbapi.IntegrityError
-            )
+            self._integrity: type[BaseException] = self._engine.dialect.loaded_dbapi.IntegrityError
 
     # -- connections ------------------------------------------------------------------
     def _init_sqlite(self) -> None:
@@ -259,8 +274,11 @@ class SQLStore(Store):
             # One connection per thread (sqlite3 connections are not thread-safe), in
             # autocommit mode: each statement is its own transaction.
             conn = sqlite3.connect(
-                str(self.path), timeout=self._busy, isolation_level=None,
-                check_same_thread=True, factory=_Conn,
+                str(self.path),
+                timeout=self._busy,
+                isolation_level=None,
+                check_same_thread=True,
+                factory=_Conn,
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -322,7 +340,7 @@ class SQLStore(Store):
         assert self._engine is not None
         try:
             return self._engine.raw_connection()
-        except (sa.exc.SQLAlchemyError, self._dbapi_error) as err:  # type: ignore[misc]
+        except (sa.exc.SQLAlchemyError, self._dbapi_error) as err:
             raise StoreError(
                 f"cannot connect to the {self.kind} ledger at "
                 f"{self.url.render_as_string(hide_password=True)}: {err}"
@@ -406,9 +424,14 @@ class SQLStore(Store):
         return None if row is None else _record(row)
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
-        params = {
-            "ns": namespace, "k": key, "tool": new.tool[:512], "owner": new.owner,
-            "lease": new.lease, "digest": new.args_digest, "run": new.run_id,
+        params: dict[str, Any] = {
+            "ns": namespace,
+            "k": key,
+            "tool": new.tool[:512],
+            "owner": new.owner,
+            "lease": new.lease,
+            "digest": new.args_digest,
+            "run": new.run_id,
             "caller": new.caller,
         }
         if self.kind == "postgresql":
@@ -431,7 +454,7 @@ class SQLStore(Store):
             except sqlite3.IntegrityError as err:  # pragma: no cover - ON CONFLICT handles it
                 raise StoreError(str(err)) from err
             if inserted == 1:
-                return self._mine(namespace, key, new, params["now"])
+                return self._mine(namespace, key, new, float(params["now"]))
         else:
             try:
                 self._run("claim", self._claim_sql, params, False)
@@ -446,35 +469,87 @@ class SQLStore(Store):
     @staticmethod
     def _mine(namespace: str, key: str, new: NewClaim, now: float) -> Record:
         return Record(
-            namespace, key, new.tool, RUNNING, 1, new.owner, 1, 0, now + new.lease, None,
-            new.args_digest, None, None, new.run_id, new.caller, now, now, now, True,
+            namespace,
+            key,
+            new.tool,
+            RUNNING,
+            1,
+            new.owner,
+            1,
+            0,
+            now + new.lease,
+            None,
+            new.args_digest,
+            None,
+            None,
+            new.run_id,
+            new.caller,
+            now,
+            now,
+            now,
+            True,
         )
 
     def take_over(
         self, namespace: str, key: str, seen: Record, new: NewClaim, *, force: bool = False
     ) -> Record | None:
-        params = {
-            "ns": namespace, "k": key, "tool": new.tool[:512], "owner": new.owner,
-            "lease": new.lease, "digest": new.args_digest, "run": new.run_id,
-            "caller": new.caller, "token": seen.token, "state": seen.state,
+        params: dict[str, Any] = {
+            "ns": namespace,
+            "k": key,
+            "tool": new.tool[:512],
+            "owner": new.owner,
+            "lease": new.lease,
+            "digest": new.args_digest,
+            "run": new.run_id,
+            "caller": new.caller,
+            "token": seen.token,
+            "state": seen.state,
         }
         sql = self._sql["force" if force else "take_over"]
         if self._run("take_over", sql, params, False) != 1:
             return None
-        now = params.get("now", seen.now)
+        now = float(params.get("now", seen.now))
         return Record(
-            namespace, key, new.tool, RUNNING, seen.token + 1, new.owner, seen.attempt + 1,
-            seen.executions, now + new.lease, seen.expires_at, new.args_digest, seen.result,
-            None, new.run_id, new.caller, seen.created_at, now, now, True,
+            namespace,
+            key,
+            new.tool,
+            RUNNING,
+            seen.token + 1,
+            new.owner,
+            seen.attempt + 1,
+            seen.executions,
+            now + new.lease,
+            seen.expires_at,
+            new.args_digest,
+            seen.result,
+            None,
+            new.run_id,
+            new.caller,
+            seen.created_at,
+            now,
+            now,
+            True,
         )
 
     def finish(
-        self, namespace: str, key: str, token: int, *, ok: bool,
-        result: str | None = None, error: str | None = None, ttl: float | None = None,
+        self,
+        namespace: str,
+        key: str,
+        token: int,
+        *,
+        ok: bool,
+        result: str | None = None,
+        error: str | None = None,
+        ttl: float | None = None,
     ) -> bool:
         params = {
-            "ns": namespace, "k": key, "token": token, "state": "succeeded" if ok else "failed",
-            "result": result, "error": error, "inc": 1 if ok else 0,
+            "ns": namespace,
+            "k": key,
+            "token": token,
+            "state": "succeeded" if ok else "failed",
+            "result": result,
+            "error": error,
+            "inc": 1 if ok else 0,
         }
         if ttl is not None:
             params["ttl"] = float(ttl)
@@ -501,8 +576,14 @@ class SQLStore(Store):
 
     # -- operator queries ---------------------------------------------------------------
     def list(
-        self, *, namespace: str | None = None, prefix: bool = False, state: str | None = None,
-        tool: str | None = None, since: float | None = None, limit: int = 100,
+        self,
+        *,
+        namespace: str | None = None,
+        prefix: bool = False,
+        state: str | None = None,
+        tool: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
     ) -> list[Record]:
         if not self._ready:
             self._ensure_schema()
@@ -534,10 +615,9 @@ class SQLStore(Store):
     def close(self) -> None:
         if self.kind == "sqlite":
             for conn in list(self._conns):
-                try:
+                # A connection owned by another thread refuses; it closes with its thread.
+                with contextlib.suppress(sqlite3.ProgrammingError):
                     conn.close()
-                except sqlite3.ProgrammingError:
-                    pass  # owned by another thread; it closes with that thread
             self._local = threading.local()
         if self._engine is not None:
             self._engine.dispose()

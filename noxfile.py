@@ -1,0 +1,102 @@
+"""Developer and CI tasks. `python -m nox` runs lint, typecheck, core and tests, in that order.
+
+* ``lint``: ruff check and ruff format --check.
+* ``typecheck``: mypy --strict on the onceonly_core package.
+* ``core``: the core install alone (no extras); proves no optional dependency leaks in,
+  then runs tests/core on the memory and SQLite ledgers.
+* ``tests``: everything installed, the whole suite. PostgreSQL and MariaDB come from
+  ONCEONLY_PG_URL / ONCEONLY_MYSQL_URL (local defaults otherwise); with
+  ONCEONLY_REQUIRE_SERVICES=1 an unreachable server fails the run instead of skipping.
+* ``bench`` (not run by default): benchmarks/run.py against the peer libraries.
+
+Arguments after ``--`` go to pytest (or to benchmarks/run.py): ``nox -s tests -- -k sqlite``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "core", "tests"]
+nox.options.error_on_missing_interpreters = False
+
+PYTHON = "3.11"
+ROOT = Path(__file__).resolve().parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+
+TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")  # pytest, hypothesis, pytest-timeout
+LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
+TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
+
+PASSTHROUGH_ENV = ("ONCEONLY_REQUIRE_SERVICES", "ONCEONLY_PG_URL", "ONCEONLY_MYSQL_URL")
+
+LINT_PATHS = ("onceonly_core", "integrations", "tests", "examples", "benchmarks", "noxfile.py")
+
+# What the core install must neither import nor have installed (top-level module names).
+OPTIONAL_MODULES = (
+    "psycopg",
+    "pymysql",
+    "typer",
+    "rich",
+    "langchain",
+    "langchain_core",
+    "openai",
+    "llama_index",
+)
+
+CORE_IMPORT_CHECK = (
+    "import importlib.util as u, sys, onceonly_core, onceonly_core.stores; "
+    f"opt = {OPTIONAL_MODULES!r}; "
+    "leaked = sorted(m for m in sys.modules if m.split('.')[0] in opt); "
+    "installed = [m for m in opt if u.find_spec(m) is not None]; "
+    "assert not leaked, f'import onceonly_core imported optional modules: {leaked}'; "
+    "assert not installed, f'the core install pulled in optional packages: {installed}'; "
+    "print('core import check: none of', ', '.join(opt), 'imported or installed')"
+)
+
+
+def _passthrough_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check."""
+    session.install(*LINT_DEPS)
+    # Empty folders are not in a git checkout; ruff refuses paths that do not exist.
+    paths = [path for path in LINT_PATHS if (ROOT / path).exists()]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package (configured in pyproject.toml)."""
+    session.install("-e", ".[all]", *TYPECHECK_DEPS)
+    session.run("mypy", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """The core install alone: no extras, no framework, no driver but SQLite's."""
+    session.install(".", *TEST_DEPS)
+    session.run("python", "-c", CORE_IMPORT_CHECK)
+    # Tests parametrized over db_url/any_url also have PostgreSQL and MariaDB variants,
+    # marked `services`; their drivers are extras, so they run in the `tests` session only.
+    session.run("pytest", "tests/core", "-m", "not services", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The whole suite with every extra installed, against the real servers."""
+    session.install("-e", ".[all]", *TEST_DEPS)
+    session.run("pytest", "tests", *session.posargs, env=_passthrough_env())
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the raw SQL floor and peer libraries (not a test)."""
+    session.install(".[all]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
+    session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())

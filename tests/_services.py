@@ -1,0 +1,108 @@
+"""Where the test suite finds PostgreSQL and MariaDB, and what it does when they are absent.
+
+Importable from test modules (pytest puts ``tests/`` on ``sys.path``) and from scripts that
+tests start in subprocesses (pass ``env=subprocess_env()``).
+
+A server that cannot be reached skips the tests that need it, unless
+``ONCEONLY_REQUIRE_SERVICES=1`` is set (CI sets it), in which case they fail: a green CI run
+must mean the SQL ledgers were really exercised.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+REQUIRE_SERVICES_ENV = "ONCEONLY_REQUIRE_SERVICES"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    env: str
+    default_url: str
+
+    @property
+    def url(self) -> str:
+        return os.environ.get(self.env) or self.default_url
+
+
+POSTGRES = Service(
+    "PostgreSQL", "ONCEONLY_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MYSQL = Service("MariaDB/MySQL", "ONCEONLY_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def require_services() -> bool:
+    """True when an unreachable server must fail the tests instead of skipping them."""
+    return os.environ.get(REQUIRE_SERVICES_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def _display(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+@cache
+def unreachable_reason(url: str, timeout: float = 3.0) -> str | None:
+    """Why ``url`` cannot be used (driver missing, server down, ...), or None if it can.
+
+    Opens one real connection and disposes of the engine. Cached per URL, so a test session
+    pays for the check once.
+    """
+    try:
+        from sqlalchemy import create_engine, make_url, text
+
+        # psycopg and PyMySQL both take connect_timeout (whole seconds); sqlite3 does not.
+        connect_args = {}
+        if make_url(url).get_backend_name() in {"postgresql", "mysql", "mariadb"}:
+            connect_args["connect_timeout"] = max(1, round(timeout))
+        engine = create_engine(url, connect_args=connect_args)
+    except Exception as exc:  # driver not installed, bad URL
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first_line}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def unavailable(service: Service, url: str, reason: str) -> NoReturn:
+    """Skip, or fail under ONCEONLY_REQUIRE_SERVICES=1, with one message naming the fix."""
+    message = f"{service.name} not reachable at {_display(url)}: {reason}; set {service.env}"
+    if require_services():
+        pytest.fail(f"{message} ({REQUIRE_SERVICES_ENV}=1)", pytrace=False)
+    pytest.skip(message)
+
+
+def service_url(service: Service) -> str:
+    """The service's URL after checking it answers; skips or fails otherwise."""
+    url = service.url
+    reason = unreachable_reason(url)
+    if reason is not None:
+        unavailable(service, url, reason)
+    return url
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """``os.environ`` plus ``tests/`` on PYTHONPATH, for scripts that import these helpers."""
+    env = dict(os.environ)
+    paths = [str(TESTS_DIR), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
+    return env

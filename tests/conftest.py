@@ -1,0 +1,99 @@
+"""Fixtures shared by the whole suite: ledger URLs for every backend, and namespaces.
+
+Layout:
+
+* ``tests/core/``: tests of the core install (memory and SQLite ledgers). Backend-generic
+  tests here may use ``db_url``/``any_url``: the nox ``tests`` session runs them on every
+  backend, the ``core`` session (no extras, so no server drivers) with ``-m "not services"``.
+* ``tests/services/``: tests that only make sense against PostgreSQL and/or MariaDB.
+
+Tests that use ``pg_url``/``mysql_url`` (directly, or through the ``postgresql``/``mysql``
+parameters of ``db_url``/``any_url``) are marked ``pg``/``mysql`` and ``services``
+automatically, and so is everything under ``tests/services/``; ``pytest -m "not services"``
+runs everything that needs no server. An unreachable server skips those tests, or fails them
+when ``ONCEONLY_REQUIRE_SERVICES=1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from _services import MYSQL, POSTGRES, service_url
+
+SERVICES_DIR = Path(__file__).resolve().parent / "services"
+
+SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
+ALL_BACKENDS = ["memory", *SQL_BACKENDS]
+
+# fixture name -> marker it implies
+_SERVICE_FIXTURES = {"pg_url": "pg", "mysql_url": "mysql"}
+# parameter of db_url / any_url -> marker it implies
+_SERVICE_PARAMS = {"postgresql": "pg", "mysql": "mysql"}
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """SQLAlchemy URL of a reachable PostgreSQL database (``ONCEONLY_PG_URL``)."""
+    return service_url(POSTGRES)
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """SQLAlchemy URL of a reachable MariaDB/MySQL database (``ONCEONLY_MYSQL_URL``)."""
+    return service_url(MYSQL)
+
+
+def _backend_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if backend == "memory":
+        return "memory://"
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/ledger.db"
+    if backend == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    if backend == "mysql":
+        return str(request.getfixturevalue("mysql_url"))
+    raise AssertionError(f"unknown backend {backend!r}")
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A SQL ledger URL: a fresh SQLite file, or the shared PostgreSQL / MariaDB database.
+
+    The server databases are shared by every test: isolate with ``namespace``.
+    """
+    return _backend_url(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every ledger: ``memory://`` plus the ``db_url`` backends."""
+    return _backend_url(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace no other test uses, so tests can share one server database."""
+    return f"t-{uuid4().hex[:12]}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so `-m "not services"` sees these
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        markers: set[str] = set()
+        if item.path.is_relative_to(SERVICES_DIR):
+            markers.add("services")
+        fixturenames = getattr(item, "fixturenames", ())
+        markers.update(mark for name, mark in _SERVICE_FIXTURES.items() if name in fixturenames)
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            for fixture in ("db_url", "any_url"):
+                backend = callspec.params.get(fixture)
+                if backend in _SERVICE_PARAMS:
+                    markers.add(_SERVICE_PARAMS[backend])
+        if markers & {"pg", "mysql"}:
+            markers.add("services")
+        for mark in sorted(markers):
+            item.add_marker(mark)
