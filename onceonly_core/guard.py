@@ -138,6 +138,7 @@ class _Heartbeats:
                 self._thread.start()
             hid = next(self._ids)
             self._active[hid] = [store, ns, key, token, lease, time.monotonic() + lease / 3]
+        self._wake.set()  # the loop may be sleeping past this call's first due time
         return hid
 
     def remove(self, hid: int) -> None:
@@ -552,7 +553,7 @@ class Guard:
         ns = self.current_namespace()
         wf = _workflow.get()
         if opts.key is not None:
-            key = opts.key if isinstance(opts.key, str) else opts.key(*args, **kwargs)
+            key = opts.key if isinstance(opts.key, str) else opts.key(**bound)
             if not isinstance(key, str):
                 raise ConfigError(f"key= must give a string, got {type(key).__name__}")
             skip = set(opts.exclude)

@@ -424,7 +424,17 @@ async def run_async(
             if type(op) is StoreOp:
                 method = getattr(store, op.method)
                 if store.blocking and not (op.method == "heartbeat" and op.args[-1] < 0):
-                    send = await asyncio.to_thread(method, *op.args, **op.kwargs)
+                    task = asyncio.ensure_future(asyncio.to_thread(method, *op.args, **op.kwargs))
+                    try:
+                        send = await asyncio.shield(task)
+                    except asyncio.CancelledError:
+                        # Cancelled while a claim was in flight in its thread: wait for it,
+                        # and if it made us the owner, give the key back before leaving.
+                        with contextlib.suppress(BaseException):
+                            claimed = await task
+                            if isinstance(claimed, Record) and claimed.mine:
+                                store.heartbeat(claimed.namespace, claimed.key, claimed.token, -1.0)
+                        raise
                 else:
                     # Releasing a lease runs inline: it must happen even when the task
                     # has just been cancelled, and awaiting again could be cancelled too.

@@ -230,6 +230,10 @@ class SQLStore(Store):
             if self.url.drivername in ("mysql", "mariadb"):
                 self.url = self.url.set(drivername=f"{self.url.drivername}+pymysql")
             connect_args: dict[str, Any] = {"connect_timeout": int(connect_timeout)}
+            if self.kind == "mysql":
+                # NOW(6) is read in the session time zone: pin it to UTC, so
+                # UNIX_TIMESTAMP(NOW(6)) never meets a daylight-saving gap or overlap.
+                connect_args["init_command"] = "SET time_zone = '+00:00'"
             self._engine = sa.create_engine(
                 self.url,
                 isolation_level="AUTOCOMMIT",
