@@ -37,6 +37,8 @@ class ResultCodec(Protocol):
 
 
 _PLAIN = (str, int, bool, type(None))
+# What json.dumps(v, separators=(",", ":"), ensure_ascii=False) builds on every call.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _import(path: str) -> Any:
@@ -74,7 +76,7 @@ class Codec:
     # -- encoding -----------------------------------------------------------------------
     def encode(self, value: Any) -> str:
         try:
-            return json.dumps(self._enc(value, 0), separators=(",", ":"), ensure_ascii=False)
+            return _JSON.encode(self._enc(value, 0))
         except CodecError:
             raise
         except (TypeError, ValueError, RecursionError) as err:

@@ -108,6 +108,13 @@ class _Walker:
                 self.nodes = sub.nodes
                 items.append(("".join(sub.out), k, val))
             items.sort(key=lambda item: item[0])
+            for i in range(1, len(items)):
+                if items[i - 1][0] == items[i][0]:  # e.g. "é" composed and decomposed:
+                    ka, kb = items[i - 1][1], items[i][1]  # the order would decide
+                    raise FingerprintError(
+                        f"{path}[{kb!r}]",
+                        f"the keys {ka!r} and {kb!r} are the same after normalisation",
+                    )
             out.append("{")
             for enc, k, val in items:
                 out.append(enc)
@@ -166,7 +173,7 @@ class _Walker:
         elif isinstance(v, _dt.datetime):
             if v.tzinfo is not None and v.utcoffset() is not None:
                 out.append("D")
-                out.append(v.astimezone(_dt.timezone.utc).replace(tzinfo=None).isoformat())
+                out.append(_utc_text(v))
             else:
                 out.append("d")
                 out.append(v.replace(tzinfo=None).isoformat())
@@ -217,6 +224,10 @@ class _Walker:
             for name in t.__pydantic_fields__:
                 out.append(_text(name, path))
                 self.walk(getattr(v, name), f"{path}.{name}", depth + 1)
+            extra = getattr(v, "__pydantic_extra__", None)
+            if extra:  # extra="allow" fields are data too ("+" never starts a field name)
+                out.append("+")
+                self.walk(dict(extra), path, depth + 1)
             out.append("}")
             self.stack.discard(id(v))
         else:
@@ -239,6 +250,21 @@ class _Walker:
         if i in self.stack:
             raise FingerprintError(path, "the value contains a reference cycle")
         self.stack.add(i)
+
+
+_EPOCH = _dt.datetime(1970, 1, 1)
+
+
+def _utc_text(v: _dt.datetime) -> str:
+    try:
+        return v.astimezone(_dt.timezone.utc).replace(tzinfo=None).isoformat()
+    except OverflowError:
+        # The instant is outside year 1..9999 in UTC (e.g. datetime.max at -05:00): write
+        # it as microseconds since the epoch ("@…", never a valid isoformat prefix).
+        offset = v.utcoffset()
+        assert offset is not None
+        micros = (v.replace(tzinfo=None) - _EPOCH - offset) // _dt.timedelta(microseconds=1)
+        return f"@{micros}"
 
 
 def _type_name(t: type) -> str:
@@ -294,10 +320,53 @@ def _int(v: int, path: str) -> str:
 
 _PLAIN_DIGITS = 30
 _PLAIN_LIMIT = 10**_PLAIN_DIGITS
+_FLAT_MAX = 64
+_INFINITE = (float("inf"), float("-inf"))
+
+
+def _flat(d: dict[Any, Any], digits: int | None) -> str | None:
+    """The hot path of :func:`canonical`: the bound arguments of most tool calls are a
+    small dict of ASCII-str names to ASCII strings, ints, finite floats, None or bools.
+
+    Returns exactly the text the walker writes for such a dict (distinct ASCII names
+    encode distinctly, so sorting the pairs sorts by encoded name), or None for anything
+    else, which the walker then handles, errors and all.
+    """
+    items = []
+    for k, v in d.items():
+        if type(k) is not str or not k.isascii():
+            return None
+        t = type(v)
+        if t is str:
+            if not v.isascii():
+                return None
+            enc = f"s{len(v)}:{v}"
+        elif t is int:
+            enc = f"n{_int(v, '')};"
+        elif t is float:
+            if v != v or v in _INFINITE:
+                return None
+            try:
+                enc = f"n{_float(v, '', digits)};"
+            except FingerprintError:  # rounded to infinity: the walker names the argument
+                return None
+        elif v is None:
+            enc = "z"
+        elif t is bool:
+            enc = "T" if v else "F"
+        else:
+            return None
+        items.append((f"s{len(k)}:{k}", enc))
+    items.sort()
+    return "{" + "".join([f"{name}:{enc}" for name, enc in items]) + "}"
 
 
 def canonical(value: Any, *, float_digits: int | None = None, path: str = "args") -> str:
     """Return the canonical text of ``value`` (the part of a key that depends on data)."""
+    if type(value) is dict and len(value) <= _FLAT_MAX:
+        text = _flat(value, float_digits)
+        if text is not None:
+            return text
     w = _Walker(float_digits)
     w.walk(value, path, 0)
     return "".join(w.out)
@@ -336,7 +405,16 @@ class Signature:
     ``f(1, 2)``, ``f(1, b=2)`` and ``f(a=1, b=2)`` bind equally.
     """
 
-    __slots__ = ("_defaults", "_fast", "_names", "_sig", "bound_self", "partial_args", "partial_kw")
+    __slots__ = (
+        "_defaults",
+        "_fast",
+        "_names",
+        "_npos",
+        "_sig",
+        "bound_self",
+        "partial_args",
+        "partial_kw",
+    )
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.partial_args: tuple[Any, ...] = ()
@@ -354,15 +432,18 @@ class Signature:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"cannot read the signature of {fn!r}: {err}") from err
         params = list(sig.parameters.values())
-        if self.bound_self is not None and params and not isinstance(self.bound_self, type):
-            params = params[1:]
-        elif self.bound_self is not None and isinstance(self.bound_self, type) and params:
-            params = params[1:]  # classmethod: drop cls
+        # Only a Python method's __func__ lists the receiver; builtin methods and module
+        # functions (``"a".split``, ``os.remove``: __self__ is the str / the module) don't.
+        unwrapped = target is not fn
+        if self.bound_self is not None and unwrapped and params:
+            params = params[1:]  # self, or cls for a classmethod
         self._sig = sig.replace(parameters=params)
         simple = all(
             p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params
         ) and not any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params)
         self._fast = simple
+        # Positional arguments may only fill positional parameters (not keyword-only ones).
+        self._npos = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
         self._names = tuple(p.name for p in params)
         self._defaults = tuple(p.default for p in params)
 
@@ -375,7 +456,7 @@ class Signature:
             args = (*self.partial_args, *args)
         if self.partial_kw:
             kwargs = {**self.partial_kw, **kwargs}
-        if self._fast and len(args) <= len(self._names):
+        if self._fast and len(args) <= self._npos:
             names = self._names
             out: dict[str, Any] = {}
             for i, a in enumerate(args):

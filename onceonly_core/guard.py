@@ -12,6 +12,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import math
 import os
 import socket
 import sys
@@ -35,6 +36,7 @@ from .protocol import (
     flow,
     run_async,
     run_sync,
+    safe_str,
 )
 from .stores import Record, Store, open_store
 from .stores.base import MAX_LABEL, NewClaim, check_labels
@@ -60,6 +62,8 @@ _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
 )
 
 _OPTION_NAMES = frozenset(f.name for f in fields(Options))
+# Exact builtin types that can never be awaitable: skips isawaitable()'s ABC check.
+_NEVER_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple})
 
 
 class _Blocked:
@@ -127,6 +131,10 @@ class _Heartbeats:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._ids = iter(range(1, sys.maxsize))
+        # When the loop's current wait ends (monotonic); inf while it is not waiting.
+        # add() wakes the loop only if a new call falls due before then: waking a
+        # thread on every call costs the caller a GIL handoff (tens of microseconds).
+        self._sleep_until = 0.0
 
     def add(self, store: Store, ns: str, key: str, token: int, lease: float) -> int:
         with self._lock:
@@ -137,8 +145,11 @@ class _Heartbeats:
                 )
                 self._thread.start()
             hid = next(self._ids)
-            self._active[hid] = [store, ns, key, token, lease, time.monotonic() + lease / 3]
-        self._wake.set()  # the loop may be sleeping past this call's first due time
+            due = time.monotonic() + lease / 3
+            self._active[hid] = [store, ns, key, token, lease, due]
+            wake = due < self._sleep_until
+        if wake:
+            self._wake.set()  # the loop would sleep past this call's first due time
         return hid
 
     def remove(self, hid: int) -> None:
@@ -148,8 +159,8 @@ class _Heartbeats:
     def _loop(self) -> None:
         while True:
             with self._lock:
+                self._sleep_until = math.inf  # busy: a call added meanwhile wakes the wait
                 due = [(hid, e) for hid, e in self._active.items() if e[5] <= time.monotonic()]
-                nxt = min((e[5] for e in self._active.values()), default=time.monotonic() + 1.0)
             for hid, (store, ns, key, token, lease, _) in due:
                 try:
                     ok = store.heartbeat(ns, key, token, lease)
@@ -164,7 +175,12 @@ class _Heartbeats:
                     log.warning("lease on %s (token %s) was taken over while running", key, token)
             if self._guard() is None:
                 return
-            self._wake.wait(max(0.01, min(1.0, nxt - time.monotonic())))
+            with self._lock:  # the same lock as add(): no call can slip past the deadline
+                now = time.monotonic()
+                nxt = min((e[5] for e in self._active.values()), default=now + 1.0)
+                timeout = max(0.01, min(1.0, nxt - now))
+                self._sleep_until = now + timeout
+            self._wake.wait(timeout)
             self._wake.clear()
 
 
@@ -177,6 +193,13 @@ class _Tool:
     sig: fp.Signature
     is_async: bool
     overrides: dict[str, Any]
+    # The caller's option objects, kept alive while cached: the cache key holds their
+    # id()s, which CPython reuses once an object is freed (a new key_args list would
+    # otherwise hit the entry of an earlier, different one).
+    pinned: tuple[Any, ...] = ()
+    # The guard's defaults with ``overrides`` applied, computed once: dataclasses.replace
+    # costs ~10 us a call. The tool cache is cleared whenever the defaults change.
+    opts: Options | None = None
 
 
 class Guard:
@@ -392,6 +415,7 @@ class Guard:
                     return await self._invoke(self._tool(f, options), args, kwargs, force=False)
 
                 awrapper.__onceonly_tool__ = tool.name  # type: ignore[attr-defined]
+                awrapper.__onceonly_guard__ = (self, options)  # type: ignore[attr-defined]
                 return awrapper
 
             @functools.wraps(f)
@@ -399,6 +423,7 @@ class Guard:
                 return self._invoke(self._tool(f, options), args, kwargs, force=False)
 
             wrapper.__onceonly_tool__ = tool.name  # type: ignore[attr-defined]
+            wrapper.__onceonly_guard__ = (self, options)  # type: ignore[attr-defined]
             return wrapper
 
         return wrap if fn is None else wrap(fn)
@@ -508,6 +533,13 @@ class Guard:
 
     # -- internals ----------------------------------------------------------------------
     def _tool(self, fn: Callable[..., Any], overrides: Mapping[str, Any]) -> _Tool:
+        # A function this guard already decorated (@guard.once(...)) passed to guard(),
+        # retry(), force() or key_for(): use the original with the decorator's options,
+        # so it is the same call (same key), guarded once.
+        marker = getattr(fn, "__onceonly_guard__", None)
+        if marker is not None and marker[0] is self:
+            overrides = {**marker[1], **overrides}
+            fn = fn.__wrapped__  # type: ignore[attr-defined]
         cache_key: Any = (fn, tuple(sorted((k, id(v)) for k, v in overrides.items())))
         try:
             tool = self._tools.get(cache_key)
@@ -524,14 +556,15 @@ class Guard:
                 merged[opt] = (merged[opt],)
             elif merged.get(opt) is not None:
                 merged[opt] = tuple(merged[opt])
-        _check_options(replace(self._defaults, **merged))
+        opts = replace(self._defaults, **merged) if merged else self._defaults
+        _check_options(opts)
         target = fn
         while isinstance(target, functools.partial):
             target = target.func
         is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
             getattr(target, "__call__", None)  # noqa: B004 - async callable objects
         )
-        tool = _Tool(fn, name, fp.Signature(fn), is_async, merged)
+        tool = _Tool(fn, name, fp.Signature(fn), is_async, merged, tuple(overrides.values()), opts)
         if cache_key is not None and len(self._tools) < 10_000:
             self._tools[cache_key] = tool
         return tool
@@ -539,7 +572,9 @@ class Guard:
     def _key(
         self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str, str, str | None, Options]:
-        opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
+        opts = tool.opts
+        if opts is None:
+            opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
         try:
             bound = tool.sig.bind(args, kwargs)
         except TypeError as err:
@@ -595,6 +630,8 @@ class Guard:
             self._count("attempts")
             return tool.fn(*args, **kwargs)
         call = self._prepare(tool, args, kwargs, force)
+        if _reentrant(call):
+            return tool.fn(*args, **kwargs)
         store = self.store
 
         def execute(ctx: CallContext) -> Ran:
@@ -607,7 +644,7 @@ class Guard:
             finally:
                 _current.reset(token)
                 self._heartbeats.remove(hid)
-            if inspect.isawaitable(value):
+            if type(value) not in _NEVER_AWAITABLE and inspect.isawaitable(value):
                 if inspect.iscoroutine(value):
                     value.close()
                 return Ran(
@@ -637,6 +674,8 @@ class Guard:
             self._count("attempts")
             return await tool.fn(*args, **kwargs)
         call = self._prepare(tool, args, kwargs, force)
+        if _reentrant(call):
+            return await tool.fn(*args, **kwargs)
         store = self.store
 
         async def execute(ctx: CallContext) -> Ran:
@@ -683,13 +722,22 @@ class Guard:
     def _emit(self, kind: str, outcome: Outcome) -> None:
         if not self.quiet:
             mark = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}[kind]
-            extra = f" ({type(outcome.error).__name__}: {outcome.error})" if outcome.error else ""
+            err = outcome.error
+            extra = f" ({type(err).__name__}: {safe_str(err)})" if err is not None else ""
             print(f"[onceonly] {mark} {outcome.tool} {kind}{extra}", file=sys.stderr)
         for hook in self._hooks[kind]:
             try:
                 hook(outcome)
             except Exception:  # a hook must never turn a done effect into an error
                 log.exception("onceonly %s hook %r failed", kind, hook)
+
+
+def _reentrant(call: Call) -> bool:
+    """True inside the execution of this very key (a tool guarded twice, e.g. a
+    ``@guard.once`` function passed to ``guard(...)`` or ``wrap_tools``): the outer call
+    holds the claim, so the inner one runs the function instead of waiting on itself."""
+    cur = _current.get()
+    return cur is not None and cur.key == call.key and cur.namespace == call.namespace
 
 
 def _check_options(o: Options) -> None:

@@ -179,7 +179,16 @@ def decide(rec: Record, opts: Options, digest: str | None) -> str:
 
 
 def error_text(err: BaseException) -> str:
-    return f"{type(err).__module__}.{type(err).__qualname__}: {err}"[:4000]
+    return f"{type(err).__module__}.{type(err).__qualname__}: {safe_str(err)}"[:4000]
+
+
+def safe_str(err: BaseException) -> str:
+    """str(err), even for an exception whose __str__ raises: a broken message must not
+    replace the tool's own error, nor skip the write that releases its claim."""
+    try:
+        return str(err)
+    except Exception:
+        return f"<unprintable {type(err).__name__}>"
 
 
 # -- the flow --------------------------------------------------------------------------
@@ -346,9 +355,12 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
     try:
         text: str | None = call.codec.encode(value)
         note = None
-    except CodecError as err:
+    except Exception as err:  # CodecError, or anything a field getter / custom codec raises
         # The effect happened: record success anyway (never run again), without a result.
-        text, note = None, f"result not stored: {err}"
+        detail = safe_str(err)
+        if not isinstance(err, CodecError):
+            detail = f"{type(err).__name__}: {detail}"
+        text, note = None, f"result not stored: {detail}"
     for i, pause in enumerate((0.0, *FINISH_RETRIES)):
         if pause:
             yield Sleep(pause)
@@ -368,6 +380,15 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
                 ) from err
             continue
         if not done:
+            if i:
+                # An earlier attempt may have committed and lost only its reply (connection
+                # dropped): a succeeded record still carrying our token was written by us.
+                try:
+                    now = yield StoreOp("get", (call.namespace, call.key))
+                except StoreError:
+                    now = None
+                if now is not None and now.token == rec.token and now.state == SUCCEEDED:
+                    return
             raise LeaseLost(call.namespace, call.key, rec.token, result=value)
         return
 

@@ -71,8 +71,10 @@ class Record:
 
     @property
     def lease_live(self) -> bool:
+        # ">=": the same boundary as take_over and clear (a lease is taken only once
+        # lease_until < now), else a reader at lease_until == now spins between the two.
         return (
-            self.state == RUNNING and self.lease_until is not None and self.lease_until > self.now
+            self.state == RUNNING and self.lease_until is not None and self.lease_until >= self.now
         )
 
 
@@ -173,6 +175,8 @@ class Store(abc.ABC):
 
 
 def check_labels(namespace: str, key: str) -> None:
+    if 0 < len(key) <= MAX_KEY and 0 < len(namespace) <= MAX_NAMESPACE:
+        return  # the hot path: no import, one comparison chain each
     from ..errors import ConfigError
 
     if not key or len(key) > MAX_KEY:

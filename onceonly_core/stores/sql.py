@@ -277,16 +277,23 @@ class SQLStore(Store):
                 raise ConfigError(f"the directory of the SQLite ledger does not exist: {self.path}")
             # One connection per thread (sqlite3 connections are not thread-safe), in
             # autocommit mode: each statement is its own transaction.
-            conn = sqlite3.connect(
-                str(self.path),
-                timeout=self._busy,
-                isolation_level=None,
-                check_same_thread=True,
-                factory=_Conn,
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
+            try:
+                conn = sqlite3.connect(
+                    str(self.path),
+                    timeout=self._busy,
+                    isolation_level=None,
+                    check_same_thread=True,
+                    factory=_Conn,
+                )
+            except sqlite3.Error as err:
+                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
+            except sqlite3.Error as err:  # e.g. "file is not a database"
+                conn.close()
+                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
             self._local.conn = conn
             self._local.pid = os.getpid()
             self._conns.add(conn)
@@ -295,7 +302,9 @@ class SQLStore(Store):
     def engine(self) -> sa.Engine:
         """The SQLAlchemy engine for operator queries and migrations (created lazily)."""
         if self._engine is None:
-            eng = sa.create_engine(self.url, poolclass=sa.NullPool)
+            # Only SQLite gets here. Its URL options (synchronous=) are ours, applied per
+            # connection in _sqlite_conn; pysqlite would warn about them and ignore them.
+            eng = sa.create_engine(self.url.set(query={}), poolclass=sa.NullPool)
 
             @sa.event.listens_for(eng, "connect")
             def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
@@ -575,8 +584,11 @@ class SQLStore(Store):
     def now(self) -> float:
         if self.kind == "sqlite":
             return time.time()
-        with self.engine().connect() as conn:
-            return float(conn.execute(sa.text("SELECT " + _NOW[self.kind])).scalar_one())
+        try:
+            with self.engine().connect() as conn:
+                return float(conn.execute(sa.text("SELECT " + _NOW[self.kind])).scalar_one())
+        except sa.exc.SQLAlchemyError as err:  # e.g. a pooled connection cut by a restart
+            raise StoreError(f"reading the {self.kind} ledger's clock failed: {err}") from err
 
     # -- operator queries ---------------------------------------------------------------
     def list(

@@ -1,0 +1,5 @@
+"""``python -m onceonly_core.cli`` is ``onceonly``."""
+
+from . import main
+
+main()
