@@ -136,7 +136,15 @@ class Codec:
         if isinstance(v, pathlib.PurePath):
             return {"$": "path", "c": _path(t), "v": str(v)}
         if hasattr(t, "__pydantic_fields__") and hasattr(v, "model_dump"):
-            return {"$": "pydantic", "c": _path(t), "v": v.model_dump(mode="json")}
+            # Field by field with this codec (not model_dump(mode="json")), so Any-typed
+            # fields keep their types and a SecretStr is refused instead of stored masked.
+            data = {
+                (info.alias or name): self._enc(getattr(v, name), depth + 1)
+                for name, info in t.__pydantic_fields__.items()
+            }
+            for name, extra in (getattr(v, "__pydantic_extra__", None) or {}).items():
+                data[name] = self._enc(extra, depth + 1)
+            return {"$": "pydantic", "c": _path(t), "v": data}
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             fields = {
                 f.name: self._enc(getattr(v, f.name), depth + 1) for f in dataclasses.fields(v)
@@ -205,7 +213,7 @@ class Codec:
         if tag == "enum":
             return _import(v["c"])(self._dec(payload))
         if tag == "pydantic":
-            return _import(v["c"]).model_validate(payload)
+            return _import(v["c"]).model_validate({k: self._dec(x) for k, x in payload.items()})
         if tag == "dataclass":
             cls = _import(v["c"])
             values = {k: self._dec(x) for k, x in payload.items()}

@@ -377,7 +377,7 @@ def tool_identity(fn: Callable[..., Any]) -> str:
 
     Bound methods use their function's qualname (``Stripe.charge`` and ``Paypal.charge``
     differ); ``functools.partial`` uses the wrapped function; lambdas add their source
-    line (``module.f.<locals>.<lambda>@12``), so two lambdas in one scope never collide
+    line and column (``module.f.<locals>.<lambda>@12:8``), so two lambdas never collide
     — pass ``name=`` for an identity that survives edits to the file.
     """
     while isinstance(fn, functools.partial):
@@ -394,6 +394,12 @@ def tool_identity(fn: Callable[..., Any]) -> str:
         code = getattr(target, "__code__", None)
         if code is not None:
             name += f"@{code.co_firstlineno}"
+            # Python >= 3.11 knows columns too: two lambdas on one line stay apart.
+            positions = getattr(code, "co_positions", None)
+            if positions is not None:
+                cols = [c for _, _, c, _ in positions() if c]
+                if cols:
+                    name += f":{min(cols)}"
     return name
 
 

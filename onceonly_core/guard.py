@@ -28,6 +28,7 @@ from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
 from .errors import ConfigError, OnceOnlyError
 from .protocol import (
+    BLOCKED,
     Call,
     CallContext,
     Options,
@@ -64,26 +65,6 @@ _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
 _OPTION_NAMES = frozenset(f.name for f in fields(Options))
 # Exact builtin types that can never be awaitable: skips isawaitable()'s ABC check.
 _NEVER_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, dict, list, tuple})
-
-
-class _Blocked:
-    """Returned for a duplicate when replay is off. Falsy, a singleton."""
-
-    _instance: _Blocked | None = None
-
-    def __new__(cls) -> _Blocked:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return "BLOCKED"
-
-
-BLOCKED: Any = _Blocked()
 
 
 def current_call() -> CallContext | None:
@@ -518,17 +499,21 @@ class Guard:
         if calls != [21, 22]:
             raise OnceOnlyError(f"self-test: executions {calls}")
         store = self.store
-        ns = f"{self.namespace}/_check"
-        key = f"check-{uuid.uuid4().hex}"
+        # One fixed record per namespace, reused: a health probe must not grow the ledger.
+        ns, key = f"{self.namespace}/_check", "self-test"
         new = NewClaim("onceonly.check", self._owner, 5.0)
         rec = store.claim(ns, key, new)
-        if not rec.mine or store.claim(ns, key, new).mine:
+        if not rec.mine:
+            taken = store.take_over(ns, key, rec, new, force=True)
+            if taken is None:
+                raise OnceOnlyError("self-test: a concurrent check holds the record; retry")
+            rec = taken
+        if store.claim(ns, key, new).mine:
             raise OnceOnlyError("self-test: the ledger's claim is not exclusive")
         if not store.finish(ns, key, rec.token, ok=True, result="1"):
             raise OnceOnlyError("self-test: the ledger refused the owner's completion")
         if store.finish(ns, key, rec.token, ok=True, result="2"):
             raise OnceOnlyError("self-test: the ledger accepted a second completion")
-        store.clear(ns, key)
         return True
 
     # -- internals ----------------------------------------------------------------------
@@ -712,7 +697,7 @@ class Guard:
         self._count("attempts", kind)
         self._emit(kind, outcome)
         if decision == "blocked":
-            return outcome.value if outcome.value is not None else BLOCKED
+            return outcome.value  # blocked_return, BLOCKED unless the tool set one
         return outcome.value
 
     def _after_error(self, call: Call, err: BaseException) -> None:

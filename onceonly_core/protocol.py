@@ -29,7 +29,7 @@ from .errors import (
 )
 from .stores.base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 
-__all__ = ["NOT_DONE", "CallContext", "Options", "Outcome", "decide", "flow"]
+__all__ = ["BLOCKED", "NOT_DONE", "CallContext", "Options", "Outcome", "decide", "flow"]
 
 OnUnknown = Literal["retry", "raise"] | Callable[["CallContext"], Any]
 
@@ -41,6 +41,28 @@ class _NotDone:
 
 #: Returned by a reconcile callback: "the earlier attempt did not happen, run again".
 NOT_DONE: Any = _NotDone()
+
+
+class _Blocked:
+    """Returned for a duplicate when replay is off (unless ``blocked_return`` is set).
+
+    Falsy, a singleton."""
+
+    _instance: _Blocked | None = None
+
+    def __new__(cls) -> _Blocked:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "BLOCKED"
+
+
+BLOCKED: Any = _Blocked()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +82,7 @@ class Options:
     max: int = 1
     unlimited: bool = False
     replay: bool = True
-    blocked_return: Any = None
+    blocked_return: Any = BLOCKED
     check_payload: bool = True
     float_digits: int | None = None
 
@@ -161,7 +183,8 @@ def decide(rec: Record, opts: Options, digest: str | None) -> str:
         and digest is not None
         and rec.args_digest is not None
         and digest != rec.args_digest
-        and state != CLEARED
+        and state
+        not in (CLEARED, FAILED)  # a failure is no result: a corrected retry may reuse the key
         and not expired
     ):
         return KEY_REUSE

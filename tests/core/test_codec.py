@@ -296,25 +296,18 @@ class Credentials(pydantic.BaseModel):
     token: pydantic.SecretStr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pydantic models are stored as model_dump(mode='json'), so a field typed Any "
-    "replays a tuple as a list, a Decimal as a str and a set as a list",
-)
 def test_pydantic_any_fields_keep_their_types() -> None:
     value = Envelope(payload={"t": (1, 2), "d": Decimal("1.5"), "s": {3}})
     assert same(default_codec.decode(default_codec.encode(value)), value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: model_dump(mode='json') masks SecretStr, so a replay returns a model whose "
-    "secret is '**********' (silently wrong data; storing it or refusing would be honest)",
-)
-def test_pydantic_secret_fields_are_not_silently_replaced() -> None:
+def test_pydantic_secret_fields_are_refused_not_stored_masked() -> None:
+    # A masked '**********' replay would be silently wrong data, and storing the secret
+    # would put it in the ledger in plain text: the codec refuses (the first caller still
+    # gets its value; a replay raises CodecError naming the type).
     value = Credentials(user="svc", token=pydantic.SecretStr("hunter2"))
-    back = default_codec.decode(default_codec.encode(value))
-    assert back.token.get_secret_value() == "hunter2"
+    with pytest.raises(CodecError, match="SecretStr"):
+        default_codec.encode(value)
 
 
 # -- hypothesis ------------------------------------------------------------------------------

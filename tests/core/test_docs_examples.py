@@ -39,7 +39,11 @@ def test_block_runs(name: str, code: str, tmp_path: Path) -> None:
         pytest.importorskip(first.split(":", 1)[1].strip())
     env = {"PATH": "/usr/bin:/bin", "ONCEONLY_QUIET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"

@@ -191,11 +191,6 @@ def test_two_lambdas_in_one_scope_do_not_collide(g: Guard) -> None:
     assert g(triple, 5) == 15  # the peer silently skipped this call
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a lambda's identity is module.qualname@line, so two lambdas written on one "
-    "line share it (docs/keys.md promises two lambdas in one scope never collide)",
-)
 def test_two_lambdas_on_one_line_do_not_collide() -> None:
     double, triple = (lambda x: x * 2), (lambda x: x * 3)
     assert tool_identity(double) != tool_identity(triple)

@@ -657,6 +657,26 @@ def test_sixteen_threads_on_one_key_execute_once(g: Guard) -> None:
     assert (stats["executed"], stats["replayed"], stats["failed"]) == (1, 15, 0)
 
 
+def test_max_is_exact_under_concurrency(g: Guard) -> None:
+    tool = Counter()
+    barrier = threading.Barrier(8)
+    results: list[int] = []
+
+    def worker() -> None:
+        barrier.wait(10)
+        results.append(g.using(max=3)(tool, "k")["run"])
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(tool.calls) == 3
+    assert sorted(results)[:3] == [1, 2, 3]
+    assert sorted(results)[3:] == [3] * 5  # everyone else replays the last run
+    assert record(g, tool, "k").executions == 3
+
+
 def test_async_gather_of_identical_calls_runs_once(g: Guard) -> None:
     runs: list[int] = []
 
@@ -928,7 +948,7 @@ def test_hooks_get_outcomes_and_a_raising_hook_breaks_nothing(
     assert events == [
         ("executed", 10),
         ("replayed", 10),
-        ("blocked", None),
+        ("blocked", BLOCKED),  # the value the caller got
         ("failed", "ValueError"),
     ]
     logged = [r for r in caplog.records if "broken_hook" in r.getMessage()]
@@ -1198,3 +1218,45 @@ def test_the_default_ledger_is_created_at_first_use_only(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert "onceonly.db" in proc.stdout
     assert "[onceonly]" in proc.stderr  # not quiet by default
+
+
+# -- decisions made after review -----------------------------------------------------------
+def test_wrap_tools_blocked_return_none_is_returned_for_duplicates() -> None:
+    g = Guard(store=MemoryStore(), quiet=True)
+    ran: list[str] = []
+
+    def send(to: str) -> str:
+        ran.append(to)
+        return f"sent {to}"
+
+    tools = g.wrap_tools({"send": send}, blocked_return=None)
+    assert tools["send"]("a@x") == "sent a@x"
+    assert tools["send"]("a@x") is None  # not BLOCKED, not the stored result
+    assert ran == ["a@x"]
+
+
+def test_a_failed_key_may_be_retried_with_corrected_arguments() -> None:
+    # A failure is not a result: the key has nothing to protect yet, so the corrected call
+    # runs (a succeeded key with different arguments still raises KeyReuseError).
+    g = Guard(store=MemoryStore(), quiet=True)
+
+    def charge(card: str) -> str:
+        if card == "expired":
+            raise ValueError("card expired")
+        return f"charged {card}"
+
+    with pytest.raises(ValueError):
+        g.using(key="order-7")(charge, "expired")
+    assert g.using(key="order-7")(charge, "new-card") == "charged new-card"
+    with pytest.raises(KeyReuseError):
+        g.using(key="order-7")(charge, "third-card")
+
+
+def test_check_reuses_one_record() -> None:
+    store = MemoryStore()
+    g = Guard(store=store, quiet=True)
+    for _ in range(3):
+        assert g.check() is True
+    records = store.list(namespace=g.namespace, prefix=True, limit=100)
+    assert [r.key for r in records] == ["self-test"]
+    assert records[0].state == "succeeded" and records[0].token == 3
