@@ -15,7 +15,7 @@ it too, so ``except TypeError`` or ``except ImportError`` keeps working::
     ├── CachedFailure                       replay of a recorded failure (cache_errors=True)
     └── StoreError                          the ledger could not be read or written
         ├── SchemaError                     the ledger schema is missing or too old
-        └── CompletionNotRecorded           the tool ran, recording its outcome failed
+        └── CompletionNotRecorded           the tool ran, recording its outcome may have failed
 
 The tool's own exceptions are never wrapped: they propagate unchanged.
 """
@@ -155,10 +155,12 @@ class SchemaError(StoreError):
 
 
 class CompletionNotRecorded(StoreError):
-    """The tool ran, but its outcome could not be written to the ledger.
+    """The tool ran, but writing its outcome failed (after retries).
 
-    ``result`` is what the tool returned. The record stays ``running`` until its lease
-    expires; then the tool's unknown-outcome policy decides.
+    ``result`` is what the tool returned. If no write committed, the record stays
+    ``running`` until its lease expires and then the tool's unknown-outcome policy
+    decides; if a write committed and only its reply was lost, the record is already
+    ``succeeded`` and later calls replay it.
     """
 
     def __init__(self, message: str, result: Any = None) -> None:

@@ -397,8 +397,9 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
             if i == len(FINISH_RETRIES):
                 raise CompletionNotRecorded(
                     f"{call.tool} ran (key {call.key!r}, token {rec.token}) but its outcome "
-                    f"could not be recorded: {err}. The record stays running until its lease "
-                    "expires; then the unknown-outcome policy applies.",
+                    f"may not have been recorded: {err}. Unless a write committed and only "
+                    "its reply was lost, the record stays running until its lease expires; "
+                    "then the unknown-outcome policy applies.",
                     result=value,
                 ) from err
             continue
