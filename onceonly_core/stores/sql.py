@@ -40,6 +40,8 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from time import monotonic as _monotonic
+from time import sleep as _sleep
 from typing import Any
 
 import sqlalchemy as sa
@@ -288,7 +290,7 @@ class SQLStore(Store):
             except sqlite3.Error as err:
                 raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal(conn)
                 conn.execute(f"PRAGMA synchronous={self.synchronous}")
                 conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
             except sqlite3.Error as err:  # e.g. "file is not a database"
@@ -298,6 +300,22 @@ class SQLStore(Store):
             self._local.pid = os.getpid()
             self._conns.add(conn)
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL takes an exclusive lock, and SQLite answers a
+        # concurrent switch with SQLITE_BUSY without calling the busy handler; several
+        # processes opening a fresh ledger at once would fail. Retry within busy_timeout.
+        deadline = _monotonic() + self._busy
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                if _monotonic() >= deadline:
+                    raise
+                _sleep(0.005)
 
     def engine(self) -> sa.Engine:
         """The SQLAlchemy engine for operator queries and migrations (created lazily)."""
