@@ -30,6 +30,9 @@ TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")  # pytest, hypothes
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
 
+# Everything but the agent frameworks (each has its own session).
+SERVER_EXTRAS = "postgres,mysql,cli,http"
+
 PASSTHROUGH_ENV = ("ONCEONLY_REQUIRE_SERVICES", "ONCEONLY_PG_URL", "ONCEONLY_MYSQL_URL")
 
 LINT_PATHS = ("onceonly_core", "integrations", "tests", "examples", "benchmarks", "noxfile.py")
@@ -44,6 +47,9 @@ OPTIONAL_MODULES = (
     "langchain_core",
     "openai",
     "llama_index",
+    "httpx",
+    "agents",
+    "langgraph",
 )
 
 CORE_IMPORT_CHECK = (
@@ -74,7 +80,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
-    session.install("-e", ".[all]", *TYPECHECK_DEPS)
+    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS)
     session.run("mypy", *session.posargs)
 
 
@@ -91,12 +97,27 @@ def core(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole suite with every extra installed, against the real servers."""
-    session.install("-e", ".[all]", *TEST_DEPS)
-    session.run("pytest", "tests", *session.posargs, env=_passthrough_env())
+    session.install("-e", f".[{SERVER_EXTRAS}]", *TEST_DEPS)
+    # Each framework's tests run in its own `integration` session, with only its extra.
+    session.run(
+        "pytest", "tests", "--ignore=tests/integrations", *session.posargs, env=_passthrough_env()
+    )
+
+
+# One session per framework: only that extra installed, its tests and examples run.
+INTEGRATIONS = ("langchain", "openai", "llamaindex")
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("framework", INTEGRATIONS)
+def integration(session: nox.Session, framework: str) -> None:
+    """One integration with only its own extra installed (tests/integrations/<framework>)."""
+    session.install("-e", f".[{framework}]", *TEST_DEPS)
+    session.run("pytest", f"tests/integrations/{framework}", *session.posargs)
 
 
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against the raw SQL floor and peer libraries (not a test)."""
-    session.install(".[all]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
+    session.install(f".[{SERVER_EXTRAS}]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())

@@ -13,6 +13,10 @@ it too, so ``except TypeError`` or ``except ImportError`` keeps working::
     ├── UnknownOutcome                      a claim expired while running (on_unknown="raise")
     ├── LeaseLost                           a stale owner tried to complete or heartbeat
     ├── CachedFailure                       replay of a recorded failure (cache_errors=True)
+    ├── PolicyBlocked (PermissionError)     governance refused the call (``reason`` code)
+    │   └── ApprovalPending                 the call waits for a human approval
+    ├── SignatureError (ValueError)         a signed request/webhook failed verification
+    ├── RemoteToolError                     a remote HTTP tool failed or answered badly
     └── StoreError                          the ledger could not be read or written
         ├── SchemaError                     the ledger schema is missing or too old
         └── CompletionNotRecorded           the tool ran, recording its outcome may have failed
@@ -25,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ApprovalPending",
     "CachedFailure",
     "CodecError",
     "CompletionNotRecorded",
@@ -35,7 +40,10 @@ __all__ = [
     "LeaseLost",
     "MissingExtraError",
     "OnceOnlyError",
+    "PolicyBlocked",
+    "RemoteToolError",
     "SchemaError",
+    "SignatureError",
     "StoreError",
     "UnknownOutcome",
 ]
@@ -144,6 +152,46 @@ class CachedFailure(OnceOnlyError):
         self.error_type = error_type
         self.message = message
         super().__init__(f"replayed failure: {error_type}: {message}")
+
+
+class PolicyBlocked(OnceOnlyError, PermissionError):
+    """Governance refused the call; ``reason`` is the stable reason code (DESIGN §5).
+
+    Raised by the facade (``guard(fn, ...)`` with an agent id); ``call_tool`` returns a
+    ``ToolResult`` instead.
+    """
+
+    def __init__(self, agent_id: str, tool: str, reason: str, detail: str = "") -> None:
+        self.agent_id = agent_id
+        self.tool = tool
+        self.reason = reason
+        more = f" ({detail})" if detail else ""
+        super().__init__(f"agent {agent_id!r}: tool {tool!r} blocked: {reason}{more}")
+
+
+class ApprovalPending(PolicyBlocked):
+    """The tool needs a human approval; ``approval_id`` names the pending request."""
+
+    def __init__(self, agent_id: str, tool: str, approval_id: str) -> None:
+        self.approval_id = approval_id
+        super().__init__(agent_id, tool, "approval_required", f"request {approval_id}")
+
+
+class SignatureError(OnceOnlyError, ValueError):
+    """A signed request or webhook failed verification (bad, stale or replayed)."""
+
+
+class RemoteToolError(OnceOnlyError):
+    """A remote HTTP tool failed, timed out or answered with something unusable.
+
+    ``status`` is the HTTP status when there was one; ``retryable`` says whether the
+    request provably did not take effect (connection refused) or the server asked to retry.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False) -> None:
+        self.status = status
+        self.retryable = retryable
+        super().__init__(message)
 
 
 class StoreError(OnceOnlyError):

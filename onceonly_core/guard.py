@@ -7,10 +7,12 @@ driven synchronously or on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
 import inspect
+import json
 import logging
 import math
 import os
@@ -22,7 +24,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
@@ -34,6 +36,7 @@ from .protocol import (
     Options,
     Outcome,
     Ran,
+    decide,
     flow,
     run_async,
     run_sync,
@@ -41,6 +44,10 @@ from .protocol import (
 )
 from .stores import Record, Store, open_store
 from .stores.base import MAX_LABEL, NewClaim, check_labels
+
+if TYPE_CHECKING:
+    from .governance.engine import Governance, Request
+    from .governance.models import ToolResult
 
 __all__ = [
     "BLOCKED",
@@ -58,6 +65,7 @@ _Var = contextvars.ContextVar
 _workflow: _Var[str | None] = _Var("onceonly_workflow", default=None)
 _caller: _Var[str | None] = _Var("onceonly_caller", default=None)
 _run_id: _Var[str | None] = _Var("onceonly_run", default=None)
+_agent: _Var[str | None] = _Var("onceonly_agent", default=None)
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "onceonly_call", default=None
 )
@@ -117,7 +125,15 @@ class _Heartbeats:
         # thread on every call costs the caller a GIL handoff (tens of microseconds).
         self._sleep_until = 0.0
 
-    def add(self, store: Store, ns: str, key: str, token: int, lease: float) -> int:
+    def add(
+        self,
+        store: Store,
+        ns: str,
+        key: str,
+        token: int,
+        lease: float,
+        extra: Callable[[], Any] | None = None,
+    ) -> int:
         with self._lock:
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
                 self._pid = os.getpid()
@@ -127,7 +143,7 @@ class _Heartbeats:
                 self._thread.start()
             hid = next(self._ids)
             due = time.monotonic() + lease / 3
-            self._active[hid] = [store, ns, key, token, lease, due]
+            self._active[hid] = [store, ns, key, token, lease, due, extra]
             wake = due < self._sleep_until
         if wake:
             self._wake.set()  # the loop would sleep past this call's first due time
@@ -142,9 +158,11 @@ class _Heartbeats:
             with self._lock:
                 self._sleep_until = math.inf  # busy: a call added meanwhile wakes the wait
                 due = [(hid, e) for hid, e in self._active.items() if e[5] <= time.monotonic()]
-            for hid, (store, ns, key, token, lease, _) in due:
+            for hid, (store, ns, key, token, lease, _, extra) in due:
                 try:
                     ok = store.heartbeat(ns, key, token, lease)
+                    if ok and extra is not None:
+                        extra()  # e.g. a budget reservation lives as long as the claim
                 except OnceOnlyError as err:
                     log.warning("heartbeat for %s failed: %s", key, err)
                     ok = True  # transient; the fenced completion is the real check
@@ -200,6 +218,7 @@ class Guard:
         codec: ResultCodec | None = None,
         quiet: bool | None = None,
         caller: str | None = None,
+        agent_id: str | None = None,
         **defaults: Any,
     ) -> None:
         unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
@@ -211,6 +230,8 @@ class Guard:
         self._store = store
         self._quiet = quiet
         self._caller = _label(caller, "caller")
+        self._agent_id = _label(agent_id, "agent id")
+        self._gov: Any = None
         self.codec: ResultCodec = codec or default_codec
         self._defaults = Options(**defaults)
         _check_options(self._defaults)
@@ -267,6 +288,9 @@ class Guard:
         """Point this guard elsewhere or change defaults (before or between uses)."""
         with self._config_lock:
             if url is not None or store is not None:
+                if self._gov is not None:
+                    self._gov.close()
+                    self._gov = None
                 if self._store is not None:
                     self._store.close()
                 self._store, self._url = store, url
@@ -284,8 +308,22 @@ class Guard:
         return self
 
     def close(self) -> None:
+        if self._gov is not None:
+            self._gov.close()
         if self._store is not None:
             self._store.close()
+
+    @property
+    def gov(self) -> Governance:
+        """Governance over this guard's ledger: policies, kill switch, tools, approvals,
+        audit, metrics, timelines (``guard.gov.upsert_policy(...)``)."""
+        if self._gov is None:
+            from .governance.engine import Governance
+
+            with self._config_lock:
+                if self._gov is None:
+                    self._gov = Governance(self)
+        return self._gov  # type: ignore[no-any-return]
 
     def __enter__(self) -> Guard:
         return self
@@ -320,6 +358,18 @@ class Guard:
             yield
         finally:
             _run_id.reset(token)
+
+    @contextlib.contextmanager
+    def agent(self, agent_id: str) -> Iterator[None]:
+        """Govern the calls made inside as this agent's (policies, caps, kill switch)."""
+        token = _agent.set(_label(agent_id, "agent id"))
+        try:
+            yield
+        finally:
+            _agent.reset(token)
+
+    def current_agent(self) -> str | None:
+        return _agent.get() or self._agent_id
 
     def current_namespace(self) -> str:
         wf = _workflow.get()
@@ -610,6 +660,9 @@ class Guard:
     ) -> Any:
         if tool.is_async:
             return self._ainvoke(tool, args, kwargs, force)
+        agent = _agent.get() or self._agent_id
+        if agent is not None and not force:
+            return _unwrap(self._governed(tool, args, kwargs, agent, None, None, False))
         opts_unlimited = tool.overrides.get("unlimited", self._defaults.unlimited)
         if opts_unlimited and not force:
             self._count("attempts")
@@ -617,14 +670,31 @@ class Guard:
         call = self._prepare(tool, args, kwargs, force)
         if _reentrant(call):
             return tool.fn(*args, **kwargs)
+        return self._after(self._run_call(tool, call, args, kwargs))
+
+    def _run_call(
+        self,
+        tool: _Tool,
+        call: Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        extra: Callable[[], Any] | None = None,
+        seen: list[BaseException] | None = None,
+    ) -> Outcome:
+        """Claim → execute → fenced completion. The tool's own exception propagates
+        (and is appended to ``seen``, so a caller can tell it from our errors)."""
         store = self.store
 
         def execute(ctx: CallContext) -> Ran:
-            hid = self._heartbeats.add(store, ctx.namespace, ctx.key, ctx.token, call.opts.lease)
+            hid = self._heartbeats.add(
+                store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
+            )
             token = _current.set(ctx)
             try:
                 value = tool.fn(*args, **kwargs)
             except BaseException as err:
+                if seen is not None:
+                    seen.append(err)
                 return Ran(False, error=err)
             finally:
                 _current.reset(token)
@@ -646,29 +716,49 @@ class Guard:
             return call.opts.on_unknown(ctx)
 
         try:
-            outcome = run_sync(flow(call), store, execute, reconcile)
+            return run_sync(flow(call), store, execute, reconcile)
         except BaseException as err:
             self._after_error(call, err)
             raise
-        return self._after(outcome)
 
     async def _ainvoke(
         self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
     ) -> Any:
+        agent = _agent.get() or self._agent_id
+        if agent is not None and not force:
+            return _unwrap(await self._agoverned(tool, args, kwargs, agent, None, None, False))
         if tool.overrides.get("unlimited", self._defaults.unlimited) and not force:
             self._count("attempts")
             return await tool.fn(*args, **kwargs)
         call = self._prepare(tool, args, kwargs, force)
         if _reentrant(call):
             return await tool.fn(*args, **kwargs)
+        return self._after(await self._arun_call(tool, call, args, kwargs))
+
+    async def _arun_call(
+        self,
+        tool: _Tool,
+        call: Call,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        extra: Callable[[], Any] | None = None,
+        seen: list[BaseException] | None = None,
+    ) -> Outcome:
         store = self.store
 
         async def execute(ctx: CallContext) -> Ran:
-            hid = self._heartbeats.add(store, ctx.namespace, ctx.key, ctx.token, call.opts.lease)
+            hid = self._heartbeats.add(
+                store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
+            )
             token = _current.set(ctx)
             try:
-                value = await tool.fn(*args, **kwargs)
+                if tool.is_async:
+                    value = await tool.fn(*args, **kwargs)
+                else:  # call_tool on a sync tool from async code: off the event loop
+                    value = await asyncio.to_thread(_in_context(tool.fn, ctx), *args, **kwargs)
             except BaseException as err:
+                if seen is not None:
+                    seen.append(err)
                 return Ran(False, error=err)
             finally:
                 _current.reset(token)
@@ -680,11 +770,217 @@ class Guard:
             return call.opts.on_unknown(ctx)
 
         try:
-            outcome = await run_async(flow(call), store, execute, reconcile)
+            return await run_async(flow(call), store, execute, reconcile)
         except BaseException as err:
             self._after_error(call, err)
             raise
-        return self._after(outcome)
+
+    # -- governed calls (DESIGN §5) -----------------------------------------------------
+    def call_tool(
+        self,
+        fn: Callable[..., Any],
+        /,
+        args: Mapping[str, Any] | None = None,
+        *,
+        tool: str | None = None,
+        agent_id: str | None = None,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> ToolResult:
+        """Run ``fn(**args)`` governed and at most once per key; return a ToolResult.
+
+        Never raises for the tool's own exception or a policy decision (``decision`` says
+        what happened); our infrastructure errors (StoreError, ...) do raise. Governance
+        applies when an agent id is given, set by ``guard.agent(...)`` or on the Guard.
+        """
+        by_name = bool(options.pop("_by_name", False))
+        t = self._tool(fn, {**options, "name": tool} if tool else options)
+        if t.is_async:
+            raise ConfigError(f"{t.name} is async: use `await guard.acall_tool(...)`")
+        agent = agent_id or _agent.get() or self._agent_id
+        return self._governed(t, (), dict(args or {}), agent, spend_usd, run_id, by_name)
+
+    async def acall_tool(
+        self,
+        fn: Callable[..., Any],
+        /,
+        args: Mapping[str, Any] | None = None,
+        *,
+        tool: str | None = None,
+        agent_id: str | None = None,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> ToolResult:
+        """:meth:`call_tool` for async code; a sync ``fn`` runs in a worker thread."""
+        by_name = bool(options.pop("_by_name", False))
+        t = self._tool(fn, {**options, "name": tool} if tool else options)
+        agent = agent_id or _agent.get() or self._agent_id
+        return await self._agoverned(t, (), dict(args or {}), agent, spend_usd, run_id, by_name)
+
+    def _request(
+        self,
+        tool: _Tool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        agent: str | None,
+        spend_usd: float | None,
+        run_id: str | None,
+        by_name: bool,
+    ) -> tuple[Request, Call | None]:
+        from .governance.engine import Request
+
+        if spend_usd is not None:
+            from .governance.models import micros
+
+            try:
+                micros(spend_usd)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{tool.name}: {err}") from None
+        run = _label(run_id, "run id") or _run_id.get()
+        unlimited = bool(tool.overrides.get("unlimited", self._defaults.unlimited))
+        call = None if unlimited else self._prepare(tool, args, kwargs, False)
+        if call is not None and run is not None:
+            call.new = replace(call.new, run_id=run)
+        redacted = "null"
+        if agent is not None:
+            try:
+                bound = tool.sig.bind(args, kwargs)
+            except TypeError as err:
+                raise TypeError(f"{tool.name}: {err}") from None
+            redacted = json.dumps(self.gov.redactor.redact(bound), sort_keys=True)
+
+        def would_replay(rec: Record) -> bool:
+            assert call is not None
+            return decide(rec, call.opts, call.digest) in ("replay", "block")
+
+        req = Request(
+            agent_id=agent,
+            tool=tool.name,
+            namespace=call.namespace if call else self.current_namespace(),
+            key=call.key if call else None,
+            args_digest=(call.digest or call.key) if call else None,
+            args_json=redacted,
+            spend_usd=spend_usd,
+            run_id=run,
+            lease=(call.opts.lease if call else self._defaults.lease),
+            by_name=by_name,
+            would_replay=would_replay,
+        )
+        return req, call
+
+    def _governed(
+        self,
+        tool: _Tool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        agent: str | None,
+        spend_usd: float | None,
+        run_id: str | None,
+        by_name: bool,
+    ) -> ToolResult:
+        from .governance.engine import drive_sync, governed
+
+        req, call = self._request(tool, args, kwargs, agent, spend_usd, run_id, by_name)
+        gov = self.gov if (agent is not None or req.run_id) else None
+
+        def peek() -> Record | None:
+            return None if call is None else self.store.get(call.namespace, call.key)
+
+        def inner(rid: str | None) -> Any:
+            seen: list[BaseException] = []
+            try:
+                if call is None or _reentrant(call):
+                    self._count("attempts", "executed")
+                    value = tool.fn(*args, **kwargs)
+                    return ("ok", Outcome("executed", tool.name, req.namespace, "", value))
+                extra = (
+                    None
+                    if rid is None
+                    else functools.partial(self.gov.store.extend, rid, call.opts.lease)
+                )
+                outcome = self._run_call(tool, call, args, kwargs, extra, seen)
+            except Exception as err:
+                if call is None or any(err is e for e in seen):
+                    return ("error", err)
+                raise
+            self._after(outcome)
+            return ("ok", outcome)
+
+        if gov is None:
+            return _plain(inner(None), req)
+        return drive_sync(governed(gov, req), gov, peek, inner)
+
+    async def _agoverned(
+        self,
+        tool: _Tool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        agent: str | None,
+        spend_usd: float | None,
+        run_id: str | None,
+        by_name: bool,
+    ) -> ToolResult:
+        from .governance.engine import drive_async, governed
+
+        req, call = self._request(tool, args, kwargs, agent, spend_usd, run_id, by_name)
+        gov = self.gov if (agent is not None or req.run_id) else None
+
+        def peek() -> Record | None:
+            return None if call is None else self.store.get(call.namespace, call.key)
+
+        async def inner(rid: str | None) -> Any:
+            seen: list[BaseException] = []
+            try:
+                if call is None or _reentrant(call):
+                    self._count("attempts", "executed")
+                    if tool.is_async:
+                        value = await tool.fn(*args, **kwargs)
+                    else:
+                        value = await asyncio.to_thread(tool.fn, *args, **kwargs)
+                    return ("ok", Outcome("executed", tool.name, req.namespace, "", value))
+                extra = (
+                    None
+                    if rid is None
+                    else functools.partial(self.gov.store.extend, rid, call.opts.lease)
+                )
+                outcome = await self._arun_call(tool, call, args, kwargs, extra, seen)
+            except Exception as err:
+                if call is None or any(err is e for e in seen):
+                    return ("error", err)
+                raise
+            self._after(outcome)
+            return ("ok", outcome)
+
+        if gov is None:
+            return _plain(await inner(None), req)
+        return await drive_async(governed(gov, req), gov, peek, inner)
+
+    def _not_found(
+        self, tool: str, agent_id: str, args: Mapping[str, Any] | None, run_id: str | None
+    ) -> ToolResult:
+        """run_tool of a name nobody registered: blocked, audited, on the timeline."""
+        from .governance.engine import Request, drive_sync, governed
+
+        req = Request(
+            agent_id=agent_id,
+            tool=tool,
+            namespace=self.current_namespace(),
+            key=None,
+            args_digest=None,
+            args_json=json.dumps(self.gov.redactor.redact(dict(args or {})), sort_keys=True),
+            spend_usd=None,
+            run_id=_label(run_id, "run id") or _run_id.get(),
+            lease=self._defaults.lease,
+            by_name=True,
+            would_replay=lambda rec: False,
+        )
+
+        def never(_: Any) -> Any:
+            raise AssertionError("a tool that was not found never runs")
+
+        return drive_sync(governed(self.gov, req), self.gov, lambda: None, never)
 
     def _count(self, *names: str) -> None:
         with self._stats_lock:
@@ -715,6 +1011,42 @@ class Guard:
                 hook(outcome)
             except Exception:  # a hook must never turn a done effect into an error
                 log.exception("onceonly %s hook %r failed", kind, hook)
+
+
+def _plain(ran: Any, req: Request) -> ToolResult:
+    from .governance.engine import _from_run
+
+    return _from_run(ran, {"tool": req.tool, "agent_id": None, "run_id": req.run_id}, req, "low", 0)
+
+
+def _unwrap(res: ToolResult) -> Any:
+    """The facade's view of a governed call: the value, the tool's own exception, or
+    PolicyBlocked / ApprovalPending."""
+    from .errors import ApprovalPending, PolicyBlocked
+
+    if res.decision in ("executed", "dedup"):
+        return res.result
+    if res.decision == "failed":
+        assert res.exception is not None
+        raise res.exception
+    if res.decision == "pending_approval":
+        raise ApprovalPending(res.agent_id or "", res.tool, res.approval_id or "")
+    if res.policy_reason == "dedup":  # replay=False: the blocked sentinel, as ungoverned
+        return res.result
+    raise PolicyBlocked(res.agent_id or "", res.tool, res.policy_reason, res.error or "")
+
+
+def _in_context(fn: Callable[..., Any], ctx: CallContext) -> Callable[..., Any]:
+    """Run ``fn`` in a worker thread with the call context visible (current_call())."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _current.set(ctx)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _current.reset(token)
+
+    return run
 
 
 def _reentrant(call: Call) -> bool:

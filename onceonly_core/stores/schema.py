@@ -7,10 +7,24 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-__all__ = ["HEAD", "VERSION_TABLE", "ledger", "metadata"]
+__all__ = [
+    "HEAD",
+    "VERSION_TABLE",
+    "agents",
+    "approvals",
+    "audit",
+    "audit_heads",
+    "counters",
+    "events",
+    "ledger",
+    "metadata",
+    "reservations",
+    "tools",
+    "webhooks",
+]
 
 #: The Alembic revision this code expects; tests check it equals the scripts' head.
-HEAD = "0001"
+HEAD = "0002"
 #: Our own version table, so a user's Alembic setup in the same database is untouched.
 VERSION_TABLE = "onceonly_alembic_version"
 
@@ -76,4 +90,150 @@ ledger = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
     sa.Index("ix_onceonly_ledger_updated_at", "updated_at"),
+)
+
+
+# -- governance (revision 0002) ---------------------------------------------------------
+# Every governance table is scoped by ``tenant``: the Guard's root namespace (a server
+# tenant). Spend is integer micro-dollars; times are float epoch seconds from the
+# ledger's clock (the database server's where it is shared).
+
+
+def _serial() -> sa.types.TypeEngine[int]:
+    # SQLite autoincrements only an INTEGER PRIMARY KEY (the rowid alias).
+    return sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+agents = sa.Table(
+    "onceonly_agents",
+    metadata,
+    sa.Column("tenant", _ident(255), primary_key=True),
+    sa.Column("agent_id", _ident(255), primary_key=True),  # "*": the global kill switch
+    sa.Column("policy", _text()),
+    sa.Column("disabled", sa.Boolean, nullable=False),
+    sa.Column("disabled_reason", _text()),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+counters = sa.Table(
+    "onceonly_counters",
+    metadata,
+    sa.Column("tenant", _ident(255), primary_key=True),
+    sa.Column("agent_id", _ident(255), primary_key=True),
+    sa.Column("metric", _ident(128), primary_key=True),  # spend | actions | tool:<name>
+    sa.Column("window_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("used", sa.BigInteger, nullable=False),
+)
+
+reservations = sa.Table(
+    "onceonly_reservations",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", _ident(255), nullable=False),
+    sa.Column("agent_id", _ident(255), nullable=False),
+    sa.Column("namespace", _ident(255), nullable=False),
+    sa.Column("idem_key", _ident(255), nullable=False),
+    sa.Column("amounts", _text(), nullable=False),  # JSON [[metric, window_start, amount]]
+    sa.Column("lease_until", sa.Double, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_onceonly_reservations_agent", "tenant", "agent_id", "lease_until"),
+)
+
+tools = sa.Table(
+    "onceonly_tools",
+    metadata,
+    sa.Column("tenant", _ident(255), primary_key=True),
+    sa.Column("scope_id", _ident(128), primary_key=True),
+    sa.Column("name", _ident(255), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("url", _text()),
+    sa.Column("auth", sa.String(32), nullable=False),
+    sa.Column("secret", _text()),
+    sa.Column("timeout_ms", sa.Integer, nullable=False),
+    sa.Column("max_retries", sa.Integer, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("description", _text()),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+approvals = sa.Table(
+    "onceonly_approvals",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", _ident(255), nullable=False),
+    sa.Column("agent_id", _ident(255), nullable=False),
+    sa.Column("tool", sa.String(512), nullable=False),
+    sa.Column("namespace", _ident(255), nullable=False),
+    sa.Column("idem_key", _ident(255), nullable=False),
+    sa.Column("args", _text()),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", _text()),
+    sa.Column("decided_by", sa.String(255)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("decided_at", sa.Double),
+    sa.UniqueConstraint("tenant", "namespace", "idem_key", name="uq_onceonly_approvals_call"),
+)
+
+audit = sa.Table(
+    "onceonly_audit",
+    metadata,
+    sa.Column("id", _serial(), primary_key=True, autoincrement=True),
+    sa.Column("tenant", _ident(255), nullable=False),
+    sa.Column("agent_id", _ident(255), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("tool", sa.String(512), nullable=False),
+    sa.Column("args_digest", sa.String(64)),
+    sa.Column("args", _text()),
+    sa.Column("decision", sa.String(32), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("risk_level", sa.String(16), nullable=False),
+    sa.Column("spend_micros", sa.BigInteger, nullable=False),
+    sa.Column("run_id", sa.String(255)),
+    sa.Column("token", sa.BigInteger),
+    sa.Column("idem_key", _ident(255)),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.UniqueConstraint("tenant", "agent_id", "seq", name="uq_onceonly_audit_chain"),
+    sa.Index("ix_onceonly_audit_time", "tenant", "created_at"),
+)
+
+audit_heads = sa.Table(
+    "onceonly_audit_heads",
+    metadata,
+    sa.Column("tenant", _ident(255), primary_key=True),
+    sa.Column("agent_id", _ident(255), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    # Retention: rows up to base_seq were purged; base_hash is the hash of row base_seq.
+    sa.Column("base_seq", sa.BigInteger, nullable=False),
+    sa.Column("base_hash", sa.String(64), nullable=False),
+)
+
+events = sa.Table(
+    "onceonly_events",
+    metadata,
+    sa.Column("id", _serial(), primary_key=True, autoincrement=True),
+    sa.Column("tenant", _ident(255), nullable=False),
+    sa.Column("run_id", _ident(255), nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("agent_id", _ident(255)),
+    sa.Column("tool", sa.String(512)),
+    sa.Column("status", sa.String(64)),
+    sa.Column("data", _text()),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Index("ix_onceonly_events_run", "tenant", "run_id", "id"),
+)
+
+webhooks = sa.Table(
+    "onceonly_webhooks",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", _ident(255), nullable=False),
+    sa.Column("url", _text(), nullable=False),
+    sa.Column("secret", _text(), nullable=False),
+    sa.Column("events", _text(), nullable=False),  # JSON list of event types
+    sa.Column("budget_threshold", sa.Double),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
 )

@@ -236,6 +236,7 @@ class SQLStore(Store):
                 # NOW(6) is read in the session time zone: pin it to UTC, so
                 # UNIX_TIMESTAMP(NOW(6)) never meets a daylight-saving gap or overlap.
                 connect_args["init_command"] = "SET time_zone = '+00:00'"
+            self.connect_args = connect_args
             self._engine = sa.create_engine(
                 self.url,
                 isolation_level="AUTOCOMMIT",
@@ -378,6 +379,15 @@ class SQLStore(Store):
             ) from err
 
     # -- schema -------------------------------------------------------------------------
+    @property
+    def busy_timeout(self) -> float:
+        return self._busy
+
+    def ensure_schema(self) -> None:
+        """Check (and with ``auto_migrate``, create or upgrade) the schema once."""
+        if not self._ready:
+            self._ensure_schema()
+
     def _ensure_schema(self) -> None:
         with self._ready_lock:
             if self._ready:

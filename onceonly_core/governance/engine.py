@@ -1,0 +1,917 @@
+"""Governed execution (DESIGN §5), written once for sync and async.
+
+:func:`evaluate` is pure: a policy snapshot in, a verdict out. :func:`governed` is a
+generator that walks one call through the §5 order —
+
+    kill switch (global, agent) → tool registered/enabled → blocked list → allowed list
+    → approval → per-tool daily cap → actions/hour → spend/day → claim → execute → settle
+
+— yielding what it needs done (a governance-store primitive, a ledger read, the guarded
+execution itself), driven by :func:`drive_sync` or :func:`drive_async`.
+
+Caps are fixed UTC windows (the hour, the day) read from the database clock: one counter
+row per window enforces a cap with one locked read-modify-write, where a sliding window
+would have to count event rows under a lock. The cost is the boundary burst: up to twice
+a cap across two adjacent windows. Documented in ``docs/governance.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, OnceOnlyError
+from .models import (
+    AgentMetrics,
+    Approval,
+    AuditEntry,
+    Policy,
+    TimelineEvent,
+    ToolResult,
+    ToolSpec,
+    matches,
+    micros,
+)
+from .store import GovStore, Reservation, Want
+from .templates import template
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from ..protocol import Outcome
+
+__all__ = ["Governance", "Verdict", "evaluate"]
+
+log = logging.getLogger("onceonly.governance")
+
+HOUR = 3600
+DAY = 86400
+PERIODS = {"hour": HOUR, "day": DAY, "week": 7 * DAY}
+
+
+# -- pure decisions ----------------------------------------------------------------------
+@dataclass(slots=True)
+class Verdict:
+    reason: str | None  # None: allowed so far
+    risk: str
+    policy: Policy | None
+    spend: int = 0  # micro-dollars this call would spend
+    approval: bool = False
+    wants: list[Want] = field(default_factory=list)
+    detail: str = ""
+
+
+def evaluate(
+    snap: Mapping[str, Any], agent_id: str, tool: str, spend_usd: float | None, *, by_name: bool
+) -> Verdict:
+    """The §5 checks up to the caps, and the counter amounts the caps need."""
+    row = snap.get("agent")
+    policy = Policy.model_validate_json(row["policy"]) if row and row.get("policy") else None
+    risk = policy.risk_for(tool) if policy else "low"
+    glob = snap.get("global")
+    if glob and glob["disabled"]:
+        return Verdict("agent_disabled", risk, policy, detail=glob.get("disabled_reason") or "")
+    if row and row["disabled"]:
+        return Verdict("agent_disabled", risk, policy, detail=row.get("disabled_reason") or "")
+    reg = snap.get("tool")
+    if reg is None and by_name:
+        return Verdict("tool_not_found", risk, policy)
+    if reg is not None and not reg["enabled"]:
+        return Verdict("tool_disabled", risk, policy)
+    price = spend_usd
+    if policy is not None:
+        if matches(tool, policy.blocked_tools):
+            return Verdict("tool_blocked", risk, policy)
+        if policy.allowed_tools is not None and not matches(tool, policy.allowed_tools):
+            return Verdict("tool_not_in_allowed_list", risk, policy)
+        if price is None:
+            price = policy.price_for(tool)
+    verdict = Verdict(None, risk, policy, spend=micros(price))
+    if policy is None:
+        return verdict  # no policy: nothing to count against
+    verdict.approval = matches(tool, policy.require_approval)
+    now = float(snap["now"])
+    day, hour = int(now // DAY) * DAY, int(now // HOUR) * HOUR
+    cap = policy.cap_for(tool)
+    if cap is not None:
+        verdict.wants.append(Want(_tool_metric(tool), day, 1, cap, "max_calls_per_tool_exceeded"))
+    verdict.wants.append(
+        Want("actions", hour, 1, policy.max_actions_per_hour, "max_actions_per_hour_exceeded")
+    )
+    spend_cap = policy.max_spend_usd_per_day
+    verdict.wants.append(
+        Want(
+            "spend",
+            day,
+            verdict.spend,
+            None if spend_cap is None else micros(spend_cap),
+            "daily_spend_exceeded",
+        )
+    )
+    return verdict
+
+
+def _tool_metric(tool: str) -> str:
+    # The counter key column holds 128 characters (MySQL caps a key at 3072 bytes).
+    if len(tool) <= 120:
+        return f"tool:{tool}"
+    import hashlib
+
+    return "tool:#" + hashlib.sha256(tool.encode()).hexdigest()[:40]
+
+
+# -- ops yielded by governed() ------------------------------------------------------------
+@dataclass(slots=True)
+class G:
+    """A governance-store primitive."""
+
+    method: str
+    args: tuple[Any, ...]
+    quiet: bool = False  # bookkeeping after the effect: log a failure, never raise it
+
+
+@dataclass(slots=True)
+class Peek:
+    """Read the ledger record of this call (is it already a replay?)."""
+
+
+@dataclass(slots=True)
+class Inner:
+    """Run the guarded call (claim → execute → fenced completion)."""
+
+    reservation: str | None
+
+
+@dataclass(slots=True)
+class Request:
+    """One governed call, prepared by the facade."""
+
+    agent_id: str | None
+    tool: str
+    namespace: str
+    key: str | None
+    args_digest: str | None
+    args_json: str
+    spend_usd: float | None
+    run_id: str | None
+    lease: float
+    by_name: bool
+    would_replay: Callable[[Any], bool]
+
+
+_QUIET_FAIL = object()
+
+
+def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
+    tenant = gov.tenant
+    base: dict[str, Any] = {"tool": req.tool, "agent_id": req.agent_id, "run_id": req.run_id}
+    if req.run_id:
+        yield G("post_event", (tenant, gov.event(req, "tool_call")), quiet=True)
+    if req.agent_id is None:
+        ran = yield Inner(None)
+        result = _from_run(ran, base, req, "low", 0)
+        yield from _record(gov, req, result, None)
+        return result
+    snap = yield G("snapshot", (tenant, req.agent_id, req.tool))
+    v = evaluate(snap, req.agent_id, req.tool, req.spend_usd, by_name=req.by_name)
+    approval_id = None
+    if v.reason is None and v.approval:
+        if req.key is None:
+            raise ConfigError(f"{req.tool}: a tool that needs approval cannot be unlimited")
+        ap = yield G(
+            "approval_for",
+            (tenant, req.agent_id, req.tool, req.namespace, req.key, req.args_json),
+        )
+        approval_id = ap["id"]
+        if ap["state"] == "pending":
+            result = ToolResult(
+                ok=False,
+                allowed=False,
+                decision="pending_approval",
+                policy_reason="approval_required",
+                risk_level=v.risk,  # type: ignore[arg-type]
+                approval_id=approval_id,
+                key=req.key,
+                namespace=req.namespace,
+                **base,
+            )
+            yield from _record(gov, req, result, None)
+            return result
+        if ap["state"] == "denied":
+            v.reason, v.detail = "approval_denied", ap.get("reason") or ""
+    if v.reason is not None:
+        result = _blocked(v, base, req, approval_id)
+        yield from _record(gov, req, result, None)
+        return result
+    res: Reservation | None = None
+    if v.wants:
+        rec = yield Peek()
+        if rec is None or not req.would_replay(rec):
+            res = yield G(
+                "reserve", (tenant, req.agent_id, req.namespace, req.key or "", v.wants, req.lease)
+            )
+            assert res is not None
+            if not res.ok:
+                assert res.failed is not None
+                v.reason = res.failed.reason
+                result = _blocked(v, base, req, approval_id)
+                yield from _record(gov, req, result, None)
+                return result
+    ran = yield Inner(res.id if res else None)
+    result = _from_run(ran, base, req, v.risk, v.spend)
+    result.approval_id = approval_id
+    if res is not None and res.id is not None:
+        if result.decision == "executed":
+            amounts = [[w.metric, w.window, w.amount] for w in v.wants]
+            yield G("settle", (tenant, req.agent_id, res.id, amounts), quiet=True)
+        else:  # failed, replayed after all, blocked by replay=False: nothing spent
+            yield G("release", (tenant, req.agent_id, res.id), quiet=True)
+    if approval_id is not None and result.decision == "executed":
+        yield G("consume_approval", (tenant, approval_id), quiet=True)
+    yield from _record(gov, req, result, v)
+    return result
+
+
+def _blocked(v: Verdict, base: dict[str, Any], req: Request, approval_id: str | None) -> ToolResult:
+    assert v.reason is not None
+    return ToolResult(
+        ok=False,
+        allowed=False,
+        decision="blocked",
+        policy_reason=v.reason,
+        risk_level=v.risk,  # type: ignore[arg-type]
+        error=v.detail or None,
+        key=req.key,
+        namespace=req.namespace,
+        approval_id=approval_id,
+        **base,
+    )
+
+
+def _from_run(ran: Any, base: dict[str, Any], req: Request, risk: str, spend: int) -> ToolResult:
+    kind, payload = ran
+    common = {"key": req.key, "namespace": req.namespace, "risk_level": risk, **base}
+    if kind == "error":
+        err: BaseException = payload
+        return ToolResult(
+            ok=False,
+            allowed=True,
+            decision="failed",
+            policy_reason="tool_error",
+            error=_text(err),
+            error_type=type(err).__name__,
+            exception=err,
+            **common,
+        )
+    outcome: Outcome = payload
+    common["token"] = outcome.token or None
+    if outcome.decision == "replayed":
+        return ToolResult(
+            ok=True,
+            allowed=True,
+            decision="dedup",
+            policy_reason="dedup",
+            result=outcome.value,
+            **common,
+        )
+    if outcome.decision == "blocked":  # replay=False: a duplicate gets the sentinel
+        return ToolResult(
+            ok=False,
+            allowed=False,
+            decision="blocked",
+            policy_reason="dedup",
+            result=outcome.value,
+            **common,
+        )
+    return ToolResult(
+        ok=True,
+        allowed=True,
+        decision="executed",
+        policy_reason="ok",
+        result=outcome.value,
+        spend_usd=spend / 1_000_000,
+        **common,
+    )
+
+
+def _text(err: BaseException) -> str:
+    try:
+        return str(err)[:2000] or type(err).__name__
+    except Exception:
+        return type(err).__name__
+
+
+def _record(
+    gov: Governance, req: Request, result: ToolResult, v: Verdict | None
+) -> Generator[Any, Any, None]:
+    """Audit row, timeline event, notifications: after the decision, never raising."""
+    tenant = gov.tenant
+    if req.agent_id is not None:
+        entry = {
+            "agent_id": req.agent_id,
+            "tool": req.tool,
+            "args_digest": req.args_digest,
+            "args": req.args_json,
+            "decision": result.decision,
+            "reason": result.policy_reason,
+            "risk_level": result.risk_level,
+            "spend_micros": micros(result.spend_usd),
+            "run_id": req.run_id,
+            "token": result.token,
+            "idem_key": req.key,
+        }
+        yield G("append_audit", (tenant, entry), quiet=True)
+    if req.run_id:
+        kind = {"executed": "tool_result", "failed": "tool_result", "dedup": "dedup"}.get(
+            result.decision, "blocked"
+        )
+        data = {"decision": result.decision, "reason": result.policy_reason}
+        if result.error:
+            data["error"] = result.error
+        yield G(
+            "post_event",
+            (tenant, gov.event(req, kind, status=result.decision, data=data)),
+            quiet=True,
+        )
+    note = None
+    if result.decision == "blocked" and result.policy_reason != "dedup":
+        note = "blocked"
+    elif result.decision == "failed":
+        note = "tool_failed"
+    if note is not None:
+        gov.notify(
+            {
+                "type": note,
+                "agent_id": req.agent_id,
+                "tool": req.tool,
+                "reason": result.policy_reason,
+                "data": {"error": result.error},
+            }
+        )
+    if v is not None and v.policy is not None and result.decision == "executed" and v.spend:
+        cap = v.policy.max_spend_usd_per_day
+        if cap:
+            day = next((w.window for w in v.wants if w.metric == "spend"), 0)
+            used = yield G("counter", (tenant, req.agent_id or "", "spend", day), quiet=True)
+            if isinstance(used, int):
+                gov.budget_check(req.agent_id or "", used - v.spend, used, micros(cap))
+
+
+# -- drivers ------------------------------------------------------------------------------
+def drive_sync(
+    gen: Generator[Any, Any, ToolResult],
+    gov: Governance,
+    peek: Callable[[], Any],
+    inner: Callable[[str | None], Any],
+) -> ToolResult:
+    send: Any = None
+    while True:
+        try:
+            op = gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        if type(op) is G:
+            send = _g(gov, op)
+        elif type(op) is Peek:
+            send = peek()
+        else:
+            send = inner(op.reservation)
+
+
+async def drive_async(
+    gen: Generator[Any, Any, ToolResult],
+    gov: Governance,
+    peek: Callable[[], Any],
+    inner: Callable[[str | None], Any],
+) -> ToolResult:
+    send: Any = None
+    inline = gov.store.kind == "memory"
+    while True:
+        try:
+            op = gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        if type(op) is G:
+            # Database work in a worker thread: the event loop never waits on a lock.
+            send = _g(gov, op) if inline else await asyncio.to_thread(_g, gov, op)
+        elif type(op) is Peek:
+            send = peek() if inline else await asyncio.to_thread(peek)
+        else:
+            send = await inner(op.reservation)
+
+
+def _g(gov: Governance, op: G) -> Any:
+    if not op.quiet:
+        return getattr(gov.store, op.method)(*op.args)
+    try:
+        return getattr(gov.store, op.method)(*op.args)
+    except Exception:
+        # After the effect: losing an audit row or an event must not turn a done charge
+        # into an error for the caller. Logged loudly instead.
+        log.exception("governance bookkeeping %s failed", op.method)
+        return _QUIET_FAIL
+
+
+# -- the API ------------------------------------------------------------------------------
+class Governance:
+    """Policies, kill switch, tools registry, approvals, audit, metrics and timelines,
+    in the guard's ledger database, scoped to the guard's namespace (the tenant).
+
+    Reached as ``guard.gov``. Names follow the OnceOnly SDK."""
+
+    def __init__(self, guard: Guard) -> None:
+        from .redact import default_redactor
+
+        self._guard = guard
+        self._store: GovStore | None = None
+        self._local: dict[str, Callable[..., Any]] = {}
+        self._hooks: list[tuple[Callable[[dict[str, Any]], Any], frozenset[str] | None]] = []
+        self.redactor = default_redactor
+        self.budget_threshold = 0.8
+
+    @property
+    def store(self) -> GovStore:
+        if self._store is None:
+            self._store = GovStore(self._guard.store)
+        return self._store
+
+    @property
+    def tenant(self) -> str:
+        return self._guard.namespace
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- policies -------------------------------------------------------------------------
+    def upsert_policy(self, policy: Policy | Mapping[str, Any]) -> Policy:
+        p = policy if isinstance(policy, Policy) else Policy.model_validate(dict(policy))
+        self.store.put_agent(self.tenant, p.agent_id, policy=p.model_dump_json())
+        return p
+
+    def policy_from_template(
+        self, agent_id: str, template_name: str, overrides: Mapping[str, Any] | None = None
+    ) -> Policy:
+        fields = {**template(template_name), **dict(overrides or {})}
+        return self.upsert_policy(
+            Policy.model_validate({**fields, "agent_id": agent_id, "template": template_name})
+        )
+
+    def get_policy(self, agent_id: str) -> Policy | None:
+        row = self.store.get_agent(self.tenant, agent_id)
+        if row is None or not row.get("policy"):
+            return None
+        return Policy.model_validate_json(row["policy"])
+
+    def list_policies(self) -> list[Policy]:
+        return [
+            Policy.model_validate_json(r["policy"])
+            for r in self.store.list_agents(self.tenant)
+            if r.get("policy")
+        ]
+
+    def delete_policy(self, agent_id: str) -> None:
+        self.store.put_agent(self.tenant, agent_id, policy=None)
+
+    # -- kill switch ----------------------------------------------------------------------
+    def disable_agent(self, agent_id: str, reason: str = "") -> None:
+        """Stop this agent's next call in every process sharing the ledger."""
+        self.store.put_agent(self.tenant, agent_id, disabled=True, reason=reason or None)
+
+    def enable_agent(self, agent_id: str) -> None:
+        self.store.put_agent(self.tenant, agent_id, disabled=False)
+
+    def disable_all(self, reason: str = "") -> None:
+        """The global switch: every agent of this tenant stops."""
+        self.store.put_agent(self.tenant, "*", disabled=True, reason=reason or None)
+
+    def enable_all(self) -> None:
+        self.store.put_agent(self.tenant, "*", disabled=False)
+
+    def agent_status(self, agent_id: str) -> dict[str, Any]:
+        row = self.store.get_agent(self.tenant, agent_id) or {}
+        glob = self.store.get_agent(self.tenant, "*") or {}
+        return {
+            "agent_id": agent_id,
+            "disabled": bool(row.get("disabled")) or bool(glob.get("disabled")),
+            "reason": row.get("disabled_reason") or glob.get("disabled_reason"),
+            "global_disabled": bool(glob.get("disabled")),
+            "has_policy": bool(row.get("policy")),
+        }
+
+    # -- tools registry -------------------------------------------------------------------
+    def create_tool(
+        self,
+        name: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        url: str | None = None,
+        scope_id: str = "global",
+        auth: str = "none",
+        secret: str | None = None,
+        timeout_ms: int = 10_000,
+        max_retries: int = 2,
+        enabled: bool = True,
+        description: str = "",
+    ) -> ToolSpec:
+        """Register a local callable (``fn``) or a remote HTTP tool (``url``)."""
+        if (fn is None) == (url is None):
+            raise ConfigError("create_tool needs exactly one of fn= (local) or url= (remote)")
+        if auth == "hmac_sha256" and not secret:
+            raise ConfigError("auth='hmac_sha256' needs a secret")
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"a remote tool's url must be http(s), got {url!r}")
+        spec = ToolSpec(
+            name=name,
+            kind="local" if fn is not None else "http",
+            url=url,
+            scope_id=scope_id,
+            auth=auth,  # type: ignore[arg-type]
+            timeout_ms=timeout_ms,
+            max_retries=max_retries,
+            enabled=enabled,
+            description=description,
+            has_secret=bool(secret),
+        )
+        row = spec.model_dump(exclude={"has_secret"})
+        row["secret"] = secret
+        self.store.put_tool(self.tenant, row)
+        if fn is not None:
+            self._local[name] = fn
+        return spec
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        """Attach this process's callable to a registered local tool."""
+        self._local[name] = fn
+
+    def _spec(self, row: Mapping[str, Any]) -> ToolSpec:
+        values = {k: row[k] for k in ToolSpec.model_fields if k in row and k != "has_secret"}
+        return ToolSpec(**values, has_secret=bool(row.get("secret")))
+
+    def get_tool(self, name: str, scope_id: str | None = None) -> ToolSpec | None:
+        rows = self.store.get_tools(self.tenant, name, scope_id)
+        return self._spec(rows[0]) if rows else None
+
+    def list_tools(self) -> list[ToolSpec]:
+        return [self._spec(r) for r in self.store.get_tools(self.tenant)]
+
+    def toggle_tool(self, name: str, enabled: bool, scope_id: str = "global") -> bool:
+        return self.store.set_tool_enabled(self.tenant, name, scope_id, enabled)
+
+    def delete_tool(self, name: str, scope_id: str = "global") -> bool:
+        self._local.pop(name, None)
+        return self.store.delete_tool(self.tenant, name, scope_id)
+
+    def _resolve(self, name: str, agent_id: str) -> Callable[..., Any] | None:
+        rows = self.store.get_tools(self.tenant, name)
+        mine = [r for r in rows if r["scope_id"] in ("global", f"agent:{agent_id}")]
+        if not mine:
+            return None
+        row = sorted(mine, key=lambda r: r["scope_id"] != "global")[-1]
+        if row["kind"] == "local":
+            fn = self._local.get(name)
+            if fn is None:
+
+                def missing(**_: Any) -> Any:
+                    raise OnceOnlyError(
+                        f"tool {name!r} is registered, but this process has no callable for "
+                        "it: gov.register(name, fn)"
+                    )
+
+                return missing
+            return fn
+        spec = self._spec(row)
+        secret = row.get("secret")
+
+        def remote(**args: Any) -> Any:
+            from ..guard import current_call
+            from .remote import call_http_tool
+
+            ctx = current_call()
+            key = ctx.idempotency_key if ctx else ""
+            payload = {"tool": name, "args": args, "agent_id": agent_id}
+            return call_http_tool(spec, secret, payload, idempotency_key=key)
+
+        remote.__name__ = name
+        return remote
+
+    def run_tool(
+        self,
+        agent_id: str,
+        tool: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> ToolResult:
+        """Run a registered tool by name, governed and exactly once per (tool, args)."""
+        fn = self._resolve(tool, agent_id)
+        if fn is None:
+            return self._guard._not_found(tool, agent_id, args, run_id)
+        return self._guard.call_tool(
+            fn,
+            args,
+            tool=tool,
+            agent_id=agent_id,
+            spend_usd=spend_usd,
+            run_id=run_id,
+            _by_name=True,
+            **options,
+        )
+
+    async def arun_tool(
+        self,
+        agent_id: str,
+        tool: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> ToolResult:
+        fn = await asyncio.to_thread(self._resolve, tool, agent_id)
+        if fn is None:
+            return await asyncio.to_thread(self._guard._not_found, tool, agent_id, args, run_id)
+        return await self._guard.acall_tool(
+            fn,
+            args,
+            tool=tool,
+            agent_id=agent_id,
+            spend_usd=spend_usd,
+            run_id=run_id,
+            _by_name=True,
+            **options,
+        )
+
+    # -- approvals ------------------------------------------------------------------------
+    def list_approvals(self, state: str | None = "pending") -> list[Approval]:
+        return [_approval(r) for r in self.store.list_approvals(self.tenant, state)]
+
+    def get_approval(self, approval_id: str) -> Approval | None:
+        rows = [r for r in self.store.list_approvals(self.tenant) if r["id"] == approval_id]
+        return _approval(rows[0]) if rows else None
+
+    def approve(self, approval_id: str, *, by: str | None = None) -> Approval:
+        return self._decide(approval_id, "approved", by, None)
+
+    def deny(self, approval_id: str, *, by: str | None = None, reason: str = "") -> Approval:
+        return self._decide(approval_id, "denied", by, reason or None)
+
+    def _decide(self, approval_id: str, state: str, by: str | None, reason: str | None) -> Approval:
+        row = self.store.decide_approval(self.tenant, approval_id, state, by, reason)
+        if row is None:
+            raise ConfigError(f"no approval request {approval_id!r}")
+        done = _approval(row)
+        if done.state != state and not (state == "approved" and done.state == "consumed"):
+            raise ConfigError(f"approval {approval_id} was already {done.state}")
+        return done
+
+    # -- audit, metrics, timeline ----------------------------------------------------------
+    def agent_logs(self, agent_id: str, limit: int = 100) -> list[AuditEntry]:
+        rows = self.store.audit_rows(self.tenant, agent_id=agent_id, limit=limit)
+        return [_audit(r) for r in rows]
+
+    def audit_log(self, limit: int = 100, since: float | None = None) -> list[AuditEntry]:
+        return [_audit(r) for r in self.store.audit_rows(self.tenant, since=since, limit=limit)]
+
+    def verify_audit(self, all_tenants: bool = False) -> list[dict[str, Any]]:
+        """[] when every chain verifies; else one entry per broken chain, naming its
+        first bad row (``seq``, ``id``) and what is wrong."""
+        return self.store.verify_audit(None if all_tenants else self.tenant)
+
+    def purge_audit(self, before: float) -> int:
+        return self.store.purge_audit(self.tenant, before)
+
+    def agent_metrics(self, agent_id: str, period: str = "day") -> AgentMetrics:
+        if period not in PERIODS:
+            raise ConfigError(f"period must be hour, day or week, not {period!r}")
+        since = self.store.now() - PERIODS[period]
+        m = self.store.metrics(self.tenant, agent_id, since)
+        by = m["by_decision"]
+        return AgentMetrics(
+            agent_id=agent_id,
+            period=period,  # type: ignore[arg-type]
+            since=since,
+            total_actions=sum(by.values()),
+            executed=by.get("executed", 0),
+            dedup=by.get("dedup", 0),
+            blocked=by.get("blocked", 0),
+            failed=by.get("failed", 0),
+            pending_approval=by.get("pending_approval", 0),
+            spend_usd=m["spend_micros"] / 1_000_000,
+            top_tools=m["top_tools"],
+        )
+
+    def event(
+        self, req: Request, type_: str, *, status: str | None = None, data: Any = None
+    ) -> dict[str, Any]:
+        return {
+            "run_id": req.run_id,
+            "type": type_,
+            "agent_id": req.agent_id,
+            "tool": req.tool,
+            "status": status,
+            "data": json.dumps(self.redactor.redact(data)) if data is not None else None,
+        }
+
+    def post_event(
+        self,
+        run_id: str,
+        type: str,
+        *,
+        agent_id: str | None = None,
+        tool: str | None = None,
+        status: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Append an event to a run's timeline (``data`` is redacted first)."""
+        if not run_id or not type:
+            raise ConfigError("post_event needs a run_id and a type")
+        event = {
+            "run_id": run_id,
+            "type": type[:64],
+            "agent_id": agent_id,
+            "tool": tool,
+            "status": status,
+            "data": json.dumps(self.redactor.redact(dict(data))) if data is not None else None,
+        }
+        eid = self.store.post_event(self.tenant, event)
+        if type == "run_finished" and status in ("failed", "error"):
+            self.notify(
+                {
+                    "type": "run_failed",
+                    "agent_id": agent_id,
+                    "tool": tool,
+                    "reason": status,
+                    "data": {"run_id": run_id},
+                }
+            )
+        return eid
+
+    def get_run_timeline(
+        self, run_id: str, limit: int = 100, offset: int = 0
+    ) -> list[TimelineEvent]:
+        if limit < 0 or offset < 0:
+            raise ConfigError("limit and offset must be >= 0")
+        rows = self.store.timeline(self.tenant, run_id, limit, offset)
+        return [
+            TimelineEvent(
+                id=r["id"],
+                run_id=r["run_id"],
+                type=r["type"],
+                agent_id=r["agent_id"],
+                tool=r["tool"],
+                status=r["status"],
+                data=json.loads(r["data"]) if r["data"] else None,
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    # -- notifications --------------------------------------------------------------------
+    def on_notify(
+        self, hook: Callable[[dict[str, Any]], Any], *, events: list[str] | None = None
+    ) -> Callable[[dict[str, Any]], Any]:
+        """Call ``hook(event)`` for tool_failed, run_failed, blocked, budget_threshold."""
+        self._hooks.append((hook, frozenset(events) if events else None))
+        return hook
+
+    def add_webhook(
+        self,
+        url: str,
+        secret: str,
+        *,
+        events: list[str] | None = None,
+        budget_threshold: float | None = None,
+    ) -> str:
+        """A signed webhook sink (Standard Webhooks headers), stored in the ledger."""
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"webhook url must be http(s), got {url!r}")
+        if budget_threshold is not None and not 0 < budget_threshold <= 1:
+            raise ConfigError("budget_threshold must be in (0, 1]")
+        return self.store.add_webhook(
+            self.tenant,
+            {
+                "url": url,
+                "secret": secret,
+                "events": json.dumps(events or []),
+                "budget_threshold": budget_threshold,
+                "enabled": True,
+            },
+        )
+
+    def list_webhooks(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": r["id"],
+                "url": r["url"],
+                "events": json.loads(r["events"]),
+                "budget_threshold": r["budget_threshold"],
+                "enabled": bool(r["enabled"]),
+            }
+            for r in self.store.list_webhooks(self.tenant)
+        ]
+
+    def remove_webhook(self, webhook_id: str) -> bool:
+        return self.store.delete_webhook(self.tenant, webhook_id)
+
+    def budget_check(self, agent_id: str, before: int, after: int, cap: int) -> None:
+        """Notify when a day's spend crosses a threshold (hooks: budget_threshold)."""
+        thresholds = {self.budget_threshold}
+        try:
+            sinks = self.store.list_webhooks(self.tenant)
+        except Exception:
+            sinks = []
+        for s in sinks:
+            if s["budget_threshold"]:
+                thresholds.add(float(s["budget_threshold"]))
+        for t in sorted(thresholds):
+            if before < t * cap <= after:
+                self.notify(
+                    {
+                        "type": "budget_threshold",
+                        "agent_id": agent_id,
+                        "tool": None,
+                        "reason": f"{int(t * 100)}% of the daily budget",
+                        "data": {"threshold": t, "spend_usd": after / 1e6, "cap_usd": cap / 1e6},
+                    },
+                    threshold=t,
+                )
+
+    def notify(self, event: dict[str, Any], *, threshold: float | None = None) -> None:
+        import time
+
+        event = {**event, "ts": time.time()}
+        for hook, kinds in self._hooks:
+            if kinds is None or event["type"] in kinds:
+                try:
+                    hook(event)
+                except Exception:
+                    log.exception("notification hook %r failed", hook)
+        try:
+            sinks = self.store.list_webhooks(self.tenant)
+        except Exception:
+            log.exception("reading webhooks failed")
+            return
+        for s in sinks:
+            kinds = json.loads(s["events"])
+            if not s["enabled"] or (kinds and event["type"] not in kinds):
+                continue
+            if event["type"] == "budget_threshold" and (s["budget_threshold"] or 0.8) != (
+                threshold or 0.8
+            ):
+                continue
+            self._sink(s).deliver(event)
+
+    def _sink(self, row: Mapping[str, Any]) -> Any:
+        from .webhooks import WebhookSink
+
+        cache: dict[str, Any] = self.__dict__.setdefault("_sinks", {})
+        sink = cache.get(row["id"])
+        if sink is None:
+            sink = cache[row["id"]] = WebhookSink(row["url"], row["secret"])
+        return sink
+
+    def flush_notifications(self, timeout: float = 5.0) -> bool:
+        return all(s.flush(timeout) for s in self.__dict__.get("_sinks", {}).values())
+
+
+def _approval(r: Mapping[str, Any]) -> Approval:
+    return Approval(
+        id=r["id"],
+        agent_id=r["agent_id"],
+        tool=r["tool"],
+        namespace=r["namespace"],
+        key=r["idem_key"],
+        state=r["state"],
+        args=json.loads(r["args"]) if r["args"] else None,
+        reason=r["reason"],
+        decided_by=r["decided_by"],
+        created_at=r["created_at"],
+        decided_at=r["decided_at"],
+    )
+
+
+def _audit(r: Mapping[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        id=r["id"],
+        agent_id=r["agent_id"],
+        seq=r["seq"],
+        tool=r["tool"],
+        args_digest=r["args_digest"],
+        args=json.loads(r["args"]) if r["args"] else None,
+        decision=r["decision"],
+        reason=r["reason"],
+        risk_level=r["risk_level"],
+        spend_usd=r["spend_micros"] / 1_000_000,
+        run_id=r["run_id"],
+        token=r["token"],
+        key=r["idem_key"],
+        created_at=r["created_at"],
+        hash=r["hash"],
+    )

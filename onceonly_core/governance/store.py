@@ -1,0 +1,922 @@
+"""Governance state in the ledger's database: one short transaction per primitive.
+
+Unlike the claim ledger's hot path (one autocommitted statement per primitive), budget
+reservations and audit appends read and write several rows that must change together,
+so each primitive here is one transaction on SQLAlchemy Core:
+
+=================  ==============================================================
+primitive          what is atomic
+=================  ==============================================================
+``snapshot``       one read: the agent's row, the global switch row, the tool row
+``reserve``        sweep the agent's expired holds, lock its counters (in sorted
+                   order: no deadlock), check every cap, add, insert the hold
+``settle``         delete the hold (the spend stays counted; re-added if the hold
+                   had been swept meanwhile, because the tool did run)
+``release``        delete the hold and give its amounts back, at most once
+``append_audit``   lock the agent's chain head, insert the row hashed over the
+                   previous hash, move the head: one chain per agent, so appends of
+                   different agents never wait for each other
+=================  ==============================================================
+
+Isolation: PostgreSQL READ COMMITTED with ``SELECT … FOR UPDATE`` row locks; MySQL and
+MariaDB READ COMMITTED (no gap locks, so concurrent holds of one agent do not deadlock
+on the reservations index); SQLite ``BEGIN IMMEDIATE`` (one writer at a time). A
+deadlock or serialization failure is retried a few times with backoff.
+
+The in-process ``memory://`` store gets the same tables in a private in-memory SQLite
+database behind one lock, so tests see exactly the SQL semantics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from ..errors import ConfigError, StoreError
+from ..stores import schema as S
+from ..stores.base import Store
+
+__all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
+
+T = TypeVar("T")
+
+GENESIS = "0" * 64
+_NOW_SQL = {
+    "postgresql": "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8",
+    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
+}
+_GOV_TABLES = (
+    S.agents,
+    S.counters,
+    S.reservations,
+    S.tools,
+    S.approvals,
+    S.audit,
+    S.audit_heads,
+    S.events,
+    S.webhooks,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """One amount a call needs from one counter window; ``cap`` None: count only."""
+
+    metric: str
+    window: int
+    amount: int
+    cap: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    id: str | None
+    failed: Want | None
+    used: int = 0
+    now: float = 0.0
+
+
+def chain_hash(prev: str, fields: dict[str, Any]) -> str:
+    """sha256 over the previous hash and the row's canonical JSON."""
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
+
+
+def audit_fields(row: Any) -> dict[str, Any]:
+    """The hashed part of an audit row (everything but id, prev_hash and hash)."""
+    return {
+        "tenant": row.tenant,
+        "agent_id": row.agent_id,
+        "seq": int(row.seq),
+        "tool": row.tool,
+        "args_digest": row.args_digest,
+        "args": row.args,
+        "decision": row.decision,
+        "reason": row.reason,
+        "risk_level": row.risk_level,
+        "spend_micros": int(row.spend_micros),
+        "run_id": row.run_id,
+        "token": None if row.token is None else int(row.token),
+        "idem_key": row.idem_key,
+        "created_at": float(row.created_at),
+    }
+
+
+def _retryable(err: BaseException) -> bool:
+    orig = getattr(err, "orig", None)
+    code = getattr(orig, "sqlstate", None)
+    if code in ("40P01", "40001"):  # PostgreSQL deadlock / serialization failure
+        return True
+    args = getattr(orig, "args", ())
+    if args and args[0] in (1213, 1205):  # MySQL deadlock / lock wait timeout
+        return True
+    text = str(orig or err).lower()
+    return "database is locked" in text or "deadlock" in text
+
+
+class GovStore:
+    """Governance primitives over the ledger's database (see the module docstring)."""
+
+    def __init__(self, ledger: Store) -> None:
+        from ..stores.memory import MemoryStore
+
+        self._lock: threading.RLock | None = None
+        self._clock: Callable[[], float] | None = None
+        if isinstance(ledger, MemoryStore):
+            self.kind = "memory"
+            self.engine = sa.create_engine(
+                "sqlite://",
+                poolclass=sa.StaticPool,
+                connect_args={"check_same_thread": False},
+            )
+            self._lock = threading.RLock()
+            self._clock = ledger.now
+            _sqlite_transactions(self.engine)
+            S.metadata.create_all(self.engine, tables=list(_GOV_TABLES))
+            self._pid = os.getpid()
+            return
+        from ..stores.sql import SQLStore
+
+        if not isinstance(ledger, SQLStore):
+            raise ConfigError(
+                f"governance needs a SQL or memory ledger, not {type(ledger).__name__}"
+            )
+        ledger.ensure_schema()
+        self.kind = ledger.kind
+        if ledger.kind == "sqlite":
+            # Our own pooled engine on the same file (the ledger's operator engine is
+            # NullPool): BEGIN IMMEDIATE takes the write lock up front, so two
+            # reservations never both read a counter and then both write it.
+            self.engine = sa.create_engine(ledger.url.set(query={}))
+            busy = int(ledger.busy_timeout * 1000)
+
+            @sa.event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
+                dbapi_conn.execute(f"PRAGMA busy_timeout={busy}")
+                dbapi_conn.execute(f"PRAGMA synchronous={ledger.synchronous}")
+
+            _sqlite_transactions(self.engine)
+            self._clock = time.time
+        else:
+            # Our own pool: the ledger's connections are in autocommit mode (one statement
+            # per primitive), ours need real transactions.
+            self.engine = sa.create_engine(
+                ledger.url,
+                isolation_level="READ COMMITTED",
+                pool_size=5,
+                max_overflow=10,
+                pool_pre_ping=True,  # a server restart must not fail the next call
+                connect_args=ledger.connect_args,
+            )
+        self._pid = os.getpid()
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _now(self, conn: sa.Connection) -> float:
+        if self._clock is not None:
+            return self._clock()
+        return float(conn.execute(sa.text(_NOW_SQL[self.kind])).scalar_one())
+
+    def now(self) -> float:
+        return self._tx(lambda conn, now: now)
+
+    def _tx(self, fn: Callable[[sa.Connection, float], T]) -> T:
+        """Run ``fn(conn, now)`` in one transaction; retry deadlocks."""
+        if self._pid != os.getpid():  # never reuse a parent's connections after fork
+            self.engine.dispose(close=False)
+            self._pid = os.getpid()
+        delay = 0.01
+        for attempt in range(8):
+            try:
+                if self._lock is not None:
+                    with self._lock, self.engine.begin() as conn:
+                        return fn(conn, self._now(conn))
+                with self.engine.begin() as conn:
+                    return fn(conn, self._now(conn))
+            except sa.exc.DBAPIError as err:
+                if attempt < 7 and _retryable(err):
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise StoreError(f"governance store ({self.kind}): {err.orig or err}") from err
+            except sa.exc.SQLAlchemyError as err:
+                raise StoreError(f"governance store ({self.kind}): {err}") from err
+        raise AssertionError("unreachable")
+
+    def _lock_row(self, conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> None:
+        """Insert the row if absent, and hold its row lock until the transaction ends.
+
+        An upsert that "updates" the row to itself takes the exclusive lock directly;
+        INSERT IGNORE followed by SELECT … FOR UPDATE would take a shared lock first and
+        deadlock two transactions upgrading at once (MySQL).
+        """
+        pk = [c.name for c in table.primary_key.columns]
+        keep = next(c.name for c in table.columns if c.name not in pk)
+        if self.kind == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            pg = postgresql.insert(table).values(**values)
+            conn.execute(pg.on_conflict_do_update(index_elements=pk, set_={keep: table.c[keep]}))
+        elif self.kind == "mysql":
+            from sqlalchemy.dialects import mysql
+
+            my = mysql.insert(table).values(**values)
+            conn.execute(my.on_duplicate_key_update({keep: table.c[keep]}))
+        else:  # SQLite: BEGIN IMMEDIATE already holds the database's write lock
+            from sqlalchemy.dialects import sqlite
+
+            conn.execute(sqlite.insert(table).values(**values).on_conflict_do_nothing())
+
+    # -- agents and policies ------------------------------------------------------------
+    def snapshot(self, tenant: str, agent_id: str, tool: str) -> dict[str, Any]:
+        """One read of everything the policy decision needs (no cache: a kill switch
+        flipped in another process stops the very next call)."""
+
+        def run(conn: sa.Connection, now: float) -> dict[str, Any]:
+            a = S.agents
+            rows: Sequence[Any] = conn.execute(
+                sa.select(a.c.agent_id, a.c.policy, a.c.disabled, a.c.disabled_reason).where(
+                    a.c.tenant == tenant, a.c.agent_id.in_([agent_id, "*"])
+                )
+            ).all()
+            t = S.tools
+            tool_rows: Sequence[Any] = conn.execute(
+                sa.select(t.c.scope_id, t.c.kind, t.c.enabled).where(
+                    t.c.tenant == tenant,
+                    t.c.name == tool,
+                    t.c.scope_id.in_(["global", f"agent:{agent_id}"]),
+                )
+            ).all()
+            out: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
+            for r in rows:
+                out["global" if r.agent_id == "*" else "agent"] = r._asdict()
+            # An agent-scoped registration overrides the global one.
+            for r in sorted(tool_rows, key=lambda r: r.scope_id != "global"):
+                out["tool"] = r._asdict()
+            return out
+
+        return self._read(run)
+
+    def _read(self, fn: Callable[[sa.Connection, float], T]) -> T:
+        if self.kind == "sqlite":
+            # Reads need no write lock: a plain connection, deferred transaction.
+            try:
+                with self.engine.connect().execution_options(onceonly_deferred=True) as conn:
+                    return fn(conn, self._now(conn))
+            except sa.exc.SQLAlchemyError as err:
+                raise StoreError(f"governance store (sqlite): {err}") from err
+        return self._tx(fn)
+
+    def put_agent(
+        self,
+        tenant: str,
+        agent_id: str,
+        *,
+        policy: Any = ...,
+        disabled: bool | None = None,
+        reason: str | None = None,
+    ) -> None:
+        def run(conn: sa.Connection, now: float) -> None:
+            a = S.agents
+            self._lock_row(
+                conn,
+                a,
+                {
+                    "tenant": tenant,
+                    "agent_id": agent_id,
+                    "policy": None,
+                    "disabled": False,
+                    "disabled_reason": None,
+                    "updated_at": now,
+                },
+            )
+            values: dict[str, Any] = {"updated_at": now}
+            if policy is not ...:
+                values["policy"] = policy
+            if disabled is not None:
+                values["disabled"] = disabled
+                values["disabled_reason"] = reason if disabled else None
+            conn.execute(
+                sa.update(a).where(a.c.tenant == tenant, a.c.agent_id == agent_id).values(values)
+            )
+
+        self._tx(run)
+
+    def get_agent(self, tenant: str, agent_id: str) -> dict[str, Any] | None:
+        def run(conn: sa.Connection, now: float) -> dict[str, Any] | None:
+            a = S.agents
+            row = conn.execute(
+                sa.select(a).where(a.c.tenant == tenant, a.c.agent_id == agent_id)
+            ).first()
+            return None if row is None else row._asdict()
+
+        return self._read(run)
+
+    def list_agents(self, tenant: str) -> list[dict[str, Any]]:
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            a = S.agents
+            rows = conn.execute(
+                sa.select(a).where(a.c.tenant == tenant, a.c.agent_id != "*").order_by(a.c.agent_id)
+            ).all()
+            return [r._asdict() for r in rows]
+
+        return self._read(run)
+
+    # -- budgets --------------------------------------------------------------------------
+    def reserve(
+        self,
+        tenant: str,
+        agent_id: str,
+        namespace: str,
+        key: str,
+        wants: Sequence[Want],
+        lease: float,
+    ) -> Reservation:
+        c, r = S.counters, S.reservations
+
+        def run(conn: sa.Connection, now: float) -> Reservation:
+            # 1. Holds whose lease expired belong to crashed or stalled workers: give
+            #    their amounts back, exactly once (the DELETE under the row locks).
+            expired = conn.execute(
+                sa.select(r.c.id, r.c.amounts)
+                .where(r.c.tenant == tenant, r.c.agent_id == agent_id, r.c.lease_until < now)
+                .order_by(r.c.id)
+                .with_for_update()
+            ).all()
+            delta: dict[tuple[str, int], int] = {}
+            if expired:
+                conn.execute(sa.delete(r).where(r.c.id.in_([e.id for e in expired])))
+                for e in expired:
+                    for metric, window, amount in json.loads(e.amounts):
+                        delta[(metric, window)] = delta.get((metric, window), 0) - amount
+            keys = sorted(set(delta) | {(w.metric, w.window) for w in wants})
+            # 2. Lock every counter involved, in one global order.
+            used: dict[tuple[str, int], int] = {}
+            for metric, window in keys:
+                self._lock_row(
+                    conn,
+                    c,
+                    {
+                        "tenant": tenant,
+                        "agent_id": agent_id,
+                        "metric": metric,
+                        "window_start": window,
+                        "used": 0,
+                    },
+                )
+                used[(metric, window)] = int(
+                    conn.execute(
+                        sa.select(c.c.used).where(
+                            c.c.tenant == tenant,
+                            c.c.agent_id == agent_id,
+                            c.c.metric == metric,
+                            c.c.window_start == window,
+                        )
+                    ).scalar_one()
+                )
+            before = dict(used)
+            for k, d in delta.items():
+                used[k] = max(0, used[k] + d)
+            # 3. Check every cap against counted + held amounts, in evaluation order.
+            failed: Want | None = None
+            for w in wants:
+                k = (w.metric, w.window)
+                if w.cap is not None and used[k] + w.amount > w.cap:
+                    failed = w
+                    break
+            if failed is None:
+                for w in wants:
+                    used[(w.metric, w.window)] += w.amount
+            for k in keys:
+                if used[k] != before[k]:
+                    conn.execute(
+                        sa.update(c)
+                        .where(
+                            c.c.tenant == tenant,
+                            c.c.agent_id == agent_id,
+                            c.c.metric == k[0],
+                            c.c.window_start == k[1],
+                        )
+                        .values(used=used[k])
+                    )
+            if failed is not None:
+                return Reservation(False, None, failed, used[(failed.metric, failed.window)], now)
+            rid = uuid.uuid4().hex
+            conn.execute(
+                sa.insert(r).values(
+                    id=rid,
+                    tenant=tenant,
+                    agent_id=agent_id,
+                    namespace=namespace,
+                    idem_key=key,
+                    amounts=json.dumps([[w.metric, w.window, w.amount] for w in wants]),
+                    lease_until=now + lease,
+                    created_at=now,
+                )
+            )
+            return Reservation(True, rid, None, 0, now)
+
+        return self._tx(run)
+
+    def _apply(
+        self, conn: sa.Connection, tenant: str, agent_id: str, amounts: Iterable[Any], sign: int
+    ) -> None:
+        c = S.counters
+        for metric, window, amount in sorted(amounts):
+            self._lock_row(
+                conn,
+                c,
+                {
+                    "tenant": tenant,
+                    "agent_id": agent_id,
+                    "metric": metric,
+                    "window_start": window,
+                    "used": 0,
+                },
+            )
+            expr = c.c.used + sign * amount
+            conn.execute(
+                sa.update(c)
+                .where(
+                    c.c.tenant == tenant,
+                    c.c.agent_id == agent_id,
+                    c.c.metric == metric,
+                    c.c.window_start == window,
+                )
+                .values(used=sa.case((expr < 0, 0), else_=expr))
+            )
+
+    def settle(self, tenant: str, agent_id: str, rid: str, amounts: list[Any]) -> None:
+        """The tool ran: its amounts stay counted. If a sweeper had already given them
+        back (the worker outlived its lease), count them again — the spend happened."""
+        r = S.reservations
+
+        def run(conn: sa.Connection, now: float) -> None:
+            gone = conn.execute(sa.delete(r).where(r.c.id == rid)).rowcount
+            if gone == 0:
+                self._apply(conn, tenant, agent_id, amounts, +1)
+
+        self._tx(run)
+
+    def release(self, tenant: str, agent_id: str, rid: str) -> bool:
+        """The tool did not run (failed, replayed, refused): give the amounts back."""
+        r = S.reservations
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            row = conn.execute(
+                sa.select(r.c.amounts).where(r.c.id == rid).with_for_update()
+            ).first()
+            if row is None:
+                return False  # already swept: its amounts were given back then
+            conn.execute(sa.delete(r).where(r.c.id == rid))
+            self._apply(conn, tenant, agent_id, json.loads(row.amounts), -1)
+            return True
+
+        return self._tx(run)
+
+    def extend(self, rid: str, lease: float) -> bool:
+        r = S.reservations
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            res = conn.execute(sa.update(r).where(r.c.id == rid).values(lease_until=now + lease))
+            return bool(res.rowcount)
+
+        return self._tx(run)
+
+    def counter(self, tenant: str, agent_id: str, metric: str, window: int) -> int:
+        def run(conn: sa.Connection, now: float) -> int:
+            c = S.counters
+            v = conn.execute(
+                sa.select(c.c.used).where(
+                    c.c.tenant == tenant,
+                    c.c.agent_id == agent_id,
+                    c.c.metric == metric,
+                    c.c.window_start == window,
+                )
+            ).scalar()
+            return int(v or 0)
+
+        return self._read(run)
+
+    def holds(self, tenant: str, agent_id: str) -> int:
+        def run(conn: sa.Connection, now: float) -> int:
+            r = S.reservations
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(r)
+                    .where(r.c.tenant == tenant, r.c.agent_id == agent_id)
+                ).scalar_one()
+            )
+
+        return self._read(run)
+
+    # -- approvals ------------------------------------------------------------------------
+    def approval_for(
+        self, tenant: str, agent_id: str, tool: str, namespace: str, key: str, args: str
+    ) -> dict[str, Any]:
+        """The approval request of this call, created pending if there is none (the
+        unique (tenant, namespace, key) makes concurrent re-asks share one request)."""
+        ap = S.approvals
+
+        def run(conn: sa.Connection, now: float) -> dict[str, Any]:
+            where = (ap.c.tenant == tenant, ap.c.namespace == namespace, ap.c.idem_key == key)
+            row = conn.execute(sa.select(ap).where(*where)).first()
+            if row is None:
+                values = {
+                    "id": "apr_" + uuid.uuid4().hex[:24],
+                    "tenant": tenant,
+                    "agent_id": agent_id,
+                    "tool": tool,
+                    "namespace": namespace,
+                    "idem_key": key,
+                    "args": args,
+                    "state": "pending",
+                    "created_at": now,
+                }
+                if self.kind == "postgresql":
+                    from sqlalchemy.dialects import postgresql
+
+                    conn.execute(postgresql.insert(ap).values(**values).on_conflict_do_nothing())
+                elif self.kind == "mysql":
+                    conn.execute(sa.insert(ap).values(**values).prefix_with("IGNORE"))
+                else:
+                    from sqlalchemy.dialects import sqlite
+
+                    conn.execute(sqlite.insert(ap).values(**values).on_conflict_do_nothing())
+                row = conn.execute(sa.select(ap).where(*where)).first()
+            assert row is not None
+            return row._asdict()
+
+        return self._tx(run)
+
+    def decide_approval(
+        self, tenant: str, approval_id: str, state: str, by: str | None, reason: str | None
+    ) -> dict[str, Any] | None:
+        """pending → approved | denied (only from pending: a decision is final)."""
+        ap = S.approvals
+
+        def run(conn: sa.Connection, now: float) -> dict[str, Any] | None:
+            where = (ap.c.tenant == tenant, ap.c.id == approval_id)
+            conn.execute(
+                sa.update(ap)
+                .where(*where, ap.c.state == "pending")
+                .values(state=state, decided_by=by, reason=reason, decided_at=now)
+            )
+            row = conn.execute(sa.select(ap).where(*where)).first()
+            return None if row is None else row._asdict()
+
+        return self._tx(run)
+
+    def consume_approval(self, tenant: str, approval_id: str) -> None:
+        ap = S.approvals
+
+        def run(conn: sa.Connection, now: float) -> None:
+            conn.execute(
+                sa.update(ap)
+                .where(ap.c.tenant == tenant, ap.c.id == approval_id, ap.c.state == "approved")
+                .values(state="consumed")
+            )
+
+        self._tx(run)
+
+    def list_approvals(self, tenant: str, state: str | None = None) -> list[dict[str, Any]]:
+        ap = S.approvals
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            q = sa.select(ap).where(ap.c.tenant == tenant)
+            if state is not None:
+                q = q.where(ap.c.state == state)
+            return [r._asdict() for r in conn.execute(q.order_by(ap.c.created_at)).all()]
+
+        return self._read(run)
+
+    # -- audit ----------------------------------------------------------------------------
+    def append_audit(self, tenant: str, entry: dict[str, Any]) -> tuple[int, str]:
+        """Append one decision to the agent's hash chain; returns (seq, hash)."""
+        h, au = S.audit_heads, S.audit
+        agent_id = entry["agent_id"]
+
+        def run(conn: sa.Connection, now: float) -> tuple[int, str]:
+            # The head row is the chain's lock: appends of one agent take turns here,
+            # appends of other agents lock other rows.
+            self._lock_row(
+                conn,
+                h,
+                {
+                    "tenant": tenant,
+                    "agent_id": agent_id,
+                    "seq": 0,
+                    "hash": GENESIS,
+                    "base_seq": 0,
+                    "base_hash": GENESIS,
+                },
+            )
+            head = conn.execute(
+                sa.select(h.c.seq, h.c.hash).where(h.c.tenant == tenant, h.c.agent_id == agent_id)
+            ).one()
+            seq = int(head.seq) + 1
+            row = {**entry, "tenant": tenant, "seq": seq, "created_at": now}
+            fields = audit_fields(_Row(row))
+            digest = chain_hash(head.hash, fields)
+            conn.execute(sa.insert(au).values(**fields, prev_hash=head.hash, hash=digest))
+            conn.execute(
+                sa.update(h)
+                .where(h.c.tenant == tenant, h.c.agent_id == agent_id)
+                .values(seq=seq, hash=digest)
+            )
+            return seq, digest
+
+        return self._tx(run)
+
+    def audit_rows(
+        self,
+        tenant: str,
+        *,
+        agent_id: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[dict[str, Any]]:
+        au = S.audit
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            q = sa.select(au).where(au.c.tenant == tenant)
+            if agent_id is not None:
+                q = q.where(au.c.agent_id == agent_id)
+            if since is not None:
+                q = q.where(au.c.created_at >= since)
+            q = q.order_by(au.c.id.desc() if newest_first else au.c.id).limit(limit)
+            return [r._asdict() for r in conn.execute(q).all()]
+
+        return self._read(run)
+
+    def verify_audit(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Walk every chain; return one problem per broken chain (its first bad row)."""
+        au, h = S.audit, S.audit_heads
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            hq = sa.select(h)
+            if tenant is not None:
+                hq = hq.where(h.c.tenant == tenant)
+            problems: list[dict[str, Any]] = []
+            heads = {(r.tenant, r.agent_id): r for r in conn.execute(hq).all()}
+            rq = sa.select(au.c.tenant, au.c.agent_id).distinct()
+            if tenant is not None:
+                rq = rq.where(au.c.tenant == tenant)
+            chains = set(heads) | {(r.tenant, r.agent_id) for r in conn.execute(rq).all()}
+            for ten, agent in sorted(chains):
+                head = heads.get((ten, agent))
+                if head is None:
+                    problems.append(
+                        {
+                            "tenant": ten,
+                            "agent_id": agent,
+                            "seq": None,
+                            "id": None,
+                            "problem": "chain head missing",
+                        }
+                    )
+                    continue
+                prev, expect = head.base_hash, int(head.base_seq) + 1
+                rows = conn.execute(
+                    sa.select(au)
+                    .where(au.c.tenant == ten, au.c.agent_id == agent)
+                    .order_by(au.c.seq, au.c.id)
+                ).all()
+                bad = None
+                for row in rows:
+                    if int(row.seq) != expect:
+                        what = "row missing" if int(row.seq) > expect else "out of order"
+                        bad = (expect, row.id, f"{what}: expected seq {expect}, found {row.seq}")
+                        break
+                    if row.prev_hash != prev:
+                        bad = (row.seq, row.id, "previous-hash link broken (row moved or removed)")
+                        break
+                    if chain_hash(prev, audit_fields(row)) != row.hash:
+                        bad = (row.seq, row.id, "contents altered (hash mismatch)")
+                        break
+                    prev, expect = row.hash, expect + 1
+                if bad is None and (expect - 1 != int(head.seq) or prev != head.hash):
+                    what = f"rows after seq {expect - 1} missing (head at {head.seq})"
+                    bad = (expect, None, what)
+                if bad is not None:
+                    problems.append(
+                        {
+                            "tenant": ten,
+                            "agent_id": agent,
+                            "seq": bad[0],
+                            "id": bad[1],
+                            "problem": bad[2],
+                        }
+                    )
+            return problems
+
+        return self._read(run)
+
+    def purge_audit(self, tenant: str, before: float) -> int:
+        """Delete audit rows older than ``before``; chains keep verifying from the cut."""
+        au, h = S.audit, S.audit_heads
+
+        def run(conn: sa.Connection, now: float) -> int:
+            total = 0
+            agents = [
+                r.agent_id
+                for r in conn.execute(sa.select(h.c.agent_id).where(h.c.tenant == tenant)).all()
+            ]
+            for agent in sorted(agents):
+                last = conn.execute(
+                    sa.select(au.c.seq, au.c.hash)
+                    .where(au.c.tenant == tenant, au.c.agent_id == agent, au.c.created_at < before)
+                    .order_by(au.c.seq.desc())
+                    .limit(1)
+                ).first()
+                if last is None:
+                    continue
+                conn.execute(
+                    sa.select(h.c.seq)
+                    .where(h.c.tenant == tenant, h.c.agent_id == agent)
+                    .with_for_update()
+                )
+                total += conn.execute(
+                    sa.delete(au).where(
+                        au.c.tenant == tenant, au.c.agent_id == agent, au.c.seq <= last.seq
+                    )
+                ).rowcount
+                conn.execute(
+                    sa.update(h)
+                    .where(h.c.tenant == tenant, h.c.agent_id == agent)
+                    .values(base_seq=last.seq, base_hash=last.hash)
+                )
+            return total
+
+        return self._tx(run)
+
+    def metrics(self, tenant: str, agent_id: str, since: float) -> dict[str, Any]:
+        au = S.audit
+
+        def run(conn: sa.Connection, now: float) -> dict[str, Any]:
+            where = (au.c.tenant == tenant, au.c.agent_id == agent_id, au.c.created_at >= since)
+            by = conn.execute(
+                sa.select(au.c.decision, sa.func.count(), sa.func.sum(au.c.spend_micros))
+                .where(*where)
+                .group_by(au.c.decision)
+            ).all()
+            n = sa.func.count().label("n")
+            top = conn.execute(
+                sa.select(au.c.tool, n)
+                .where(*where, au.c.decision == "executed")
+                .group_by(au.c.tool)
+                .order_by(n.desc(), au.c.tool)
+                .limit(5)
+            ).all()
+            return {
+                "by_decision": {d: int(k) for d, k, _ in by},
+                "spend_micros": sum(int(s or 0) for _, _, s in by),
+                "top_tools": [(t, int(k)) for t, k in top],
+            }
+
+        return self._read(run)
+
+    # -- timeline -------------------------------------------------------------------------
+    def post_event(self, tenant: str, event: dict[str, Any]) -> int:
+        ev = S.events
+
+        def run(conn: sa.Connection, now: float) -> int:
+            res = conn.execute(sa.insert(ev).values(**event, tenant=tenant, created_at=now))
+            pk = res.inserted_primary_key
+            return int(pk[0]) if pk else 0
+
+        return self._tx(run)
+
+    def timeline(self, tenant: str, run_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
+        ev = S.events
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            q = (
+                sa.select(ev)
+                .where(ev.c.tenant == tenant, ev.c.run_id == run_id)
+                .order_by(ev.c.id)
+                .limit(limit)
+                .offset(offset)
+            )
+            return [r._asdict() for r in conn.execute(q).all()]
+
+        return self._read(run)
+
+    # -- tools registry -------------------------------------------------------------------
+    def put_tool(self, tenant: str, values: dict[str, Any]) -> None:
+        t = S.tools
+
+        def run(conn: sa.Connection, now: float) -> None:
+            row = {**values, "tenant": tenant, "updated_at": now}
+            where = (t.c.tenant == tenant, t.c.scope_id == row["scope_id"], t.c.name == row["name"])
+            self._lock_row(conn, t, row)
+            conn.execute(sa.update(t).where(*where).values(row))
+
+        self._tx(run)
+
+    def get_tools(
+        self, tenant: str, name: str | None = None, scope_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        t = S.tools
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            q = sa.select(t).where(t.c.tenant == tenant)
+            if name is not None:
+                q = q.where(t.c.name == name)
+            if scope_id is not None:
+                q = q.where(t.c.scope_id == scope_id)
+            return [r._asdict() for r in conn.execute(q.order_by(t.c.name, t.c.scope_id)).all()]
+
+        return self._read(run)
+
+    def set_tool_enabled(self, tenant: str, name: str, scope_id: str, enabled: bool) -> bool:
+        t = S.tools
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            res = conn.execute(
+                sa.update(t)
+                .where(t.c.tenant == tenant, t.c.name == name, t.c.scope_id == scope_id)
+                .values(enabled=enabled, updated_at=now)
+            )
+            return bool(res.rowcount)
+
+        return self._tx(run)
+
+    def delete_tool(self, tenant: str, name: str, scope_id: str) -> bool:
+        t = S.tools
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            res = conn.execute(
+                sa.delete(t).where(t.c.tenant == tenant, t.c.name == name, t.c.scope_id == scope_id)
+            )
+            return bool(res.rowcount)
+
+        return self._tx(run)
+
+    # -- webhooks -------------------------------------------------------------------------
+    def add_webhook(self, tenant: str, values: dict[str, Any]) -> str:
+        w = S.webhooks
+
+        def run(conn: sa.Connection, now: float) -> str:
+            wid = "wh_" + uuid.uuid4().hex[:20]
+            conn.execute(sa.insert(w).values(**values, id=wid, tenant=tenant, created_at=now))
+            return wid
+
+        return self._tx(run)
+
+    def list_webhooks(self, tenant: str) -> list[dict[str, Any]]:
+        w = S.webhooks
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            rows = conn.execute(sa.select(w).where(w.c.tenant == tenant).order_by(w.c.created_at))
+            return [r._asdict() for r in rows.all()]
+
+        return self._read(run)
+
+    def delete_webhook(self, tenant: str, webhook_id: str) -> bool:
+        w = S.webhooks
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            res = conn.execute(sa.delete(w).where(w.c.tenant == tenant, w.c.id == webhook_id))
+            return bool(res.rowcount)
+
+        return self._tx(run)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class _Row:
+    """Attribute access over a dict, for :func:`audit_fields` before the row exists."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+def _sqlite_transactions(engine: sa.Engine) -> None:
+    """Let us issue BEGIN ourselves: IMMEDIATE for writes, DEFERRED for reads."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit(dbapi_conn: Any, _rec: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        deferred = conn.get_execution_options().get("onceonly_deferred", False)
+        conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
