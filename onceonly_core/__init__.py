@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .codec import Codec
 from .errors import (
+    ApprovalPending,
     CachedFailure,
     CodecError,
     CompletionNotRecorded,
@@ -21,11 +22,14 @@ from .errors import (
     LeaseLost,
     MissingExtraError,
     OnceOnlyError,
+    PolicyBlocked,
+    RemoteToolError,
     SchemaError,
+    SignatureError,
     StoreError,
     UnknownOutcome,
 )
-from .guard import BLOCKED, Guard, Stats, current_call, guard
+from .guard import BLOCKED, Guard, Stats, current_call, current_run_id, guard
 from .protocol import NOT_DONE, CallContext, Options, Outcome
 from .stores import MemoryStore, Record, Store, open_store
 
@@ -34,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCKED",
     "NOT_DONE",
+    "ApprovalPending",
     "CachedFailure",
     "CallContext",
     "Codec",
@@ -50,13 +55,17 @@ __all__ = [
     "OnceOnlyError",
     "Options",
     "Outcome",
+    "PolicyBlocked",
     "Record",
+    "RemoteToolError",
     "SchemaError",
+    "SignatureError",
     "Stats",
     "Store",
     "StoreError",
     "UnknownOutcome",
     "current_call",
+    "current_run_id",
     "guard",
     "open_store",
 ]

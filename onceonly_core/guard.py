@@ -54,6 +54,7 @@ __all__ = [
     "Guard",
     "Stats",
     "current_call",
+    "current_run_id",
     "guard",
 ]
 
@@ -78,6 +79,11 @@ _NEVER_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, dict, li
 def current_call() -> CallContext | None:
     """The context of the guarded call running in this thread/task, or None."""
     return _current.get()
+
+
+def current_run_id() -> str | None:
+    """The run id set by ``with guard.run(...)`` in this thread/task, or None."""
+    return _run_id.get()
 
 
 @dataclass(slots=True)
@@ -368,7 +374,13 @@ class Guard:
         finally:
             _agent.reset(token)
 
+    @property
+    def agent_id(self) -> str | None:
+        """The Guard's default agent id (``Guard(agent_id=...)``), or None."""
+        return self._agent_id
+
     def current_agent(self) -> str | None:
+        """The agent governing calls here: ``guard.agent(...)`` scope, else ``agent_id``."""
         return _agent.get() or self._agent_id
 
     def current_namespace(self) -> str:
@@ -849,7 +861,11 @@ class Guard:
                 bound = tool.sig.bind(args, kwargs)
             except TypeError as err:
                 raise TypeError(f"{tool.name}: {err}") from None
-            redacted = json.dumps(self.gov.redactor.redact(bound), sort_keys=True)
+            # What the tool excluded from its key (injected state, clients, callbacks) is
+            # not an argument worth auditing either.
+            skip = set(call.opts.exclude) if call is not None else set()
+            shown = {k: v for k, v in bound.items() if k not in skip}
+            redacted = json.dumps(self.gov.redactor.redact(shown), sort_keys=True)
 
         def would_replay(rec: Record) -> bool:
             assert call is not None

@@ -1,7 +1,13 @@
-"""OnceOnly for LlamaIndex: guarded tool specs.
+"""OnceOnly for LlamaIndex: guarded tools and tool specs, tool spans on the run timeline.
 
-The adapter arrives with its issue. Until then this package only checks, at import,
-that LlamaIndex is installed, and says which extra to install when it is not.
+>>> from onceonly_llamaindex import guard_tools
+>>> tools = guard_tools([FunctionTool.from_defaults(charge_card)], guard, agent_id="bot")
+>>> agent = FunctionAgent(tools=tools, llm=llm)
+
+Every call an agent makes runs at most once per key (the tool's name and the model's
+arguments, inside ``with guard.workflow(...)``); a replay returns the stored result as
+a ``ToolOutput``; a blocked or pending-approval call returns
+``ToolOutput(is_error=True)`` with the reason, and the tool never runs.
 """
 
 from __future__ import annotations
@@ -15,4 +21,20 @@ except ImportError as err:
         "OnceOnly's LlamaIndex integration", "llamaindex", "llama-index-core"
     ) from err
 
-__all__: list[str] = []
+from ._instrumentation import EVENT_TYPE, OnceOnlySpanHandler, instrument
+from ._spec import GuardedSpec, GuardedToolSpec, guard_spec
+from ._tools import GuardedFunctionTool, GuardedTool, SpendUSD, guard_tool, guard_tools
+
+__all__ = [
+    "EVENT_TYPE",
+    "GuardedFunctionTool",
+    "GuardedSpec",
+    "GuardedTool",
+    "GuardedToolSpec",
+    "OnceOnlySpanHandler",
+    "SpendUSD",
+    "guard_spec",
+    "guard_tool",
+    "guard_tools",
+    "instrument",
+]

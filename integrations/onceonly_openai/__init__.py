@@ -1,10 +1,15 @@
-"""OnceOnly for the OpenAI SDK: a guarded tool-call dispatcher.
+"""OnceOnly for the OpenAI SDK: guarded tool dispatch for Chat Completions, the
+Responses API and the Agents SDK.
 
-The adapter arrives with its issue. Until then this package only checks, at import,
-that the OpenAI SDK is installed, and says which extra to install when it is not.
+    dispatcher = ToolDispatcher({"charge_card": charge_card}, guard=guard, scope="order-42")
+    messages += dispatcher.chat(completion.choices[0].message)   # one tool message per call
+
+The Agents SDK parts live in :mod:`onceonly_openai.agents` (imported on first use).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from onceonly_core.errors import MissingExtraError
 
@@ -13,4 +18,46 @@ try:
 except ImportError as err:
     raise MissingExtraError("OnceOnly's OpenAI integration", "openai", "openai") from err
 
-__all__: list[str] = []
+from ._dispatch import ToolCall, ToolDispatcher, chat_calls, render, response_calls
+from ._loop import (
+    LoopResult,
+    MaxTurnsExceeded,
+    arun_chat,
+    arun_responses,
+    run_chat,
+    run_responses,
+)
+from ._serialize import error_text, to_text
+from ._tools import Tool, tool
+
+__all__ = [
+    "LoopResult",
+    "MaxTurnsExceeded",
+    "Tool",
+    "ToolCall",
+    "ToolDispatcher",
+    "arun_chat",
+    "arun_responses",
+    "chat_calls",
+    "error_text",
+    "guard_agent",
+    "guard_function_tool",
+    "policy_guardrail",
+    "render",
+    "response_calls",
+    "run_chat",
+    "run_responses",
+    "to_text",
+    "tool",
+]
+
+_AGENTS = frozenset({"guard_agent", "guard_function_tool", "policy_guardrail"})
+
+
+def __getattr__(name: str) -> Any:
+    # The Agents SDK is a heavy import: load it only when its wrappers are used.
+    if name in _AGENTS:
+        from . import agents
+
+        return getattr(agents, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

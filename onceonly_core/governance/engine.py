@@ -503,6 +503,52 @@ class Governance:
             "has_policy": bool(row.get("policy")),
         }
 
+    def check(self, agent_id: str, tool: str, *, spend_usd: float | None = None) -> dict[str, Any]:
+        """Dry run of the §5 checks before the caps (kill switch, registry, block and
+        allow lists, approval): ``{"allowed", "reason", "risk_level", "needs_approval"}``.
+
+        Nothing is reserved or recorded; the caps are only decided atomically by a call.
+        """
+        snap = self.store.snapshot(self.tenant, agent_id, tool)
+        v = evaluate(snap, agent_id, tool, spend_usd, by_name=False)
+        return {
+            "allowed": v.reason is None,
+            "reason": v.reason or "ok",
+            "risk_level": v.risk,
+            "needs_approval": v.reason is None and v.approval,
+            "detail": v.detail,
+        }
+
+    def record(
+        self,
+        agent_id: str,
+        tool: str,
+        *,
+        decision: str,
+        reason: str = "observed",
+        args: Any = None,
+        run_id: str | None = None,
+        spend_usd: float | None = None,
+    ) -> int:
+        """Append an audit row for a call this library observed but did not govern
+        (e.g. a framework callback); ``args`` are redacted first. Returns its seq."""
+        if decision not in ("executed", "dedup", "blocked", "failed", "pending_approval"):
+            raise ConfigError(f"unknown decision {decision!r}")
+        entry = {
+            "agent_id": agent_id,
+            "tool": tool,
+            "args_digest": None,
+            "args": json.dumps(self.redactor.redact(args), sort_keys=True),
+            "decision": decision,
+            "reason": reason[:64],
+            "risk_level": "low",
+            "spend_micros": micros(spend_usd),
+            "run_id": run_id,
+            "token": None,
+            "idem_key": None,
+        }
+        return self.store.append_audit(self.tenant, entry)[0]
+
     # -- tools registry -------------------------------------------------------------------
     def create_tool(
         self,

@@ -46,7 +46,7 @@ def test_the_documented_examples_exist() -> None:
         "quickstart.py",
         "async_tools.py",
         "downstream_idempotency.py",
-        "workflows.py",
+        "workflow_scopes.py",
     } <= names
 
 

@@ -1,6 +1,6 @@
 """Workflow scoping and ``key_args``: what counts as "the same call".
 
-    python examples/workflows.py
+    python examples/workflow_scopes.py
 
 * ``with guard.workflow("order-1001"):`` scopes keys to one workflow: the same call in
   another workflow is a different call (records live in namespace ``shop/order-1001``).

@@ -1,0 +1,353 @@
+"""Callback handlers: visibility without changing how an agent is built.
+
+``OnceOnlyCallbackHandler`` (sync) and ``AsyncOnceOnlyCallbackHandler`` record every
+tool start, end and error on the run timeline (``guard.gov.post_event``), keyed by
+LangChain's run ids, and — with an ``agent_id`` — in the audit log.
+
+Limits, by LangChain's design: a callback cannot skip a tool or replace its result, so
+these handlers never deduplicate. ``enforce=True`` raises :class:`ToolCallBlocked` from
+``on_tool_start`` for a call the agent's policy refuses (kill switch, blocked / not
+allowed tool, approval required); that stops the tool, and with it the run unless the
+``ToolNode`` handles the error. Caps and budgets are not enforced here (they need the
+call to go through the guard). Use ``OnceOnlyMiddleware`` or ``guard_tool`` to enforce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+
+from onceonly_core import Guard
+from onceonly_core import guard as default_guard
+from onceonly_core.errors import ConfigError, OnceOnlyError
+from onceonly_core.governance.engine import evaluate
+
+__all__ = ["AsyncOnceOnlyCallbackHandler", "OnceOnlyCallbackHandler", "ToolCallBlocked"]
+
+_PREVIEW = 500
+
+
+class ToolCallBlocked(OnceOnlyError):
+    """Raised by an enforcing callback handler for a tool call the policy refuses."""
+
+    def __init__(self, agent_id: str, tool: str, reason: str) -> None:
+        self.agent_id = agent_id
+        self.tool = tool
+        self.reason = reason
+        super().__init__(f"Tool {tool!r} was blocked by policy: {reason}.")
+
+
+def _preview(value: Any) -> str:
+    content = getattr(value, "content", value)  # a ToolMessage: its content
+    text = content if isinstance(content, str) else repr(content)
+    return text[:_PREVIEW]
+
+
+class _Recorder:
+    """The handlers' shared, synchronous core (the async handler runs it in a thread)."""
+
+    def __init__(self, guard: Guard, agent_id: str | None, run_id: str | None, enforce: bool):
+        if enforce and agent_id is None:
+            raise ConfigError("enforce=True needs an agent_id: policies are per agent")
+        self.guard = guard
+        self.agent_id = agent_id
+        self.run_id = run_id
+        self.enforce = enforce
+        # LangChain run id -> (timeline run id, tool name). Entries leave on end/error.
+        self.runs: dict[UUID, tuple[str, str | None]] = {}
+        self.last_run_id: str | None = None
+        self.lock = threading.Lock()
+
+    def _timeline(self, run_id: UUID, parent: UUID | None) -> str:
+        if self.run_id is not None:
+            return self.run_id
+        with self.lock:
+            if parent is not None and parent in self.runs:
+                return self.runs[parent][0]
+        # Not seen (the handler was attached below the root): the parent's id, else ours.
+        return str(parent or run_id)
+
+    def chain_start(self, run_id: UUID, parent: UUID | None, name: str | None) -> None:
+        timeline = self._timeline(run_id, parent)
+        with self.lock:
+            self.runs[run_id] = (timeline, None)
+        if parent is None:
+            self.last_run_id = timeline
+            self.post(timeline, "run_started", status="running", data={"name": name})
+
+    def chain_end(self, run_id: UUID, parent: UUID | None, error: BaseException | None) -> None:
+        with self.lock:
+            entry = self.runs.pop(run_id, None)
+        if entry is not None and parent is None:
+            data = None if error is None else {"error": f"{type(error).__name__}: {error}"}
+            status = "ok" if error is None else "failed"
+            # An interrupt (human in the loop) is not a failure: the run pauses.
+            if error is not None and type(error).__name__ == "GraphInterrupt":
+                status = "interrupted"
+            self.post(entry[0], "run_finished", status=status, data=data)
+
+    def tool_start(
+        self,
+        run_id: UUID,
+        parent: UUID | None,
+        tool: str,
+        inputs: Mapping[str, Any] | None,
+        input_str: str,
+        tool_call_id: str | None,
+    ) -> None:
+        timeline = self._timeline(run_id, parent)
+        with self.lock:
+            self.runs[run_id] = (timeline, tool)
+        data = {
+            "lc_run_id": str(run_id),
+            "tool_call_id": tool_call_id,
+            "args": dict(inputs) if inputs is not None else input_str[:_PREVIEW],
+        }
+        if self.enforce:
+            assert self.agent_id is not None
+            reason = self.refusal(tool)
+            if reason is not None:
+                with self.lock:
+                    self.runs.pop(run_id, None)
+                self.post(
+                    timeline,
+                    "blocked",
+                    tool=tool,
+                    status="blocked",
+                    data={**data, "reason": reason},
+                )
+                self.audit(tool, data["args"], "blocked", reason, timeline)
+                raise ToolCallBlocked(self.agent_id, tool, reason)
+        self.post(timeline, "tool_call", tool=tool, status="started", data=data)
+
+    def tool_end(self, run_id: UUID, output: Any, error: BaseException | None) -> None:
+        with self.lock:
+            entry = self.runs.pop(run_id, None)
+        if entry is None:
+            return
+        timeline, tool = entry
+        data: dict[str, Any] = {"lc_run_id": str(run_id)}
+        if error is None:
+            data["output"] = _preview(output)
+            status = "error" if getattr(output, "status", None) == "error" else "executed"
+        else:
+            data["error"] = f"{type(error).__name__}: {str(error)[:_PREVIEW]}"
+            status = "failed"
+        self.post(timeline, "tool_result", tool=tool, status=status, data=data)
+        decision = "executed" if status == "executed" else "failed"
+        self.audit(
+            tool or "", None, decision, "ok" if decision == "executed" else "tool_error", timeline
+        )
+
+    # -- writes ---------------------------------------------------------------------------
+    def refusal(self, tool: str) -> str | None:
+        gov = self.guard.gov
+        assert self.agent_id is not None
+        snap = gov.store.snapshot(gov.tenant, self.agent_id, tool)
+        verdict = evaluate(snap, self.agent_id, tool, None, by_name=False)
+        if verdict.reason is not None:
+            return verdict.reason
+        # A callback cannot wait for a human: a tool that needs approval is refused here.
+        return "approval_required" if verdict.approval else None
+
+    def post(
+        self,
+        timeline: str,
+        kind: str,
+        *,
+        tool: str | None = None,
+        status: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.guard.gov.post_event(
+            timeline, kind, agent_id=self.agent_id, tool=tool, status=status, data=data
+        )
+
+    def audit(self, tool: str, args: Any, decision: str, reason: str, run: str) -> None:
+        if self.agent_id is None or not tool:
+            return
+        gov = self.guard.gov
+        # GovStore.append_audit is the ledger's own audit writer (hash-chained); the
+        # public facade has no "record an observed call" yet.
+        gov.store.append_audit(
+            gov.tenant,
+            {
+                "agent_id": self.agent_id,
+                "tool": tool,
+                "args_digest": None,
+                "args": None if args is None else _json(gov.redactor.redact(args)),
+                "decision": decision,
+                "reason": reason,
+                "risk_level": "low",
+                "spend_micros": 0,
+                "run_id": run,
+                "token": None,
+                "idem_key": None,
+            },
+        )
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str | None:
+    name = kwargs.get("name")
+    if name:
+        return str(name)
+    if serialized:
+        return str(serialized.get("name") or "") or None
+    return None
+
+
+class OnceOnlyCallbackHandler(BaseCallbackHandler):
+    """Record tool calls on the OnceOnly run timeline (and audit log, with ``agent_id``).
+
+    ``run_id``: one timeline for everything (default: the root LangChain run's id).
+    ``enforce=True`` (needs ``agent_id``) refuses blocked tools by raising
+    :class:`ToolCallBlocked`; it sets ``raise_error`` so LangChain does not swallow it.
+    """
+
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        *,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        enforce: bool = False,
+    ) -> None:
+        self.recorder = _Recorder(guard or default_guard, agent_id, run_id, enforce)
+        self.raise_error = enforce
+
+    @property
+    def last_run_id(self) -> str | None:
+        """The timeline id of the latest root run this handler saw."""
+        return self.recorder.last_run_id
+
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        self.recorder.chain_start(run_id, parent_run_id, _name(serialized, kw))
+
+    def on_chain_end(
+        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        self.recorder.chain_end(run_id, parent_run_id, None)
+
+    def on_chain_error(
+        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        self.recorder.chain_end(run_id, parent_run_id, error)
+
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        self.recorder.tool_start(
+            run_id,
+            parent_run_id,
+            _name(serialized, kw) or "tool",
+            inputs,
+            input_str,
+            kw.get("tool_call_id"),
+        )
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
+        self.recorder.tool_end(run_id, output, None)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
+        self.recorder.tool_end(run_id, None, error)
+
+
+class AsyncOnceOnlyCallbackHandler(AsyncCallbackHandler):
+    """:class:`OnceOnlyCallbackHandler` for async runs: the database writes run in a
+    worker thread, so the event loop never waits on the ledger.
+
+    LangChain swallows errors of async handlers driven from sync code — including a
+    sync-only tool under ``ainvoke``, which LangChain runs through its sync path — so
+    ``enforce`` here only holds for async tools. :class:`OnceOnlyCallbackHandler`
+    enforces in sync and async runs alike.
+    """
+
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        *,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        enforce: bool = False,
+    ) -> None:
+        self.recorder = _Recorder(guard or default_guard, agent_id, run_id, enforce)
+        self.raise_error = enforce
+
+    async def _do(self, fn: Any, *args: Any) -> None:
+        if self.recorder.guard.gov.store.kind == "memory":
+            fn(*args)
+        else:
+            await asyncio.to_thread(fn, *args)
+
+    async def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        await self._do(self.recorder.chain_start, run_id, parent_run_id, _name(serialized, kw))
+
+    async def on_chain_end(
+        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        await self._do(self.recorder.chain_end, run_id, parent_run_id, None)
+
+    async def on_chain_error(
+        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        await self._do(self.recorder.chain_end, run_id, parent_run_id, error)
+
+    async def on_tool_start(
+        self,
+        serialized: dict[str, Any],
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        await self._do(
+            self.recorder.tool_start,
+            run_id,
+            parent_run_id,
+            _name(serialized, kw) or "tool",
+            inputs,
+            input_str,
+            kw.get("tool_call_id"),
+        )
+
+    async def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
+        await self._do(self.recorder.tool_end, run_id, output, None)
+
+    async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
+        await self._do(self.recorder.tool_end, run_id, None, error)

@@ -1,0 +1,193 @@
+"""The complete tool loop: ask the model, dispatch its calls, append, repeat.
+
+The transcript is kept as plain request dicts (what ``create`` accepts), so it can be
+stored, resumed and sent again. A retried loop (a crash, a re-run of the job) asks the
+model again; the model repeats its calls with new call ids and the dispatcher replays
+the stored results, so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from onceonly_core.errors import OnceOnlyError
+
+from ._dispatch import ToolDispatcher, response_calls
+
+__all__ = [
+    "LoopResult",
+    "MaxTurnsExceeded",
+    "arun_chat",
+    "arun_responses",
+    "run_chat",
+    "run_responses",
+]
+
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class LoopResult(Generic[R]):
+    """The transcript (request dicts, every call answered), the last reply and the turns."""
+
+    transcript: list[dict[str, Any]]
+    response: R
+    turns: int
+
+    @property
+    def text(self) -> str | None:
+        """The model's final text."""
+        r: Any = self.response
+        if hasattr(r, "choices"):
+            return r.choices[0].message.content  # type: ignore[no-any-return]
+        return getattr(r, "output_text", None)
+
+
+class MaxTurnsExceeded(OnceOnlyError):
+    """The model still asked for tools after ``max_turns`` replies.
+
+    ``transcript`` is complete (every call has its output), so the loop can be resumed.
+    """
+
+    def __init__(self, max_turns: int, transcript: list[dict[str, Any]], response: Any) -> None:
+        self.max_turns = max_turns
+        self.transcript = transcript
+        self.response = response
+        super().__init__(f"the model still called tools after {max_turns} turns")
+
+
+def _check(max_turns: int) -> None:
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+
+
+# -- Chat Completions ----------------------------------------------------------------------
+def _assistant(completion: Any) -> tuple[dict[str, Any], Any]:
+    msg = completion.choices[0].message
+    out: dict[str, Any] = {"role": "assistant", "content": msg.content}
+    if msg.refusal:
+        out["refusal"] = msg.refusal
+    if msg.audio is not None:
+        out["audio"] = {"id": msg.audio.id}
+    if msg.tool_calls:
+        out["tool_calls"] = [tc.model_dump(mode="json", exclude_none=True) for tc in msg.tool_calls]
+    return out, msg
+
+
+def _chat_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dict[str, Any]:
+    if "tools" not in create and dispatcher.tools:
+        create["tools"] = dispatcher.chat_tools()
+    return create
+
+
+def run_chat(
+    client: Any,
+    dispatcher: ToolDispatcher,
+    messages: Iterable[dict[str, Any]],
+    *,
+    max_turns: int = 10,
+    **create: Any,
+) -> LoopResult[Any]:
+    """Run ``client.chat.completions.create`` until the model stops calling tools.
+
+    ``create`` goes to every request (``model=``...); ``tools`` defaults to the
+    dispatcher's schemas.
+    """
+    _check(max_turns)
+    transcript = list(messages)
+    kwargs = _chat_kwargs(dispatcher, dict(create))
+    for turn in range(1, max_turns + 1):
+        completion = client.chat.completions.create(messages=transcript, **kwargs)
+        assistant, msg = _assistant(completion)
+        transcript.append(assistant)
+        if not msg.tool_calls:
+            return LoopResult(transcript, completion, turn)
+        transcript.extend(dispatcher.chat(msg))
+    raise MaxTurnsExceeded(max_turns, transcript, completion)
+
+
+async def arun_chat(
+    client: Any,
+    dispatcher: ToolDispatcher,
+    messages: Iterable[dict[str, Any]],
+    *,
+    max_turns: int = 10,
+    **create: Any,
+) -> LoopResult[Any]:
+    """:func:`run_chat` for ``AsyncOpenAI``: each turn's calls run concurrently."""
+    _check(max_turns)
+    transcript = list(messages)
+    kwargs = _chat_kwargs(dispatcher, dict(create))
+    for turn in range(1, max_turns + 1):
+        completion = await client.chat.completions.create(messages=transcript, **kwargs)
+        assistant, msg = _assistant(completion)
+        transcript.append(assistant)
+        if not msg.tool_calls:
+            return LoopResult(transcript, completion, turn)
+        transcript.extend(await dispatcher.achat(msg))
+    raise MaxTurnsExceeded(max_turns, transcript, completion)
+
+
+# -- Responses -----------------------------------------------------------------------------
+def _items(input: str | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(input, str):
+        return [{"role": "user", "content": input}]
+    return list(input)
+
+
+def _output_items(response: Any) -> list[dict[str, Any]]:
+    # Output items go back as input items: the model needs its own calls (and reasoning)
+    # next to their outputs. by_alias: ``async_`` is sent as ``async``.
+    return [
+        item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in response.output
+    ]
+
+
+def _responses_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dict[str, Any]:
+    if "tools" not in create and dispatcher.tools:
+        create["tools"] = dispatcher.responses_tools()
+    return create
+
+
+def run_responses(
+    client: Any,
+    dispatcher: ToolDispatcher,
+    input: str | Iterable[dict[str, Any]],
+    *,
+    max_turns: int = 10,
+    **create: Any,
+) -> LoopResult[Any]:
+    """Run ``client.responses.create`` until the response has no tool calls."""
+    _check(max_turns)
+    transcript = _items(input)
+    kwargs = _responses_kwargs(dispatcher, dict(create))
+    for turn in range(1, max_turns + 1):
+        response = client.responses.create(input=transcript, **kwargs)
+        transcript.extend(_output_items(response))
+        if not response_calls(response):
+            return LoopResult(transcript, response, turn)
+        transcript.extend(dispatcher.responses(response))
+    raise MaxTurnsExceeded(max_turns, transcript, response)
+
+
+async def arun_responses(
+    client: Any,
+    dispatcher: ToolDispatcher,
+    input: str | Iterable[dict[str, Any]],
+    *,
+    max_turns: int = 10,
+    **create: Any,
+) -> LoopResult[Any]:
+    """:func:`run_responses` for ``AsyncOpenAI``: each turn's calls run concurrently."""
+    _check(max_turns)
+    transcript = _items(input)
+    kwargs = _responses_kwargs(dispatcher, dict(create))
+    for turn in range(1, max_turns + 1):
+        response = await client.responses.create(input=transcript, **kwargs)
+        transcript.extend(_output_items(response))
+        if not response_calls(response):
+            return LoopResult(transcript, response, turn)
+        transcript.extend(await dispatcher.aresponses(response))
+    raise MaxTurnsExceeded(max_turns, transcript, response)

@@ -1,0 +1,312 @@
+"""The dispatcher against real ``openai`` response types, on a real SQLite ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from typing import Annotated, Any
+
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionMessage
+from openai.types.responses import Response
+from pydantic import BaseModel, Field
+
+from onceonly_core import Guard
+from onceonly_core.governance.models import Policy
+from onceonly_openai import ToolDispatcher, to_text, tool
+from onceonly_openai.testing import chat_tool_calls, response_tool_calls
+
+
+def message(*calls: tuple[str, Any, str]) -> ChatCompletionMessage:
+    """A ChatCompletionMessage parsed from JSON, as the SDK parses the API's reply."""
+    return ChatCompletion.model_validate(chat_tool_calls(*calls)).choices[0].message
+
+
+def response(*calls: tuple[str, Any, str]) -> Response:
+    return Response.model_validate(response_tool_calls(*calls))
+
+
+class Shop:
+    def __init__(self) -> None:
+        self.charges: list[tuple[str, float]] = []
+        self.sql: list[str] = []
+
+    def charge_card(
+        self, customer: str, amount_usd: Annotated[float, Field(gt=0, description="USD")]
+    ) -> dict[str, Any]:
+        """Charge a customer's card."""
+        self.charges.append((customer, amount_usd))
+        return {"charge_id": f"ch_{len(self.charges)}", "amount": amount_usd}
+
+    def run_sql(self, query: str) -> str:
+        """Run a read-only query."""
+        self.sql.append(query)
+        return f"{len(self.sql)} rows"
+
+    def tools(self) -> list[Any]:
+        return [tool(self.charge_card), tool(self.run_sql, custom=True)]
+
+
+@pytest.fixture
+def shop() -> Shop:
+    return Shop()
+
+
+def charge(amount: float, call_id: str) -> tuple[str, Any, str]:
+    return ("charge_card", {"customer": "cus_42", "amount_usd": amount}, call_id)
+
+
+def test_chat_message_tool_calls_and_dicts(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="order-42")
+    msg = message(charge(9.99, "call_1"), ("custom:run_sql", "select 1", "call_2"))
+    out = d.chat(msg)
+    assert out == [
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"amount":9.99,"charge_id":"ch_1"}'},
+        {"role": "tool", "tool_call_id": "call_2", "content": "1 rows"},
+    ]
+    assert shop.sql == ["select 1"]
+    # The same calls as msg.tool_calls, and as plain dicts, under new ids: replayed.
+    again = d.chat(message(charge(9.99, "call_3")).tool_calls)
+    raw = chat_tool_calls(charge(9.99, "call_4"))["choices"][0]["message"]
+    assert again[0]["tool_call_id"] == "call_3" and again[0]["content"] == out[0]["content"]
+    assert d.chat(raw)[0] == {**out[0], "tool_call_id": "call_4"}
+    assert shop.charges == [("cus_42", 9.99)]
+
+
+def test_responses_items(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="order-42")
+    resp = response(charge(5, "fc_1"), ("custom:run_sql", "select 2", "ct_1"))
+    out = d.responses(resp)
+    assert out == [
+        {"type": "function_call_output", "call_id": "fc_1", "output": out[0]["output"]},
+        {"type": "custom_tool_call_output", "call_id": "ct_1", "output": "1 rows"},
+    ]
+    assert json.loads(out[0]["output"]) == {"amount": 5.0, "charge_id": "ch_1"}
+    replay = d.responses(response(charge(5.0, "fc_2")).output)  # 5 == 5.0: the same call
+    assert replay == [
+        {"type": "function_call_output", "call_id": "fc_2", "output": out[0]["output"]}
+    ]
+    assert len(shop.charges) == 1
+
+
+def test_bad_calls_get_error_outputs_and_nothing_runs(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard)
+    msg = message(
+        ("charge_card", '{"customer": "c", "amount_usd": 5', "bad_json"),
+        ("charge_card", "[1, 2]", "not_object"),
+        ("refund_everything", {}, "unknown"),
+        ("charge_card", {"customer": "c", "amount_usd": -1}, "invalid"),
+        ("charge_card", {"customer": "c", "amount_usd": 1, "tip": 5}, "hallucinated"),
+        ("charge_card", {"customer": "c"}, "missing"),
+        ("custom:charge_card", "five dollars", "custom_for_function"),
+    )
+    out = d.chat(msg)
+    assert [o["tool_call_id"] for o in out] == [
+        "bad_json", "not_object", "unknown", "invalid", "hallucinated", "missing",
+        "custom_for_function",
+    ]  # fmt: skip
+    errors = [json.loads(o["content"]) for o in out]
+    assert [e["error"] for e in errors] == [
+        "invalid_json", "invalid_arguments", "unknown_tool", "invalid_arguments",
+        "invalid_arguments", "invalid_arguments", "invalid_arguments",
+    ]  # fmt: skip
+    assert "not valid JSON" in errors[0]["message"]
+    assert "charge_card, run_sql" in errors[2]["message"]  # tells the model what exists
+    assert "amount_usd" in errors[3]["message"] and "greater than 0" in errors[3]["message"]
+    assert "tip" in errors[4]["message"]
+    assert "amount_usd" in errors[5]["message"]
+    assert shop.charges == []
+
+
+def test_tool_failure_is_an_output_and_is_not_cached(guard: Guard) -> None:
+    attempts: list[int] = []
+
+    def send_email(to: str) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("smtp down")
+        return "sent"
+
+    d = ToolDispatcher({"send_email": send_email}, guard=guard, scope="s")
+    first = json.loads(d.chat(message(("send_email", {"to": "a@b"}, "c1")))[0]["content"])
+    assert first["error"] == "tool_error" and "smtp down" in first["message"]
+    assert first["error_type"] == "ConnectionError"
+    assert d.chat(message(("send_email", {"to": "a@b"}, "c2")))[0]["content"] == "sent"
+    assert len(attempts) == 2
+
+
+def test_blocked_and_pending_approval(guard: Guard) -> None:
+    ran: list[str] = []
+
+    def delete_user(user_id: str) -> str:
+        ran.append("delete")
+        return "deleted"
+
+    def refund(order_id: str) -> str:
+        ran.append("refund")
+        return "refunded"
+
+    def lookup(order_id: str) -> str:
+        ran.append("lookup")
+        return "shipped"
+
+    guard.gov.upsert_policy(
+        Policy(agent_id="bot", blocked_tools=["delete_*"], require_approval=["refund"])
+    )
+    d = ToolDispatcher([delete_user, refund, lookup], guard=guard, agent_id="bot", scope="t1")
+    msg = message(
+        ("delete_user", {"user_id": "u1"}, "c1"),
+        ("refund", {"order_id": "o1"}, "c2"),
+        ("lookup", {"order_id": "o1"}, "c3"),
+    )
+    out = [
+        json.loads(o["content"]) if o["content"].startswith("{") else o["content"]
+        for o in d.chat(msg)
+    ]
+    assert out[0]["error"] == "blocked" and out[0]["reason"] == "tool_blocked"
+    assert out[1]["error"] == "pending_approval" and out[1]["approval_id"]
+    assert "approval" in out[1]["message"]
+    assert out[2] == "shipped"
+    assert ran == ["lookup"]
+    guard.gov.disable_agent("bot", "incident")
+    killed = json.loads(d.chat(message(("lookup", {"order_id": "o2"}, "c4")))[0]["content"])
+    assert killed["reason"] == "agent_disabled" and ran == ["lookup"]
+
+
+def test_exactly_one_output_per_call_id(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard)
+    raw = [
+        {"id": "dup", "type": "function", "function": {"name": "charge_card", "arguments": "{}"}},
+        {"id": "dup", "type": "function", "function": {"name": "nope", "arguments": "{}"}},
+        {"id": "other", "type": "function", "function": {"name": "nope", "arguments": "{}"}},
+    ]
+    assert [o["tool_call_id"] for o in d.chat(raw)] == ["dup", "other"]
+
+
+def test_two_identical_calls_in_one_turn_run_once(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="o")
+    out = d.chat(message(charge(3, "a"), charge(3, "b")))
+    assert out[0]["content"] == out[1]["content"] and len(shop.charges) == 1
+
+
+def test_scopes_separate_keys(guard: Guard, shop: Shop) -> None:
+    for scope in ("order-1", "order-2", "order-1"):
+        ToolDispatcher(shop.tools(), guard=guard, scope=scope).chat(message(charge(1, "x")))
+    with guard.workflow("order-3"):  # scope=None: the caller's workflow
+        ToolDispatcher(shop.tools(), guard=guard).chat(message(charge(1, "x")))
+    assert len(shop.charges) == 3
+
+
+def test_guard_options_per_tool(guard: Guard) -> None:
+    seen: list[str] = []
+
+    def weather(city: str) -> str:
+        seen.append(city)
+        return "sunny"
+
+    def ship(order_id: str, note: str = "") -> str:
+        seen.append(order_id)
+        return "shipped"
+
+    d = ToolDispatcher(
+        [tool(weather, unlimited=True), tool(ship, key_args=["order_id"])], guard=guard
+    )
+    d.chat(message(("weather", {"city": "Oslo"}, "1"), ("weather", {"city": "Oslo"}, "2")))
+    d.chat(message(("ship", {"order_id": "o1", "note": "a"}, "3")))
+    d.chat(message(("ship", {"order_id": "o1", "note": "b"}, "4")))
+    assert seen == ["Oslo", "Oslo", "o1"]
+
+
+def test_async_parallel_calls_run_concurrently_in_order(guard: Guard) -> None:
+    asyncio.run(_parallel(guard))
+
+
+async def _parallel(guard: Guard) -> None:
+    started: dict[str, asyncio.Event] = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    async def step(name: str, waits_for: str) -> str:
+        started[name].set()
+        # Each call waits until the other one has started: sequential dispatch deadlocks.
+        await asyncio.wait_for(started[waits_for].wait(), timeout=5)
+        return f"{name} done"
+
+    d = ToolDispatcher({"step": step}, guard=guard, scope="p")
+    msg = message(
+        ("step", {"name": "b", "waits_for": "a"}, "c1"),
+        ("step", {"name": "a", "waits_for": "b"}, "c2"),
+    )
+    out = await d.achat(msg)
+    assert [(o["tool_call_id"], o["content"]) for o in out] == [("c1", "b done"), ("c2", "a done")]
+    # Replays under new ids, in async, for the Responses API too.
+    resp = response(
+        ("step", {"name": "a", "waits_for": "b"}, "r1"),
+        ("step", {"name": "b", "waits_for": "a"}, "r2"),
+    )
+    assert [o["output"] for o in await d.aresponses(resp)] == ["a done", "b done"]
+
+
+def test_async_mixed_sync_tools_and_errors(guard: Guard, shop: Shop) -> None:
+    asyncio.run(_mixed(guard, shop))
+
+
+async def _mixed(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="m")
+    out = await d.achat(message(charge(2, "a"), ("nope", {}, "b"), ("custom:run_sql", "q", "c")))
+    assert [o["tool_call_id"] for o in out] == ["a", "b", "c"]
+    assert json.loads(out[1]["content"])["error"] == "unknown_tool"
+    assert shop.charges == [("cus_42", 2.0)] and shop.sql == ["q"]
+
+
+def test_sync_dispatch_runs_async_tools(guard: Guard) -> None:
+    async def ping(n: int) -> int:
+        await asyncio.sleep(0)
+        return n + 1
+
+    d = ToolDispatcher({"ping": ping}, guard=guard)
+    assert d.chat(message(("ping", {"n": 1}, "a")))[0]["content"] == "2"
+
+
+def test_in_progress_is_an_output(guard: Guard) -> None:
+    # Another worker holds a live claim on this key (it is charging right now).
+    import threading
+
+    release = threading.Event()
+    running = threading.Event()
+
+    def slow(x: int) -> str:
+        running.set()
+        release.wait(5)
+        return "done"
+
+    d = ToolDispatcher([tool(slow, wait=0)], guard=guard, scope="ip")
+    t = threading.Thread(target=lambda: d.chat(message(("slow", {"x": 1}, "a"))))
+    t.start()
+    assert running.wait(5)
+    out = json.loads(d.chat(message(("slow", {"x": 1}, "b")))[0]["content"])
+    release.set()
+    t.join()
+    assert out["error"] == "in_progress"
+
+
+class Receipt(BaseModel):
+    total: Decimal
+    tags: set[str]
+
+
+def test_serialisation_is_deterministic() -> None:
+    value = {"b": 1, "a": [Receipt(total=Decimal("1.10"), tags={"z", "y", "x"})], 3: None}
+    text = to_text(value)
+    assert text == '{"3":null,"a":[{"tags":["x","y","z"],"total":"1.10"}],"b":1}'
+    assert to_text({"a": 1, "b": 2}) == to_text({"b": 2, "a": 1})
+    assert to_text("plain") == "plain" and to_text(None) == "null"
+
+
+def test_replay_of_structured_result_is_byte_identical(guard: Guard) -> None:
+    def quote(sku: str) -> Receipt:
+        return Receipt(total=Decimal("9.90"), tags={"b", "a"})
+
+    d = ToolDispatcher({"quote": quote}, guard=guard, scope="q")
+    first = d.chat(message(("quote", {"sku": "s"}, "1")))[0]["content"]
+    assert d.chat(message(("quote", {"sku": "s"}, "2")))[0]["content"] == first
+    assert first == '{"tags":["a","b"],"total":"9.90"}'
