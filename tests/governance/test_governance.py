@@ -174,6 +174,7 @@ def test_templates_and_overrides(guard: Guard) -> None:
     ro = guard.call_tool(charge_card, {"customer": "c", "amount": 1.0}, agent_id="agent-read_only")
     assert ro.policy_reason == "tool_not_in_allowed_list"
     assert guard.call_tool(lookup, {"q": "a"}, agent_id="agent-read_only").ok is False
+
     # read_only allows get_*/list_*/...: `lookup` is not one of them, a getter is
     def get_order(order: str) -> str:
         return order
@@ -395,9 +396,7 @@ def test_metrics_and_timeline(guard: Guard) -> None:
         guard.call_tool(lookup, {"q": "a"}, agent_id="m")
         guard.call_tool(lookup, {"q": "a"}, agent_id="m")
         guard.call_tool(delete_user, {"user": "u"}, agent_id="m")
-        guard.call_tool(
-            charge_card, {"customer": "c", "amount": 2.0}, agent_id="m", spend_usd=2.0
-        )
+        guard.call_tool(charge_card, {"customer": "c", "amount": 2.0}, agent_id="m", spend_usd=2.0)
         guard.gov.post_event("run-1", "run_finished", agent_id="m", status="ok")
     m = guard.gov.agent_metrics("m", "hour")
     assert (m.total_actions, m.executed, m.dedup, m.blocked, m.spend_usd) == (4, 2, 1, 1, 2.0)
