@@ -223,16 +223,42 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
     ran = yield Inner(res.id if res else None)
     result = _from_run(ran, base, req, v.risk, v.spend)
     result.approval_id = approval_id
+    audited = False
     if res is not None and res.id is not None:
         if result.decision == "executed":
+            # Settle and audit in one transaction: one commit instead of two.
             amounts = [[w.metric, w.window, w.amount] for w in v.wants]
-            yield G("settle", (tenant, req.agent_id, res.id, amounts), quiet=True)
+            entry = _audit_entry(req, result)
+            done = yield G("settle", (tenant, req.agent_id, res.id, amounts, entry), quiet=True)
+            audited = done is not _QUIET_FAIL
         else:  # failed, replayed after all, blocked by replay=False: nothing spent
             yield G("release", (tenant, req.agent_id, res.id), quiet=True)
     if approval_id is not None and result.decision == "executed":
         yield G("consume_approval", (tenant, approval_id), quiet=True)
-    yield from _record(gov, req, result, v)
+    yield from _record(gov, req, result, v, audited=audited)
+    if res is not None and result.decision == "executed" and v.policy is not None and v.spend:
+        cap = v.policy.max_spend_usd_per_day
+        spend = next((w for w in v.wants if w.metric == "spend"), None)
+        if cap and spend is not None:
+            after = res.after.get((spend.metric, spend.window), 0)
+            gov.budget_check(req.agent_id, after - v.spend, after, micros(cap))
     return result
+
+
+def _audit_entry(req: Request, result: ToolResult) -> dict[str, Any]:
+    return {
+        "agent_id": req.agent_id,
+        "tool": req.tool,
+        "args_digest": req.args_digest,
+        "args": req.args_json,
+        "decision": result.decision,
+        "reason": result.policy_reason,
+        "risk_level": result.risk_level,
+        "spend_micros": micros(result.spend_usd),
+        "run_id": req.run_id,
+        "token": result.token,
+        "idem_key": req.key,
+    }
 
 
 def _blocked(v: Verdict, base: dict[str, Any], req: Request, approval_id: str | None) -> ToolResult:
@@ -305,25 +331,12 @@ def _text(err: BaseException) -> str:
 
 
 def _record(
-    gov: Governance, req: Request, result: ToolResult, v: Verdict | None
+    gov: Governance, req: Request, result: ToolResult, v: Verdict | None, *, audited: bool = False
 ) -> Generator[Any, Any, None]:
     """Audit row, timeline event, notifications: after the decision, never raising."""
     tenant = gov.tenant
-    if req.agent_id is not None:
-        entry = {
-            "agent_id": req.agent_id,
-            "tool": req.tool,
-            "args_digest": req.args_digest,
-            "args": req.args_json,
-            "decision": result.decision,
-            "reason": result.policy_reason,
-            "risk_level": result.risk_level,
-            "spend_micros": micros(result.spend_usd),
-            "run_id": req.run_id,
-            "token": result.token,
-            "idem_key": req.key,
-        }
-        yield G("append_audit", (tenant, entry), quiet=True)
+    if req.agent_id is not None and not audited:
+        yield G("append_audit", (tenant, _audit_entry(req, result)), quiet=True)
     if req.run_id:
         kind = {"executed": "tool_result", "failed": "tool_result", "dedup": "dedup"}.get(
             result.decision, "blocked"
@@ -351,13 +364,6 @@ def _record(
                 "data": {"error": result.error},
             }
         )
-    if v is not None and v.policy is not None and result.decision == "executed" and v.spend:
-        cap = v.policy.max_spend_usd_per_day
-        if cap:
-            day = next((w.window for w in v.wants if w.metric == "spend"), 0)
-            used = yield G("counter", (tenant, req.agent_id or "", "spend", day), quiet=True)
-            if isinstance(used, int):
-                gov.budget_check(req.agent_id or "", used - v.spend, used, micros(cap))
 
 
 # -- drivers ------------------------------------------------------------------------------
@@ -840,6 +846,7 @@ class Governance:
             raise ConfigError(f"webhook url must be http(s), got {url!r}")
         if budget_threshold is not None and not 0 < budget_threshold <= 1:
             raise ConfigError("budget_threshold must be in (0, 1]")
+        self.__dict__.pop("_hooks_cache", None)
         return self.store.add_webhook(
             self.tenant,
             {
@@ -864,13 +871,29 @@ class Governance:
         ]
 
     def remove_webhook(self, webhook_id: str) -> bool:
+        self.__dict__.pop("_hooks_cache", None)
         return self.store.delete_webhook(self.tenant, webhook_id)
 
-    def budget_check(self, agent_id: str, before: int, after: int, cap: int) -> None:
+    def _webhooks(self) -> list[dict[str, Any]]:
+        """The tenant's webhook sinks, re-read at most every 5 s: a notification check
+        runs after every paid call, and sinks change rarely. (The kill switch and policies
+        are never cached: they are read on every call.)"""
+        import time
+
+        cached = self.__dict__.get("_hooks_cache")
+        if cached is not None and time.monotonic() - cached[0] < 5.0:
+            return cached[1]  # type: ignore[no-any-return]
+        rows = self.store.list_webhooks(self.tenant)
+        self.__dict__["_hooks_cache"] = (time.monotonic(), rows)
+        return rows
+
+    def budget_check(self, agent_id: str | None, before: int, after: int, cap: int) -> None:
         """Notify when a day's spend crosses a threshold (hooks: budget_threshold)."""
+        if after < 0.01 * cap:
+            return
         thresholds = {self.budget_threshold}
         try:
-            sinks = self.store.list_webhooks(self.tenant)
+            sinks = self._webhooks()
         except Exception:
             sinks = []
         for s in sinks:
@@ -900,7 +923,7 @@ class Governance:
                 except Exception:
                     log.exception("notification hook %r failed", hook)
         try:
-            sinks = self.store.list_webhooks(self.tenant)
+            sinks = self._webhooks()
         except Exception:
             log.exception("reading webhooks failed")
             return

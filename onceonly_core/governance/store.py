@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -86,6 +86,8 @@ class Reservation:
     failed: Want | None
     used: int = 0
     now: float = 0.0
+    #: Every counter involved, after this reservation (what a threshold check needs).
+    after: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def chain_hash(prev: str, fields: dict[str, Any]) -> str:
@@ -124,6 +126,58 @@ def _retryable(err: BaseException) -> bool:
         return True
     text = str(orig or err).lower()
     return "database is locked" in text or "deadlock" in text
+
+
+# Statements of the governed hot path, built once: constructing a SQLAlchemy expression
+# costs more than executing its cached compiled form.
+_b = sa.bindparam
+_EXPIRED = (
+    sa.select(S.reservations.c.id, S.reservations.c.amounts)
+    .where(
+        S.reservations.c.tenant == _b("t"),
+        S.reservations.c.agent_id == _b("a"),
+        S.reservations.c.lease_until < _b("now"),
+    )
+    .order_by(S.reservations.c.id)
+    .with_for_update()
+)
+_COUNTERS = sa.select(S.counters.c.metric, S.counters.c.window_start, S.counters.c.used).where(
+    S.counters.c.tenant == _b("t"),
+    S.counters.c.agent_id == _b("a"),
+    S.counters.c.metric.in_(_b("metrics", expanding=True)),
+    S.counters.c.window_start.in_(_b("windows", expanding=True)),
+)
+_SET_USED = (
+    sa.update(S.counters)
+    .where(
+        S.counters.c.tenant == _b("t"),
+        S.counters.c.agent_id == _b("a"),
+        S.counters.c.metric == _b("m"),
+        S.counters.c.window_start == _b("w"),
+    )
+    .values(used=_b("used"))
+)
+_HOLD = sa.insert(S.reservations)
+_AGENTS = sa.select(
+    S.agents.c.agent_id, S.agents.c.policy, S.agents.c.disabled, S.agents.c.disabled_reason
+).where(
+    S.agents.c.tenant == _b("t"),
+    sa.or_(S.agents.c.agent_id == _b("a"), S.agents.c.agent_id == "*"),
+)
+_TOOL = sa.select(S.tools.c.scope_id, S.tools.c.kind, S.tools.c.enabled).where(
+    S.tools.c.tenant == _b("t"),
+    S.tools.c.name == _b("name"),
+    sa.or_(S.tools.c.scope_id == "global", S.tools.c.scope_id == _b("scope")),
+)
+_HEAD = sa.select(S.audit_heads.c.seq, S.audit_heads.c.hash).where(
+    S.audit_heads.c.tenant == _b("t"), S.audit_heads.c.agent_id == _b("a")
+)
+_AUDIT = sa.insert(S.audit)
+_MOVE_HEAD = (
+    sa.update(S.audit_heads)
+    .where(S.audit_heads.c.tenant == _b("t"), S.audit_heads.c.agent_id == _b("a"))
+    .values(seq=_b("seq"), hash=_b("hash"))
+)
 
 
 class GovStore:
@@ -244,19 +298,9 @@ class GovStore:
         flipped in another process stops the very next call)."""
 
         def run(conn: sa.Connection, now: float) -> dict[str, Any]:
-            a = S.agents
-            rows: Sequence[Any] = conn.execute(
-                sa.select(a.c.agent_id, a.c.policy, a.c.disabled, a.c.disabled_reason).where(
-                    a.c.tenant == tenant, a.c.agent_id.in_([agent_id, "*"])
-                )
-            ).all()
-            t = S.tools
+            rows: Sequence[Any] = conn.execute(_AGENTS, {"t": tenant, "a": agent_id}).all()
             tool_rows: Sequence[Any] = conn.execute(
-                sa.select(t.c.scope_id, t.c.kind, t.c.enabled).where(
-                    t.c.tenant == tenant,
-                    t.c.name == tool,
-                    t.c.scope_id.in_(["global", f"agent:{agent_id}"]),
-                )
+                _TOOL, {"t": tenant, "name": tool, "scope": f"agent:{agent_id}"}
             ).all()
             out: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
             for r in rows:
@@ -343,17 +387,13 @@ class GovStore:
         wants: Sequence[Want],
         lease: float,
     ) -> Reservation:
-        c, r = S.counters, S.reservations
+        r = S.reservations
 
         def run(conn: sa.Connection, now: float) -> Reservation:
+            who = {"t": tenant, "a": agent_id}
             # 1. Holds whose lease expired belong to crashed or stalled workers: give
             #    their amounts back, exactly once (the DELETE under the row locks).
-            expired = conn.execute(
-                sa.select(r.c.id, r.c.amounts)
-                .where(r.c.tenant == tenant, r.c.agent_id == agent_id, r.c.lease_until < now)
-                .order_by(r.c.id)
-                .with_for_update()
-            ).all()
+            expired = conn.execute(_EXPIRED, {**who, "now": now}).all()
             delta: dict[tuple[str, int], int] = {}
             if expired:
                 conn.execute(sa.delete(r).where(r.c.id.in_([e.id for e in expired])))
@@ -361,30 +401,8 @@ class GovStore:
                     for metric, window, amount in json.loads(e.amounts):
                         delta[(metric, window)] = delta.get((metric, window), 0) - amount
             keys = sorted(set(delta) | {(w.metric, w.window) for w in wants})
-            # 2. Lock every counter involved, in one global order.
-            used: dict[tuple[str, int], int] = {}
-            for metric, window in keys:
-                self._lock_row(
-                    conn,
-                    c,
-                    {
-                        "tenant": tenant,
-                        "agent_id": agent_id,
-                        "metric": metric,
-                        "window_start": window,
-                        "used": 0,
-                    },
-                )
-                used[(metric, window)] = int(
-                    conn.execute(
-                        sa.select(c.c.used).where(
-                            c.c.tenant == tenant,
-                            c.c.agent_id == agent_id,
-                            c.c.metric == metric,
-                            c.c.window_start == window,
-                        )
-                    ).scalar_one()
-                )
+            # 2. Lock every counter involved, in one global (sorted) order, then read them.
+            used = self._lock_counters(conn, tenant, agent_id, keys)
             before = dict(used)
             for k, d in delta.items():
                 used[k] = max(0, used[k] + d)
@@ -400,72 +418,96 @@ class GovStore:
                     used[(w.metric, w.window)] += w.amount
             for k in keys:
                 if used[k] != before[k]:
-                    conn.execute(
-                        sa.update(c)
-                        .where(
-                            c.c.tenant == tenant,
-                            c.c.agent_id == agent_id,
-                            c.c.metric == k[0],
-                            c.c.window_start == k[1],
-                        )
-                        .values(used=used[k])
-                    )
+                    conn.execute(_SET_USED, {**who, "m": k[0], "w": k[1], "used": used[k]})
             if failed is not None:
-                return Reservation(False, None, failed, used[(failed.metric, failed.window)], now)
+                return Reservation(
+                    False, None, failed, used[(failed.metric, failed.window)], now, used
+                )
             rid = uuid.uuid4().hex
             conn.execute(
-                sa.insert(r).values(
-                    id=rid,
-                    tenant=tenant,
-                    agent_id=agent_id,
-                    namespace=namespace,
-                    idem_key=key,
-                    amounts=json.dumps([[w.metric, w.window, w.amount] for w in wants]),
-                    lease_until=now + lease,
-                    created_at=now,
-                )
+                _HOLD,
+                {
+                    "id": rid,
+                    "tenant": tenant,
+                    "agent_id": agent_id,
+                    "namespace": namespace,
+                    "idem_key": key,
+                    "amounts": json.dumps([[w.metric, w.window, w.amount] for w in wants]),
+                    "lease_until": now + lease,
+                    "created_at": now,
+                },
             )
-            return Reservation(True, rid, None, 0, now)
+            return Reservation(True, rid, None, 0, now, used)
 
         return self._tx(run)
+
+    def _lock_counters(
+        self, conn: sa.Connection, tenant: str, agent_id: str, keys: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        """Create missing counter rows, lock all of them (one statement, rows in sorted
+        order), and read them (one statement)."""
+        if not keys:
+            return {}
+        c = S.counters
+        rows = [
+            {"tenant": tenant, "agent_id": agent_id, "metric": m, "window_start": w, "used": 0}
+            for m, w in keys
+        ]
+        if self.kind == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            pg = postgresql.insert(c).values(rows)
+            pk = ["tenant", "agent_id", "metric", "window_start"]
+            conn.execute(pg.on_conflict_do_update(index_elements=pk, set_={"used": c.c.used}))
+        elif self.kind == "mysql":
+            from sqlalchemy.dialects import mysql
+
+            conn.execute(mysql.insert(c).values(rows).on_duplicate_key_update({"used": c.c.used}))
+        else:  # SQLite: BEGIN IMMEDIATE already holds the write lock
+            from sqlalchemy.dialects import sqlite
+
+            conn.execute(sqlite.insert(c).values(rows).on_conflict_do_nothing())
+        got = conn.execute(
+            _COUNTERS,
+            {
+                "t": tenant,
+                "a": agent_id,
+                "metrics": sorted({m for m, _ in keys}),
+                "windows": sorted({w for _, w in keys}),
+            },
+        ).all()
+        found = {(row.metric, int(row.window_start)): int(row.used) for row in got}
+        return {k: found[k] for k in keys}
 
     def _apply(
         self, conn: sa.Connection, tenant: str, agent_id: str, amounts: Iterable[Any], sign: int
     ) -> None:
-        c = S.counters
-        for metric, window, amount in sorted(amounts):
-            self._lock_row(
-                conn,
-                c,
-                {
-                    "tenant": tenant,
-                    "agent_id": agent_id,
-                    "metric": metric,
-                    "window_start": window,
-                    "used": 0,
-                },
-            )
-            expr = c.c.used + sign * amount
-            conn.execute(
-                sa.update(c)
-                .where(
-                    c.c.tenant == tenant,
-                    c.c.agent_id == agent_id,
-                    c.c.metric == metric,
-                    c.c.window_start == window,
-                )
-                .values(used=sa.case((expr < 0, 0), else_=expr))
-            )
+        amounts = sorted((m, int(w), int(a)) for m, w, a in amounts)
+        used = self._lock_counters(conn, tenant, agent_id, [(m, w) for m, w, _ in amounts])
+        for m, w, a in amounts:
+            used[(m, w)] = max(0, used[(m, w)] + sign * a)
+        for (m, w), value in used.items():
+            conn.execute(_SET_USED, {"t": tenant, "a": agent_id, "m": m, "w": w, "used": value})
 
-    def settle(self, tenant: str, agent_id: str, rid: str, amounts: list[Any]) -> None:
+    def settle(
+        self,
+        tenant: str,
+        agent_id: str,
+        rid: str,
+        amounts: list[Any],
+        audit: dict[str, Any] | None = None,
+    ) -> None:
         """The tool ran: its amounts stay counted. If a sweeper had already given them
-        back (the worker outlived its lease), count them again — the spend happened."""
+        back (the worker outlived its lease), count them again — the spend happened.
+        ``audit``: append that decision in the same transaction."""
         r = S.reservations
 
         def run(conn: sa.Connection, now: float) -> None:
             gone = conn.execute(sa.delete(r).where(r.c.id == rid)).rowcount
             if gone == 0:
                 self._apply(conn, tenant, agent_id, amounts, +1)
+            if audit is not None:
+                self._append(conn, now, tenant, audit)
 
         self._tx(run)
 
@@ -605,40 +647,35 @@ class GovStore:
     # -- audit ----------------------------------------------------------------------------
     def append_audit(self, tenant: str, entry: dict[str, Any]) -> tuple[int, str]:
         """Append one decision to the agent's hash chain; returns (seq, hash)."""
-        h, au = S.audit_heads, S.audit
+        return self._tx(lambda conn, now: self._append(conn, now, tenant, entry))
+
+    def _append(
+        self, conn: sa.Connection, now: float, tenant: str, entry: dict[str, Any]
+    ) -> tuple[int, str]:
+        h = S.audit_heads
         agent_id = entry["agent_id"]
-
-        def run(conn: sa.Connection, now: float) -> tuple[int, str]:
-            # The head row is the chain's lock: appends of one agent take turns here,
-            # appends of other agents lock other rows.
-            self._lock_row(
-                conn,
-                h,
-                {
-                    "tenant": tenant,
-                    "agent_id": agent_id,
-                    "seq": 0,
-                    "hash": GENESIS,
-                    "base_seq": 0,
-                    "base_hash": GENESIS,
-                },
-            )
-            head = conn.execute(
-                sa.select(h.c.seq, h.c.hash).where(h.c.tenant == tenant, h.c.agent_id == agent_id)
-            ).one()
-            seq = int(head.seq) + 1
-            row = {**entry, "tenant": tenant, "seq": seq, "created_at": now}
-            fields = audit_fields(_Row(row))
-            digest = chain_hash(head.hash, fields)
-            conn.execute(sa.insert(au).values(**fields, prev_hash=head.hash, hash=digest))
-            conn.execute(
-                sa.update(h)
-                .where(h.c.tenant == tenant, h.c.agent_id == agent_id)
-                .values(seq=seq, hash=digest)
-            )
-            return seq, digest
-
-        return self._tx(run)
+        # The head row is the chain's lock: appends of one agent take turns here,
+        # appends of other agents lock other rows.
+        self._lock_row(
+            conn,
+            h,
+            {
+                "tenant": tenant,
+                "agent_id": agent_id,
+                "seq": 0,
+                "hash": GENESIS,
+                "base_seq": 0,
+                "base_hash": GENESIS,
+            },
+        )
+        head = conn.execute(_HEAD, {"t": tenant, "a": agent_id}).one()
+        seq = int(head.seq) + 1
+        row = {**entry, "tenant": tenant, "seq": seq, "created_at": now}
+        fields = audit_fields(_Row(row))
+        digest = chain_hash(head.hash, fields)
+        conn.execute(_AUDIT, {**fields, "prev_hash": head.hash, "hash": digest})
+        conn.execute(_MOVE_HEAD, {"t": tenant, "a": agent_id, "seq": seq, "hash": digest})
+        return seq, digest
 
     def audit_rows(
         self,

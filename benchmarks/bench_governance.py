@@ -1,0 +1,191 @@
+"""Governed call (policy + budget + audit) next to the plain guarded call and the raw
+SQL floor, side by side in one run; and the statements each path sends.
+
+    python benchmarks/bench_governance.py [--calls N] [--pg URL]
+
+Rows (µs per call, median of interleaved blocks, new key on every call):
+
+* ``raw``: stdlib sqlite3 / psycopg INSERT + UPDATE, autocommit (the floor);
+* ``plain``: ``guard.call_tool(fn, args)`` — no agent, exactly-once only;
+* ``governed``: ``guard.call_tool(fn, args, agent_id=...)`` for an agent whose policy
+  has an hourly action cap and a daily spend cap with pricing: the §5 checks, an atomic
+  reservation, settlement and one audit row.
+
+Statements are counted with SQLAlchemy's ``before_cursor_execute`` (governance store)
+plus the ledger's own statements (2 per new key on the server databases, 3 on SQLite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onceonly_core import Guard  # noqa: E402
+from onceonly_core.governance import Policy  # noqa: E402
+from onceonly_core.stores.sql import SQLStore  # noqa: E402
+
+
+def tool(item: str) -> str:
+    return item
+
+
+def interleave(
+    cases: dict[str, Callable[[int], None]], calls: int, blocks: int = 10
+) -> dict[str, float]:
+    per = calls // blocks
+    out: dict[str, list[float]] = {k: [] for k in cases}
+    names = list(cases)
+    n = 0
+    for b in range(blocks):
+        order = names if b % 2 == 0 else names[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(per):
+                cases[name](n)
+                n += 1
+            out[name].append((time.perf_counter() - t0) / per * 1e6)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def count_statements(guard: Guard, run: Callable[[], Any]) -> int:
+    seen = [0]
+    eng = guard.gov.store.engine
+
+    def count(*_: Any) -> None:
+        seen[0] += 1
+
+    sa.event.listen(eng, "before_cursor_execute", count)
+    try:
+        run()
+    finally:
+        sa.event.remove(eng, "before_cursor_execute", count)
+    return seen[0]
+
+
+def setup(url: str) -> tuple[Guard, Guard]:
+    ns = f"bench-gov-{uuid.uuid4().hex[:8]}"
+    if not url.startswith("sqlite"):
+        with SQLStore(url) as s:
+            s.migrate()
+    plain = Guard(url, namespace=ns + "-p", quiet=True)
+    gov = Guard(url, namespace=ns + "-g", quiet=True)
+    gov.gov.upsert_policy(
+        Policy(
+            agent_id="bench",
+            max_actions_per_hour=10**9,
+            max_spend_usd_per_day=10**9,
+            pricing_rules={"tool": 0.01},
+        )
+    )
+    return plain, gov
+
+
+def sqlite_raw(path: str, sync: str) -> Callable[[int], None]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={sync}")
+    conn.execute("CREATE TABLE IF NOT EXISTS raw (k TEXT PRIMARY KEY, state TEXT, result TEXT)")
+
+    def run(n: int) -> None:
+        k = f"r{n}-{uuid.uuid4().hex}"
+        conn.execute(
+            "INSERT INTO raw (k, state) VALUES (?, 'running') ON CONFLICT DO NOTHING", (k,)
+        )
+        conn.execute(
+            "UPDATE raw SET state='succeeded', result='x' WHERE k=? AND state='running'", (k,)
+        )
+
+    return run
+
+
+def pg_raw(url: str) -> Callable[[int], None]:
+    import psycopg
+
+    dsn = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("CREATE TEMP TABLE raw (k TEXT PRIMARY KEY, state TEXT, result TEXT)")
+
+    def run(n: int) -> None:
+        k = f"r{n}-{uuid.uuid4().hex}"
+        conn.execute(
+            "INSERT INTO raw (k, state) VALUES (%s, 'running') ON CONFLICT DO NOTHING", (k,)
+        )
+        conn.execute(
+            "UPDATE raw SET state='succeeded', result='x' WHERE k=%s AND state='running'", (k,)
+        )
+
+    return run
+
+
+def bench(label: str, url: str, raw: Callable[[int], None], calls: int) -> list[tuple[str, float]]:
+    plain, gov = setup(url)
+    tag = uuid.uuid4().hex[:6]
+
+    def p(n: int) -> None:
+        plain.call_tool(tool, {"item": f"{tag}-{n}"}, tool="tool")
+
+    def g(n: int) -> None:
+        r = gov.call_tool(tool, {"item": f"{tag}-{n}"}, tool="tool", agent_id="bench")
+        assert r.decision == "executed", r
+
+    for i in range(30):  # warm up every path
+        raw(10**8 + i)
+        p(10**8 + i)
+        g(10**8 + i)
+    res = interleave({"raw": raw, "plain": p, "governed": g}, calls)
+    stmts_plain = count_statements(plain, lambda: p(10**9)) if plain._gov else 0
+    stmts_gov = count_statements(gov, lambda: g(10**9 + 1))
+    print(
+        f"{label}: governance-store statements per governed call: {stmts_gov} "
+        f"(plain call: {stmts_plain})"
+    )
+    plain.close()
+    gov.close()
+    return [(f"{label} {k}", v) for k, v in res.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument(
+        "--pg",
+        default=os.environ.get(
+            "ONCEONLY_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        ),
+    )
+    args = ap.parse_args()
+    rows: list[tuple[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sync in ("normal", "full"):
+            db = f"{tmp}/{sync}.db"
+            url = f"sqlite:///{db}?synchronous={sync}"
+            rows += bench(
+                f"sqlite {sync}", url, sqlite_raw(f"{tmp}/raw-{sync}.db", sync), args.calls
+            )
+    try:
+        rows += bench("postgresql", args.pg, pg_raw(args.pg), max(200, args.calls // 4))
+    except Exception as err:  # no server: say so, keep the SQLite rows
+        print(f"postgresql skipped: {err}")
+    print()
+    print("| path | µs/call |")
+    print("|---|---:|")
+    for name, v in rows:
+        print(f"| {name} | {v:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
