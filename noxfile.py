@@ -122,3 +122,4 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against the raw SQL floor and peer libraries (not a test)."""
     session.install(f".[{SERVER_EXTRAS}]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())
+    session.run("python", "benchmarks/bench_governance.py", env=_passthrough_env())

@@ -1,5 +1,8 @@
 """``onceonly demo``: a scripted agent charges cards and emails a receipt, and everything
-that can go wrong in production goes wrong once — on a real ledger, offline.
+that can go wrong in production goes wrong once — on a real ledger, offline. Then the
+same agent runs under governance (``guard.gov``, same ledger): a policy blocks a
+destructive tool, the daily budget stops a runaway loop, the kill switch stops its next
+call, and a refund waits for a human and then runs exactly once.
 
 Run it with ``onceonly demo`` (the ``cli`` extra) or ``python -m onceonly_core.demo``
 (core install only; rich output when rich is installed, plain text otherwise).
@@ -43,6 +46,14 @@ __all__ = ["SCENES", "Demo", "DemoReport", "Row", "Scene", "World", "main", "run
 DEFAULT_URL = "sqlite:///onceonly.db"
 CHARGE_TOOL = "shop.charge_card"
 RECEIPT_TOOL = "shop.send_receipt"
+# The governed part of the story (scenes 6-9): one agent, one policy, four tools.
+AGENT = "shop-agent"
+DELETE_TOOL = "shop.delete_customer"
+LABEL_TOOL = "shop.buy_label"
+SMS_TOOL = "shop.send_sms"
+REFUND_TOOL = "shop.refund"
+LABEL_PRICE = 9.00
+DAILY_BUDGET = 20.00
 
 
 # -- the outside world ------------------------------------------------------------------
@@ -128,6 +139,13 @@ class World:
             time.sleep(120)
         return {"message_id": message_id, "to": to}
 
+    # The governed tools' providers (scenes 6-9): each effect is one line of the file.
+    def effect(self, kind: str, prefix: str, **fields: Any) -> dict[str, Any]:
+        time.sleep(self.latency)
+        event = {"kind": kind, "id": f"{prefix}_{uuid.uuid4().hex[:8]}", **fields}
+        self._append(event)
+        return event
+
     def find_email(self, idempotency_key: str) -> dict[str, Any] | None:
         """The provider's "look up a message by idempotency key" endpoint."""
         for e in self.events("email"):
@@ -156,6 +174,18 @@ class Shop:
             f"Your receipt for order {order_id}",
             call.idempotency_key if call else None,
         )
+
+    def delete_customer(self, customer: str) -> dict[str, Any]:
+        return self.world.effect("delete", "del", customer=customer)
+
+    def buy_label(self, parcel: str) -> dict[str, Any]:
+        return self.world.effect("label", "lbl", parcel=parcel)
+
+    def send_sms(self, order_id: str, to: str) -> dict[str, Any]:
+        return self.world.effect("sms", "sms", order=order_id, to=to)
+
+    def refund(self, order_id: str, amount_cents: int) -> dict[str, Any]:
+        return self.world.effect("refund", "re", order=order_id, amount_cents=amount_cents)
 
     def reconcile_receipt(self, ctx: CallContext) -> Any:
         """``on_unknown`` for send_receipt: ask the mail provider whether the message with
@@ -187,10 +217,12 @@ class Printer:
         self.out = out if out is not None else sys.stdout
         encoding = getattr(self.out, "encoding", None) or "utf-8"
         try:
-            "✓↺✗→—…".encode(encoding)
+            "✓↺✗→—…⊘⧗".encode(encoding)
             self.marks = {"ok": "✓", "replay": "↺", "fail": "✗", "event": "!", "arrow": "→"}
+            self.marks.update(stop="⊘", wait="⧗")
         except (UnicodeEncodeError, LookupError):
             self.marks = {"ok": "+", "replay": "~", "fail": "x", "event": "!", "arrow": "->"}
+            self.marks.update(stop="#", wait="?")
         self._console: Any = None
         if not plain:
             try:
@@ -244,6 +276,13 @@ class Printer:
 
     def event(self, text: str) -> None:
         self._line(text, "yellow", f"   {self.marks['event']}", "bold yellow")
+
+    def stop(self, text: str) -> None:
+        """A call governance stopped before it ran."""
+        self._line(text, "", f"   {self.marks['stop']}", "bold red")
+
+    def wait(self, text: str) -> None:
+        self._line(text, "", f"   {self.marks['wait']}", "bold yellow")
 
     def proof(self, ok: bool, text: str) -> None:
         mark = self.marks["ok"] if ok else self.marks["fail"]
@@ -314,6 +353,7 @@ class Row:
     calls: int
     ran: str
     replayed: str
+    stopped: str = ""  # calls governance stopped before they ran, and why
     world: str = ""  # filled in by run_demo: the effects the world saw during the scene
 
 
@@ -334,6 +374,8 @@ class Demo:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # by order id
     run_id: str = ""  # the agent run of the current scene
     decisions: list[tuple[str, str]] = field(default_factory=list)  # (thread, decision)
+    governed: list[Any] = field(default_factory=list)  # the ToolResults of scenes 6-9
+    facts: dict[str, Any] = field(default_factory=dict)  # what scenes 6-9 saw, for proofs
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, outcome: Outcome) -> None:
@@ -362,6 +404,12 @@ class Demo:
     def receipt(self, order: Order) -> dict[str, Any]:
         self.count("send")
         return self.send_receipt(order.id, order.email)
+
+    def govern(self, fn: Callable[..., Any], tool: str, args: dict[str, Any], **kw: Any) -> Any:
+        """One governed call of the agent (``guard.call_tool``): never raises, decides."""
+        res = self.guard.call_tool(fn, args, tool=tool, agent_id=AGENT, **kw)
+        self.governed.append(res)
+        return res
 
     def ledger_record(self, tool: str, result_field: str, value: str) -> Record | None:
         """This run's record of ``tool`` whose stored result has ``result_field == value``."""
@@ -568,12 +616,146 @@ def scene_declined_then_retried(demo: Demo) -> Row:
     return Row("declined, retried", "charge_card", 2, ran, "0")
 
 
+# -- governance (scenes 6-9): the same agent, under a policy, on the same ledger --------
+def _operator(demo: Demo, command: str) -> None:
+    demo.out.info(f"operator: onceonly {command} --namespace {demo.namespace}")
+
+
+def scene_blocked_tool(demo: Demo) -> Row:
+    gov, out, arrow = demo.guard.gov, demo.out, demo.out.marks["arrow"]
+    gov.policy_from_template(
+        AGENT,
+        "moderate",
+        {"max_spend_usd_per_day": DAILY_BUDGET, "pricing_rules": {LABEL_TOOL: LABEL_PRICE}},
+    )
+    _operator(
+        demo,
+        f"policy set {AGENT} --template moderate --set max_spend_usd_per_day={DAILY_BUDGET:g} "
+        f"--set pricing_rules.{LABEL_TOOL}={LABEL_PRICE:g}",
+    )
+    out.say(
+        "the 'moderate' template: delete_* blocked, refunds need approval; "
+        f"budget ${DAILY_BUDGET:.2f} a day, a shipping label costs ${LABEL_PRICE:.2f}"
+    )
+    out.say(f"a confused plan makes the agent call delete_customer({BOB.customer})")
+    r = demo.govern(demo.shop.delete_customer, DELETE_TOOL, {"customer": BOB.customer})
+    if r.decision == "blocked":
+        out.stop(f"delete_customer blocked {arrow} {r.policy_reason}; nothing was deleted")
+        out.say(f"the agent is told: {r.message}")
+    else:
+        out.fail(f"delete_customer was not blocked {arrow} {r.decision}")
+    demo.facts["blocked"] = r
+    stopped = "1 by policy" if r.decision == "blocked" else "0"
+    return Row("blocked tool", "delete_customer", 1, "0", "0", stopped)
+
+
+def scene_budget_stop(demo: Demo) -> Row:
+    out, arrow = demo.out, demo.out.marks["arrow"]
+    out.say("a bug makes the agent buy a shipping label for every retry of a parcel, in a loop")
+    spent, results = 0.0, []
+    for n in range(1, 6):
+        r = demo.govern(demo.shop.buy_label, LABEL_TOOL, {"parcel": f"P-{n}"})
+        results.append(r)
+        if r.decision != "executed":
+            out.stop(
+                f"buy_label P-{n} blocked {arrow} {r.policy_reason}: ${spent:.2f} spent today, "
+                f"another ${LABEL_PRICE:.2f} would pass the ${DAILY_BUDGET:.2f} cap"
+            )
+            out.say(
+                "the cap is checked and counted in one database transaction, so "
+                "concurrent workers cannot overspend it either"
+            )
+            break
+        spent += r.spend_usd
+        out.ok(
+            f"buy_label P-{n} executed {arrow} {r.result['id']} "
+            f"(${r.spend_usd:.2f}; ${spent:.2f} of ${DAILY_BUDGET:.2f} today)"
+        )
+    ran = sum(r.decision == "executed" for r in results)
+    stopped = [r for r in results if r.decision == "blocked"]
+    demo.facts["budget"] = results
+    return Row("budget stop", "buy_label", len(results), str(ran), "0", f"{len(stopped)} budget")
+
+
+def scene_kill_switch(demo: Demo) -> Row:
+    gov, out, arrow = demo.guard.gov, demo.out, demo.out.marks["arrow"]
+    o = BOB
+    reason = "texting customers at 3 a.m."
+    out.event("the agent starts texting customers at 3 a.m.; the operator hits the kill switch")
+    gov.disable_agent(AGENT, reason)
+    _operator(demo, f"agent disable {AGENT} --reason '{reason}'")
+    out.say("the switch is a row in the ledger: every process sharing it sees it on the next call")
+    args = {"order_id": o.id, "to": o.email}
+    first = demo.govern(demo.shop.send_sms, SMS_TOOL, args)
+    if first.decision == "blocked":
+        out.stop(f"send_sms {o.id} blocked {arrow} {first.policy_reason} ({first.error})")
+    else:
+        out.fail(f"send_sms ran while the agent was disabled {arrow} {first.decision}")
+    gov.enable_agent(AGENT)
+    _operator(demo, f"agent enable {AGENT}")
+    out.say("the agent retries the same call")
+    second = demo.govern(demo.shop.send_sms, SMS_TOOL, args)
+    if second.decision == "executed":
+        out.ok(f"send_sms {o.id} executed {arrow} {second.result['id']}")
+    else:
+        out.fail(f"send_sms did not run after enable {arrow} {second.decision}")
+    demo.facts["kill"] = (first, second)
+    ran = str(int(second.decision == "executed"))
+    stopped = "1 disabled" if first.policy_reason == "agent_disabled" else "0"
+    return Row("kill switch", "send_sms", 2, ran, "0", stopped)
+
+
+def scene_approval(demo: Demo) -> Row:
+    gov, out, arrow = demo.guard.gov, demo.out, demo.out.marks["arrow"]
+    o = CAROL
+    gov.create_tool(REFUND_TOOL, demo.shop.refund, description="refund an order")
+    args = {"order_id": o.id, "amount_cents": o.amount_cents}
+
+    def ask() -> Any:
+        r = gov.run_tool(AGENT, REFUND_TOOL, args)
+        demo.governed.append(r)
+        return r
+
+    out.say(f"the agent refunds order {o.id} ({o.amount}); the policy says refunds need a human")
+    first = ask()
+    if first.decision == "pending_approval":
+        out.wait(f"refund {o.id} pending_approval {arrow} request {first.approval_id}")
+    else:
+        out.fail(f"refund did not wait for approval {arrow} {first.decision}")
+    again = ask()
+    out.wait(f"asked again before anyone decided: still {again.decision}, the same request")
+    if first.approval_id:
+        gov.approve(first.approval_id, by="operator")
+        _operator(demo, f"approvals approve {first.approval_id}")
+    out.say("the agent re-asks three times: a retry, a resume from its checkpoint, a duplicate")
+    later = [ask() for _ in range(3)]
+    for r in later:
+        if r.decision == "executed":
+            out.ok(f"refund {o.id} executed {arrow} {r.result['id']}")
+        elif r.decision == "dedup":
+            out.replay(f"refund {o.id} replayed {arrow} {r.result['id']} (already refunded)")
+        else:
+            out.fail(f"refund {o.id} {r.decision} {arrow} {r.policy_reason}")
+    approval = gov.get_approval(first.approval_id) if first.approval_id else None
+    demo.facts["approval"] = (first, again, later, approval)
+    if approval is not None:
+        out.info(f"the request is now '{approval.state}': approved once, used once")
+    ran = sum(r.decision == "executed" for r in later)
+    replayed = sum(r.decision == "dedup" for r in later)
+    waited = sum(r.decision == "pending_approval" for r in (first, again))
+    return Row("approval", "refund", 5, str(ran), str(replayed), f"{waited} waiting")
+
+
 SCENES: list[Scene] = [
     Scene("A normal run", scene_normal_run),
     Scene("The agent retries after a timeout", scene_retry_after_timeout),
     Scene("A worker crashes in the middle of sending an email", scene_crash_mid_send),
     Scene("Four workers race for the same charge", scene_race),
     Scene("A declined card, retried", scene_declined_then_retried),
+    Scene("A policy blocks a destructive tool", scene_blocked_tool),
+    Scene("The daily budget stops a runaway loop", scene_budget_stop),
+    Scene("The kill switch stops the agent's next call", scene_kill_switch),
+    Scene("A refund waits for a human, then runs once", scene_approval),
 ]
 """The story, in order. Append a :class:`Scene` to extend the demo."""
 
@@ -660,7 +842,15 @@ def run_demo(
 
 
 def _effects(new: Counter[str]) -> str:
-    names = {"charge": "charge", "email": "email", "decline": "decline"}
+    names = {
+        "charge": "charge",
+        "email": "email",
+        "decline": "decline",
+        "delete": "deletion",
+        "label": "label",
+        "sms": "text",
+        "refund": "refund",
+    }
     parts = [f"{new[k]} {v}{'s' if new[k] > 1 else ''}" for k, v in names.items() if new[k]]
     return ", ".join(parts) or "none"
 
@@ -694,6 +884,9 @@ def _prove(demo: Demo, rows: list[Row]) -> DemoReport:
             f"the ledger agrees: {executions} charge executions recorded",
         ),
     ]
+    if not (demo.calls["charge"] or demo.calls["send"]):
+        proofs = []  # only governed scenes were played (run_demo(scenes=...))
+    proofs += _governance_proofs(demo)
     return DemoReport(
         demo.url,
         demo.namespace,
@@ -707,11 +900,95 @@ def _prove(demo: Demo, rows: list[Row]) -> DemoReport:
     )
 
 
+def _governance_proofs(demo: Demo) -> list[tuple[bool, str]]:
+    """What scenes 6-9 claim, checked against the world and the ledger."""
+    world, facts = demo.world, demo.facts
+    if not facts:
+        return []
+    gov = demo.guard.gov
+    proofs: list[tuple[bool, str]] = []
+    logs = gov.agent_logs(AGENT, limit=1000)
+    if "blocked" in facts:
+        audited = [a for a in logs if a.tool == DELETE_TOOL]
+        ok = not world.events("delete") and [(a.decision, a.reason) for a in audited] == [
+            ("blocked", "tool_blocked")
+        ]
+        proofs.append(
+            (
+                ok,
+                f"blocked by policy: {len(world.events('delete'))} customers deleted — the "
+                "audit log has the decision (blocked, tool_blocked)",
+            )
+        )
+    if "budget" in facts:
+        labels = world.events("label")
+        spent = gov.agent_metrics(AGENT, "day").spend_usd
+        stopped = [r for r in facts["budget"] if r.policy_reason == "daily_spend_exceeded"]
+        ok = (
+            len(labels) == 2
+            and abs(spent - len(labels) * LABEL_PRICE) < 1e-9
+            and spent <= DAILY_BUDGET
+            and len(stopped) == 1
+        )
+        proofs.append(
+            (
+                ok,
+                f"budget held: {len(labels)} labels bought, ${spent:.2f} spent of the "
+                f"${DAILY_BUDGET:.2f} daily cap — the next one was stopped before it ran",
+            )
+        )
+    if "kill" in facts:
+        first, second = facts["kill"]
+        texts = world.events("sms")
+        ok = (
+            first.policy_reason == "agent_disabled"
+            and second.decision == "executed"
+            and len(texts) == 1
+        )
+        proofs.append(
+            (
+                ok,
+                f"kill switch: the call made while disabled did not run; after enable it "
+                f"ran once ({len(texts)} text sent)",
+            )
+        )
+    if "approval" in facts:
+        first, again, later, approval = facts["approval"]
+        refunds = world.events("refund")
+        asks = 2 + len(later)
+        ok = (
+            first.decision == again.decision == "pending_approval"
+            and first.approval_id == again.approval_id
+            and [r.decision for r in later] == ["executed", "dedup", "dedup"]
+            and approval is not None
+            and approval.state == "consumed"
+            and len(refunds) == 1
+        )
+        proofs.append(
+            (
+                ok,
+                f"approval: {len(refunds)} refund for {asks} asks — pending until approved, "
+                "then executed once and replayed",
+            )
+        )
+    problems = gov.verify_audit()
+    proofs.append(
+        (
+            not problems,
+            f"audit log: {len(logs)} decisions of {AGENT}, hash chain "
+            + ("verified" if not problems else f"BROKEN: {problems[0]['problem']}"),
+        )
+    )
+    return proofs
+
+
 def _summarize(out: Printer, report: DemoReport, url: str) -> None:
     out.blank()
-    headers = ["scene", "tool", "calls", "ran", "replayed", "world"]
-    rows = [[r.scene, r.tool, str(r.calls), r.ran, r.replayed, r.world] for r in report.rows]
-    out.table("What ran once, what was replayed", headers, rows)
+    headers = ["scene", "tool", "calls", "ran", "replayed", "stopped", "world"]
+    rows = [
+        [r.scene, r.tool, str(r.calls), r.ran, r.replayed, r.stopped, r.world] for r in report.rows
+    ]
+    out.table("What ran once, what was replayed, what was stopped", headers, rows)
     out.blank()
     for ok, text in report.proofs:
         out.proof(ok, text)
@@ -730,6 +1007,13 @@ def _summarize(out: Printer, report: DemoReport, url: str) -> None:
     out.info(f"onceonly stats --namespace {report.namespace}{flag}")
     out.info(f"onceonly history {CHARGE_TOOL} --namespace {report.namespace}{flag}")
     out.info(f"onceonly tail{flag}    (then run the demo again in another terminal)")
+    if any(r.stopped for r in report.rows):
+        ns = f"--namespace {report.namespace}{flag}"
+        out.info(f"onceonly agent logs {AGENT} {ns}")
+        out.info(f"onceonly agent metrics {AGENT} {ns}")
+        out.info(f"onceonly approvals list --state all {ns}")
+        out.info(f"onceonly audit verify {ns}")
+        out.info(f"onceonly timeline scene-7 {ns}")
 
 
 def _display(url: str) -> str:

@@ -677,3 +677,9 @@ def demo(
     report = run_demo(url, fast=fast)
     if not report.ok:
         raise typer.Exit(1)
+
+
+# -- governance: policy, agent, tools, approvals, audit, timeline (cli/gov.py) ------------
+from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)
+
+del _gov
