@@ -25,7 +25,6 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from onceonly_core import Guard
 from onceonly_core import guard as default_guard
 from onceonly_core.errors import ConfigError, OnceOnlyError
-from onceonly_core.governance.engine import evaluate
 
 __all__ = ["AsyncOnceOnlyCallbackHandler", "OnceOnlyCallbackHandler", "ToolCallBlocked"]
 
@@ -146,14 +145,12 @@ class _Recorder:
 
     # -- writes ---------------------------------------------------------------------------
     def refusal(self, tool: str) -> str | None:
-        gov = self.guard.gov
         assert self.agent_id is not None
-        snap = gov.store.snapshot(gov.tenant, self.agent_id, tool)
-        verdict = evaluate(snap, self.agent_id, tool, None, by_name=False)
-        if verdict.reason is not None:
-            return verdict.reason
+        verdict = self.guard.gov.check(self.agent_id, tool)
+        if not verdict["allowed"]:
+            return str(verdict["reason"])
         # A callback cannot wait for a human: a tool that needs approval is refused here.
-        return "approval_required" if verdict.approval else None
+        return "approval_required" if verdict["needs_approval"] else None
 
     def post(
         self,
@@ -171,31 +168,10 @@ class _Recorder:
     def audit(self, tool: str, args: Any, decision: str, reason: str, run: str) -> None:
         if self.agent_id is None or not tool:
             return
-        gov = self.guard.gov
-        # GovStore.append_audit is the ledger's own audit writer (hash-chained); the
-        # public facade has no "record an observed call" yet.
-        gov.store.append_audit(
-            gov.tenant,
-            {
-                "agent_id": self.agent_id,
-                "tool": tool,
-                "args_digest": None,
-                "args": None if args is None else _json(gov.redactor.redact(args)),
-                "decision": decision,
-                "reason": reason,
-                "risk_level": "low",
-                "spend_micros": 0,
-                "run_id": run,
-                "token": None,
-                "idem_key": None,
-            },
+        # An observed call (not governed here): recorded in the same hash-chained log.
+        self.guard.gov.record(
+            self.agent_id, tool, decision=decision, reason=reason, args=args, run_id=run
         )
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> str | None:

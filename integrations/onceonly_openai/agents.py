@@ -18,7 +18,6 @@ from typing import Any
 
 from onceonly_core import Guard
 from onceonly_core.errors import MissingExtraError, OnceOnlyError
-from onceonly_core.governance.models import matches
 
 try:
     from agents import (
@@ -206,17 +205,12 @@ def guard_agent(agent: Agent[Any], **kwargs: Any) -> Agent[Any]:
 
 
 def _static_reason(guard: Guard, agent_id: str, tool: str) -> tuple[str, str] | None:
-    status = guard.gov.agent_status(agent_id)
-    if status["disabled"]:
-        return "agent_disabled", status.get("reason") or ""
-    policy = guard.gov.get_policy(agent_id)
-    if policy is None:
+    # The core's dry run of the checks a guardrail can decide before the call: kill
+    # switch, registry, block and allow lists. Caps are only decided atomically by a call.
+    verdict = guard.gov.check(agent_id, tool)
+    if verdict["allowed"]:
         return None
-    if matches(tool, policy.blocked_tools):
-        return "tool_blocked", ""
-    if policy.allowed_tools is not None and not matches(tool, policy.allowed_tools):
-        return "tool_not_in_allowed_list", ""
-    return None
+    return str(verdict["reason"]), str(verdict.get("detail") or "")
 
 
 def policy_guardrail(
