@@ -671,7 +671,8 @@ def demo(
     url: UrlOpt = DEFAULT_URL,
     fast: Annotated[bool, typer.Option("--fast", help="No pauses, short leases.")] = False,
 ) -> None:
-    """Play the offline demo: retries, a crash, a race and a decline, each effect once."""
+    """Play the offline demo: retries, a crash, a race, a blocked tool, a budget stop, the kill
+    switch and an approval; each effect once."""
     from ..demo import run_demo
 
     report = run_demo(url, fast=fast)

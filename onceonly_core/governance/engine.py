@@ -480,6 +480,18 @@ class Governance:
             if r.get("policy")
         ]
 
+    def list_agents(self) -> list[dict[str, Any]]:
+        """Every agent this tenant knows (a policy or kill-switch state), with its status."""
+        return [
+            {
+                "agent_id": r["agent_id"],
+                "disabled": bool(r["disabled"]),
+                "reason": r["disabled_reason"],
+                "has_policy": bool(r["policy"]),
+            }
+            for r in self.store.list_agents(self.tenant)
+        ]
+
     def delete_policy(self, agent_id: str) -> None:
         self.store.put_agent(self.tenant, agent_id, policy=None)
 
