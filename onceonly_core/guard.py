@@ -920,7 +920,7 @@ class Guard:
             except Exception as err:
                 if call is None or any(err is e for e in seen):
                     return ("error", err)
-                raise
+                return ("raise", err)  # ours (InProgress, KeyReuseError, StoreError, ...)
             self._after(outcome)
             return ("ok", outcome)
 
@@ -965,7 +965,7 @@ class Guard:
             except Exception as err:
                 if call is None or any(err is e for e in seen):
                     return ("error", err)
-                raise
+                return ("raise", err)  # ours (InProgress, KeyReuseError, StoreError, ...)
             self._after(outcome)
             return ("ok", outcome)
 
@@ -1032,6 +1032,8 @@ class Guard:
 def _plain(ran: Any, req: Request) -> ToolResult:
     from .governance.engine import _from_run
 
+    if ran[0] == "raise":
+        raise ran[1]
     return _from_run(ran, {"tool": req.tool, "agent_id": None, "run_id": req.run_id}, req, "low", 0)
 
 

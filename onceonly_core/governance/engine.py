@@ -172,6 +172,8 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         yield G("post_event", (tenant, gov.event(req, "tool_call")), quiet=True)
     if req.agent_id is None:
         ran = yield Inner(None)
+        if ran[0] == "raise":
+            raise ran[1]
         result = _from_run(ran, base, req, "low", 0)
         yield from _record(gov, req, result, None)
         return result
@@ -221,6 +223,12 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
                 yield from _record(gov, req, result, None)
                 return result
     ran = yield Inner(res.id if res else None)
+    if ran[0] == "raise":
+        # Our own error (the key is in progress elsewhere, reused with other arguments,
+        # the ledger is down): nothing ran here, so give the reservation back, then raise.
+        if res is not None and res.id is not None:
+            yield G("release", (tenant, req.agent_id, res.id), quiet=True)
+        raise ran[1]
     result = _from_run(ran, base, req, v.risk, v.spend)
     result.approval_id = approval_id
     audited = False

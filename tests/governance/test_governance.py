@@ -442,3 +442,33 @@ def test_notifications_hooks_and_signed_webhooks(guard: Guard) -> None:
     delivered = sorted(json.loads(r.body)["type"] for r in srv.requests)
     assert delivered == ["blocked", "budget_threshold"]
     assert all(r.verified for r in srv.requests)
+
+
+def test_our_own_errors_give_the_reservation_back(guard: Guard) -> None:
+    """A governed call that cannot run because the key is held elsewhere (InProgress)
+    raises, and its reservation is released at once instead of waiting for its lease."""
+    import threading
+
+    from onceonly_core import InProgress
+
+    guard.gov.upsert_policy(Policy(agent_id="r", max_actions_per_hour=10))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(order: str) -> str:
+        started.set()
+        release.wait(30)
+        return order
+
+    holder = threading.Thread(
+        target=guard.call_tool, args=(slow, {"order": "o1"}), kwargs={"agent_id": "r"}
+    )
+    holder.start()
+    assert started.wait(30)
+    with pytest.raises(InProgress):
+        guard.call_tool(slow, {"order": "o1"}, agent_id="r", wait=0)
+    assert guard.gov.store.holds(guard.namespace, "r") == 1  # only the running call's
+    release.set()
+    holder.join(30)
+    assert guard.gov.store.holds(guard.namespace, "r") == 0
+    hour = int(guard.gov.store.now() // 3600) * 3600
+    assert guard.gov.store.counter(guard.namespace, "r", "actions", hour) == 1
