@@ -8,7 +8,12 @@ import pytest
 
 from _docblocks import ROOT, blocks, run_block
 
-BLOCKS = blocks(ROOT / "docs" / "integrations" / "openai.md")
+BLOCKS = blocks(ROOT / "docs" / "integrations" / "openai.md") + [
+    # README blocks for this framework (the core session skips them: no framework there)
+    (name, code)
+    for name, code in blocks(ROOT / "README.md")
+    if code.startswith("# requires: openai\n")
+]
 
 
 def test_the_page_has_examples() -> None:
