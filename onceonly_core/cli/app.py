@@ -671,8 +671,7 @@ def demo(
     url: UrlOpt = DEFAULT_URL,
     fast: Annotated[bool, typer.Option("--fast", help="No pauses, short leases.")] = False,
 ) -> None:
-    """Play the offline demo: retries, a crash, a race, a blocked tool, a budget stop, the kill
-    switch and an approval; each effect once."""
+    """Play the offline demo: retries, crashes, races, policy, budget, kill switch, approval."""
     from ..demo import run_demo
 
     report = run_demo(url, fast=fast)
