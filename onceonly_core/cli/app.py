@@ -683,3 +683,9 @@ def demo(
 from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)
 
 del _gov
+
+# -- the server: serve, worker, server/keys create|list|revoke (server/cli.py) -------------
+from ..server.cli import register as _register_server  # noqa: E402
+
+_register_server(app)
+del _register_server

@@ -441,6 +441,7 @@ class Governance:
 
         self._guard = guard
         self._store: GovStore | None = None
+        self._owns_store = False
         self._local: dict[str, Callable[..., Any]] = {}
         self._hooks: list[tuple[Callable[[dict[str, Any]], Any], frozenset[str] | None]] = []
         self.redactor = default_redactor
@@ -450,16 +451,24 @@ class Governance:
     def store(self) -> GovStore:
         if self._store is None:
             self._store = GovStore(self._guard.store)
+            self._owns_store = True
         return self._store
+
+    def share_store(self, store: GovStore) -> None:
+        """Use a governance store shared with other guards on the same ledger (one
+        connection pool for many tenants, as the server does). It is not closed here."""
+        if self._store is not None and self._owns_store:
+            self._store.close()
+        self._store, self._owns_store = store, False
 
     @property
     def tenant(self) -> str:
         return self._guard.namespace
 
     def close(self) -> None:
-        if self._store is not None:
+        if self._store is not None and self._owns_store:
             self._store.close()
-            self._store = None
+        self._store = None
 
     # -- policies -------------------------------------------------------------------------
     def upsert_policy(self, policy: Policy | Mapping[str, Any]) -> Policy:

@@ -1,0 +1,99 @@
+"""`onceonly server create-key` / `list-keys` (the sub-app, registered on a bare Typer)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+typer = pytest.importorskip("typer")
+from typer.testing import CliRunner  # noqa: E402
+
+from onceonly_core.server.cli import register  # noqa: E402
+from onceonly_core.server.control import ControlPlane  # noqa: E402
+from onceonly_core.server.db import KEY_PREFIX, hash_key  # noqa: E402
+
+
+def test_create_key_prints_once_and_stores_hash(tmp_path: Path) -> None:
+    app = typer.Typer()
+
+    @app.command()
+    def version() -> None:  # a second command, so typer keeps the group
+        pass
+
+    register(app)
+    url = f"sqlite:///{tmp_path}/l.db"
+    runner = CliRunner()
+    res = runner.invoke(app, ["server", "create-key", "--tenant", "acme", "--url", url])
+    assert res.exit_code == 0, res.output
+    key = res.output.strip()
+    assert key.startswith(KEY_PREFIX)
+    cp = ControlPlane(url)
+    try:
+        info = cp.keys.authenticate(key)
+        assert info is not None and info.tenant == "acme"
+        listed = runner.invoke(app, ["server", "list-keys", "--url", url])
+        assert key not in listed.output and hash_key(key) not in listed.output
+        assert "acme" in listed.output
+        bad = runner.invoke(app, ["server", "create-key", "--tenant", "a/b", "--url", url])
+        assert bad.exit_code != 0
+        alias = runner.invoke(app, ["keys", "create", "--tenant", "beta", "--url", url])
+        assert alias.exit_code == 0 and alias.output.startswith(KEY_PREFIX)
+        assert cp.keys.revoke_key(info.key_id)
+        assert cp.keys.authenticate(key) is None
+    finally:
+        cp.close()
+
+
+def test_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onceonly_core.errors import MissingExtraError
+    from onceonly_core.server import create_app
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(MissingExtraError, match=r'pip install "onceonly-core\[server\]"'):
+        create_app("sqlite:///x.db")
+
+
+@pytest.mark.timeout(60)
+def test_serve_command_end_to_end(tmp_path: Path) -> None:
+    from onceonly import OnceOnly
+
+    from onceonly_core.server import create_key
+
+    url = f"sqlite:///{tmp_path}/l.db"
+    key = create_key(url, "acme")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import typer; from onceonly_core.server.cli import register; "
+        "app = typer.Typer(); register(app); app()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--url", url, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
+            time.sleep(0.1)
+        with OnceOnly(key, base_url=f"http://127.0.0.1:{port}", fail_open=False) as c:
+            assert c.check_lock("cli-k", ttl=60).locked
+            assert c.check_lock("cli-k", ttl=60).duplicate
+            res = c.ai.run_and_wait(key="cli-job", timeout=20, poll_min=0.2)
+            assert res.status == "completed"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
