@@ -28,11 +28,12 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 
 TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")  # pytest, hypothesis, pytest-timeout
 SERVER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "server-test")  # onceonly-sdk
+OTEL_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "otel-test")
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
 
 # Everything but the agent frameworks (each has its own session).
-SERVER_EXTRAS = "postgres,mysql,cli,http,server"
+SERVER_EXTRAS = "postgres,mysql,cli,http,server,otel"
 
 PASSTHROUGH_ENV = ("ONCEONLY_REQUIRE_SERVICES", "ONCEONLY_PG_URL", "ONCEONLY_MYSQL_URL")
 
@@ -49,6 +50,9 @@ OPTIONAL_MODULES = (
     "openai",
     "llama_index",
     "httpx",
+    "opentelemetry",
+    "fastapi",
+    "uvicorn",
     "agents",
     "langgraph",
 )
@@ -98,7 +102,7 @@ def core(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole suite with every extra installed, against the real servers."""
-    session.install("-e", f".[{SERVER_EXTRAS}]", *TEST_DEPS, *SERVER_TEST_DEPS)
+    session.install("-e", f".[{SERVER_EXTRAS}]", *TEST_DEPS, *SERVER_TEST_DEPS, *OTEL_TEST_DEPS)
     # Each framework's tests run in its own `integration` session, with only its extra.
     session.run(
         "pytest", "tests", "--ignore=tests/integrations", *session.posargs, env=_passthrough_env()

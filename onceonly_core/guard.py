@@ -48,6 +48,7 @@ from .stores.base import MAX_LABEL, NewClaim, check_labels
 if TYPE_CHECKING:
     from .governance.engine import Governance, Request
     from .governance.models import ToolResult
+    from .telemetry import Observer
 
 __all__ = [
     "BLOCKED",
@@ -253,6 +254,9 @@ class Guard:
         }
         self._config_lock = threading.Lock()
         self._heartbeats = _Heartbeats(self)
+        # Set by onceonly_core.telemetry.instrument(): wraps each call in a span (and a
+        # log record). None, the default, costs one attribute read per call.
+        self._observer: Observer | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     # -- configuration (lazy) -----------------------------------------------------------
@@ -728,6 +732,9 @@ class Guard:
             return call.opts.on_unknown(ctx)
 
         try:
+            obs = self._observer
+            if obs is not None:
+                return obs.run(call, run_sync, flow(call), store, execute, reconcile)
             return run_sync(flow(call), store, execute, reconcile)
         except BaseException as err:
             self._after_error(call, err)
@@ -782,6 +789,9 @@ class Guard:
             return call.opts.on_unknown(ctx)
 
         try:
+            obs = self._observer
+            if obs is not None:
+                return await obs.arun(call, run_async, flow(call), store, execute, reconcile)
             return await run_async(flow(call), store, execute, reconcile)
         except BaseException as err:
             self._after_error(call, err)
@@ -924,9 +934,13 @@ class Guard:
             self._after(outcome)
             return ("ok", outcome)
 
-        if gov is None:
-            return _plain(inner(None), req)
-        return drive_sync(governed(gov, req), gov, peek, inner)
+        def drive() -> ToolResult:
+            if gov is None:
+                return _plain(inner(None), req)
+            return drive_sync(governed(gov, req), gov, peek, inner)
+
+        obs = self._observer
+        return drive() if obs is None else obs.run(req, drive)
 
     async def _agoverned(
         self,
@@ -969,9 +983,13 @@ class Guard:
             self._after(outcome)
             return ("ok", outcome)
 
-        if gov is None:
-            return _plain(await inner(None), req)
-        return await drive_async(governed(gov, req), gov, peek, inner)
+        async def drive() -> ToolResult:
+            if gov is None:
+                return _plain(await inner(None), req)
+            return await drive_async(governed(gov, req), gov, peek, inner)
+
+        obs = self._observer
+        return await (drive() if obs is None else obs.arun(req, drive))
 
     def _not_found(
         self, tool: str, agent_id: str, args: Mapping[str, Any] | None, run_id: str | None
@@ -996,6 +1014,9 @@ class Guard:
         def never(_: Any) -> Any:
             raise AssertionError("a tool that was not found never runs")
 
+        obs = self._observer
+        if obs is not None:
+            return obs.run(req, drive_sync, governed(self.gov, req), self.gov, lambda: None, never)
         return drive_sync(governed(self.gov, req), self.gov, lambda: None, never)
 
     def _count(self, *names: str) -> None:

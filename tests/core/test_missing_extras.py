@@ -68,6 +68,9 @@ OPTIONAL_MODULES = [
     "langchain_core",
     "openai",
     "llama_index",
+    "opentelemetry",
+    "fastapi",
+    "httpx",
 ]
 
 
