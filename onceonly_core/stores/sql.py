@@ -414,8 +414,13 @@ class SQLStore(Store):
         if not self.auto_migrate:
             raise SchemaError(f"the ledger schema in {self.path} is missing; run onceonly migrate")
         # Several processes may open a new ledger at once: serialise creation with an
-        # flock on the database file (independent of SQLite's own fcntl locks).
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # flock on a *separate* lock file. Never open and close the database file itself
+        # outside SQLite: closing any descriptor of a file drops every POSIX lock the
+        # process holds on it, including the shared lock by which SQLite's WAL mode knows
+        # a connection is still open — the last other process to close would then
+        # checkpoint and delete the WAL under us (lost commits, "disk image is malformed").
+        lock = self.path.with_name(self.path.name + ".migrate.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if self._sqlite_version(conn) != HEAD:

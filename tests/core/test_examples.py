@@ -103,7 +103,7 @@ def test_demo_without_rich_prints_plain_text(tmp_path: Path) -> None:
     )
     proc = _run([sys.executable, "-c", code], tmp_path)
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    assert re.search(r"^scene\s+tool\s+calls\s+ran\s+replayed\s+world", proc.stdout, re.M)
+    assert re.search(r"^scene\s+tool\s+calls\s+ran\s+replayed\s+stopped\s+world", proc.stdout, re.M)
     assert "charges made: 3" in proc.stdout
     assert (tmp_path / "plain.db").exists() and not (tmp_path / "onceonly.db").exists()
 
