@@ -29,6 +29,7 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")  # pytest, hypothesis, pytest-timeout
 SERVER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "server-test")  # onceonly-sdk
 OTEL_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "otel-test")
+BROWSER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "browser-test")  # playwright
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
 
@@ -102,7 +103,14 @@ def core(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole suite with every extra installed, against the real servers."""
-    session.install("-e", f".[{SERVER_EXTRAS}]", *TEST_DEPS, *SERVER_TEST_DEPS, *OTEL_TEST_DEPS)
+    session.install(
+        "-e",
+        f".[{SERVER_EXTRAS}]",
+        *TEST_DEPS,
+        *SERVER_TEST_DEPS,
+        *OTEL_TEST_DEPS,
+        *BROWSER_TEST_DEPS,
+    )
     # Each framework's tests run in its own `integration` session, with only its extra.
     session.run(
         "pytest", "tests", "--ignore=tests/integrations", *session.posargs, env=_passthrough_env()

@@ -689,3 +689,9 @@ from ..server.cli import register as _register_server  # noqa: E402
 
 _register_server(app)
 del _register_server
+
+# -- the dashboard: onceonly dashboard (dashboard/cli.py) -----------------------------------
+from ..dashboard.cli import register as _register_dashboard  # noqa: E402
+
+_register_dashboard(app)
+del _register_dashboard
