@@ -203,6 +203,14 @@ def _console() -> Console:
     return console
 
 
+def _busy(message: str, as_json: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """A spinner on stderr for operations that may take a while (migrate, verify, purge),
+    only for a person at a terminal: scripts (``--json``, pipes) see nothing extra."""
+    if as_json or not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    return Console(stderr=True).status(message)
+
+
 def _note(text: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text(text, style="dim"))
 
@@ -652,7 +660,8 @@ def migrate(url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
     store = SQLStore(url, auto_migrate=False)
     try:
         before = store._schema_version()
-        store.migrate()
+        with _busy(f"migrating {_shown(url)} …", as_json):
+            store.migrate()
         after = store._schema_version()
     finally:
         store.close()

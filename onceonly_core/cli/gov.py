@@ -37,6 +37,7 @@ from .app import (
     CliError,
     JsonOpt,
     UrlOpt,
+    _busy,
     _console,
     _emit_json,
     _interactive,
@@ -962,7 +963,8 @@ def audit_verify(
 ) -> None:
     """Walk every hash chain; exit 1 naming the first bad row of each broken chain."""
     with _governance(url, namespace) as gov:
-        problems = gov.verify_audit(all_tenants=all_namespaces)
+        with _busy("verifying the audit hash chains …", as_json):
+            problems = gov.verify_audit(all_tenants=all_namespaces)
         chains = _chains(gov, all_namespaces)
     where = "every namespace" if all_namespaces else f"namespace {namespace}"
     if as_json:
@@ -1054,7 +1056,8 @@ def audit_purge(
             if not typer.confirm(question, default=False):
                 _note("nothing purged")
                 raise typer.Exit(1)
-        n = gov.purge_audit(cut)
+        with _busy("purging old audit rows …", as_json):
+            n = gov.purge_audit(cut)
         if as_json:
             _emit_json(
                 {"namespace": namespace, "before": cut, "before_iso": _iso(cut), "purged": n}
