@@ -1014,6 +1014,7 @@ def _summarize(out: Printer, report: DemoReport, url: str) -> None:
         out.info(f"onceonly approvals list --state all {ns}")
         out.info(f"onceonly audit verify {ns}")
         out.info(f"onceonly timeline scene-7 {ns}")
+        out.info(f"onceonly dashboard {ns}    (the same, live, in a browser; extra: server)")
 
 
 def _display(url: str) -> str:

@@ -132,6 +132,15 @@ def serve(
     ] = 1,
     handler: HandlerOpt = None,
     migrate: MigrateOpt = False,
+    dashboard: Annotated[
+        str | None,
+        typer.Option(
+            "--dashboard",
+            metavar="TENANT",
+            help="Also serve the operator dashboard of this tenant on 127.0.0.1.",
+        ),
+    ] = None,
+    dashboard_port: Annotated[int, typer.Option(help="The dashboard's port.")] = 8765,
 ) -> None:
     """Serve the OnceOnly /v1 API (point onceonly-sdk at http://HOST:PORT/v1)."""
     from . import _require
@@ -144,6 +153,8 @@ def serve(
     db = _url(url)
     if migrate:
         ControlPlane(db, migrate=True).close()
+    if dashboard:
+        _dashboard_thread(db, dashboard, dashboard_port)
     os.environ[URL_ENV] = db
     os.environ["ONCEONLY_SERVER_JOB_WORKERS"] = str(job_workers)
     os.environ["ONCEONLY_SERVER_HANDLERS"] = json.dumps(handler or [])
@@ -155,6 +166,21 @@ def serve(
         workers=workers,
         log_level="info",
     )
+
+
+def _dashboard_thread(db: str, tenant: str, port: int) -> None:
+    """The dashboard of one tenant, next to the API, in this (the parent) process. It is
+    bound to loopback only: it has no API keys, anyone who reaches it can stop agents."""
+    import threading
+
+    import uvicorn
+
+    from ..dashboard import create_dashboard
+
+    app = create_dashboard(db, namespace=tenant)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="onceonly-dashboard", daemon=True).start()
+    typer.echo(f"dashboard of tenant {tenant!r}: http://127.0.0.1:{port}/", err=True)
 
 
 def _factory() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -94,6 +95,59 @@ def test_serve_command_end_to_end(tmp_path: Path) -> None:
             assert c.check_lock("cli-k", ttl=60).duplicate
             res = c.ai.run_and_wait(key="cli-job", timeout=20, poll_min=0.2)
             assert res.status == "completed"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ok(url: str, proc: subprocess.Popen[bytes]) -> httpx.Response:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            r = httpx.get(url, timeout=1)
+            if r.status_code == 200:
+                return r
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, f"{url} did not come up"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(60)
+def test_serve_also_serves_a_tenant_s_dashboard(tmp_path: Path) -> None:
+    """`onceonly serve --dashboard TENANT`: the API and that tenant's dashboard, one process;
+    a call made through the API's tenant shows in the dashboard's feed."""
+    from onceonly import OnceOnly
+
+    from onceonly_core.server import create_key
+
+    url = f"sqlite:///{tmp_path}/l.db"
+    key = create_key(url, "acme")
+    api, dash = _free_port(), _free_port()
+    script = (
+        "import typer; from onceonly_core.server.cli import register; "
+        "app = typer.Typer(); register(app); app()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "serve", "--url", url, "--port", str(api),
+         "--dashboard", "acme", "--dashboard-port", str(dash)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_ok(f"http://127.0.0.1:{api}/readyz", proc)
+        page = _wait_ok(f"http://127.0.0.1:{dash}/", proc)
+        assert "Live feed" in page.text
+        with OnceOnly(key, base_url=f"http://127.0.0.1:{api}", fail_open=False) as c:
+            c.gov.upsert_policy({"agent_id": "bot", "blocked_tools": ["delete_*"]})
+        agents = httpx.get(f"http://127.0.0.1:{dash}/api/agents", timeout=5).json()
+        assert "bot" in json.dumps(agents)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
