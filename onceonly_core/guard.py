@@ -591,7 +591,7 @@ class Guard:
         if marker is not None and marker[0] is self:
             overrides = {**marker[1], **overrides}
             fn = fn.__wrapped__  # type: ignore[attr-defined]
-        cache_key: Any = (fn, tuple(sorted((k, id(v)) for k, v in overrides.items())))
+        cache_key: Any = (fn, tuple(sorted((k, _option_key(v)) for k, v in overrides.items())))
         try:
             tool = self._tools.get(cache_key)
         except TypeError:  # unhashable callable
@@ -1048,6 +1048,21 @@ class Guard:
                 hook(outcome)
             except Exception:  # a hook must never turn a done effect into an error
                 log.exception("onceonly %s hook %r failed", kind, hook)
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _option_key(value: Any) -> Any:
+    """The tool cache's key for one option value: equal values share an entry (adapters
+    pass a fresh ``key_args`` list or name string on every call), anything else is keyed
+    by identity — and kept alive by the cached entry, so an id is never reused for it."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return ("v", kind.__name__, value)  # the type too: True == 1 must not share
+    if kind in (list, tuple) and all(type(x) is str for x in value):
+        return ("seq", tuple(value))
+    return ("id", id(value))
 
 
 def _plain(ran: Any, req: Request) -> ToolResult:

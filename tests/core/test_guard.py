@@ -1260,3 +1260,20 @@ def test_check_reuses_one_record() -> None:
     records = store.list(namespace=g.namespace, prefix=True, limit=100)
     assert [r.key for r in records] == ["self-test"]
     assert records[0].state == "succeeded" and records[0].token == 3
+
+
+def test_equal_option_values_share_one_prepared_tool() -> None:
+    """Adapters pass a fresh ``key_args`` list (or name string) on every call: equal values
+    reuse the prepared tool instead of growing the cache; different values never share."""
+    g = Guard(store=MemoryStore(), quiet=True)
+
+    def refund(order_id: str, reason: str) -> str:
+        return order_id
+
+    first = g._tool(refund, {"key_args": ["order_id"], "name": "shop.refund"})
+    again = g._tool(refund, {"key_args": ["order_id"], "name": "".join(["shop.", "refund"])})
+    other = g._tool(refund, {"key_args": ["reason"], "name": "shop.refund"})
+    assert first is again
+    assert other is not first and other.opts is not None and other.opts.key_args == ("reason",)
+    assert g._tool(refund, {"max": True}) is not g._tool(refund, {"max": 1})
+    assert len(g._tools) == 4
