@@ -620,14 +620,10 @@ class Guard:
             self._tools[cache_key] = tool
         return tool
 
-    def _key(
-        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[str, str, str | None, Options]:
-        opts = tool.opts
-        if opts is None:
-            opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
+    def _bind(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults applied."""
         try:
-            bound = tool.sig.bind(args, kwargs)
+            return tool.sig.bind(args, kwargs)
         except TypeError as err:
             hint = ""
             if set(kwargs) & _OPTION_NAMES:
@@ -636,6 +632,19 @@ class Guard:
                     "guard.using(key=...)(fn, ...) or @guard.once(...))"
                 )
             raise TypeError(f"{tool.name}: {err}{hint}") from None
+
+    def _key(
+        self,
+        tool: _Tool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        bound: dict[str, Any] | None = None,
+    ) -> tuple[str, str, str | None, Options]:
+        opts = tool.opts
+        if opts is None:
+            opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
+        if bound is None:
+            bound = self._bind(tool, args, kwargs)
         ns = self.current_namespace()
         wf = _workflow.get()
         if opts.key is not None:
@@ -663,9 +672,14 @@ class Guard:
         return ns, key, digest, opts
 
     def _prepare(
-        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
+        self,
+        tool: _Tool,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        force: bool,
+        bound: dict[str, Any] | None = None,
     ) -> Call:
-        ns, key, digest, opts = self._key(tool, args, kwargs)
+        ns, key, digest, opts = self._key(tool, args, kwargs, bound)
         new = NewClaim(
             tool.name, self._owner, opts.lease, digest, _run_id.get(), _caller.get() or self._caller
         )
@@ -862,15 +876,13 @@ class Guard:
                 raise ConfigError(f"{tool.name}: {err}") from None
         run = _label(run_id, "run id") or _run_id.get()
         unlimited = bool(tool.overrides.get("unlimited", self._defaults.unlimited))
-        call = None if unlimited else self._prepare(tool, args, kwargs, False)
+        # Bound once: the key and the audited arguments come from the same binding.
+        bound = self._bind(tool, args, kwargs) if agent is not None else None
+        call = None if unlimited else self._prepare(tool, args, kwargs, False, bound)
         if call is not None and run is not None:
             call.new = replace(call.new, run_id=run)
         redacted = "null"
-        if agent is not None:
-            try:
-                bound = tool.sig.bind(args, kwargs)
-            except TypeError as err:
-                raise TypeError(f"{tool.name}: {err}") from None
+        if bound is not None:
             # What the tool excluded from its key (injected state, clients, callbacks) is
             # not an argument worth auditing either.
             skip = set(call.opts.exclude) if call is not None else set()
@@ -910,27 +922,17 @@ class Guard:
 
         req, call = self._request(tool, args, kwargs, agent, spend_usd, run_id, by_name)
         gov = self.gov if (agent is not None or req.run_id) else None
-
-        def peek() -> Record | None:
-            return None if call is None else self.store.get(call.namespace, call.key)
+        peek = functools.partial(self._peek, call)
 
         def inner(rid: str | None) -> Any:
             seen: list[BaseException] = []
             try:
                 if call is None or _reentrant(call):
-                    self._count("attempts", "executed")
-                    value = tool.fn(*args, **kwargs)
-                    return ("ok", Outcome("executed", tool.name, req.namespace, "", value))
-                extra = (
-                    None
-                    if rid is None
-                    else functools.partial(self.gov.store.extend, rid, call.opts.lease)
-                )
+                    return self._unledgered(tool, req, tool.fn(*args, **kwargs))
+                extra = self._extender(rid, call)
                 outcome = self._run_call(tool, call, args, kwargs, extra, seen)
             except Exception as err:
-                if call is None or any(err is e for e in seen):
-                    return ("error", err)
-                return ("raise", err)  # ours (InProgress, KeyReuseError, StoreError, ...)
+                return _failure(err, call, seen)
             self._after(outcome)
             return ("ok", outcome)
 
@@ -956,30 +958,21 @@ class Guard:
 
         req, call = self._request(tool, args, kwargs, agent, spend_usd, run_id, by_name)
         gov = self.gov if (agent is not None or req.run_id) else None
-
-        def peek() -> Record | None:
-            return None if call is None else self.store.get(call.namespace, call.key)
+        peek = functools.partial(self._peek, call)
 
         async def inner(rid: str | None) -> Any:
             seen: list[BaseException] = []
             try:
                 if call is None or _reentrant(call):
-                    self._count("attempts", "executed")
                     if tool.is_async:
                         value = await tool.fn(*args, **kwargs)
                     else:
                         value = await asyncio.to_thread(tool.fn, *args, **kwargs)
-                    return ("ok", Outcome("executed", tool.name, req.namespace, "", value))
-                extra = (
-                    None
-                    if rid is None
-                    else functools.partial(self.gov.store.extend, rid, call.opts.lease)
-                )
+                    return self._unledgered(tool, req, value)
+                extra = self._extender(rid, call)
                 outcome = await self._arun_call(tool, call, args, kwargs, extra, seen)
             except Exception as err:
-                if call is None or any(err is e for e in seen):
-                    return ("error", err)
-                return ("raise", err)  # ours (InProgress, KeyReuseError, StoreError, ...)
+                return _failure(err, call, seen)
             self._after(outcome)
             return ("ok", outcome)
 
@@ -990,6 +983,22 @@ class Guard:
 
         obs = self._observer
         return await (drive() if obs is None else obs.arun(req, drive))
+
+    # -- the pieces both governed shells share ---------------------------------------------
+    def _peek(self, call: Call | None) -> Record | None:
+        """The ledger record of this call, if any (is it a replay? then it costs nothing)."""
+        return None if call is None else self.store.get(call.namespace, call.key)
+
+    def _extender(self, rid: str | None, call: Call) -> Callable[[], Any] | None:
+        """A heartbeat add-on that keeps a budget hold alive as long as the claim."""
+        return (
+            None if rid is None else functools.partial(self.gov.store.extend, rid, call.opts.lease)
+        )
+
+    def _unledgered(self, tool: _Tool, req: Request, value: Any) -> tuple[str, Outcome]:
+        """An unlimited or re-entrant call ran without a claim of its own."""
+        self._count("attempts", "executed")
+        return ("ok", Outcome("executed", tool.name, req.namespace, "", value))
 
     def _not_found(
         self, tool: str, agent_id: str, args: Mapping[str, Any] | None, run_id: str | None
@@ -1063,6 +1072,14 @@ def _option_key(value: Any) -> Any:
     if kind in (list, tuple) and all(type(x) is str for x in value):
         return ("seq", tuple(value))
     return ("id", id(value))
+
+
+def _failure(err: Exception, call: Call | None, seen: list[BaseException]) -> tuple[str, Exception]:
+    """The tool's own exception is a ``failed`` decision; ours (InProgress, KeyReuseError,
+    StoreError, ...) is raised after the governed flow gave its reservation back."""
+    if call is None or any(err is e for e in seen):
+        return ("error", err)
+    return ("raise", err)
 
 
 def _plain(ran: Any, req: Request) -> ToolResult:
