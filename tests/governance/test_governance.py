@@ -472,3 +472,39 @@ def test_our_own_errors_give_the_reservation_back(guard: Guard) -> None:
     assert guard.gov.store.holds(guard.namespace, "r") == 0
     hour = int(guard.gov.store.now() // 3600) * 3600
     assert guard.gov.store.counter(guard.namespace, "r", "actions", hour) == 1
+
+
+def test_a_hold_swept_while_its_tool_still_ran_is_counted_again_at_settle() -> None:
+    """A worker that outlives its lease (paused, not dead) had its hold swept by another
+    caller; when it settles, the spend happened, so it is counted back, not lost."""
+    from onceonly_core import MemoryStore
+    from onceonly_core.governance.store import GovStore, Want
+
+    clock = [1_000_000.0]
+    store = GovStore(MemoryStore(clock=lambda: clock[0]))
+    day = int(clock[0] // DAY) * DAY
+    wants = [Want("spend", day, 600_000, 1_000_000, "daily_spend_exceeded")]
+    held = store.reserve("t", "a", "ns", "k1", wants, lease=1.0)
+    assert held.ok and held.id is not None
+    clock[0] += 5  # the holder stalls past its lease
+    other = store.reserve("t", "a", "ns", "k2", wants, lease=1.0)
+    assert other.ok  # the stalled hold was swept: 0.6 + 0.6 would not fit otherwise
+    assert store.counter("t", "a", "spend", day) == 600_000
+    store.settle("t", "a", held.id, [["spend", day, 600_000]])  # the stalled tool did run
+    assert store.counter("t", "a", "spend", day) == 1_200_000
+    assert store.release("t", "a", held.id) is False  # nothing left to give back twice
+    assert store.counter("t", "a", "spend", day) == 1_200_000
+
+
+def test_arguments_excluded_from_the_key_are_not_audited(guard: Guard) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="ex"))
+
+    def send(to: str, client: Any) -> str:
+        return to
+
+    r = guard.call_tool(
+        send, {"to": "a@example.com", "client": object()}, agent_id="ex", exclude=["client"]
+    )
+    assert r.ok
+    (entry,) = guard.gov.agent_logs("ex")
+    assert entry.args == {"to": "a@example.com"}
