@@ -186,6 +186,7 @@ class ControlPlane:
         max_tool_timeout_ms: int = 4000,
         job_lease: float = 30.0,
         job_poll: float = 0.2,
+        egress_allow: str | list[str] | None = None,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
         if url.startswith("memory:"):
@@ -204,6 +205,8 @@ class ControlPlane:
         self.max_ai_ttl = max_ai_ttl
         self.retention = retention
         self.max_tool_timeout_ms = max_tool_timeout_ms
+        # Outbound allowlist for every tenant's remote tools, on top of ONCEONLY_EGRESS_ALLOW.
+        self.egress_allow = egress_allow
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._keys: ServerDB | None = None
         self._usage: Usage | None = None
@@ -243,6 +246,7 @@ class ControlPlane:
                     g = Guard(store=self.ledger, namespace=tenant, quiet=True)
                     # One governance store across tenants: one connection pool, not one each.
                     g.gov.share_store(self.gov_store)
+                    g.gov.egress_allow = self.egress_allow
                     self._guards[tenant] = g
         return g
 
