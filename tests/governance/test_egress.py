@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import shutil
 import socket
+import ssl
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -579,3 +584,106 @@ def test_an_unresolvable_name_is_accepted_at_registration_and_checked_at_connect
     assert r.decision == "failed" and "refused" in str(r.error)
     assert time.monotonic() - started < 5
     assert srv.requests == []
+
+
+# -- TLS: pinned to the address, verified for the name ------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA and a server certificate for tool.rebind.test (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=egress test CA",
+        cwd=d,
+    )
+    _openssl("req", *ec, "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", f"/CN={REBIND}", cwd=d)
+    (d / "leaf.ext").write_text(
+        f"subjectAltName=DNS:{REBIND}\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+        cwd=d,
+    )
+    return d
+
+
+@pytest.fixture
+def tls_server(tls_files: Path) -> Iterator[tuple[int, list[str | None]]]:
+    """An HTTPS server on 127.0.0.1 presenting the tool.rebind.test certificate; records
+    the SNI name of every handshake."""
+    names: list[str | None] = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tls_files / "leaf.pem", tls_files / "leaf.key")
+    ctx.sni_callback = lambda sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,func-returns-value]
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class S(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # the failed handshakes below are on purpose
+
+    httpd = S(("127.0.0.1", 0), H)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02})
+    thread.start()
+    yield httpd.server_address[1], names
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+def test_tls_is_verified_for_the_name_while_connecting_to_the_checked_address(
+    tls_files: Path, tls_server: tuple[int, list[str | None]], dns: FakeDNS
+) -> None:
+    port, sni = tls_server
+    dns.answers[REBIND] = ["127.0.0.1"]
+    dns.answers["other.rebind.test"] = ["127.0.0.1"]
+    trust = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+    with httpx.Client(transport=egress.transport("127.0.0.1", verify=trust)) as client:
+        assert client.get(f"https://{REBIND}:{port}/").text == "ok"
+        assert sni == [REBIND]  # SNI is the name, though the socket went to 127.0.0.1
+        # Verification is still on: the same server under a name its certificate lacks.
+        with pytest.raises(httpx.ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|mismatch"):
+            client.get(f"https://other.rebind.test:{port}/")
