@@ -646,7 +646,11 @@ def tls_server(tls_files: Path) -> Iterator[tuple[int, list[str | None]]]:
     names: list[str | None] = []
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tls_files / "leaf.pem", tls_files / "leaf.key")
-    ctx.sni_callback = lambda sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,func-returns-value]
+
+    def record_sni(sock: Any, name: str | None, _: Any) -> None:
+        names.append(name)
+
+    ctx.sni_callback = record_sni
 
     class H(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
