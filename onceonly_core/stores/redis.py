@@ -460,8 +460,8 @@ class RedisStore(Store):
             )
         elif conf.get("appendfsync") != "always":
             problems.append(
-                f"appendfsync {conf.get('appendfsync')} (a crash loses the claims of up to "
-                "the last second)"
+                f"appendfsync {conf.get('appendfsync')} (an OS crash or power loss loses the "
+                "claims of up to the last second)"
             )
         if conf.get("maxmemory", "0") != "0" and conf.get("maxmemory-policy") != "noeviction":
             problems.append(
