@@ -142,5 +142,7 @@ def bench(session: nox.Session) -> None:
     session.install(f".[{SERVER_EXTRAS}]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())
     session.run("python", "benchmarks/bench_governance.py", env=_passthrough_env())
+    # The Redis ledger next to raw SET NX / GET round trips (ONCEONLY_REDIS_URL).
+    session.run("python", "benchmarks/bench_redis.py", env=_passthrough_env())
     # `onceonly serve` under wrk (Debian's package: apt-get install wrk).
     session.run("python", "benchmarks/bench_server.py", env=_passthrough_env())

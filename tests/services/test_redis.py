@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,9 +97,46 @@ def test_governance_is_refused_at_construction(db_url: str) -> None:
         g = Guard(store=s, namespace="ns", quiet=True)
         with pytest.raises(ConfigError, match="Redis ledger"):
             g.gov  # noqa: B018 - the property is the check
-        assert g(lambda x: x * 2, 21) == 42  # the ledger itself works
+        ran: list[int] = []
+
+        def tool(x: int) -> int:
+            ran.append(x)
+            return x * 2
+
+        with g.agent("agent-1"), pytest.raises(ConfigError, match="Redis ledger"):
+            g(tool, 1)
+        with pytest.raises(ConfigError, match="Redis ledger"):
+            g.call_tool(tool, {"x": 2}, agent_id="agent-1")
+        assert ran == []  # refused before anything ran or was claimed
+        assert s.list(namespace="ns") == []
+        assert g(tool, 21) == 42  # the ledger itself works
     finally:
         s.close()
+
+
+def test_the_cli_reads_a_redis_ledger(db_url: str) -> None:
+    g = Guard(db_url, namespace="cli-ns", quiet=True)
+    try:
+        g(str.upper, "a")
+    finally:
+        g.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "onceonly_core.cli", "show", "--url", db_url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)
+    assert (row["namespace"], row["state"]) == ("cli-ns", "succeeded")
+    assert row["tool"] == "builtins.str.upper"
+    migrate = subprocess.run(
+        [sys.executable, "-m", "onceonly_core.cli", "migrate", "--url", db_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert migrate.returncode != 0 and "no schema to migrate" in migrate.stderr
 
 
 # -- durability warning -----------------------------------------------------------------
