@@ -4,8 +4,8 @@
 * ``typecheck``: mypy --strict on the onceonly_core package.
 * ``core``: the core install alone (no extras); proves no optional dependency leaks in,
   then runs tests/core on the memory and SQLite ledgers.
-* ``tests``: everything installed, the whole suite. PostgreSQL and MariaDB come from
-  ONCEONLY_PG_URL / ONCEONLY_MYSQL_URL (local defaults otherwise); with
+* ``tests``: everything installed, the whole suite. PostgreSQL, MariaDB and Redis come from
+  ONCEONLY_PG_URL / ONCEONLY_MYSQL_URL / ONCEONLY_REDIS_URL (local defaults otherwise); with
   ONCEONLY_REQUIRE_SERVICES=1 an unreachable server fails the run instead of skipping.
 * ``bench`` (not run by default): benchmarks/run.py against the peer libraries.
 
@@ -34,9 +34,14 @@ LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
 
 # Everything but the agent frameworks (each has its own session).
-SERVER_EXTRAS = "postgres,mysql,cli,http,server,otel"
+SERVER_EXTRAS = "postgres,mysql,redis,cli,http,server,otel"
 
-PASSTHROUGH_ENV = ("ONCEONLY_REQUIRE_SERVICES", "ONCEONLY_PG_URL", "ONCEONLY_MYSQL_URL")
+PASSTHROUGH_ENV = (
+    "ONCEONLY_REQUIRE_SERVICES",
+    "ONCEONLY_PG_URL",
+    "ONCEONLY_MYSQL_URL",
+    "ONCEONLY_REDIS_URL",
+)
 
 LINT_PATHS = ("onceonly_core", "integrations", "tests", "examples", "benchmarks", "noxfile.py")
 
@@ -44,6 +49,7 @@ LINT_PATHS = ("onceonly_core", "integrations", "tests", "examples", "benchmarks"
 OPTIONAL_MODULES = (
     "psycopg",
     "pymysql",
+    "redis",
     "typer",
     "rich",
     "langchain",
@@ -86,7 +92,8 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
-    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS)
+    # pytest: onceonly_core.testing (the store contract kit) is typed against it.
+    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS, *TEST_DEPS)
     session.run("mypy", *session.posargs)
 
 
@@ -135,5 +142,7 @@ def bench(session: nox.Session) -> None:
     session.install(f".[{SERVER_EXTRAS}]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())
     session.run("python", "benchmarks/bench_governance.py", env=_passthrough_env())
+    # The Redis ledger next to raw SET NX / GET round trips (ONCEONLY_REDIS_URL).
+    session.run("python", "benchmarks/bench_redis.py", env=_passthrough_env())
     # `onceonly serve` under wrk (Debian's package: apt-get install wrk).
     session.run("python", "benchmarks/bench_server.py", env=_passthrough_env())

@@ -238,6 +238,8 @@ class Guard:
         self._quiet = quiet
         self._caller = _label(caller, "caller")
         self._agent_id = _label(agent_id, "agent id")
+        if agent_id is not None:
+            self._check_governance(store or url or os.environ.get("ONCEONLY_DB_URL"))
         self._gov: Any = None
         self.codec: ResultCodec = codec or default_codec
         self._defaults = Options(**defaults)
@@ -330,10 +332,19 @@ class Guard:
         if self._gov is None:
             from .governance.engine import Governance
 
+            self._check_governance(self._store or self._url or os.environ.get("ONCEONLY_DB_URL"))
             with self._config_lock:
                 if self._gov is None:
                     self._gov = Governance(self)
         return self._gov  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _check_governance(ledger: str | Store | None) -> None:
+        from .stores import governance_unsupported
+
+        reason = governance_unsupported(ledger)
+        if reason is not None:
+            raise ConfigError(reason)
 
     def __enter__(self) -> Guard:
         return self

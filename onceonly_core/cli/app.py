@@ -21,7 +21,18 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import ConfigError, OnceOnlyError, SchemaError, StoreError
-from ..stores import CLEARED, FAILED, RUNNING, STATES, SUCCEEDED, MemoryStore, Record, Store
+from ..stores import (
+    CLEARED,
+    FAILED,
+    REDIS_SCHEMES,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    MemoryStore,
+    Record,
+    Store,
+    open_store,
+)
 
 DEFAULT_URL = "sqlite:///onceonly.db"
 URL_ENV = "ONCEONLY_DB_URL"
@@ -179,6 +190,8 @@ def _open(url: str, *, create: bool = False) -> Iterator[Store]:
     if url.startswith("memory:"):
         _note("memory:// lives inside one process: this ledger starts empty")
         store = MemoryStore()
+    elif url.startswith(REDIS_SCHEMES):
+        store = open_store(url)  # nothing to create: Redis has no schema
     else:
         from ..stores.sql import SQLStore
 
@@ -657,6 +670,8 @@ def migrate(url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
     _session.url = url
     if url.startswith("memory:"):
         raise ConfigError("memory:// has no schema to migrate: it lives inside one process")
+    if url.startswith(REDIS_SCHEMES):
+        raise ConfigError("a Redis ledger has no schema to migrate")
     store = SQLStore(url, auto_migrate=False)
     try:
         before = store._schema_version()
