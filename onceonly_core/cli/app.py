@@ -681,7 +681,7 @@ def demo(
     fast: Annotated[bool, typer.Option("--fast", help="No pauses, short leases.")] = False,
 ) -> None:
     """Play the offline demo: retries, crashes, races, policy, budget, kill switch, approval."""
-    from ..demo import run_demo
+    from .demo import run_demo
 
     report = run_demo(url, fast=fast)
     if not report.ok:

@@ -4,7 +4,7 @@ same agent runs under governance (``guard.gov``, same ledger): a policy blocks a
 destructive tool, the daily budget stops a runaway loop, the kill switch stops its next
 call, and a refund waits for a human and then runs exactly once.
 
-Run it with ``onceonly demo`` (the ``cli`` extra) or ``python -m onceonly_core.demo``
+Run it with ``onceonly demo`` (the ``cli`` extra) or ``python -m onceonly_core.cli.demo``
 (core install only; rich output when rich is installed, plain text otherwise).
 
 The "outside world" is simulated: a payment provider and a mail provider that write
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ConfigError, OnceOnlyError
-from .guard import Guard, current_call
-from .protocol import NOT_DONE, CallContext, Outcome
-from .stores import Record
+from ..errors import ConfigError, OnceOnlyError
+from ..guard import Guard, current_call
+from ..protocol import NOT_DONE, CallContext, Outcome
+from ..stores import Record
 
 __all__ = ["SCENES", "Demo", "DemoReport", "Row", "Scene", "World", "main", "run_demo"]
 
@@ -509,7 +509,7 @@ def _run_crashing_worker(demo: Demo, order: Order) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
-        "onceonly_core.demo",
+        "onceonly_core.cli.demo",
         "--child",
         "send-receipt",
         "--url",
@@ -1038,8 +1038,8 @@ def _child(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m onceonly_core.demo [--url URL] [--fast] [--plain]``."""
-    p = argparse.ArgumentParser(prog="python -m onceonly_core.demo", description=__doc__)
+    """``python -m onceonly_core.cli.demo [--url URL] [--fast] [--plain]``."""
+    p = argparse.ArgumentParser(prog="python -m onceonly_core.cli.demo", description=__doc__)
     p.add_argument(
         "--url", default=None, help="ledger URL (default: ONCEONLY_DB_URL or ./onceonly.db)"
     )
