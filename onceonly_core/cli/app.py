@@ -392,13 +392,17 @@ def show(
     """Recent records, newest first."""
     with _open(url) as store:
         rows = _list(store, namespace, state=state.value if state else None, tool=tool, limit=limit)
+        # Nothing matched a filter the user gave: exit 1, as grep does. An unfiltered
+        # look at an empty ledger is an answer, not a miss.
+        missed = not rows and (namespace is not None or state is not None or tool is not None)
         if as_json:
             _emit_json([_record_json(r, results) for r in rows])
-            return
-        if not rows:
+        elif not rows:
             _note(_empty(store, namespace))
-            return
-        _console().print(_records_table(rows, results))
+        else:
+            _console().print(_records_table(rows, results))
+        if missed:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -415,10 +419,12 @@ def history(
         rows = _list(store, namespace, tool=tool, limit=limit)
         if as_json:
             _emit_json([_record_json(r, results) for r in rows])
+            if not rows:
+                raise typer.Exit(1)  # nothing matched the tool
             return
         if not rows:
             _note(_empty(store, namespace, f"records of tool {tool!r}"))
-            return
+            raise typer.Exit(1)
         one_tool = len({r.tool for r in rows}) == 1
         title = f"History of {rows[0].tool}" if one_tool else f"History of {tool}"
         _console().print(_records_table(rows, results, title, tool=not one_tool))
@@ -637,7 +643,12 @@ def clear(
             if not typer.confirm(question, default=False):
                 _note("nothing cleared")
                 raise typer.Exit(1)
-        n = store.clear_namespace(namespace) if clearable else 0
+        if not clearable:
+            raise CliError(
+                f"nothing to clear in {namespace!r}: its {len(rows)} records are already "
+                f"cleared{' or running' if running else ''}"
+            )
+        n = store.clear_namespace(namespace)
         kept = sum(1 for r in store.list(namespace=namespace, limit=10**6) if r.lease_live)
         if as_json:
             _emit_json({"namespace": namespace, "cleared": n, "kept_running": kept})
@@ -687,6 +698,12 @@ def demo(
     if not report.ok:
         raise typer.Exit(1)
 
+
+# -- onceonly doctor (cli/doctor.py) ---------------------------------------------------------
+from .doctor import doctor as _doctor  # noqa: E402
+
+app.command("doctor")(_doctor)
+del _doctor
 
 # -- governance: policy, agent, tools, approvals, audit, timeline (cli/gov.py) ------------
 from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import ConfigError, OnceOnlyError
+from ..errors import ConfigError, OnceOnlyError, SchemaError
 from ..guard import Guard, current_call
 from ..protocol import NOT_DONE, CallContext, Outcome
 from ..stores import Record
@@ -784,8 +784,10 @@ def store_options(url: str) -> dict[str, Any]:
             "the demo needs a ledger shared between processes (scene 3 crashes a second "
             "process): use sqlite:///file.db or a server URL, not memory://"
         )
-    # A server database gets the schema on first use, so the demo runs in one command.
-    return {} if url.startswith("sqlite") else {"auto_migrate": True}
+    # A server database is never migrated here: its schema belongs to `onceonly migrate`
+    # (docs/operations.md), run by whoever owns that database. SQLite files create
+    # themselves, as they do for every Guard.
+    return {}
 
 
 def new_namespace() -> str:
@@ -815,7 +817,13 @@ def run_demo(
         for hook in (g.on_success, g.on_replay, g.on_block, g.on_failure):
             hook(demo.record)
         try:
-            g.store.list(namespace=namespace, limit=1)  # a bad URL fails before the story
+            try:
+                g.store.list(namespace=namespace, limit=1)  # a bad URL fails before the story
+            except SchemaError as err:
+                raise SchemaError(
+                    f"{err}\nThe demo does not create or upgrade the schema of a server "
+                    "database: migrations are explicit (docs/operations.md)."
+                ) from None
             printer.title("OnceOnly demo: an agent that charges cards and emails receipts")
             printer.say(f"ledger:    {_display(url)}")
             printer.say(f"namespace: {namespace}")

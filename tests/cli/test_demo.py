@@ -192,7 +192,13 @@ def _demo_on(url: str) -> None:
     import io
 
     from onceonly_core.cli.demo import run_demo
+    from onceonly_core.stores.sql import SQLStore
 
+    store = SQLStore(url)  # the demo never migrates a server database: its operator does
+    try:
+        store.migrate()
+    finally:
+        store.close()
     out = io.StringIO()
     report = run_demo(url, fast=True, out=out, plain=True)
     assert report.ok, out.getvalue()
