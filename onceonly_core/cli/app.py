@@ -21,7 +21,17 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import ConfigError, OnceOnlyError, SchemaError, StoreError
-from ..stores import CLEARED, FAILED, RUNNING, STATES, SUCCEEDED, MemoryStore, Record, Store
+from ..stores import (
+    CLEARED,
+    FAILED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    MemoryStore,
+    Record,
+    Store,
+    check_url,
+)
 
 DEFAULT_URL = "sqlite:///onceonly.db"
 URL_ENV = "ONCEONLY_DB_URL"
@@ -175,6 +185,7 @@ def _root(
 def _open(url: str, *, create: bool = False) -> Iterator[Store]:
     """The ledger at ``url``. Reading never creates a ledger or its schema."""
     _session.url = url
+    check_url(url)  # "ledger.db" gets "did you mean sqlite:///ledger.db"
     store: Store
     if url.startswith("memory:"):
         _note("memory:// lives inside one process: this ledger starts empty")
@@ -666,6 +677,7 @@ def migrate(url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
     from ..stores.sql import SQLStore
 
     _session.url = url
+    check_url(url)
     if url.startswith("memory:"):
         raise ConfigError("memory:// has no schema to migrate: it lives inside one process")
     store = SQLStore(url, auto_migrate=False)
