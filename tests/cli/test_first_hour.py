@@ -102,6 +102,13 @@ def test_llms_txt_lists_the_extras_of_all_as_pyproject_does() -> None:
     assert row and {e.strip() for e in row.group(1).split("+")} == in_all
 
 
+def test_no_page_points_at_a_document_outside_the_repository() -> None:
+    pages = [ROOT / "README.md", ROOT / "llms.txt", *sorted((ROOT / "docs").rglob("*.md"))]
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert "DESIGN §" not in text and "DESIGN.md" not in text, page
+
+
 # -- errors that say what to do ----------------------------------------------------------
 def test_a_bare_file_name_suggests_the_sqlite_url() -> None:
     with pytest.raises(ConfigError, match=re.escape("'sqlite:///ledger.db'")):
