@@ -163,7 +163,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=(
         f"Every command reads the ledger at --url (or {URL_ENV}; default {DEFAULT_URL}). "
-        "Stored results are never printed unless you pass --results."
+        "Stored results are never printed unless you pass --results. "
+        "Exit status: 0 done, 1 nothing matched or an error to fix, 2 a usage error. "
+        "New here? onceonly doctor checks the install; onceonly demo shows what it does."
     ),
 )
 
