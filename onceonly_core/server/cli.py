@@ -131,13 +131,14 @@ def list_keys(
         rows = cp.keys.list_keys(tenant)
     finally:
         cp.close()
+    missed = not rows and tenant is not None  # a named tenant with no key: nothing matched
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
+    elif not rows:
         typer.echo("No API keys" + (f" for tenant {tenant!r}." if tenant else "."), err=True)
-        if tenant:
-            raise typer.Exit(1)  # a named tenant with no key: nothing matched
+    if missed:
+        raise typer.Exit(1)
+    if as_json or not rows:
         return
     from ..cli.app import _console, _table, _when
 
