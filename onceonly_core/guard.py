@@ -42,7 +42,7 @@ from .protocol import (
     run_sync,
     safe_str,
 )
-from .stores import Record, Store, open_store
+from .stores import Record, Store, check_url, open_store
 from .stores.base import MAX_LABEL, NewClaim, check_labels
 
 if TYPE_CHECKING:
@@ -231,6 +231,8 @@ class Guard:
         unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
         if unknown:
             raise ConfigError(f"unknown Guard options: {', '.join(sorted(unknown))}")
+        if url is not None:  # fail here, not at the first call, with the URL meant
+            check_url(url)
         self._url = url
         self._store_options: dict[str, Any] = defaults.pop("store_options", {}) or {}
         self._namespace = _label(namespace, "namespace")
@@ -523,6 +525,8 @@ class Guard:
         if done is False:
             rec = self.store.get(ns, key)
             raise InProgress(ns, key, rec.owner if rec else None)
+        if done is None:  # a typo'd key or namespace must not pass as "cleared"
+            log.warning("clear: no record with key %r in namespace %r; nothing cleared", key, ns)
         return bool(done)
 
     def key_for(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> str:

@@ -670,6 +670,12 @@ class Governance:
 
                 return missing
             return fn
+        # Without httpx no remote call can ever be made: raise MissingExtraError (with the
+        # pip command) here, before the call path, which would turn it into a failed
+        # ToolResult that reads like the tool's own failure.
+        from .remote import _httpx
+
+        _httpx()
         spec = self._spec(row)
         secret = row.get("secret")
 
