@@ -585,6 +585,18 @@ def test_a_bad_environment_allowlist_is_a_config_error(
         guard.gov.create_tool("t", url="https://93.184.216.34/tool")
 
 
+def test_a_bad_server_allowlist_stops_the_server_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onceonly_core.server.control import ControlPlane
+
+    with pytest.raises(ConfigError, match="not a host name"):
+        ControlPlane(f"sqlite:///{tmp_path}/a.db", egress_allow=["10.0.0.0/8", "bad name!"])
+    monkeypatch.setenv(egress.ALLOW_ENV, "10.0.0.0/33")
+    with pytest.raises(ConfigError, match=egress.ALLOW_ENV):
+        ControlPlane(f"sqlite:///{tmp_path}/b.db")
+
+
 def test_an_unresolvable_name_is_accepted_at_registration_and_checked_at_connect(
     guard: Guard, srv: Loopback, dns: FakeDNS, caplog: pytest.LogCaptureFixture
 ) -> None:
