@@ -14,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -715,3 +716,29 @@ def test_tls_is_verified_for_the_name_while_connecting_to_the_checked_address(
         # Verification is still on: the same server under a name its certificate lacks.
         with pytest.raises(httpx.ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|mismatch"):
             client.get(f"https://other.rebind.test:{port}/")
+
+
+def test_the_address_checks_need_no_httpx() -> None:
+    """httpx is the optional ``http`` extra: the checks import without it, and the
+    transport names the extra."""
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "from onceonly_core import egress\n"
+        "from onceonly_core.errors import MissingExtraError\n"
+        "assert egress.check_url('https://93.184.216.34/x').port == 443\n"
+        "try:\n"
+        "    egress.check_url('http://169.254.169.254/')\n"
+        "except egress.EgressRefused as e:\n"
+        "    print('refused:', e)\n"
+        "try:\n"
+        "    egress.transport()\n"
+        "except MissingExtraError as e:\n"
+        "    print('missing:', e)\n"
+        "import onceonly_core.governance.engine\n"
+        "assert 'httpx' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "refused: destination 169.254.169.254" in out
+    assert "missing:" in out and "onceonly-core[http]" in out
