@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtraError
 
 __all__ = [
     "ALLOW_ENV",
@@ -430,9 +430,9 @@ def transport(allow: AllowSpec = None, **options: Any) -> Any:
     socket opened to a judged address (the next one on a connect error). TLS is verified
     for the host name. ``options`` go to ``httpx.HTTPTransport``; environment proxies are
     not used (a client given a transport ignores them), so the address checked is the
-    address connected to."""
-    import httpx
-
+    address connected to. Raises :class:`~onceonly_core.errors.MissingExtraError` without
+    httpx (the ``http`` extra)."""
+    httpx = _httpx()
     egress = Egress.of(allow)
     t = httpx.HTTPTransport(**options)
     pool = t._pool
@@ -446,8 +446,7 @@ def transport(allow: AllowSpec = None, **options: Any) -> Any:
 
 def async_transport(allow: AllowSpec = None, **options: Any) -> Any:
     """The ``httpx.AsyncHTTPTransport`` twin of :func:`transport`."""
-    import httpx
-
+    httpx = _httpx()
     egress = Egress.of(allow)
     t = httpx.AsyncHTTPTransport(**options)
     pool = t._pool
@@ -455,6 +454,14 @@ def async_transport(allow: AllowSpec = None, **options: Any) -> Any:
         raise RuntimeError("this httpcore has no pluggable network backend")
     pool._network_backend = _classes()[1](pool._network_backend, egress)
     return t
+
+
+def _httpx() -> Any:
+    try:
+        import httpx
+    except ImportError:
+        raise MissingExtraError("outbound HTTP (remote tools, webhooks)", "http", "httpx") from None
+    return httpx
 
 
 @functools.lru_cache(maxsize=1)

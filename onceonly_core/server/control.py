@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from ..egress import Egress
 from ..errors import ConfigError, StoreError
 from ..guard import Guard
 from ..protocol import REPLAY, WAIT, Options, decide
@@ -205,7 +206,9 @@ class ControlPlane:
         self.max_ai_ttl = max_ai_ttl
         self.retention = retention
         self.max_tool_timeout_ms = max_tool_timeout_ms
-        # Outbound allowlist for every tenant's remote tools, on top of ONCEONLY_EGRESS_ALLOW.
+        # Outbound allowlist for every tenant's remote tools, on top of ONCEONLY_EGRESS_ALLOW;
+        # parsed now so a malformed one stops the server at start, not a tenant's request.
+        Egress.of(egress_allow)
         self.egress_allow = egress_allow
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._keys: ServerDB | None = None

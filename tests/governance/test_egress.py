@@ -14,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -268,15 +269,27 @@ def test_each_form_is_refused_at_call_time(guard: Guard, srv: Loopback, url: str
     assert srv.requests == []
 
 
+@pytest.fixture(scope="module")
+def guarded_client() -> Iterator[httpx.Client]:
+    with httpx.Client(transport=egress.transport()) as client:
+        yield client
+
+
 @pytest.mark.parametrize("url", [u for _, u in FORMS], ids=IDS)
-def test_each_form_is_refused_by_the_transport_itself(srv: Loopback, url: str) -> None:
+def test_each_form_is_refused_by_the_transport_itself(
+    guarded_client: httpx.Client, srv: Loopback, url: str
+) -> None:
     """The guarded transport on its own (as a caller's client would use it) refuses the
     same forms at connect: no check before it is needed."""
-    with (
-        httpx.Client(transport=egress.transport()) as client,
-        pytest.raises((EgressRefused, httpx.HTTPError, httpx.InvalidURL)),
-    ):
-        client.post(form(url, srv), content=b"{}")
+    target = form(url, srv)
+    expected: type[Exception] = EgressRefused
+    try:
+        if httpx.URL(target).scheme not in ("http", "https"):
+            expected = httpx.UnsupportedProtocol  # httpx refuses it before any connection
+    except httpx.InvalidURL:
+        expected = httpx.InvalidURL  # httpx cannot even parse it (odd spellings, IDN)
+    with pytest.raises(expected):
+        guarded_client.post(target, content=b"{}")
     assert srv.requests == []
 
 
@@ -573,6 +586,18 @@ def test_a_bad_environment_allowlist_is_a_config_error(
         guard.gov.create_tool("t", url="https://93.184.216.34/tool")
 
 
+def test_a_bad_server_allowlist_stops_the_server_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onceonly_core.server.control import ControlPlane
+
+    with pytest.raises(ConfigError, match="not a host name"):
+        ControlPlane(f"sqlite:///{tmp_path}/a.db", egress_allow=["10.0.0.0/8", "bad name!"])
+    monkeypatch.setenv(egress.ALLOW_ENV, "10.0.0.0/33")
+    with pytest.raises(ConfigError, match=egress.ALLOW_ENV):
+        ControlPlane(f"sqlite:///{tmp_path}/b.db")
+
+
 def test_an_unresolvable_name_is_accepted_at_registration_and_checked_at_connect(
     guard: Guard, srv: Loopback, dns: FakeDNS, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -691,3 +716,29 @@ def test_tls_is_verified_for_the_name_while_connecting_to_the_checked_address(
         # Verification is still on: the same server under a name its certificate lacks.
         with pytest.raises(httpx.ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|mismatch"):
             client.get(f"https://other.rebind.test:{port}/")
+
+
+def test_the_address_checks_need_no_httpx() -> None:
+    """httpx is the optional ``http`` extra: the checks import without it, and the
+    transport names the extra."""
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "from onceonly_core import egress\n"
+        "from onceonly_core.errors import MissingExtraError\n"
+        "assert egress.check_url('https://93.184.216.34/x').port == 443\n"
+        "try:\n"
+        "    egress.check_url('http://169.254.169.254/')\n"
+        "except egress.EgressRefused as e:\n"
+        "    print('refused:', e)\n"
+        "try:\n"
+        "    egress.transport()\n"
+        "except MissingExtraError as e:\n"
+        "    print('missing:', e)\n"
+        "import onceonly_core.governance.engine\n"
+        "assert 'httpx' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "refused: destination 169.254.169.254" in out
+    assert "missing:" in out and "onceonly-core[http]" in out
