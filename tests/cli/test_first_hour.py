@@ -153,7 +153,7 @@ def test_clearing_an_unknown_key_says_so_in_the_log_not_on_stdout(
 
 
 def test_a_remote_tool_without_httpx_raises_missing_extra(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, allow_loopback: None
 ) -> None:
     import asyncio
 
