@@ -754,6 +754,24 @@ class Guard:
         """The key a call would use (for logs, ``onceonly retry --key``)."""
         return self._key_of(fn, args, kwargs)[1]
 
+    def key_for_call(
+        self,
+        tool: str,
+        args: Mapping[str, Any],
+        *,
+        scope: str | None = None,
+        **options: Any,
+    ) -> str:
+        """The key :meth:`run_call` would use for these arguments (nothing runs)."""
+        spec = self._spec(_label(tool, "tool name") or "", options)
+        bound = _mapping(spec.name, args)
+        token = _enter(scope)
+        try:
+            return self._key(spec, bound)[1]
+        finally:
+            if token is not None:
+                _workflow.reset(token)
+
     def _key_of(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from onceonly_core import (
     InProgress,
     StoreError,
     classify,
+    errors,
 )
 from onceonly_core.contract import (
     CODES,
@@ -422,6 +423,43 @@ def test_classify_covers_exceptions_and_outcomes() -> None:
             raise RuntimeError("no")
 
     assert preview(Weird()) == "<Weird>"
+
+
+_EVERY_ERROR: list[tuple[BaseException, str, bool | None]] = [
+    (errors.OnceOnlyError("x"), "guard_error", False),
+    (errors.ConfigError("bad option"), "guard_error", False),
+    (errors.MissingExtraError("the CLI", "cli", "typer"), "guard_error", False),
+    (errors.FingerprintError("args['a']", "NaN is not a number"), "invalid_arguments", False),
+    (errors.CodecError("no result stored"), "replayed", False),
+    (errors.KeyReuseError("ns", "k", "t"), "invalid_arguments", False),
+    (errors.InProgress("ns", "k", "w"), "in_progress", False),
+    (errors.UnknownOutcome("ns", "k", "w", 3), "unknown_outcome", None),
+    (errors.LeaseLost("ns", "k", 3, result=1), "executed", True),
+    (errors.CachedFailure("builtins.ValueError", "x"), "failed", False),
+    (errors.PolicyBlocked("a", "t", "tool_blocked"), "blocked", False),
+    (errors.ApprovalPending("a", "t", "ap-1"), "pending_approval", False),
+    (errors.SignatureError("bad signature"), "guard_error", False),
+    (errors.RemoteToolError("502 from the tool"), "failed", True),
+    (errors.StoreError("down"), "guard_error", False),
+    (errors.SchemaError("too old"), "guard_error", False),
+    (errors.CompletionNotRecorded("x", result=1), "executed", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("err", "code", "ran"), _EVERY_ERROR, ids=[type(e).__name__ for e, _, _ in _EVERY_ERROR]
+)
+def test_every_error_class_maps_to_one_code(
+    err: BaseException, code: str, ran: bool | None
+) -> None:
+    c = classify(err, tool="t")
+    assert (c.code, c.ran, c.tool) == (code, ran, "t") and c.exception is err
+    assert c.text and "\n" not in c.text
+
+
+def test_the_error_table_covers_every_error_class() -> None:
+    # A new error class must be given a code here (and in contract.py) before it ships.
+    assert {type(e).__name__ for e, _, _ in _EVERY_ERROR} == set(errors.__all__)
 
 
 def test_every_code_is_produced_by_this_module() -> None:

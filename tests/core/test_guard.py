@@ -1327,6 +1327,8 @@ def test_run_call_keys_by_tool_name_and_canonical_arguments(g: Guard) -> None:
 
     via_fn = g.call_tool(charge, {"to": "cus_1", "amount": 1.5}, tool="charge", scope="t-1")
     assert (via_fn.decision, via_fn.key) == ("dedup", first.key)
+    assert g.key_for_call("charge", {"amount": 1.5, "to": "cus_1"}, scope="t-1") == first.key
+    assert g.key_for_call("charge", {"amount": 1.5, "to": "cus_1"}, key_args=["to"]) != first.key
 
 
 def test_run_call_scope_is_the_workflow(g: Guard) -> None:
