@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import ConfigError, OnceOnlyError, SchemaError
-from ..guard import Guard, current_call
+from ..guard import GLOBAL, Guard, current_call
 from ..protocol import NOT_DONE, CallContext, Outcome
 from ..stores import Record
 
@@ -406,8 +406,11 @@ class Demo:
         return self.send_receipt(order.id, order.email)
 
     def govern(self, fn: Callable[..., Any], tool: str, args: dict[str, Any], **kw: Any) -> Any:
-        """One governed call of the agent (``guard.call_tool``): never raises, decides."""
-        res = self.guard.call_tool(fn, args, tool=tool, agent_id=AGENT, **kw)
+        """One governed call of the agent (``guard.call_tool``): never raises, decides.
+
+        ``scope=GLOBAL``: the demo's namespace is already this run's own, so a call is
+        deduplicated across the whole run on purpose (no unscoped-call warning)."""
+        res = self.guard.call_tool(fn, args, tool=tool, agent_id=AGENT, scope=GLOBAL, **kw)
         self.governed.append(res)
         return res
 
