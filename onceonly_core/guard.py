@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
 from .errors import ConfigError, OnceOnlyError
+from .keyhealth import KeyHealth
 from .protocol import (
     BLOCKED,
     Call,
@@ -226,6 +227,7 @@ class Guard:
         quiet: bool | None = None,
         caller: str | None = None,
         agent_id: str | None = None,
+        key_health: bool | None = None,
         **defaults: Any,
     ) -> None:
         unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
@@ -258,6 +260,10 @@ class Guard:
         # log record). None, the default, costs one attribute read per call.
         self._observer: Observer | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Warns (once) when a tool's arguments never repeat; None: ONCEONLY_KEY_HEALTH at
+        # first use (docs/keys.md, "Keys that never repeat").
+        self._key_health_on = key_health
+        self._key_health = KeyHealth()
 
     # -- configuration (lazy) -----------------------------------------------------------
     @property
@@ -293,6 +299,7 @@ class Guard:
         namespace: str | None = None,
         store: Store | None = None,
         quiet: bool | None = None,
+        key_health: bool | None = None,
         **defaults: Any,
     ) -> Guard:
         """Point this guard elsewhere or change defaults (before or between uses)."""
@@ -308,6 +315,8 @@ class Guard:
                 self._namespace = _label(namespace, "namespace")
             if quiet is not None:
                 self._quiet = quiet
+            if key_health is not None:
+                self._key_health_on = key_health
             if defaults:
                 unknown = set(defaults) - _OPTION_NAMES
                 if unknown:
@@ -716,6 +725,7 @@ class Guard:
         store = self.store
 
         def execute(ctx: CallContext) -> Ran:
+            self._observe_key(call, ctx, lambda: tool.sig.bind(args, kwargs))
             hid = self._heartbeats.add(
                 store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
             )
@@ -780,6 +790,7 @@ class Guard:
         store = self.store
 
         async def execute(ctx: CallContext) -> Ran:
+            self._observe_key(call, ctx, lambda: tool.sig.bind(args, kwargs))
             hid = self._heartbeats.add(
                 store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
             )
@@ -983,6 +994,34 @@ class Guard:
 
         obs = self._observer
         return await (drive() if obs is None else obs.arun(req, drive))
+
+    def _observe_key(
+        self,
+        call: Call,
+        ctx: CallContext,
+        args: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    ) -> None:
+        """A claim was won and the tool is about to run: let the key-health check look
+        at the arguments (by name, or a callable binding them only if looked at).
+
+        Only a first attempt is a new key (a take-over re-runs a key that repeated), and
+        a forced run bypasses the key. Cheap: sampled, never raises.
+        """
+        on = self._key_health_on
+        if on is None:
+            flag = os.environ.get("ONCEONLY_KEY_HEALTH", "1").strip().lower()
+            on = self._key_health_on = flag not in ("0", "false", "no", "off")
+        if on and ctx.attempt == 1 and not call.force:
+            opts = call.opts
+            self._key_health.observe(
+                call.tool,
+                call.namespace,
+                args,
+                key_args=opts.key_args,
+                exclude=opts.exclude,
+                explicit_key=opts.key is not None,
+                unlimited=opts.unlimited,
+            )
 
     # -- the pieces both governed shells share ---------------------------------------------
     def _peek(self, call: Call | None) -> Record | None:

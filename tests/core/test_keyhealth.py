@@ -12,6 +12,7 @@ through real guarded calls on the ledgers.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from onceonly_core import Guard
 from onceonly_core import keyhealth as kh
 from onceonly_core.keyhealth import KeyHealth, volatile_kind
 
@@ -350,3 +352,78 @@ def test_volatile_kind() -> None:
     assert volatile_kind(True, "nonce", NOW) is None
     assert volatile_kind("1h", "time_span", NOW) is None
     assert volatile_kind(NOW + 3600, "x", NOW) is None  # the future: a scheduled time
+
+
+# -- wired into the guard ----------------------------------------------------------------
+def send(to: str, body: str, sent_at: dt.datetime) -> str:
+    return f"sent to {to}"
+
+
+def test_guard_warns_for_new_claims(any_url: str, namespace: str, logged: Logged) -> None:
+    with Guard(any_url, namespace=namespace, quiet=True) as g:
+        for _ in range(3):
+            g(send, "a@example.com", "hi", dt.datetime.now(UTC))
+        [rec] = logged()
+        assert rec.onceonly_tool == f"{__name__}.send"
+        assert rec.onceonly_scope == namespace
+        assert "exclude=['sent_at'] (or key_args=['to', 'body'])" in rec.getMessage()
+        for _ in range(5):
+            g(send, "a@example.com", "hi", dt.datetime.now(UTC))
+        assert len(logged()) == 1
+
+
+def test_guard_replays_are_not_looked_at(logged: Logged) -> None:
+    # One new claim and many replays of the same stamped call: the stamp repeated, so the
+    # key works; nothing to say.
+    g = Guard("memory://", quiet=True)
+    at = dt.datetime.now(UTC)
+    for _ in range(10):
+        g(send, "a@example.com", "hi", at)
+    assert g.stats()["replayed"] == 9
+    assert logged() == []
+
+
+def test_guard_silent_with_key_args_exclude_key_unlimited(logged: Logged) -> None:
+    g = Guard("memory://", quiet=True)
+    variants = [
+        g.once(key_args=["to", "body"], name="by_key_args")(send),
+        g.once(exclude=["sent_at"], name="by_exclude")(send),
+        g.once(key=lambda to, body, sent_at: f"{to}:{sent_at.isoformat()}", name="by_key")(send),
+        g.once(unlimited=True, name="read_only")(send),
+    ]
+    for fn in variants:
+        for _ in range(4):
+            fn("a@example.com", "hi", dt.datetime.now(UTC))
+    assert logged() == []
+
+
+def test_guard_switched_off(monkeypatch: pytest.MonkeyPatch, logged: Logged) -> None:
+    def stamped(g: Guard) -> None:
+        for _ in range(3):
+            g(send, "a@example.com", "hi", dt.datetime.now(UTC))
+
+    stamped(Guard("memory://", quiet=True, key_health=False))
+    stamped(Guard("memory://", quiet=True).configure(key_health=False))
+    monkeypatch.setenv("ONCEONLY_KEY_HEALTH", "0")
+    stamped(Guard("memory://", quiet=True))
+    assert logged() == []
+    stamped(Guard("memory://", quiet=True, key_health=True))  # the argument wins over the env
+    monkeypatch.setenv("ONCEONLY_KEY_HEALTH", "1")
+    stamped(Guard("memory://", quiet=True))
+    assert len(logged()) == 2
+
+
+def test_guard_async_and_call_tool_paths(logged: Logged) -> None:
+    g = Guard("memory://", quiet=True)
+
+    async def notify(user: str, nonce: str) -> str:
+        return user
+
+    async def main() -> None:
+        for _i in range(3):
+            await g(notify, "u1", f"{random.getrandbits(64):016x}")
+
+    asyncio.run(main())
+    for _ in range(3):
+        g.call_tool(send, {"to": "b@example.com", "body": "x", "sent_at": dt.datetime.now(UTC)})
+    assert [r.onceonly_args for r in logged()] == [["nonce"], ["sent_at"]]
