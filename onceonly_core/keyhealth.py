@@ -14,11 +14,13 @@ What looks volatile (see ``docs/keys.md``, "Keys that never repeat"):
   number of seconds, milliseconds, microseconds or nanoseconds since the epoch, between a
   day ago and five minutes ahead;
 * a random identifier — a ``UUID`` (object, dashed or hex string), a ULID, a hex or base64
-  token of 16 characters or more — unless the argument's name says it refers to something
-  (``customer_id``, ``ref``, ``sha256``, ``user``…): a random-looking value under such a name
-  is the id of a different customer as often as it is a nonce, and we stay silent;
+  token of 16 characters or more;
 * any scalar under a name that says "fresh per call" (``request_id``, ``nonce``,
   ``idempotency_key``, ``trace_id``, ``attempt``…).
+
+Nothing under a name that says it refers to something (``customer_id``, ``ref``,
+``sha256``, ``version``, ``user``…) looks volatile: a uuid or an epoch-based number there
+is a different customer or order as often as it is a nonce, and we stay silent.
 
 The cost is kept off the hot path: nothing is inspected before a claim, only new claims
 are inspected, and after the first :data:`WARMUP` new claims of a tool in a scope only one
@@ -77,8 +79,6 @@ _PER_CALL = frozenset(
         "idempotency",
         "idempotent",
         "idem",
-        "uuid",
-        "guid",
         "salt",
         "dedup",
         "dedupe",
@@ -96,13 +96,16 @@ _PER_CALL_ID = frozenset(
     {"request", "req", "trace", "span", "correlation", "corr", "invocation", "unique", "call"}
 )
 _ID_WORDS = frozenset({"id", "key", "token", "uuid", "guid"})
-_PER_CALL_NAMES = frozenset({"now"})
+# ... or are the whole name (``uuid=uuid4()``; ``user_uuid`` is a reference).
+_PER_CALL_NAMES = frozenset({"now", "uuid", "guid"})
 # Last words of a name that say "this refers to something": a random-looking value under
 # it is an entity's id (a different customer), not a nonce.
 _REFERENCE = frozenset(
     {
         "id",
         "ids",
+        "uuid",
+        "guid",
         "ref",
         "refs",
         "reference",
@@ -281,12 +284,16 @@ def volatile_kind(value: Any, name: str, now: float | None = None) -> str | None
         now = time.time()
     if value is None or type(value) is bool:
         return None
+    kind = _name_kind(name) if name else 0
+    if kind == REFERENCE:
+        # order_id=<uuid7 or epoch-based number>, version=<timestamp>: another order,
+        # another version — data, however fresh it looks.
+        return None
     if _clock(value, now):
         return "a clock reading"
-    kind = _name_kind(name) if name else 0
     if kind == PER_CALL and isinstance(value, _SCALARS):
         return "a per-call value"
-    if kind != REFERENCE and _random_id(value):
+    if _random_id(value):
         return "a random id"
     return None
 

@@ -230,6 +230,8 @@ SILENT: dict[str, Callable[[int, float], dict[str, Any]]] = {
     "customer ids that are uuids": lambda i, t: {"customer_id": str(uuid.uuid4()), "amount": 5},
     "customerId objects": lambda i, t: {"customerId": uuid.uuid4(), "amount": 5},
     "provider ids": lambda i, t: {"customer": f"cus_{uuid.uuid4().hex[:14]}", "amount": 5},
+    "ids made from the clock": lambda i, t: {"order_id": int(t * 1000), "action": "cancel"},
+    "versions stamped with a time": lambda i, t: {"doc": "d1", "version": int(t)},
     "content digests": lambda i, t: {"path": "a.txt", "sha256": uuid.uuid4().hex * 2},
     "titles": lambda i, t: {"title": f"QuarterlyReport{2020 + i}Final", "owner": "bob"},
     "business and volatile both differ": lambda i, t: {"to": f"u{i}@x.org", "at": int(t)},
@@ -347,6 +349,10 @@ def test_volatile_kind() -> None:
     assert volatile_kind(NOW, "x", NOW) == "a clock reading"
     assert volatile_kind(uuid.uuid4(), "x", NOW) == "a random id"
     assert volatile_kind(uuid.uuid4(), "order_id", NOW) is None
+    assert volatile_kind(uuid.uuid4(), "user_uuid", NOW) is None
+    assert volatile_kind(NOW, "order_id", NOW) is None  # an id made from the clock
+    assert volatile_kind("x1", "uuid", NOW) == "a per-call value"
+    assert volatile_kind(str(uuid.uuid4()), "request_uuid", NOW) == "a per-call value"
     assert volatile_kind("r-17", "requestId", NOW) == "a per-call value"
     assert volatile_kind(2, "attempt", NOW) == "a per-call value"
     assert volatile_kind(True, "nonce", NOW) is None
