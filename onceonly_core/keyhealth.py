@@ -304,6 +304,8 @@ def _leaves(args: Mapping[str, Any]) -> list[tuple[str, str, Any]] | None:
     ``path`` is how the warning names the value (``order.created_at``, ``items[0].ts``);
     ``name`` is the nearest argument or field name (what :func:`_name_kind` reads).
     """
+    if len(args) > MAX_LEAVES:
+        return None
     out: list[tuple[str, str, Any]] = []
     stack: list[tuple[str, str, Any, int]] = [(str(k), str(k), v, 0) for k, v in args.items()]
     while stack:
@@ -314,9 +316,11 @@ def _leaves(args: Mapping[str, Any]) -> list[tuple[str, str, Any]] | None:
                 return None
             continue
         if isinstance(v, Mapping):
+            if len(v) > MAX_LEAVES:  # too big to be worth walking: never a whole payload
+                return None
             children: Iterable[tuple[Any, Any]] = v.items()
         elif isinstance(v, (list, tuple)):
-            if depth >= MAX_DEPTH:
+            if depth >= MAX_DEPTH or len(v) > MAX_LEAVES:
                 return None
             stack.extend((f"{path}[{i}]", name, x, depth + 1) for i, x in enumerate(v))
             continue

@@ -279,6 +279,8 @@ def test_never_raises(health: KeyHealth, logged: Logged) -> None:
     health.observe("t", "s", broken)
     health.observe("t", "s", {"x": object(), "y": [{1, 2}], "z": {"k": [[[[[[[[1]]]]]]]]}})
     health.observe("t", None, {"n": 10**400, "f": float("nan"), "d": dt.datetime.max})
+    for _ in range(3):  # too big to walk: skipped, whole
+        health.observe("big", "s", {"rows": list(range(10**5)), "at": dt.datetime.now(UTC)})
     assert logged() == []
 
 
