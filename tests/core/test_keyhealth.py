@@ -20,6 +20,7 @@ import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -435,3 +436,13 @@ def test_guard_async_and_call_tool_paths(logged: Logged) -> None:
     for _ in range(3):
         g.call_tool(send, {"to": "b@example.com", "body": "x", "sent_at": dt.datetime.now(UTC)})
     assert [r.onceonly_args for r in logged()] == [["nonce"], ["sent_at"]]
+
+
+def test_guard_governed_calls(tmp_path: Path, logged: Logged) -> None:
+    # An agent's calls go through governance (policy, audit) and the same claim path.
+    with Guard(f"sqlite:///{tmp_path}/ledger.db", quiet=True) as g:
+        for _ in range(3):
+            args = {"to": "a@example.com", "body": "hi", "sent_at": dt.datetime.now(UTC)}
+            assert g.call_tool(send, args, agent_id="agent-1").decision == "executed"
+        [rec] = logged()
+        assert rec.onceonly_args == ["sent_at"]
