@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
 from .errors import ConfigError, OnceOnlyError
+from .keyhealth import KeyHealth
 from .protocol import (
     BLOCKED,
     Call,
@@ -252,6 +253,7 @@ class Guard:
         quiet: bool | None = None,
         caller: str | None = None,
         agent_id: str | None = None,
+        key_health: bool | None = None,
         **defaults: Any,
     ) -> None:
         unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
@@ -297,6 +299,10 @@ class Guard:
         # log record). None, the default, costs one attribute read per call.
         self._observer: Observer | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Warns (once) when a tool's arguments never repeat; None: ONCEONLY_KEY_HEALTH at
+        # first use (docs/keys.md, "Keys that never repeat").
+        self._key_health_on = key_health
+        self._key_health = KeyHealth()
 
     # -- configuration (lazy) -----------------------------------------------------------
     @property
@@ -334,6 +340,7 @@ class Guard:
         namespace: str | None = None,
         store: Store | None = None,
         quiet: bool | None = None,
+        key_health: bool | None = None,
         **defaults: Any,
     ) -> Guard:
         """Point this guard elsewhere or change defaults (before or between uses)."""
@@ -349,6 +356,8 @@ class Guard:
                 self._namespace = _label(namespace, "namespace")
             if quiet is not None:
                 self._quiet = quiet
+            if key_health is not None:
+                self._key_health_on = key_health
             if defaults:
                 unknown = set(defaults) - _OPTION_NAMES
                 if unknown:
@@ -1008,10 +1017,11 @@ class Guard:
         if spec.bare and not force:
             self._count("attempts")
             return fn(*args, **kwargs)
-        call = self._prepare(spec, self._bind(info, spec.name, args, kwargs), force)
+        bound = self._bind(info, spec.name, args, kwargs)
+        call = self._prepare(spec, bound, force)
         if _reentrant(call):
             return fn(*args, **kwargs)
-        return self._after(self._execute(call, functools.partial(fn, *args, **kwargs)))
+        return self._after(self._execute(call, functools.partial(fn, *args, **kwargs), bound))
 
     async def _ainvoke(
         self,
@@ -1031,17 +1041,19 @@ class Guard:
         if spec.bare and not force:
             self._count("attempts")
             return await fn(*args, **kwargs)
-        call = self._prepare(spec, self._bind(info, spec.name, args, kwargs), force)
+        bound = self._bind(info, spec.name, args, kwargs)
+        call = self._prepare(spec, bound, force)
         if _reentrant(call):
             return await fn(*args, **kwargs)
         thunk = functools.partial(fn, *args, **kwargs)
-        return self._after(await self._aexecute(call, thunk, True))
+        return self._after(await self._aexecute(call, thunk, True, bound))
 
     # -- claim → execute → fenced completion, on the flow of protocol.py -------------------
     def _execute(
         self,
         call: Call,
         thunk: Callable[[], Any],
+        bound: Mapping[str, Any],
         extra: Callable[[], Any] | None = None,
         seen: list[BaseException] | None = None,
     ) -> Outcome:
@@ -1050,6 +1062,7 @@ class Guard:
         store = self.store
 
         def execute(ctx: CallContext) -> Ran:
+            self._observe_key(call, ctx, bound)
             hid = self._heartbeats.add(
                 store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
             )
@@ -1093,12 +1106,14 @@ class Guard:
         call: Call,
         thunk: Callable[[], Any],
         is_async: bool,
+        bound: Mapping[str, Any],
         extra: Callable[[], Any] | None = None,
         seen: list[BaseException] | None = None,
     ) -> Outcome:
         store = self.store
 
         async def execute(ctx: CallContext) -> Ran:
+            self._observe_key(call, ctx, bound)
             hid = self._heartbeats.add(
                 store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
             )
@@ -1272,7 +1287,7 @@ class Guard:
                 if call is None or _reentrant(call):
                     return self._unledgered(spec, req, thunk())
                 extra = self._extender(rid, call)
-                outcome = self._execute(call, thunk, extra, seen)
+                outcome = self._execute(call, thunk, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
             self._after(outcome)
@@ -1309,7 +1324,7 @@ class Guard:
                 if call is None or _reentrant(call):
                     return self._unledgered(spec, req, await _acall(thunk, is_async, None))
                 extra = self._extender(rid, call)
-                outcome = await self._aexecute(call, thunk, is_async, extra, seen)
+                outcome = await self._aexecute(call, thunk, is_async, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
             self._after(outcome)
@@ -1322,6 +1337,34 @@ class Guard:
 
         obs = self._observer
         return await (drive() if obs is None else obs.arun(req, drive))
+
+    def _observe_key(
+        self,
+        call: Call,
+        ctx: CallContext,
+        args: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    ) -> None:
+        """A claim was won and the tool is about to run: let the key-health check look
+        at the arguments (by name, or a callable binding them only if looked at).
+
+        Only a first attempt is a new key (a take-over re-runs a key that repeated), and
+        a forced run bypasses the key. Cheap: sampled, never raises.
+        """
+        on = self._key_health_on
+        if on is None:
+            flag = os.environ.get("ONCEONLY_KEY_HEALTH", "1").strip().lower()
+            on = self._key_health_on = flag not in ("0", "false", "no", "off")
+        if on and ctx.attempt == 1 and not call.force:
+            opts = call.opts
+            self._key_health.observe(
+                call.tool,
+                call.namespace,
+                args,
+                key_args=opts.key_args,
+                exclude=opts.exclude,
+                explicit_key=opts.key is not None,
+                unlimited=opts.unlimited or opts.read_only,
+            )
 
     # -- the pieces both governed shells share ---------------------------------------------
     def _peek(self, call: Call | None) -> Record | None:
