@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
 from .errors import ConfigError, OnceOnlyError
+from .limits import check_text
 from .protocol import (
     BLOCKED,
     Call,
@@ -108,6 +109,7 @@ def _label(value: str | None, what: str) -> str | None:
         raise ConfigError(f"{what} must be a non-empty string of at most {MAX_LABEL} characters")
     if any(ord(c) < 32 for c in value):
         raise ConfigError(f"{what} must not contain control characters: {value!r}")
+    check_text(value, what)  # lone surrogates: no backend can store them
     return value
 
 
@@ -601,6 +603,7 @@ class Guard:
         if not callable(fn):
             raise ConfigError(f"guard needs a callable, got {type(fn).__name__}")
         name = overrides.get("name") or fp.tool_identity(fn)
+        check_text(name, "the tool name")  # stored as a name on every backend: no NUL
         merged = {**self._policies.get(name, {}), **overrides}
         for opt in ("key_args", "exclude"):
             if isinstance(merged.get(opt), str):
@@ -875,6 +878,7 @@ class Guard:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"{tool.name}: {err}") from None
         run = _label(run_id, "run id") or _run_id.get()
+        _label(agent, "agent id")  # a name on every backend, refused before anything is held
         unlimited = bool(tool.overrides.get("unlimited", self._defaults.unlimited))
         # Bound once: the key and the audited arguments come from the same binding.
         bound = self._bind(tool, args, kwargs) if agent is not None else None

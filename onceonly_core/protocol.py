@@ -27,6 +27,7 @@ from .errors import (
     StoreError,
     UnknownOutcome,
 )
+from .redact import default_redactor
 from .stores.base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 
 __all__ = ["BLOCKED", "NOT_DONE", "CallContext", "Options", "Outcome", "decide", "flow"]
@@ -206,12 +207,23 @@ def error_text(err: BaseException) -> str:
 
 
 def safe_str(err: BaseException) -> str:
-    """str(err), even for an exception whose __str__ raises: a broken message must not
-    replace the tool's own error, nor skip the write that releases its claim."""
+    """str(err) with secrets masked, even for an exception whose __str__ raises: a broken
+    message must not replace the tool's own error, nor skip the write that releases its
+    claim.
+
+    HTTP libraries quote the failing URL or header (``?api_key=...``, ``Authorization:
+    Bearer ...``): this text goes to the ledger's error column, events, notifications and
+    log lines, so it is redacted here, once, for all of them. NUL characters and lone
+    surrogates become U+FFFD, so the text is storable on every backend.
+    """
     try:
-        return str(err)
+        text = str(err)[:_MAX_ERROR_SCAN]
     except Exception:
         return f"<unprintable {type(err).__name__}>"
+    return default_redactor.redact_text(text)
+
+
+_MAX_ERROR_SCAN = 16_000  # redaction is linear, but a 100 MB message is not worth scanning
 
 
 # -- the flow --------------------------------------------------------------------------

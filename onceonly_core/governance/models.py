@@ -71,6 +71,10 @@ def _names(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(v, str) for v in value
+    ):
+        raise ValueError("must be a name or a list of names")  # pydantic: a 422, not a 500
     return list(value)
 
 

@@ -31,7 +31,8 @@ from typing import Any
 
 from ..errors import ConfigError, StoreError
 from ..guard import Guard
-from ..protocol import REPLAY, WAIT, Options, decide
+from ..limits import check_text
+from ..protocol import REPLAY, WAIT, Options, decide, safe_str
 from ..stores import FAILED, RUNNING, SUCCEEDED, NewClaim, Record, open_store
 from ..stores.sql import SQLStore
 from .db import ServerDB
@@ -335,6 +336,7 @@ class ControlPlane:
         eff = self._ai_ttl(ttl)
         ns = f"{tenant}/ai"
         run_id = (metadata or {}).get("run_id")
+        check_text(str(run_id) if run_id else None, "metadata.run_id")  # a name: no NUL
         lease_id = "lease_" + secrets.token_hex(12)
         new = NewClaim(
             tool="ai.run" if job else "ai.lease",
@@ -640,9 +642,12 @@ class Jobs:
             ctx = JobContext(tenant, key, token, int(row["attempts"]), meta, guard, run_id)
             payload = {"result": self._execute(ctx), "result_hash": None}
         except Exception as err:
-            log.warning("job %s/%s failed: %s", tenant, key, err)
+            log.warning("job %s/%s failed: %s", tenant, key, err)  # redacted by the log filter
             ok = False
-            payload = {"error_code": "job_error", "message": f"{type(err).__name__}: {err}"}
+            payload = {
+                "error_code": "job_error",
+                "message": f"{type(err).__name__}: {safe_str(err)}",
+            }
         finally:
             stop.set()
             hb.join(timeout=5)
