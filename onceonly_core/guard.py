@@ -1149,6 +1149,8 @@ def _check_options(o: Options) -> None:
         raise ConfigError("pass key= or key_args=, not both")
     if o.float_digits is not None and not (1 <= o.float_digits <= 17):
         raise ConfigError("float_digits must be between 1 and 17")
+    if o.max_result_bytes is not None and not o.max_result_bytes > 0:
+        raise ConfigError(f"max_result_bytes must be > 0 or None, got {o.max_result_bytes!r}")
 
 
 guard = Guard()

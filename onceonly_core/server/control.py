@@ -31,8 +31,8 @@ from typing import Any
 
 from ..errors import ConfigError, StoreError
 from ..guard import Guard
-from ..limits import check_text
-from ..protocol import REPLAY, WAIT, Options, decide, safe_str
+from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
+from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
 from ..stores import FAILED, RUNNING, SUCCEEDED, NewClaim, Record, open_store
 from ..stores.sql import SQLStore
 from .db import ServerDB
@@ -652,8 +652,15 @@ class Jobs:
             stop.set()
             hb.join(timeout=5)
         if ok:
-            text = cp.ledger_codec.encode(payload)
-            done = cp.ledger.finish(ns, key, token, ok=True, result=text, ttl=cp.retention)
+            text: str | None = cp.ledger_codec.encode(payload)
+            note = None
+            if text is not None and len(text.encode()) > DEFAULT_MAX_RESULT_BYTES:
+                # Over the backend's statement limit the write would fail and the job
+                # would run again: succeeded without a result instead (protocol's marker).
+                text, note = None, f"{NOT_STORED}over {DEFAULT_MAX_RESULT_BYTES} bytes"
+            done = cp.ledger.finish(
+                ns, key, token, ok=True, result=text, error=note, ttl=cp.retention
+            )
         else:
             err_text = json.dumps(payload)[:4000]
             done = cp.ledger.finish(ns, key, token, ok=False, error=err_text, ttl=cp.retention)
