@@ -33,6 +33,7 @@ from ..errors import ConfigError, StoreError
 from ..guard import Guard
 from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
 from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
+from ..redact import default_redactor
 from ..stores import FAILED, RUNNING, SUCCEEDED, NewClaim, Record, open_store
 from ..stores.sql import SQLStore
 from .db import ServerDB
@@ -462,7 +463,8 @@ class ControlPlane:
         rec = self._holder(tenant, key, lease_id)
         if rec.state == RUNNING:
             text = self.ledger_codec.encode(payload) if ok else None
-            err = None if ok else json.dumps(payload)
+            # The caller's error code / cancel reason is free text: masked like any error.
+            err = None if ok else json.dumps(default_redactor.redact(payload))
             if self.ledger.finish(
                 ns, key, rec.token, ok=ok, result=text, error=err, ttl=self.retention
             ):
