@@ -427,6 +427,7 @@ def create_app(
                 "properties": {"detail": {"type": "string", "title": "Detail"}},
                 "required": ["detail"],
             }
+            _add_links(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -910,10 +911,67 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Not found (or another tenant's)"),
         (409, "Lease id is not the holder's, or the lease is already finished"),
         (413, "Request body too large"),
+        (422, "Invalid input (a string detail): a value no backend can hold, or a bad field"),
         (429, "Rate limit (Retry-After)"),
         (503, "Database unavailable (Retry-After)"),
     )
 }
+
+
+# OpenAPI links: what a response hands to the next call (schemathesis' stateful phase
+# follows them; they also document the flows). (producer, consumer, parameters, body).
+_LEASE = {"key": "$response.body#/key", "lease_id": "$response.body#/lease_id"}
+_AGENT = {"agent_id": "$response.body#/agent_id"}
+_LINKS: list[tuple[tuple[str, str], tuple[str, str], dict[str, str], dict[str, str]]] = [
+    *(
+        (("post", "/v1/ai/lease"), ("post", f"/v1/ai/{op}"), {}, _LEASE)
+        for op in ("extend", "complete", "fail", "cancel")
+    ),
+    *(
+        (("post", "/v1/ai/lease"), ("get", f"/v1/ai/{op}"), {"key": "$response.body#/key"}, {})
+        for op in ("status", "result")
+    ),
+    *(
+        (("post", "/v1/tools"), (m, p), {"name": "$response.body#/name"}, {})
+        for m, p in (
+            ("get", "/v1/tools/{name}"),
+            ("post", "/v1/tools/{name}/toggle"),
+            ("delete", "/v1/tools/{name}"),
+        )
+    ),
+    (
+        ("post", "/v1/events"),
+        ("get", "/v1/runs/{run_id}"),
+        {"run_id": "$response.body#/run_id"},
+        {},
+    ),
+    *(
+        (("post", "/v1/policies/{agent_id}"), (m, p), _AGENT, {})
+        for m, p in (
+            ("get", "/v1/policies/{agent_id}"),
+            ("post", "/v1/agents/{agent_id}/disable"),
+            ("get", "/v1/agents/{agent_id}/logs"),
+            ("get", "/v1/agents/{agent_id}/metrics"),
+        )
+    ),
+]
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    for (pm, pp), (cm, cp_), params, body in _LINKS:
+        producer = paths.get(pp, {}).get(pm)
+        consumer = paths.get(cp_, {}).get(cm)
+        if producer is None or consumer is None:
+            continue
+        link: dict[str, Any] = {"operationId": consumer["operationId"]}
+        if params:
+            link["parameters"] = params
+        if body:
+            link["requestBody"] = body
+        ok = producer.setdefault("responses", {}).setdefault("200", {"description": "OK"})
+        name = consumer["operationId"]
+        ok.setdefault("links", {})[name] = link
 
 
 def _req_id() -> str:
