@@ -1133,6 +1133,9 @@ def _reentrant(call: Call) -> bool:
 
 
 def _check_options(o: Options) -> None:
+    # Stored as timestamps: a non-finite lease or ttl is not a value every backend holds.
+    if not math.isfinite(o.lease) or (o.ttl is not None and not math.isfinite(o.ttl)):
+        raise ConfigError(f"lease and ttl must be finite (ttl=None: forever): {o.lease}, {o.ttl}")
     if o.lease <= 0:
         raise ConfigError(f"lease must be > 0 seconds, got {o.lease}")
     if o.wait < 0:

@@ -29,6 +29,7 @@ __all__ = [
     "INT_MIN",
     "MAX_BODY_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_SPEND_USD",
     "bad_text",
     "check_text",
 ]
@@ -43,6 +44,9 @@ MAX_JSON_DEPTH = 64
 #: Integers in a request body must fit a signed 64-bit column (``BIGINT``).
 INT_MIN = -(2**63)
 INT_MAX = 2**63 - 1
+#: The largest spend of one call (and daily cap): spend is summed as integer micro-dollars
+#: in 64-bit columns, and 10**9 USD leaves room for thousands of such calls in one counter.
+MAX_SPEND_USD = 1e9
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -35,7 +35,7 @@ from ..errors import (
     UnknownOutcome,
 )
 from ..governance.models import Policy
-from ..limits import INT_MAX, INT_MIN, MAX_BODY_BYTES, MAX_JSON_DEPTH, bad_text
+from ..limits import INT_MAX, INT_MIN, MAX_BODY_BYTES, MAX_JSON_DEPTH, MAX_SPEND_USD, bad_text
 from .control import ControlPlane, LeaseError, QuotaExceeded, iso, tool_result_json
 from .db import KeyInfo
 
@@ -94,7 +94,7 @@ class RunBody(_Body):
     agent_id: str | None = Field(default=None, max_length=255)
     tool: str | None = Field(default=None, max_length=255)
     args: dict[str, Any] | None = None
-    spend_usd: float | None = Field(default=None, ge=0)
+    spend_usd: float | None = Field(default=None, ge=0, le=MAX_SPEND_USD)
 
 
 class ExtendBody(_Body):

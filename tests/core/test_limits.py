@@ -133,3 +133,28 @@ def test_check_text() -> None:
     check_text(None, "x")
     with pytest.raises(ConfigError, match="the key contains a NUL"):
         check_text("k\x00", "the key")
+
+
+@pytest.mark.parametrize("spend", [1e13, 9.3e12, 1e300, math.inf, math.nan, -1.0])
+def test_a_spend_that_does_not_fit_is_refused_before_the_claim(g: Guard, spend: float) -> None:
+    runs: list[int] = []
+
+    def pay(x: int) -> int:
+        runs.append(x)
+        return x
+
+    g.gov.policy_from_template("bot", "permissive", {"max_spend_usd_per_day": None})
+    with pytest.raises(ConfigError, match="spend_usd"):
+        g.call_tool(pay, {"x": 1}, agent_id="bot", spend_usd=spend)
+    assert runs == []
+    assert g.store.list(namespace=g.current_namespace(), prefix=True) == []
+    assert g.gov.audit_log() == []
+
+
+@pytest.mark.parametrize(
+    "opt", [{"lease": math.inf}, {"lease": math.nan}, {"ttl": math.inf}, {"ttl": math.nan}]
+)
+def test_non_finite_lease_or_ttl_is_refused(g: Guard, opt: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match="finite"):
+        g.using(**opt)(len, "abc")
+    assert g.store.list(namespace=g.current_namespace(), prefix=True) == []

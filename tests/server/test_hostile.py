@@ -56,6 +56,9 @@ HOSTILE_SCALARS: dict[str, str] = {
     "object": '{"$": "float", "v": "nan"}',
     "neg": "-1",
     "huge_ok_int": str(2**63 - 1),
+    "huge_finite": "1e300",
+    "spend_1e13": "1e13",  # USD: past 64-bit micro-dollars
+    "tiny": "5e-324",
 }
 
 # Raw bodies that are not JSON objects at all.
@@ -161,7 +164,10 @@ def hostile_srv(db_url: str, make_server: Callable[..., Running]) -> Iterator[tu
     tenant = _tenant()
     key = srv.key(tenant)
     srv.cp.register_tool(tenant, "echo", lambda **kw: kw)
-    srv.cp.guard(tenant).gov.policy_from_template("bot", "permissive", {})
+    # No spend cap: a huge spend reaches the counters instead of being blocked first.
+    srv.cp.guard(tenant).gov.policy_from_template(
+        "bot", "permissive", {"max_spend_usd_per_day": None}
+    )
     yield srv, key
 
 
