@@ -31,6 +31,7 @@ from ..errors import (
     KeyReuseError,
     LeaseLost,
     OnceOnlyError,
+    ResultNotStored,
     StoreError,
     UnknownOutcome,
 )
@@ -459,7 +460,7 @@ def create_app(
         # Everything of ours but StoreError (handled below: the database is unreachable)
         # is about the request or the record, never the server: 409 for a key's state,
         # 422 for input (ConfigError, FingerprintError, CodecError, ...).
-        if isinstance(exc, (KeyReuseError, InProgress, UnknownOutcome, LeaseLost)):
+        if isinstance(exc, (KeyReuseError, InProgress, UnknownOutcome, LeaseLost, ResultNotStored)):
             name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
             return JSONResponse({"detail": {"error": name, "message": str(exc)}}, 409)
         return JSONResponse({"detail": str(exc)[:1000]}, status_code=422)

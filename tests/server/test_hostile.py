@@ -379,3 +379,34 @@ def test_client_run_fn_never_reruns_after_a_hostile_result(
         finally:
             c.close()
     assert runs == [1]
+
+
+def test_tool_results_no_backend_can_hold_never_get_a_5xx(hostile_srv: tuple[Running, str]) -> None:
+    """A local tool's NaN goes out as null; a result over max_result_bytes runs once and
+    its replay is a 409 (the key's state), never a 5xx the client would fail open on."""
+    srv, key = hostile_srv
+    tenant = srv.cp.keys.authenticate(key).tenant
+    runs: list[str] = []
+
+    def odd(kind: str) -> object:
+        runs.append(kind)
+        if kind == "nan":
+            return {"v": float("nan"), "w": [float("inf")]}
+        return "x" * (9 * 1024 * 1024)  # over the 8 MiB default
+
+    srv.cp.register_tool(tenant, "odd", odd)
+    base = srv.base_url.removesuffix("/v1")
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+        body = {"agent_id": "bot", "tool": "odd", "args": {"kind": "nan"}}
+        for _ in range(2):
+            r = h.post("/v1/ai/run", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["result"] == {"v": None, "w": [None]}
+        body = {"agent_id": "bot", "tool": "odd", "args": {"kind": "big"}}
+        r = h.post("/v1/ai/run", json=body)
+        assert r.status_code == 200 and len(r.json()["result"]["value"]) == 9 * 1024 * 1024
+        for _ in range(2):
+            r = h.post("/v1/ai/run", json=body)
+            assert r.status_code == 409, r.text
+            assert r.json()["detail"]["error"] == "result_not_stored"
+    assert runs == ["nan", "big"]
