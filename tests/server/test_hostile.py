@@ -307,7 +307,8 @@ HOSTILE_KEYS = [
 ]
 
 
-def test_client_never_runs_a_hostile_key_twice(hostile_srv: tuple[Running, str]) -> None:
+@pytest.mark.parametrize("how", ["check_lock", "run_fn"])
+def test_client_never_runs_a_hostile_key_twice(hostile_srv: tuple[Running, str], how: str) -> None:
     """Two callers of the same hostile key with the published client (fail_open on, as
     shipped): at most one proceeds, and exactly one when the server accepts the key."""
     srv, api_key = hostile_srv
@@ -326,12 +327,15 @@ def test_client_never_runs_a_hostile_key_twice(hostile_srv: tuple[Running, str])
             try:
                 barrier.wait()
                 try:
-                    res = c.check_lock(key, ttl=60)
+                    if how == "check_lock":
+                        if c.check_lock(key, ttl=60).locked:
+                            proceeded.append(key)
+                    else:
+                        c.ai.run_fn(
+                            key, lambda: proceeded.append(key), ttl=60, wait_on_conflict=False
+                        )
                 except Exception as err:  # a 4xx: the caller does not proceed
                     refused.append(err)
-                    return
-                if res.locked:
-                    proceeded.append(key)
             finally:
                 c.close()
 
