@@ -61,4 +61,4 @@ def test_schemathesis_finds_no_server_errors(
         cwd=tmp_path,  # schemathesis writes a .schemathesis/ cache here
     )
     assert res.returncode == 0, res.stdout[-6000:]
-    assert "Stateful" in res.stdout, res.stdout[-3000:]  # the links were followed
+    assert "✅ Stateful" in res.stdout, res.stdout[-3000:]  # the links were followed
