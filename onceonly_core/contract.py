@@ -55,6 +55,7 @@ from .errors import (
     LeaseLost,
     PolicyBlocked,
     RemoteToolError,
+    ResultNotStored,
     StoreError,
     UnknownOutcome,
 )
@@ -113,7 +114,8 @@ class Classification:
     ``reason`` refines the code: the policy reason of ``blocked`` (``tool_blocked``,
     ``daily_spend_exceeded``, ``agent_disabled``, ``dedup``...), or why an ``executed``
     / ``replayed`` / ``invalid_arguments`` / ``failed`` / ``guard_error`` is special
-    (``completion_not_recorded``, ``result_unavailable``, ``key_reuse``...).
+    (``completion_not_recorded``, ``result_unavailable``, ``result_not_stored``,
+    ``key_reuse``...).
     ``result`` is the tool's value for ``executed`` / ``replayed`` (not serialised by
     :meth:`as_dict`; ``result_preview`` is). ``retry_after`` (seconds) is set where
     waiting helps: a cap that frees up at the next hour or day.
@@ -285,7 +287,7 @@ def _make(
             f"Already done: {tool} ran earlier with these arguments and was not run again; "
             "do not call it again; "
         )
-        if reason == "result_unavailable":
+        if reason in ("result_unavailable", "result_not_stored"):
             text = head + "its result was not stored."
         else:
             shown = preview(result)
@@ -509,6 +511,9 @@ def _from_error(
             error_type=err.error_type.rpartition(".")[2] or None,
             **where,
         )
+    if isinstance(err, ResultNotStored):
+        # It ran once and succeeded; its result was too large (or unencodable) to store.
+        return _make("replayed", tool, reason="result_not_stored", err=err, **where)
     if isinstance(err, CodecError):
         # Raised by a replay whose stored result is missing or unreadable: done before.
         return _make("replayed", tool, reason="result_unavailable", err=err, **where)

@@ -37,6 +37,7 @@ from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
 from .errors import ConfigError, OnceOnlyError
 from .keyhealth import KeyHealth
+from .limits import check_text
 from .protocol import (
     BLOCKED,
     Call,
@@ -118,6 +119,7 @@ def _label(value: str | None, what: str) -> str | None:
         raise ConfigError(f"{what} must be a non-empty string of at most {MAX_LABEL} characters")
     if any(ord(c) < 32 for c in value):
         raise ConfigError(f"{what} must not contain control characters: {value!r}")
+    check_text(value, what)  # lone surrogates: no backend can store them
     return value
 
 
@@ -929,6 +931,7 @@ class Guard:
         unknown = set(overrides) - _OPTION_NAMES
         if unknown:
             raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+        check_text(name, "the tool name")  # stored as a name on every backend: no NUL
         merged = {**self._policies.get(name, {}), **overrides}
         for opt in ("key_args", "exclude"):
             if isinstance(merged.get(opt), str):
@@ -1235,6 +1238,7 @@ class Guard:
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"{spec.name}: {err}") from None
         run = _label(run_id, "run id") or _run_id.get()
+        _label(agent, "agent id")  # a name on every backend, refused before anything is held
         call = None if spec.bare else self._prepare(spec, bound, False)
         if call is not None and run is not None:
             call.new = replace(call.new, run_id=run)
@@ -1574,6 +1578,9 @@ def _reentrant(call: Call) -> bool:
 
 
 def _check_options(o: Options) -> None:
+    # Stored as timestamps: a non-finite lease or ttl is not a value every backend holds.
+    if not math.isfinite(o.lease) or (o.ttl is not None and not math.isfinite(o.ttl)):
+        raise ConfigError(f"lease and ttl must be finite (ttl=None: forever): {o.lease}, {o.ttl}")
     if o.lease <= 0:
         raise ConfigError(f"lease must be > 0 seconds, got {o.lease}")
     if o.wait < 0:
@@ -1590,6 +1597,8 @@ def _check_options(o: Options) -> None:
         raise ConfigError("pass key= or key_args=, not both")
     if o.float_digits is not None and not (1 <= o.float_digits <= 17):
         raise ConfigError("float_digits must be between 1 and 17")
+    if o.max_result_bytes is not None and not o.max_result_bytes > 0:
+        raise ConfigError(f"max_result_bytes must be > 0 or None, got {o.max_result_bytes!r}")
 
 
 guard = Guard()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..egress import check_url
 from ..errors import ConfigError, OnceOnlyError
+from ..protocol import safe_str
 from .models import (
     AgentMetrics,
     Approval,
@@ -333,10 +334,7 @@ def _from_run(ran: Any, base: dict[str, Any], req: Request, risk: str, spend: in
 
 
 def _text(err: BaseException) -> str:
-    try:
-        return str(err)[:2000] or type(err).__name__
-    except Exception:
-        return type(err).__name__
+    return safe_str(err)[:2000] or type(err).__name__  # redacted: events, hooks, the model
 
 
 def _record(
@@ -958,7 +956,7 @@ class Governance:
     def notify(self, event: dict[str, Any], *, threshold: float | None = None) -> None:
         import time
 
-        event = {**event, "ts": time.time()}
+        event = self.redactor.redact({**event, "ts": time.time()})  # hooks see no secret
         for hook, kinds in self._hooks:
             if kinds is None or event["type"] in kinds:
                 try:

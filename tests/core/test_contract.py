@@ -431,6 +431,7 @@ _EVERY_ERROR: list[tuple[BaseException, str, bool | None]] = [
     (errors.MissingExtraError("the CLI", "cli", "typer"), "guard_error", False),
     (errors.FingerprintError("args['a']", "NaN is not a number"), "invalid_arguments", False),
     (errors.CodecError("no result stored"), "replayed", False),
+    (errors.ResultNotStored("ns", "k", "t", "9 MB over max_result_bytes"), "replayed", False),
     (errors.KeyReuseError("ns", "k", "t"), "invalid_arguments", False),
     (errors.InProgress("ns", "k", "w"), "in_progress", False),
     (errors.UnknownOutcome("ns", "k", "w", 3), "unknown_outcome", None),
