@@ -51,10 +51,20 @@ REASONS: tuple[str, ...] = (
 
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_.:-]+$")
 MICROS = 1_000_000
+#: The most one call may spend, in USD. A larger amount is refused (ConfigError) before
+#: anything is claimed or executed: micro-dollar sums must fit the 64-bit counters and
+#: audit rows with room for millions of calls a day, and a price past a million dollars
+#: per tool call is a bug (cents for dollars, a unit mix-up), not a purchase.
+MAX_SPEND_USD = 1_000_000
+#: The largest daily spend cap a policy may set (64-bit micro-dollar counters).
+MAX_CAP_USD = 1_000_000_000_000
 
 
 def micros(usd: float | int | None) -> int:
-    """US dollars → integer micro-dollars (exact sums and caps in the database)."""
+    """US dollars → integer micro-dollars (exact sums and caps in the database).
+
+    Refuses what cannot be a price: not a number, not finite, negative, or more than
+    :data:`MAX_SPEND_USD` for one call."""
     if usd is None:
         return 0
     if isinstance(usd, bool) or not isinstance(usd, (int, float)):
@@ -63,6 +73,8 @@ def micros(usd: float | int | None) -> int:
         raise ValueError("spend_usd must be finite")
     if usd < 0:
         raise ValueError(f"spend_usd must be >= 0, got {usd}")
+    if usd > MAX_SPEND_USD:
+        raise ValueError(f"spend_usd must be at most {MAX_SPEND_USD:,} per call, got {usd:g}")
     return round(usd * MICROS)
 
 
@@ -103,7 +115,9 @@ class Policy(BaseModel):
     """None: every tool is allowed (unless blocked). A list: only these (globs)."""
     blocked_tools: list[str] = Field(default_factory=list)
     max_actions_per_hour: int | None = Field(default=None, ge=0)
-    max_spend_usd_per_day: float | None = Field(default=None, ge=0)
+    max_spend_usd_per_day: float | None = Field(
+        default=None, ge=0, le=MAX_CAP_USD, allow_inf_nan=False
+    )
     max_calls_per_tool: dict[str, int] = Field(default_factory=dict)
     """Per-tool cap per UTC day: tool (or glob) → calls."""
     pricing_rules: dict[str, float] = Field(default_factory=dict)
