@@ -914,7 +914,7 @@ class Governance:
             return done
         if done.state == "consumed":
             raise ConfigError(
-                f"approval {approval_id} was already used by the execution it authorised; "
+                f"approval {approval_id} was already consumed by the execution it authorised; "
                 "it never authorises another: the next execution of the call asks anew"
             )
         raise ConfigError(f"approval {approval_id} was already {done.state}: a decision is final")
