@@ -903,15 +903,16 @@ class Governance:
         return self._decide(approval_id, "denied", by, reason or None)
 
     def _decide(self, approval_id: str, state: str, by: str | None, reason: str | None) -> Approval:
-        """pending → approved | denied. A decided request is final: deciding it again
-        (even the same way) raises ConfigError saying what it is; a consumed one
-        authorised its execution already, and the next execution asks anew."""
+        """pending → approved | denied. A decision is final: a denied or consumed request
+        cannot be decided again (ConfigError saying what it is; a consumed one authorised
+        its execution already, and the next execution asks anew). Approving a request
+        that is approved and not yet used changes nothing and succeeds."""
         row = self.store.decide_approval(self.tenant, approval_id, state, by, reason)
         if row is None:
             raise ConfigError(f"no approval request {approval_id!r}")
         done = _approval(row)
-        if row.get("changed"):
-            return done
+        if row.get("changed") or (state == done.state == "approved"):
+            return done  # approving an approved request again (a double click) is a no-op
         if done.state == "consumed":
             raise ConfigError(
                 f"approval {approval_id} was already consumed by the execution it authorised; "

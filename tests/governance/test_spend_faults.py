@@ -476,3 +476,36 @@ def test_audit_entries_of_holds_are_json(guard: Guard) -> None:
 
     r = guard.call_tool(pay, {"api_key": "sk_live_abcdef0123456789"}, tool="pay", agent_id="payer")
     assert r.ok, r.error
+
+
+def test_the_cli_refuses_to_decide_a_consumed_or_denied_request_again(
+    db_url: str, namespace: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from onceonly_core.cli import build_app
+
+    if db_url.startswith(("postgresql", "mysql")):
+        with SQLStore(db_url) as store:
+            store.migrate()
+    app, runner = build_app(), CliRunner()
+
+    def cli(*args: str) -> Any:
+        return runner.invoke(
+            app,
+            [*args, "--url", db_url, "--namespace", namespace],
+            env={"ONCEONLY_DB_URL": None, "ONCEONLY_NAMESPACE": None, "COLUMNS": "250"},
+        )
+
+    with Guard(db_url, namespace=namespace, quiet=True) as guard:
+        ran: list[str] = []
+        _, used = _approved(guard, ran)
+        for verb in ("approve", "deny"):
+            out = cli("approvals", verb, used)
+            assert out.exit_code == 1, out.output
+            assert "already consumed" in out.output and "asks anew" in out.output
+        first = guard.call_tool(lambda order: order, {"order": "o2"}, tool="refund", agent_id="ops")
+        assert cli("approvals", "deny", first.approval_id or "").exit_code == 0
+        out = cli("approvals", "approve", first.approval_id or "")
+        assert out.exit_code == 1 and "already denied" in out.output
+        assert ran == ["o1"]
