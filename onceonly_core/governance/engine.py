@@ -594,7 +594,7 @@ class Governance:
         from .redact import default_redactor
 
         self._guard = guard
-        ledger = guard._store  # a store object given to the Guard: check it up front
+        ledger = getattr(guard, "_store", None)  # a store given to the Guard: check it now
         if ledger is not None:
             _supports_governance(ledger)
         self._store: GovernanceStore | None = None

@@ -8,20 +8,31 @@ so each primitive here is one transaction on SQLAlchemy Core:
 primitive          what is atomic
 =================  ==============================================================
 ``snapshot``       one read: the agent's row, the global switch row, the tool row
-``reserve``        sweep the agent's expired holds, lock its counters (in sorted
-                   order: no deadlock), check every cap, add, insert the hold
-``settle``         delete the hold (the spend stays counted; re-added if the hold
-                   had been swept meanwhile, because the tool did run)
-``release``        delete the hold and give its amounts back, at most once
+``reserve``        settle the agent's expired holds as spent (each with its audit
+                   row), lock its counters (in sorted order: no deadlock), check
+                   every cap, add, insert the hold (carrying the audit entry its
+                   sweeper would write)
+``settle``         delete the hold (the spend stays counted) and append the audit
+                   row; nothing if the hold is gone (swept and audited already)
+``release``        delete the hold, append the audit row, give the amounts back,
+                   at most once
 ``append_audit``   lock the agent's chain head, insert the row hashed over the
                    previous hash, move the head: one chain per agent, so appends of
                    different agents never wait for each other
+``approval_for``   find the call's latest request, take an approved one
+                   (approved → consumed) or open the next round after a consumed one
 =================  ==============================================================
+
+Locks are taken in one order everywhere: hold rows, the chain head, the counters.
 
 Isolation: PostgreSQL READ COMMITTED with ``SELECT … FOR UPDATE`` row locks; MySQL and
 MariaDB READ COMMITTED (no gap locks, so concurrent holds of one agent do not deadlock
 on the reservations index); SQLite ``BEGIN IMMEDIATE`` (one writer at a time). A
-deadlock or serialization failure is retried a few times with backoff.
+deadlock or serialization failure is retried a few times with backoff. A lost connection
+(a database restart) is retried on a fresh connection for up to ``RECONNECT_FOR`` seconds,
+which is why the primitives are idempotent (see ``GovStore._tx``; a timeline event may be
+posted twice after a lost reply, a webhook is added by an operator and not retried);
+there is no ``pool_pre_ping`` round trip on checkout.
 
 The in-process ``memory://`` store gets the same tables in a private in-memory SQLite
 database behind one lock, so tests see exactly the SQL semantics.
@@ -553,9 +564,11 @@ class GovStore(GovernanceStore):
             if row is None:
                 return False  # swept as spent (and audited) meanwhile: that stands
             conn.execute(sa.delete(r).where(r.c.id == rid))
-            self._apply(conn, tenant, agent_id, json.loads(row.amounts), -1)
+            # Lock order everywhere: hold rows, then the chain head, then the counters
+            # (reserve's sweep takes them in that order too): no deadlock between them.
             if audit is not None:
                 self._append(conn, now, tenant, audit)
+            self._apply(conn, tenant, agent_id, json.loads(row.amounts), -1)
             return True
 
         return self._tx(run)
@@ -1033,7 +1046,7 @@ class GovStore(GovernanceStore):
             conn.execute(sa.insert(w).values(**values, id=wid, tenant=tenant, created_at=now))
             return wid
 
-        return self._tx(run)
+        return self._tx(run, again=False)  # not idempotent: an operator retries it
 
     def list_webhooks(self, tenant: str) -> list[dict[str, Any]]:
         w = S.webhooks
