@@ -90,7 +90,11 @@ def evaluate(
             return Verdict("tool_not_in_allowed_list", risk, policy)
         if price is None:
             price = policy.price_for(tool)
-    verdict = Verdict(None, risk, policy, spend=micros(price))
+    try:
+        spend = micros(price)
+    except (TypeError, ValueError) as err:  # refused before anything is claimed
+        raise ConfigError(f"{tool}: {err}") from None
+    verdict = Verdict(None, risk, policy, spend=spend)
     if policy is None:
         return verdict  # no policy: nothing to count against
     verdict.approval = matches(tool, policy.require_approval)

@@ -165,6 +165,8 @@ class GovStore(GovernanceStore):
         self._lock: threading.RLock | None = None
         self._clock: Callable[[], float] | None = None
         self._local = threading.local()
+        self._reader: sa.Engine | None = None
+        self._snap: Any = None
         if isinstance(ledger, MemoryStore):
             self.kind = "memory"
             self.engine = sa.create_engine(
@@ -213,6 +215,32 @@ class GovStore(GovernanceStore):
                 max_overflow=10,
                 connect_args=ledger.connect_args,
             )
+            # Reads (the policy snapshot on every call, operator listings) need no
+            # transaction: their own small autocommit pool saves BEGIN and COMMIT.
+            self._reader = sa.create_engine(
+                ledger.url,
+                isolation_level="AUTOCOMMIT",
+                pool_size=2,
+                max_overflow=8,
+                connect_args=ledger.connect_args,
+            )
+            one = sa.select(sa.literal(1).label("x")).subquery("one")
+            a = S.agents
+            self._snap = sa.select(
+                sa.literal_column(_NOW_SQL[self.kind].removeprefix("SELECT ")).label("now"),
+                a.c.agent_id,
+                a.c.policy,
+                a.c.disabled,
+                a.c.disabled_reason,
+            ).select_from(
+                one.outerjoin(
+                    a,
+                    sa.and_(
+                        a.c.tenant == _b("t"),
+                        sa.or_(a.c.agent_id == _b("a"), a.c.agent_id == "*"),
+                    ),
+                )
+            )
         self._pid = os.getpid()
 
     # -- plumbing -----------------------------------------------------------------------
@@ -224,7 +252,14 @@ class GovStore(GovernanceStore):
     def now(self) -> float:
         return self._tx(lambda conn, now: now)
 
-    def _tx(self, fn: Callable[[sa.Connection, float], T], *, again: bool = True) -> T:
+    def _tx(
+        self,
+        fn: Callable[[sa.Connection, float], T],
+        *,
+        again: bool = True,
+        read: bool = False,
+        clock: bool = True,
+    ) -> T:
         """Run ``fn(conn, now)`` in one transaction.
 
         A deadlock or serialization failure is retried a few times with backoff. A lost
@@ -232,10 +267,14 @@ class GovStore(GovernanceStore):
         :data:`RECONNECT_FOR` seconds: every primitive is written so that running it
         twice is the same as running it once (conditional writes; a hold's id chosen
         before the first attempt), because a commit whose reply was lost cannot be
-        told from one that never happened. ``fn`` sees ``self._attempt`` > 0 on a
-        rerun. ``again=False``: fail fast (operator reads)."""
+        told from one that never happened. ``fn`` sees ``self._rerun`` on a rerun.
+        ``again=False``: fail fast. ``read``: on the autocommit reader pool (no
+        BEGIN/COMMIT round trips; each statement sees what is committed). ``clock=False``:
+        ``fn`` reads the database clock itself (``now`` is passed as NaN)."""
         if self._pid != os.getpid():  # never reuse a parent's connections after fork
             self.engine.dispose(close=False)
+            if self._reader is not None:
+                self._reader.dispose(close=False)
             self._pid = os.getpid()
         delay = 0.01
         deadline: float | None = None
@@ -246,8 +285,11 @@ class GovStore(GovernanceStore):
                 if self._lock is not None:
                     with self._lock, self.engine.begin() as conn:
                         return fn(conn, self._now(conn))
+                if read and self._reader is not None:
+                    with self._reader.connect() as conn:
+                        return fn(conn, self._now(conn) if clock else float("nan"))
                 with self.engine.begin() as conn:
-                    return fn(conn, self._now(conn))
+                    return fn(conn, self._now(conn) if clock else float("nan"))
             except sa.exc.DBAPIError as err:
                 attempt += 1
                 if attempt < 8 and _retryable(err):
@@ -302,21 +344,29 @@ class GovStore(GovernanceStore):
         flipped in another process stops the very next call)."""
 
         def run(conn: sa.Connection, now: float) -> dict[str, Any]:
-            rows: Sequence[Any] = conn.execute(_AGENTS, {"t": tenant, "a": agent_id}).all()
+            if self._clock is None:
+                # The server's clock rides on the agents read: one round trip fewer.
+                got = conn.execute(self._snap, {"t": tenant, "a": agent_id}).all()
+                now = float(got[0].now)
+                rows: Sequence[Any] = [r for r in got if r.agent_id is not None]
+            else:
+                rows = conn.execute(_AGENTS, {"t": tenant, "a": agent_id}).all()
             tool_rows: Sequence[Any] = conn.execute(
                 _TOOL, {"t": tenant, "name": tool, "scope": f"agent:{agent_id}"}
             ).all()
             out: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
             for r in rows:
-                out["global" if r.agent_id == "*" else "agent"] = r._asdict()
+                agent = {k: getattr(r, k) for k in ("agent_id", "policy", "disabled")}
+                agent["disabled_reason"] = r.disabled_reason
+                out["global" if r.agent_id == "*" else "agent"] = agent
             # An agent-scoped registration overrides the global one.
             for r in sorted(tool_rows, key=lambda r: r.scope_id != "global"):
                 out["tool"] = r._asdict()
             return out
 
-        return self._read(run)
+        return self._read(run, clock=self._clock is not None)
 
-    def _read(self, fn: Callable[[sa.Connection, float], T]) -> T:
+    def _read(self, fn: Callable[[sa.Connection, float], T], *, clock: bool = True) -> T:
         if self.kind == "sqlite":
             # Reads need no write lock: a plain connection, deferred transaction.
             try:
@@ -324,7 +374,7 @@ class GovStore(GovernanceStore):
                     return fn(conn, self._now(conn))
             except sa.exc.SQLAlchemyError as err:
                 raise StoreError(f"governance store (sqlite): {err}") from err
-        return self._tx(fn)
+        return self._tx(fn, read=True, clock=clock)
 
     def put_agent(
         self,
@@ -1068,6 +1118,8 @@ class GovStore(GovernanceStore):
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._reader is not None:
+            self._reader.dispose()
 
 
 class _Row:
