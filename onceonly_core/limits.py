@@ -28,6 +28,7 @@ __all__ = [
     "INT_MAX",
     "INT_MIN",
     "MAX_BODY_BYTES",
+    "MAX_CAP_USD",
     "MAX_JSON_DEPTH",
     "MAX_SPEND_USD",
     "bad_text",
@@ -44,9 +45,13 @@ MAX_JSON_DEPTH = 64
 #: Integers in a request body must fit a signed 64-bit column (``BIGINT``).
 INT_MIN = -(2**63)
 INT_MAX = 2**63 - 1
-#: The largest spend of one call (and daily cap): spend is summed as integer micro-dollars
-#: in 64-bit columns, and 10**9 USD leaves room for thousands of such calls in one counter.
-MAX_SPEND_USD = 1e9
+#: The most one call may spend, in USD. A larger amount is refused (ConfigError, 422) before
+#: anything is claimed or executed: micro-dollar sums must fit the 64-bit counters and
+#: audit rows with room for millions of calls a day, and a price past a million dollars
+#: per tool call is a bug (cents for dollars, a unit mix-up), not a purchase.
+MAX_SPEND_USD = 1_000_000
+#: The largest daily spend cap a policy may set (64-bit micro-dollar counters).
+MAX_CAP_USD = 1_000_000_000_000
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

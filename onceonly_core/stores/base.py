@@ -22,6 +22,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..governance.base import GovernanceStore
 
 __all__ = [
     "CLEARED",
@@ -163,6 +167,20 @@ class Store(abc.ABC):
         import time
 
         return time.time()
+
+    def governance_store(self) -> GovernanceStore:
+        """The governance store over this ledger (policies, budgets, approvals, audit).
+
+        Override it to give a custom ledger governance: return an implementation of
+        :class:`onceonly_core.governance.base.GovernanceStore`. Left alone, using
+        governance with this store (an agent id, ``guard.gov``) raises ConfigError
+        before any call runs."""
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"{type(self).__name__} provides no governance: implement "
+            "governance_store() returning a onceonly_core.governance.base.GovernanceStore"
+        )
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""

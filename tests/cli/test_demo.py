@@ -88,13 +88,16 @@ def test_demo_then_show_reads_the_ledger_it_left(tmp_path: Path) -> None:
     # The governance commands read the same ledger, in the demo's namespace.
     gov = onceonly("audit", "verify", "--namespace", ns, "--json", cwd=tmp_path)
     assert gov.returncode == 0, gov.stderr
-    assert json.loads(gov.stdout) == {
-        "ok": True,
-        "namespace": ns,
-        "chains": 1,
-        "broken": 0,
-        "problems": [],
-    }
+    assert (
+        json.loads(gov.stdout).items()
+        >= {
+            "ok": True,
+            "namespace": ns,
+            "chains": 1,
+            "broken": 0,
+            "problems": [],
+        }.items()
+    )
     logs = onceonly("agent", "logs", "shop-agent", "--namespace", ns, "--json", cwd=tmp_path)
     assert [(e["tool"], e["decision"]) for e in json.loads(logs.stdout)][-2:] == [
         ("shop.buy_label", "executed"),
