@@ -10,6 +10,7 @@ See README.md for the guarantees and the crash matrix.
 from __future__ import annotations
 
 from .codec import Codec
+from .contract import Classification, classify
 from .errors import (
     ApprovalPending,
     CachedFailure,
@@ -30,7 +31,7 @@ from .errors import (
     StoreError,
     UnknownOutcome,
 )
-from .guard import BLOCKED, Guard, Stats, current_call, current_run_id, guard
+from .guard import BLOCKED, GLOBAL, Guard, Stats, current_call, current_run_id, guard
 from .protocol import NOT_DONE, CallContext, Options, Outcome
 from .stores import MemoryStore, Record, Store, open_store
 
@@ -38,10 +39,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCKED",
+    "GLOBAL",
     "NOT_DONE",
     "ApprovalPending",
     "CachedFailure",
     "CallContext",
+    "Classification",
     "Codec",
     "CodecError",
     "CompletionNotRecorded",
@@ -66,6 +69,7 @@ __all__ = [
     "Store",
     "StoreError",
     "UnknownOutcome",
+    "classify",
     "current_call",
     "current_run_id",
     "guard",

@@ -177,7 +177,7 @@ class CachedFailure(OnceOnlyError):
 
 
 class PolicyBlocked(OnceOnlyError, PermissionError):
-    """Governance refused the call; ``reason`` is the stable reason code (DESIGN §5).
+    """Governance refused the call; ``reason`` is the stable reason code (docs/governance.md).
 
     Raised by the facade (``guard(fn, ...)`` with an agent id); ``call_tool`` returns a
     ``ToolResult`` instead.

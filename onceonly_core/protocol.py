@@ -84,6 +84,8 @@ class Options:
     cache_errors: bool = False
     max: int = 1
     unlimited: bool = False
+    # A read tool: never deduplicated (no ledger claim), still governed and audited.
+    read_only: bool = False
     replay: bool = True
     blocked_return: Any = BLOCKED
     check_payload: bool = True

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from ..egress import Egress
 from ..errors import ConfigError, StoreError
 from ..guard import Guard
 from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
@@ -188,6 +189,7 @@ class ControlPlane:
         max_tool_timeout_ms: int = 4000,
         job_lease: float = 30.0,
         job_poll: float = 0.2,
+        egress_allow: str | list[str] | None = None,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
         if url.startswith("memory:"):
@@ -206,6 +208,10 @@ class ControlPlane:
         self.max_ai_ttl = max_ai_ttl
         self.retention = retention
         self.max_tool_timeout_ms = max_tool_timeout_ms
+        # Outbound allowlist for every tenant's remote tools, on top of ONCEONLY_EGRESS_ALLOW;
+        # parsed now so a malformed one stops the server at start, not a tenant's request.
+        Egress.of(egress_allow)
+        self.egress_allow = egress_allow
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._keys: ServerDB | None = None
         self._usage: Usage | None = None
@@ -245,6 +251,7 @@ class ControlPlane:
                     g = Guard(store=self.ledger, namespace=tenant, quiet=True)
                     # One governance store across tenants: one connection pool, not one each.
                     g.gov.share_store(self.gov_store)
+                    g.gov.egress_allow = self.egress_allow
                     self._guards[tenant] = g
         return g
 
