@@ -416,7 +416,7 @@ class RedactingFilter(logging.Filter):
 
     Installed on every logger OnceOnly writes to (:data:`LOGGERS`) when this module is
     imported; a filter on a logger runs only for records that logger emits, so the list
-    names each one.
+    names each one (a test fails when a module logs to a logger missing from it).
     """
 
     def __init__(self, redactor: Redactor | None = None) -> None:
