@@ -1515,15 +1515,19 @@ def test_per_request_tools_are_not_kept_alive() -> None:
                 refs.append(weakref.ref(client))
                 tool = client if kind == 2 else client.charge
                 del client
-            how = i % 4
+            how = i % 5
             if how == 0:
                 assert g(tool, i) == i
             elif how == 1:
                 assert g.call_tool(tool, {"amount": i}).result == i
             elif how == 2:
                 assert g.once(tool)(i) == i
-            else:
+            elif how == 3:
                 assert g.wrap_tools([tool])[0](i) == i
+            else:
+                thunk = functools.partial(tool, i)
+                assert g.run_call("pay", {"amount": i}, thunk, scope=GLOBAL).result == i
+                del thunk
             del tool, blob
         gc.collect()
         alive = sum(r() is not None for r in refs)
