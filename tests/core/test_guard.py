@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import io
 import logging
 import os
 import subprocess
@@ -1023,6 +1024,11 @@ def test_check_and_reading(g: Guard) -> None:
     assert {r.key for r in hist} == {g.key_for(tool, 1), g.key_for(tool, 2)}
     assert all(r.tool == tool_identity(tool) for r in hist)
     assert len(g.history(limit=1)) == 1
+    out = io.StringIO()
+    g.log(file=out)  # a requested listing, written to the file it is given
+    lines = out.getvalue().splitlines()  # the two calls and check()'s own record
+    assert len(lines) == 3
+    assert all("succeeded" in line and "runs=1" in line for line in lines)
 
 
 # -- interruptions and odd tools ----------------------------------------------------------
