@@ -631,7 +631,10 @@ class Guard:
             or _workflow.get() is not None
         ):
             return
-        self._warned_unscoped = True
+        with self._config_lock:  # once, even when two threads get here together
+            if self._warned_unscoped:
+                return
+            self._warned_unscoped = True
         log.warning(
             "onceonly: tool %r ran without a scope, so its calls are deduplicated forever, "
             "across conversations: pass scope= (a conversation or thread id) or use "
