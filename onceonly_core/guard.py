@@ -527,19 +527,12 @@ class Guard:
         UnknownOutcome, StoreError, FingerprintError, ...). For one classified answer
         per outcome, use :meth:`run_call_classified`.
         """
-        by_name = bool(options.pop("_by_name", False))
-        spec = self._spec(_label(tool, "tool name") or "", options)
+        spec, bound, by_name = self._named(tool, args, options)
         if _is_async(thunk):
             raise ConfigError(f"{spec.name}: the thunk is async; use `await guard.arun_call(...)`")
-        bound = _mapping(spec.name, args)
-        token = _enter(scope)
-        try:
-            agent = agent_id or _agent.get() or self._agent_id
-            self._check_scope(spec, scope, by_name)
+        with _Scope(scope):
+            agent = self._begin(spec, scope, agent_id, by_name)
             return self._governed(spec, bound, thunk, agent, spend_usd, run_id, by_name)
-        finally:
-            if token is not None:
-                _workflow.reset(token)
 
     async def arun_call(
         self,
@@ -561,19 +554,12 @@ class Guard:
         worker thread, never on the event loop; if it returns an awaitable (a lambda
         around a coroutine function), that is awaited too.
         """
-        by_name = bool(options.pop("_by_name", False))
-        spec = self._spec(_label(tool, "tool name") or "", options)
-        bound = _mapping(spec.name, args)
-        token = _enter(scope)
-        try:
-            agent = agent_id or _agent.get() or self._agent_id
-            self._check_scope(spec, scope, by_name)
+        spec, bound, by_name = self._named(tool, args, options)
+        with _Scope(scope):
+            agent = self._begin(spec, scope, agent_id, by_name)
             return await self._agoverned(
                 spec, bound, thunk, _is_async(thunk), agent, spend_usd, run_id, by_name
             )
-        finally:
-            if token is not None:
-                _workflow.reset(token)
 
     def run_call_classified(
         self,
@@ -645,6 +631,19 @@ class Guard:
             return _answer(classify(err, tool=tool), err)
         return _answer(classify(res), None)
 
+    def _named(
+        self, tool: str, args: Mapping[str, Any], options: dict[str, Any]
+    ) -> tuple[_Spec, dict[str, Any], bool]:
+        """A call by name: its options, its arguments (checked, copied), by registry name?"""
+        by_name = bool(options.pop("_by_name", False))
+        spec = self._spec(_label(tool, "tool name") or "", options)
+        return spec, _mapping(spec.name, args), by_name
+
+    def _begin(self, spec: _Spec, scope: Any, agent_id: str | None, by_name: bool) -> str | None:
+        """Inside the call's scope: the governing agent, and the unscoped-call warning."""
+        self._check_scope(spec, scope, by_name)
+        return agent_id or _agent.get() or self._agent_id
+
     def _check_scope(self, spec: _Spec, scope: Any, by_name: bool) -> None:
         """Warn once per Guard when a call that is deduplicated runs without a scope."""
         if (
@@ -656,7 +655,10 @@ class Guard:
             or _workflow.get() is not None
         ):
             return
-        self._warned_unscoped = True
+        with self._config_lock:  # once, even when two threads get here together
+            if self._warned_unscoped:
+                return
+            self._warned_unscoped = True
         log.warning(
             "onceonly: tool %r ran without a scope, so its calls are deduplicated forever, "
             "across conversations: pass scope= (a conversation or thread id) or use "
@@ -789,14 +791,9 @@ class Guard:
         **options: Any,
     ) -> str:
         """The key :meth:`run_call` would use for these arguments (nothing runs)."""
-        spec = self._spec(_label(tool, "tool name") or "", options)
-        bound = _mapping(spec.name, args)
-        token = _enter(scope)
-        try:
+        spec, bound, _ = self._named(tool, args, options)
+        with _Scope(scope):
             return self._key(spec, bound)[1]
-        finally:
-            if token is not None:
-                _workflow.reset(token)
 
     def _key_of(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -1167,25 +1164,14 @@ class Guard:
         what happened); our infrastructure errors (StoreError, ...) do raise. Governance
         applies when an agent id is given, set by ``guard.agent(...)`` or on the Guard.
         """
-        by_name = bool(options.pop("_by_name", False))
-        fn, info, overrides = self._resolve(fn, {**options, "name": tool} if tool else options)
-        spec = self._spec_for(info, overrides)
+        fn, info, spec, kwargs, by_name = self._callable(fn, args, tool, options)
         if info.is_async:
             raise ConfigError(f"{spec.name} is async: use `await guard.acall_tool(...)`")
-        kwargs = dict(args or {})
-        token = _enter(scope)
-        try:
-            agent = agent_id or _agent.get() or self._agent_id
-            # Bound once: the key and the audited arguments come from the same binding.
-            # A bare (unlimited) call nobody audits needs none: the tool checks its own.
-            audited = not spec.bare or agent is not None
-            bound = self._bind(info, spec.name, (), kwargs) if audited else kwargs
-            self._check_scope(spec, scope, by_name)
+        with _Scope(scope):
+            agent = self._begin(spec, scope, agent_id, by_name)
+            bound = self._bind_for(info, spec, kwargs, agent)
             thunk = functools.partial(fn, **kwargs)
             return self._governed(spec, bound, thunk, agent, spend_usd, run_id, by_name)
-        finally:
-            if token is not None:
-                _workflow.reset(token)
 
     async def acall_tool(
         self,
@@ -1201,23 +1187,35 @@ class Guard:
         **options: Any,
     ) -> ToolResult:
         """:meth:`call_tool` for async code; a sync ``fn`` runs in a worker thread."""
-        by_name = bool(options.pop("_by_name", False))
-        fn, info, overrides = self._resolve(fn, {**options, "name": tool} if tool else options)
-        spec = self._spec_for(info, overrides)
-        kwargs = dict(args or {})
-        token = _enter(scope)
-        try:
-            agent = agent_id or _agent.get() or self._agent_id
-            audited = not spec.bare or agent is not None
-            bound = self._bind(info, spec.name, (), kwargs) if audited else kwargs
-            self._check_scope(spec, scope, by_name)
+        fn, info, spec, kwargs, by_name = self._callable(fn, args, tool, options)
+        with _Scope(scope):
+            agent = self._begin(spec, scope, agent_id, by_name)
+            bound = self._bind_for(info, spec, kwargs, agent)
             thunk = functools.partial(fn, **kwargs)
             return await self._agoverned(
                 spec, bound, thunk, info.is_async, agent, spend_usd, run_id, by_name
             )
-        finally:
-            if token is not None:
-                _workflow.reset(token)
+
+    def _callable(
+        self,
+        fn: Callable[..., Any],
+        args: Mapping[str, Any] | None,
+        tool: str | None,
+        options: dict[str, Any],
+    ) -> tuple[Callable[..., Any], _Fn, _Spec, dict[str, Any], bool]:
+        """call_tool's call: the callable, what it tells us, its options, its kwargs."""
+        by_name = bool(options.pop("_by_name", False))
+        fn, info, overrides = self._resolve(fn, {**options, "name": tool} if tool else options)
+        return fn, info, self._spec_for(info, overrides), dict(args or {}), by_name
+
+    def _bind_for(
+        self, info: _Fn, spec: _Spec, kwargs: dict[str, Any], agent: str | None
+    ) -> dict[str, Any]:
+        """Bound once: the key and the audited arguments come from the same binding. A
+        bare (read-only, unlimited) call nobody audits needs none: the tool checks its own."""
+        if spec.bare and agent is None:
+            return kwargs
+        return self._bind(info, spec.name, (), kwargs)
 
     def _request(
         self,
@@ -1489,13 +1487,27 @@ def _mapping(tool: str, args: Any) -> dict[str, Any]:
     return out
 
 
-def _enter(scope: Any) -> contextvars.Token[str | None] | None:
-    """Enter a call's explicit scope (the workflow contextvar); None: keep the current one."""
-    if scope is None:
+class _Scope:
+    """A call's explicit scope, for the call only: ``scope="t-1"`` is
+    ``guard.workflow("t-1")``, ``GLOBAL`` no workflow, None the surrounding one. A plain
+    class, not @contextmanager: it is on every call by name."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, scope: Any) -> None:
+        if scope is None:
+            self._token: contextvars.Token[str | None] | None = None
+        elif scope is GLOBAL:
+            self._token = _workflow.set(None)
+        else:
+            self._token = _workflow.set(_label(scope, "scope"))
+
+    def __enter__(self) -> None:
         return None
-    if scope is GLOBAL:
-        return _workflow.set(None)
-    return _workflow.set(_label(scope, "scope"))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _workflow.reset(self._token)
 
 
 def _answer(c: Classification, err: BaseException | None) -> Classification:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import io
 import logging
 import os
 import subprocess
@@ -1023,6 +1024,11 @@ def test_check_and_reading(g: Guard) -> None:
     assert {r.key for r in hist} == {g.key_for(tool, 1), g.key_for(tool, 2)}
     assert all(r.tool == tool_identity(tool) for r in hist)
     assert len(g.history(limit=1)) == 1
+    out = io.StringIO()
+    g.log(file=out)  # a requested listing, written to the file it is given
+    lines = out.getvalue().splitlines()  # the two calls and check()'s own record
+    assert len(lines) == 3
+    assert all("succeeded" in line and "runs=1" in line for line in lines)
 
 
 # -- interruptions and odd tools ----------------------------------------------------------
@@ -1515,15 +1521,19 @@ def test_per_request_tools_are_not_kept_alive() -> None:
                 refs.append(weakref.ref(client))
                 tool = client if kind == 2 else client.charge
                 del client
-            how = i % 4
+            how = i % 5
             if how == 0:
                 assert g(tool, i) == i
             elif how == 1:
                 assert g.call_tool(tool, {"amount": i}).result == i
             elif how == 2:
                 assert g.once(tool)(i) == i
-            else:
+            elif how == 3:
                 assert g.wrap_tools([tool])[0](i) == i
+            else:
+                thunk = functools.partial(tool, i)
+                assert g.run_call("pay", {"amount": i}, thunk, scope=GLOBAL).result == i
+                del thunk
             del tool, blob
         gc.collect()
         alive = sum(r() is not None for r in refs)
