@@ -78,23 +78,23 @@ _FIELDS = (
 )
 
 # Shared by every script. Optional string arguments arrive as "" (NULL) or "=" + value, so
-# that an empty string and NULL stay different things.
+# that an empty string and NULL stay different things. Each redis.call() costs a few
+# microseconds inside Redis, so the scripts write with one HSET and one HDEL where they can.
 _PRELUDE = """
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function fmt(x) return string.format('%.0f', x) end
-local function put(key, field, v)
-  if v == '' then redis.call('HDEL', key, field)
-  else redis.call('HSET', key, field, string.sub(v, 2)) end
+local function opt(sets, dels, field, v)
+  if v == '' then dels[#dels + 1] = field
+  else sets[#sets + 1] = field; sets[#sets + 1] = string.sub(v, 2) end
 end
 local FIELDS = {"""
 _PRELUDE += ", ".join(f"'{f}'" for f in _FIELDS) + "}\n"
 _PRELUDE += """
-local function read(key, mine, now)
+local function reply(mine, now, row)
   local out = {mine, fmt(now)}
-  local row = redis.call('HMGET', key, unpack(FIELDS))
   for i = 1, #FIELDS do out[i + 2] = row[i] end
   return out
 end
@@ -103,27 +103,31 @@ end
 # KEYS: record, index, floor, expiry. ARGV: key, tool, owner, lease_us, digest, run, caller.
 _CLAIM = """
 local now = now_us()
-if redis.call('EXISTS', KEYS[1]) == 1 then return read(KEYS[1], 0, now) end
+local row = redis.call('HMGET', KEYS[1], unpack(FIELDS))
+if row[1] then return reply(0, now, row) end
 -- Above every token a deleted (expired) record of this namespace ever had: fencing holds
--- across the deletion.
-local token = tonumber(redis.call('GET', KEYS[3]) or '0') + 1
+-- across the deletion. The floor is 0 in a namespace that never used a ttl.
+local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
 local n = fmt(now)
-redis.call('HSET', KEYS[1], 'tool', ARGV[2], 'state', 'running', 'token', token,
-  'owner', ARGV[3], 'attempt', 1, 'executions', 0,
-  'lease_until', fmt(now + tonumber(ARGV[4])), 'created_at', n, 'updated_at', n)
-put(KEYS[1], 'args_digest', ARGV[5])
-put(KEYS[1], 'run_id', ARGV[6])
-put(KEYS[1], 'caller', ARGV[7])
+local sets = {'tool', ARGV[2], 'state', 'running', 'token', floor + 1, 'owner', ARGV[3],
+  'attempt', 1, 'executions', 0, 'lease_until', fmt(now + tonumber(ARGV[4])),
+  'created_at', n, 'updated_at', n}
+local unused = {}
+opt(sets, unused, 'args_digest', ARGV[5])
+opt(sets, unused, 'run_id', ARGV[6])
+opt(sets, unused, 'caller', ARGV[7])
+redis.call('HSET', KEYS[1], unpack(sets))
 redis.call('ZADD', KEYS[2], n, ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return {1, n, token}
+if floor > 0 then redis.call('ZREM', KEYS[4], ARGV[1]) end  -- the deleted one's entry
+return {1, n, floor + 1}
 """
 
 # KEYS: record, index, expiry. ARGV: key, tool, owner, lease_us, digest, run, caller,
 # seen token, seen state, force ('1'/'0').
 _TAKE_OVER = """
 local now = now_us()
-local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'lease_until')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'lease_until', 'attempt',
+  'expires_at')
 -- Compare-and-set on (token, state): whoever changed the record since the caller read it
 -- wins, and the caller loses cleanly. A running record is taken only once its lease has
 -- expired by this server's clock.
@@ -133,63 +137,66 @@ if ARGV[10] ~= '1' then
   if cur[2] == 'running' and tonumber(cur[3] or '0') >= now then return false end
 end
 local n = fmt(now)
-redis.call('HSET', KEYS[1], 'state', 'running', 'token', tonumber(cur[1]) + 1,
-  'owner', ARGV[3], 'lease_until', fmt(now + tonumber(ARGV[4])), 'tool', ARGV[2],
-  'updated_at', n)
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-put(KEYS[1], 'args_digest', ARGV[5])
-put(KEYS[1], 'run_id', ARGV[6])
-put(KEYS[1], 'caller', ARGV[7])
-redis.call('HDEL', KEYS[1], 'error')
--- A held record must never expire: drop a TTL left by an earlier completion.
-redis.call('PERSIST', KEYS[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+local sets = {'state', 'running', 'token', tonumber(cur[1]) + 1, 'owner', ARGV[3],
+  'attempt', tonumber(cur[4]) + 1, 'lease_until', fmt(now + tonumber(ARGV[4])),
+  'tool', ARGV[2], 'updated_at', n}
+local dels = {'error'}
+opt(sets, dels, 'args_digest', ARGV[5])
+opt(sets, dels, 'run_id', ARGV[6])
+opt(sets, dels, 'caller', ARGV[7])
+redis.call('HSET', KEYS[1], unpack(sets))
+redis.call('HDEL', KEYS[1], unpack(dels))
+if cur[5] then
+  -- Completed with a ttl before: a held record must never expire, so drop its TTL.
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
 redis.call('ZADD', KEYS[2], n, ARGV[1])
-return read(KEYS[1], 1, now)
+return reply(1, now, redis.call('HMGET', KEYS[1], unpack(FIELDS)))
 """
 
 # KEYS: record, index, floor, expiry. ARGV: key, token, ok ('1'/'0'), result, error, ttl_us.
 _FINISH = """
 local now = now_us()
-local cur = redis.call('HMGET', KEYS[1], 'token', 'state')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'executions')
 -- Fenced: only the holder of the current token, while the record is running, completes.
+-- (A running record never has a TTL: claims create none and take-overs remove it.)
 if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[2]) or cur[2] ~= 'running' then
   return 0
 end
 local n = fmt(now)
 local ok = ARGV[3] == '1'
-redis.call('HSET', KEYS[1], 'state', ok and 'succeeded' or 'failed', 'updated_at', n)
-if ok then redis.call('HINCRBY', KEYS[1], 'executions', 1) end
-put(KEYS[1], 'result', ARGV[4])
-put(KEYS[1], 'error', ARGV[5])
-redis.call('HDEL', KEYS[1], 'lease_until')
+local sets = {'state', ok and 'succeeded' or 'failed', 'updated_at', n,
+  'executions', tonumber(cur[3]) + (ok and 1 or 0)}
+local dels = {'lease_until'}
+opt(sets, dels, 'result', ARGV[4])
+opt(sets, dels, 'error', ARGV[5])
+local exp = nil
 if ARGV[6] == '' then
-  redis.call('HDEL', KEYS[1], 'expires_at')
-  redis.call('PERSIST', KEYS[1])
-  redis.call('ZREM', KEYS[4], ARGV[1])
+  dels[#dels + 1] = 'expires_at'
 else
-  local exp = now + tonumber(ARGV[6])
-  redis.call('HSET', KEYS[1], 'expires_at', fmt(exp))
-  if ok then
-    -- Deleted at expires_at, when the protocol lets the key run again anyway (never
-    -- earlier: one millisecond past it). Raise the floor first: the token goes with it.
-    local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
-    if floor < tonumber(cur[1]) then redis.call('SET', KEYS[3], cur[1]) end
-    local at = math.floor(exp / 1000) + 1
-    redis.call('PEXPIREAT', KEYS[1], at)
-    redis.call('ZADD', KEYS[4], fmt(at * 1000), ARGV[1])
-  else
-    -- A failure with a ttl is kept (cache_errors replays it): no deletion.
-    redis.call('PERSIST', KEYS[1])
-    redis.call('ZREM', KEYS[4], ARGV[1])
-  end
+  exp = now + tonumber(ARGV[6])
+  sets[#sets + 1] = 'expires_at'
+  sets[#sets + 1] = fmt(exp)
 end
+redis.call('HSET', KEYS[1], unpack(sets))
+redis.call('HDEL', KEYS[1], unpack(dels))
 redis.call('ZADD', KEYS[2], n, ARGV[1])
--- Housekeeping, bounded: index entries of records Redis has already deleted.
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', n, 'LIMIT', 0, 8)
-for i = 1, #gone do
-  redis.call('ZREM', KEYS[2], gone[i])
-  redis.call('ZREM', KEYS[4], gone[i])
+if exp and ok then
+  -- Deleted at expires_at, when the protocol lets the key run again anyway (never
+  -- earlier: one millisecond past it). Raise the floor first: the token goes with it.
+  -- (A failure with a ttl is kept: cache_errors replays it.)
+  local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if floor < tonumber(cur[1]) then redis.call('SET', KEYS[3], cur[1]) end
+  local at = math.floor(exp / 1000) + 1
+  redis.call('PEXPIREAT', KEYS[1], at)
+  redis.call('ZADD', KEYS[4], fmt(at * 1000), ARGV[1])
+  -- Housekeeping, bounded: index entries of records Redis has already deleted.
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', n, 'LIMIT', 0, 8)
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[2], unpack(gone))
+    redis.call('ZREM', KEYS[4], unpack(gone))
+  end
 end
 return 1
 """
@@ -240,8 +247,9 @@ return done
 # KEYS: record. A read with the server's clock, in one round trip.
 _GET = """
 local now = now_us()
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, fmt(now)} end
-return read(KEYS[1], 0, now)
+local row = redis.call('HMGET', KEYS[1], unpack(FIELDS))
+if not row[1] then return {0, fmt(now)} end
+return reply(0, now, row)
 """
 
 _US = 1_000_000
