@@ -18,6 +18,7 @@ had (read with ``CONFIG GET`` first).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import json
@@ -112,6 +113,27 @@ def test_governance_is_refused_at_construction(db_url: str) -> None:
         assert g(tool, 21) == 42  # the ledger itself works
     finally:
         s.close()
+
+
+def test_async_calls_on_one_key_run_once(db_url: str) -> None:
+    """Twenty concurrent tasks, one key: the store's primitives run in worker threads
+    (``blocking``), one task executes, the others wait and replay its result."""
+    runs: list[int] = []
+
+    async def fetch(n: int) -> str:
+        runs.append(n)
+        await asyncio.sleep(0.05)
+        return f"page {n}"
+
+    async def main() -> list[str]:
+        g = Guard(db_url, namespace="async", quiet=True)
+        try:
+            return list(await asyncio.gather(*(g(fetch, 7) for _ in range(20))))
+        finally:
+            g.close()
+
+    assert asyncio.run(main()) == ["page 7"] * 20
+    assert runs == [7]
 
 
 def test_the_cli_reads_a_redis_ledger(db_url: str) -> None:
