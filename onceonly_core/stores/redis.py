@@ -40,7 +40,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigError, MissingExtraError, StoreError
 from .base import RUNNING, NewClaim, Record, Store
@@ -340,8 +340,7 @@ class RedisStore(Store):
             parts = urlsplit(url)
             query = dict(parse_qsl(parts.query, keep_blank_values=True))
             prefix = query.pop("prefix", None) or prefix
-            rest = "&".join(f"{k}={v}" for k, v in query.items())
-            url = parts._replace(query=rest).geturl()
+            url = parts._replace(query=urlencode(query)).geturl()
         self.prefix = prefix or "onceonly"
         if any(c in self.prefix for c in "{}"):
             raise ConfigError(f"a Redis key prefix may not contain braces: {self.prefix!r}")
@@ -429,6 +428,10 @@ class RedisStore(Store):
         try:
             return self._scripts[name](keys=keys, args=args)
         except redis.RedisError as err:
+            if isinstance(err, redis.ConnectionError):
+                # The server may have restarted without its data: register namespaces
+                # again, so listing across namespaces keeps finding new records.
+                self._known.clear()
             raise StoreError(f"Redis ledger {self._shown}: {name} failed: {err}") from err
 
     def _read(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:

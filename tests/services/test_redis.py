@@ -161,6 +161,34 @@ def test_the_cli_reads_a_redis_ledger(db_url: str) -> None:
     assert migrate.returncode != 0 and "no schema to migrate" in migrate.stderr
 
 
+# -- keys and URLs ----------------------------------------------------------------------
+@pytest.mark.parametrize("namespace", ["t", "a}b", "}x", "{x}", "{", "a/b%7B", "\u5de5{}"])
+def test_a_namespace_lives_in_one_cluster_slot(namespace: str) -> None:
+    """Every key a script touches for a namespace hashes to one Redis Cluster slot, whatever
+    braces the namespace holds (an empty or cut hash tag would scatter them)."""
+    from redis.crc import key_slot
+
+    s = RedisStore(client=redis.Redis(), prefix="oo", durability_check=False)
+    record, index, floor, expiry = s._keys(namespace)
+    keys = [record + "k1", record + "another key", index, floor, expiry]
+    assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+    other = s._keys(namespace + "-2")[0]
+    assert other != record
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h/0?prefix=a{b}", "may not contain braces"),
+        ("redis+sentinel://h:26379", "redis\\+sentinel://host:port"),
+        ("redis+sentinel://h:x/svc", "bad Sentinel address"),
+    ],
+)
+def test_bad_redis_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_store(url)
+
+
 # -- durability warning -----------------------------------------------------------------
 def _fresh_warnings() -> None:
     redis_store._WARNED.clear()
