@@ -28,12 +28,18 @@ __all__ = [
 ]
 
 #: URL schemes of the Redis store (``onceonly_core.stores.redis``, extra ``redis``).
-REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 
 def open_store(url: str, **options: Any) -> Store:
     """``memory://``, ``sqlite:///file.db``, ``postgresql+psycopg://…``, ``mysql+pymysql://…``,
-    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…``."""
+    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…`` / ``redis+cluster://…``."""
     if url.startswith("memory:"):
         if options:
             from ..errors import ConfigError

@@ -1,5 +1,5 @@
 """The Redis ledger (extra ``redis``, on redis-py): ``redis://``, ``rediss://``,
-``redis+sentinel://``.
+``redis+sentinel://``, ``redis+cluster://``.
 
 Every primitive is **one Lua script**, so it is atomic on the server exactly as one SQL
 statement is: no other command runs between its read and its write. The scripts read the
@@ -48,6 +48,7 @@ from .base import RUNNING, NewClaim, Record, Store
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
     from redis.retry import Retry
 except ImportError:  # pragma: no cover - the extra is missing
     raise MissingExtraError("the Redis store", "redis", "redis") from None
@@ -56,7 +57,7 @@ __all__ = ["SCHEMES", "RedisStore"]
 
 log = logging.getLogger("onceonly")
 
-SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "rediss+cluster://")
 
 # The stored fields, in the order every script returns them after (mine, now).
 _FIELDS = (
@@ -254,6 +255,8 @@ return reply(0, now, row)
 
 _US = 1_000_000
 
+Client = redis.Redis | RedisCluster
+
 
 def _opt(value: str | None) -> str:
     return "" if value is None else "=" + value
@@ -315,6 +318,9 @@ class RedisStore(Store):
       URL options (``?socket_timeout=5``, ``ssl_cert_reqs=…``) apply.
     * ``redis+sentinel://[[user]:password@]host:port[,host:port…]/service[/db]``: the
       master of ``service``, found through the listed Sentinels (redis-py's Sentinel).
+    * ``redis+cluster://host:port`` (``rediss+cluster://`` for TLS): a Redis Cluster,
+      through any of its nodes (redis-py's RedisCluster). The durability check reads the
+      settings of one node.
     * ``?prefix=NAME`` (or ``prefix=``): the key prefix, ``onceonly`` by default.
 
     ``client``: an existing ``redis.Redis`` to use instead of a URL (its retry policy is
@@ -327,7 +333,7 @@ class RedisStore(Store):
         self,
         url: str | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         prefix: str | None = None,
         socket_timeout: float = 10.0,
         connect_timeout: float = 10.0,
@@ -370,7 +376,7 @@ class RedisStore(Store):
         self._ready_lock = threading.Lock()
 
     # -- connections ------------------------------------------------------------------
-    def _connect(self, url: str, socket_timeout: float, connect_timeout: float) -> redis.Redis:
+    def _connect(self, url: str, socket_timeout: float, connect_timeout: float) -> Client:
         parts = urlsplit(url)
         self._shown = _hide_password(parts)
         # Never re-send a command on a dropped connection: a claim whose reply was lost
@@ -389,6 +395,17 @@ class RedisStore(Store):
                 raise ConfigError(f"not a Redis URL: {self._shown} ({err})") from None
         if parts.scheme == "redis+sentinel":
             return self._sentinel(parts, options)
+        if parts.scheme in ("redis+cluster", "rediss+cluster"):
+            # Any node of the cluster; the client finds the others. Every script's keys
+            # are in one slot (one namespace), so each runs on the node that owns it.
+            seed = parts._replace(scheme=parts.scheme.partition("+")[0]).geturl()
+            try:
+                cluster = RedisCluster.from_url(seed, **options)
+            except ValueError as err:
+                raise ConfigError(f"not a Redis URL: {self._shown} ({err})") from None
+            except redis.RedisError as err:  # it reads the cluster's layout at once
+                raise StoreError(f"cannot reach the Redis cluster {self._shown}: {err}") from err
+            return cluster
         raise ConfigError(f"not a Redis URL: {self._shown} (use {', '.join(SCHEMES)})")
 
     def _sentinel(self, parts: Any, options: dict[str, Any]) -> redis.Redis:

@@ -10,6 +10,7 @@
   persistence (the CI server's own settings) a restart forgets every record, which is what
   the store's startup warning says.
 * Governance is refused at construction on a Redis ledger.
+* The store contract kit runs on a three-node Redis Cluster this module starts itself.
 
 The restart tests stop and start the Redis server behind ``ONCEONLY_REDIS_URL`` and need it
 to be local and ``redis-server`` installed; they always start it again with the settings it
@@ -21,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +46,7 @@ from onceonly_core import ConfigError, Guard
 from onceonly_core.stores import NewClaim, open_store
 from onceonly_core.stores import redis as redis_store
 from onceonly_core.stores.redis import RedisStore
+from onceonly_core.testing import StoreContract
 from procs.harness import ledger, stored_value, workers
 from services.test_crash_and_races import (  # the same tests, on Redis (db_url below)
     store,
@@ -159,6 +163,111 @@ def test_the_cli_reads_a_redis_ledger(db_url: str) -> None:
         timeout=60,
     )
     assert migrate.returncode != 0 and "no schema to migrate" in migrate.stderr
+
+
+# -- the contract kit on a Redis Cluster ------------------------------------------------
+def _free_port() -> int:
+    """A port that is free, and whose cluster bus port (+10000) is free too."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of our own (no replicas, no persistence), started from
+    the redis-server and redis-cli of this machine and shut down afterwards."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _unusable("redis-server / redis-cli are not installed")
+    base = tmp_path_factory.mktemp("cluster")
+    ports = [_free_port() for _ in range(3)]
+    try:
+        for port in ports:
+            d = base / str(port)
+            d.mkdir()
+            subprocess.run(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--daemonize",
+                    "yes",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(d),
+                    "--logfile",
+                    str(d / "redis.log"),
+                ],
+                check=True,
+                timeout=30,
+                capture_output=True,
+            )
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 30
+        for port in ports:
+            client = redis.Redis(port=port, decode_responses=True)
+            try:
+                while client.cluster("info").get("cluster_state") != "ok":
+                    assert time.monotonic() < deadline, "the cluster did not form"
+                    time.sleep(0.1)
+            finally:
+                client.close()
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for port in ports:  # the nodes this fixture started, by their ports
+            subprocess.run(
+                ["redis-cli", "-p", str(port), "shutdown", "nosave"],
+                timeout=30,
+                capture_output=True,
+            )
+
+
+class TestRedisClusterContract(StoreContract):
+    """The store contract kit on a real Redis Cluster: every script's keys must be in one
+    slot, or the cluster refuses it (CROSSSLOT)."""
+
+    @pytest.fixture
+    def store(self, cluster_url: str) -> Iterator[RedisStore]:
+        s = RedisStore(cluster_url, durability_check=False)
+        yield s
+        s.close()
+
+    @pytest.fixture
+    def store_factory(self, cluster_url: str) -> Any:
+        return functools.partial(RedisStore, cluster_url, durability_check=False)
 
 
 # -- keys and URLs ----------------------------------------------------------------------
