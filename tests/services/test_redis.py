@@ -269,6 +269,9 @@ class TestRedisClusterContract(StoreContract):
     def store_factory(self, cluster_url: str) -> Any:
         return functools.partial(RedisStore, cluster_url, durability_check=False)
 
+    def test_the_cluster_client_never_re_sends(self, store: RedisStore) -> None:
+        assert store.client.retry.get_retries() == 0
+
 
 # -- keys and URLs ----------------------------------------------------------------------
 @pytest.mark.parametrize("namespace", ["t", "a}b", "}x", "{x}", "{", "a/b%7B", "\u5de5{}"])
