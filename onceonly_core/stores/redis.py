@@ -352,6 +352,7 @@ class RedisStore(Store):
             raise ConfigError(f"a Redis key prefix may not contain braces: {self.prefix!r}")
         self._durability_check = durability_check
         self._shown = "the given client"
+        self._sentinels: list[redis.Redis] = []
         if client is not None:
             self.client = client
         elif url is None:
@@ -436,6 +437,7 @@ class RedisStore(Store):
         if parts.username:
             conn["username"] = unquote(parts.username)
         sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": conn["socket_timeout"]})
+        self._sentinels = sentinel.sentinels  # closed with the store
         master: redis.Redis = sentinel.master_for(path[0], **conn)
         return master
 
@@ -711,6 +713,8 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self.client.close()
+        for sentinel in self._sentinels:
+            sentinel.close()
 
 
 def _str(v: Any) -> str:

@@ -10,7 +10,8 @@
   persistence (the CI server's own settings) a restart forgets every record, which is what
   the store's startup warning says.
 * Governance is refused at construction on a Redis ledger.
-* The store contract kit runs on a three-node Redis Cluster this module starts itself.
+* The store contract kit runs on a three-node Redis Cluster and on a master behind a
+  Sentinel, both started by this module.
 
 The restart tests stop and start the Redis server behind ``ONCEONLY_REDIS_URL`` and need it
 to be local and ``redis-server`` installed; they always start it again with the settings it
@@ -271,6 +272,95 @@ class TestRedisClusterContract(StoreContract):
 
     def test_the_cluster_client_never_re_sends(self, store: RedisStore) -> None:
         assert store.client.retry.get_retries() == 0
+
+
+# -- the contract kit through Sentinel ---------------------------------------------------
+@pytest.fixture(scope="module")
+def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis master and one Sentinel watching it, both our own, stopped afterwards."""
+    if shutil.which("redis-server") is None:
+        _unusable("redis-server is not installed")
+    base = tmp_path_factory.mktemp("sentinel")
+    master, sentinel = _free_port(), _free_port()
+    conf = base / "sentinel.conf"
+    conf.write_text(f"sentinel monitor oo-master 127.0.0.1 {master} 1\n")
+    pidfile = base / "sentinel.pid"
+    try:
+        subprocess.run(
+            [
+                "redis-server",
+                "--port",
+                str(master),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(base),
+                "--logfile",
+                str(base / "master.log"),
+            ],
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                "redis-server",
+                str(conf),
+                "--sentinel",
+                "--port",
+                str(sentinel),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(base / "sentinel.log"),
+            ],
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        client = redis.Redis(port=sentinel, decode_responses=True)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                with contextlib.suppress(redis.ConnectionError):
+                    if client.sentinel_get_master_addr_by_name("oo-master"):
+                        break
+                assert time.monotonic() < deadline, "the Sentinel did not start"
+                time.sleep(0.1)
+        finally:
+            client.close()
+        yield f"redis+sentinel://127.0.0.1:{sentinel}/oo-master/0"
+    finally:
+        if pidfile.exists():  # the Sentinel this fixture started
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        subprocess.run(
+            ["redis-cli", "-p", str(master), "shutdown", "nosave"], timeout=30, capture_output=True
+        )
+
+
+class TestRedisSentinelContract(StoreContract):
+    """The store contract kit on a master found through Sentinel (redis+sentinel://)."""
+
+    @pytest.fixture
+    def store(self, sentinel_url: str) -> Iterator[RedisStore]:
+        s = RedisStore(sentinel_url, durability_check=False)
+        yield s
+        s.close()
+
+    @pytest.fixture
+    def store_factory(self, sentinel_url: str) -> Any:
+        return functools.partial(RedisStore, sentinel_url, durability_check=False)
 
 
 # -- keys and URLs ----------------------------------------------------------------------
