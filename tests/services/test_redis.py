@@ -362,6 +362,10 @@ class TestRedisSentinelContract(StoreContract):
     def store_factory(self, sentinel_url: str) -> Any:
         return functools.partial(RedisStore, sentinel_url, durability_check=False)
 
+    def test_the_master_client_never_re_sends(self, store: RedisStore) -> None:
+        retry = store.client.get_retry()
+        assert retry is not None and retry.get_retries() == 0
+
 
 # -- keys and URLs ----------------------------------------------------------------------
 @pytest.mark.parametrize("namespace", ["t", "a}b", "}x", "{x}", "{", "a/b%7B", "\u5de5{}"])
