@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ import pytest
 import redis
 
 from _services import redis_drop_prefix, require_services
-from onceonly_core import ConfigError, Guard
+from onceonly_core import ConfigError, Guard, StoreError
 from onceonly_core.stores import NewClaim, open_store
 from onceonly_core.stores import redis as redis_store
 from onceonly_core.stores.redis import RedisStore
@@ -365,6 +366,102 @@ class TestRedisSentinelContract(StoreContract):
     def test_the_master_client_never_re_sends(self, store: RedisStore) -> None:
         retry = store.client.get_retry()
         assert retry is not None and retry.get_retries() == 0
+
+
+# -- a reply lost after the claim committed ---------------------------------------------
+class LosingProxy:
+    """A TCP proxy in front of Redis that, once armed, forwards the next EVALSHA to the
+    server (which runs it) and then cuts the connection instead of passing the reply on:
+    a claim that committed and whose reply was lost."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = False
+        self.cut = threading.Event()
+        self.evalshas = 0  # EVALSHA commands sent upstream since arming
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.socks += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upward and self.armed:
+                    self.evalshas += data.upper().count(b"EVALSHA")
+                if not upward and self.armed and self.evalshas and not self.cut.is_set():
+                    self.cut.set()  # the server ran it; the reply never arrives
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                _drop(s)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            _drop(s)
+
+
+def _drop(s: socket.socket) -> None:
+    # shutdown() first: it sends the FIN and wakes the other pump's recv(); close() alone
+    # leaves the connection open while another thread still reads from it.
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        s.close()
+
+
+def test_a_claim_whose_reply_was_lost_is_not_sent_again(redis_url: str) -> None:
+    """The claim script ran on the server, its reply was lost: the caller gets StoreError,
+    the claim is in Redis once (ours, token 1), and the store sent it exactly once — with
+    redis-py's default retry it would have been sent again, found our own record, and the
+    call would have waited out its own lease. The guarded tool never ran."""
+    parts = urlsplit(redis_url)
+    proxy = LosingProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+    prefix = f"oo-test-{uuid4().hex[:12]}"
+    direct = RedisStore(redis_url, prefix=prefix, durability_check=False)
+    lossy = RedisStore(
+        f"redis://127.0.0.1:{proxy.port}{parts.path or '/0'}",
+        prefix=prefix,
+        durability_check=False,
+    )
+    ran: list[str] = []
+
+    def charge(order: str) -> str:
+        ran.append(order)
+        return f"charged {order}"
+
+    try:
+        direct.claim("ns", "warm-up", NewClaim("t", "w", 30.0))  # the scripts are loaded
+        assert lossy.get("ns", "nothing") is None  # connected through the proxy
+        g = Guard(store=lossy, namespace="ns", quiet=True)
+        proxy.armed = True
+        with pytest.raises(StoreError, match="claim failed"):
+            g.using(key="order-1")(charge, "o-1")
+        assert proxy.cut.is_set()
+        assert proxy.evalshas == 1, "the claim was sent again"
+        assert ran == []
+        rec = direct.get("ns", "order-1")
+        assert rec is not None and (rec.state, rec.token, rec.owner) == ("running", 1, g._owner)
+    finally:
+        lossy.close()
+        direct.close()
+        proxy.close()
+        redis_drop_prefix(redis_url, prefix)
 
 
 # -- keys and URLs ----------------------------------------------------------------------
