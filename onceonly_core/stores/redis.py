@@ -503,11 +503,12 @@ class RedisStore(Store):
     def check_durability(self) -> None:
         """Log one warning if the server could lose a claim (run at first use)."""
         problems = self.durability_problems()
+        server = self._shown.partition("?")[0]  # the server, whatever the prefix
         with _WARNED_LOCK:
-            if self._shown in _WARNED:
+            if server in _WARNED:
                 return
             if problems is None:
-                _WARNED.add(self._shown)
+                _WARNED.add(server)
                 log.warning(
                     "Redis ledger %s: cannot read the server's persistence settings (CONFIG "
                     "is disabled); exactly-once across a Redis crash needs appendonly yes "
@@ -515,7 +516,7 @@ class RedisStore(Store):
                     self._shown,
                 )
             elif problems:
-                _WARNED.add(self._shown)
+                _WARNED.add(server)
                 log.warning(
                     "Redis ledger %s could lose a claim: %s; exactly-once across a Redis "
                     "crash needs appendonly yes and appendfsync always",

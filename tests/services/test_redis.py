@@ -508,7 +508,8 @@ def test_durability_warning_names_the_settings(
         client.close()
     _fresh_warnings()
     caplog.set_level(logging.WARNING, logger="onceonly")
-    stores = [open_store(db_url) for _ in range(2)]
+    other = db_url.replace("prefix=", "prefix=other-")  # another prefix, the same server
+    stores = [open_store(db_url), open_store(db_url), open_store(other)]
     try:
         for s in stores:
             s.claim("ns", "k", NewClaim("t", "w", 30.0))
