@@ -1,4 +1,5 @@
-"""Developer and CI tasks. `python -m nox` runs lint, typecheck, core and tests, in that order.
+"""Developer and CI tasks. `python -m nox` runs lint, typecheck, core, integration, tests and
+docs, in that order.
 
 * ``lint``: ruff check and ruff format --check.
 * ``typecheck``: mypy --strict on the onceonly_core package.
@@ -7,6 +8,8 @@
 * ``tests``: everything installed, the whole suite. PostgreSQL, MariaDB and Redis come from
   ONCEONLY_PG_URL / ONCEONLY_MYSQL_URL / ONCEONLY_REDIS_URL (local defaults otherwise); with
   ONCEONLY_REQUIRE_SERVICES=1 an unreachable server fails the run instead of skipping.
+* ``docs``: ``mkdocs build --strict``: a broken link, a page missing from the nav or a
+  dead API reference fails.
 * ``bench`` (not run by default): benchmarks/run.py against the peer libraries.
 
 Arguments after ``--`` go to pytest (or to benchmarks/run.py): ``nox -s tests -- -k sqlite``.
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "core", "integration", "tests"]
+nox.options.sessions = ["lint", "typecheck", "core", "integration", "tests", "docs"]
 nox.options.error_on_missing_interpreters = False
 
 PYTHON = "3.11"
@@ -31,6 +34,7 @@ SERVER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "server-test")  # on
 OTEL_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "otel-test")
 BROWSER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "browser-test")  # playwright
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
+DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")  # mkdocs-material, mkdocstrings
 TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
 
 # Everything but the agent frameworks (each has its own session).
@@ -134,6 +138,16 @@ def integration(session: nox.Session, framework: str) -> None:
     """One integration with only its own extra installed (tests/integrations/<framework>)."""
     session.install("-e", f".[{framework}]", *TEST_DEPS)
     session.run("pytest", f"tests/integrations/{framework}", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The docs site from docs/ (mkdocs.yml), built with --strict into site/."""
+    # The API reference reads the sources statically (griffe): no extra is installed.
+    session.install(*DOCS_DEPS)
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"}
+    )
 
 
 @nox.session(python=PYTHON, default=False)

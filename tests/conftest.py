@@ -83,6 +83,20 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _backend_url(request.param, request, tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _egress_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts from the egress guard's default (no allowlist), whatever the
+    developer's shell exports."""
+    monkeypatch.delenv("ONCEONLY_EGRESS_ALLOW", raising=False)
+
+
+@pytest.fixture
+def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Allowlist 127.0.0.1 for outbound requests in this test: its remote tools and
+    webhooks are loopback servers, which the egress guard refuses by default."""
+    monkeypatch.setenv("ONCEONLY_EGRESS_ALLOW", "127.0.0.1")
+
+
 @pytest.fixture(params=STORE_BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Every store: the ``any_url`` backends plus Redis. A Redis URL carries a key prefix of

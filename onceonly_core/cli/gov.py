@@ -937,21 +937,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 
 
-def _chains(gov: "Governance", all_tenants: bool) -> int:
-    """How many hash chains (one per agent) there are to verify.
-
-    The API's verify_audit() returns only the broken ones, so the count is read from the
-    chain heads table (a read; no verification logic is repeated here)."""
-    from ..stores import schema
-
-    heads = schema.audit_heads
-    query = sa.select(sa.func.count()).select_from(heads)
-    if not all_tenants:
-        query = query.where(heads.c.tenant == gov.tenant)
-    with gov.store.engine.connect() as conn:
-        return int(conn.execute(query).scalar_one())
-
-
 @audit_app.command("verify")
 def audit_verify(
     all_namespaces: Annotated[
@@ -961,35 +946,57 @@ def audit_verify(
     namespace: NamespaceOpt = DEFAULT_NAMESPACE,
     as_json: JsonOpt = False,
 ) -> None:
-    """Walk every hash chain; exit 1 naming the first bad row of each broken chain."""
-    with _governance(url, namespace) as gov:
-        with _busy("verifying the audit hash chains …", as_json):
-            problems = gov.verify_audit(all_tenants=all_namespaces)
-        chains = _chains(gov, all_namespaces)
+    """Walk every hash chain and cross-check the ledger's governed executions against
+    the audit rows; exit 1 naming each broken chain's first bad row and each execution
+    without its audit row. Expired budget holds are settled (and audited) first."""
+    with (
+        _governance(url, namespace) as gov,
+        _busy("verifying the audit hash chains …", as_json),
+    ):
+        report = gov.audit_report(all_tenants=all_namespaces)
+    problems = report["problems"]
+    chains, execs = report["chains"], report["executions"]
+    broken = [p for p in problems if p.get("key") is None]
+    missing = [p for p in problems if p.get("key") is not None]
     where = "every namespace" if all_namespaces else f"namespace {namespace}"
+    checked = (
+        f"{chains} {'chain' if chains == 1 else 'chains'} verified in {where}; "
+        f"{execs} governed {'execution' if execs == 1 else 'executions'} in the ledger "
+        "cross-checked against the audit rows"
+    )
     if as_json:
         _emit_json(
             {
                 "ok": not problems,
                 "namespace": None if all_namespaces else namespace,
                 "chains": chains,
-                "broken": len(problems),
+                "broken": len(broken),
+                "executions": execs,
+                "ungoverned": report["ungoverned"],
+                "in_flight": report["in_flight"],
+                "missing": len(missing),
                 "problems": problems,
             }
         )
     elif not problems:
-        plural = "chain" if chains == 1 else "chains"
-        _done("ok", f"{chains} {plural} verified in {where}: no row altered, moved or removed")
+        _done(
+            "ok",
+            f"{checked}: no row altered, moved or removed, every execution has its audit row",
+        )
     else:
         console = _console()
         console.print(
             Text.assemble(
-                ("TAMPERED ", "bold red"),
-                f"{len(problems)} of {max(chains, len(problems))} chains broken in {where}",
+                ("TAMPERED " if broken else "INCOMPLETE ", "bold red"),
+                f"{len(broken)} of {max(chains, len(broken))} chains broken, "
+                f"{len(missing)} of {execs} executions without an audit row ({checked})",
             ),
             soft_wrap=True,
         )
-        for p in problems:
+        for p in missing:
+            ns = f" in namespace {p['namespace']}"
+            console.print(f"  {p['problem']}{ns}", soft_wrap=True, highlight=False)
+        for p in broken:
             row = "row id " + (str(p["id"]) if p["id"] is not None else "(none)")
             seq = "seq " + (str(p["seq"]) if p["seq"] is not None else "(none)")
             ns = f" in namespace {p['tenant']}" if all_namespaces else ""

@@ -20,11 +20,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..egress import check_url
 from ..errors import ConfigError, OnceOnlyError
+from ..protocol import safe_str
+from .base import GovernanceStore, Reservation, Want
 from .models import (
     AgentMetrics,
     Approval,
@@ -36,7 +40,6 @@ from .models import (
     matches,
     micros,
 )
-from .store import GovStore, Reservation, Want
 from .templates import template
 
 if TYPE_CHECKING:
@@ -89,7 +92,11 @@ def evaluate(
             return Verdict("tool_not_in_allowed_list", risk, policy)
         if price is None:
             price = policy.price_for(tool)
-    verdict = Verdict(None, risk, policy, spend=micros(price))
+    try:
+        spend = micros(price)
+    except (TypeError, ValueError) as err:  # refused before anything is claimed
+        raise ConfigError(f"{tool}: {err}") from None
+    verdict = Verdict(None, risk, policy, spend=spend)
     if policy is None:
         return verdict  # no policy: nothing to count against
     verdict.approval = matches(tool, policy.require_approval)
@@ -107,7 +114,7 @@ def evaluate(
             "spend",
             day,
             verdict.spend,
-            None if spend_cap is None else micros(spend_cap),
+            None if spend_cap is None else _cap_micros(spend_cap),
             "daily_spend_exceeded",
         )
     )
@@ -131,11 +138,19 @@ class G:
     method: str
     args: tuple[Any, ...]
     quiet: bool = False  # bookkeeping after the effect: log a failure, never raise it
+    urgent: bool = False  # after an interrupt: must run even if the task is cancelled again
 
 
 @dataclass(slots=True)
 class Peek:
     """Read the ledger record of this call (is it already a replay?)."""
+
+
+@dataclass(slots=True)
+class Nap:
+    """Wait a moment (another caller's execution is on its way to the ledger)."""
+
+    seconds: float
 
 
 @dataclass(slots=True)
@@ -164,6 +179,9 @@ class Request:
 
 _QUIET_FAIL = object()
 
+#: Our errors that mean the tool *did* run: its spend stays counted, its run is audited.
+_RAN_ANYWAY = {"CompletionNotRecorded": "completion_not_recorded", "LeaseLost": "lease_lost"}
+
 
 def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
     tenant = gov.tenant
@@ -177,94 +195,209 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         result = _from_run(ran, base, req, "low", 0)
         yield from _record(gov, req, result, None)
         return result
-    snap = yield G("snapshot", (tenant, req.agent_id, req.tool))
-    v = evaluate(snap, req.agent_id, req.tool, req.spend_usd, by_name=req.by_name)
+    agent = req.agent_id
+    snap = yield G("snapshot", (tenant, agent, req.tool))
+    v = evaluate(snap, agent, req.tool, req.spend_usd, by_name=req.by_name)
     approval_id = None
+    taken = False  # this call holds an approval (taken: approved → consumed)
+    peeked: Any = _UNSEEN
     if v.reason is None and v.approval:
         if req.key is None:
             raise ConfigError(f"{req.tool}: a tool that needs approval cannot be unlimited")
-        ap = yield G(
-            "approval_for",
-            (tenant, req.agent_id, req.tool, req.namespace, req.key, req.args_json),
-        )
-        approval_id = ap["id"]
-        if ap["state"] == "pending":
-            result = ToolResult(
-                ok=False,
-                allowed=False,
-                decision="pending_approval",
-                policy_reason="approval_required",
-                risk_level=v.risk,  # type: ignore[arg-type]
-                approval_id=approval_id,
-                key=req.key,
-                namespace=req.namespace,
-                **base,
+        delay = 0.005
+        while True:
+            peeked = yield Peek()
+            if peeked is not None and req.would_replay(peeked):
+                break  # a replay runs nothing and needs no approval
+            # Not yet in the ledger, or running: another caller may be executing this
+            # call on the approval it just consumed. Wait for it (up to the lease) rather
+            # than open a new request; anything else runs only on a fresh approval.
+            flying = peeked is None or (peeked.state == "running" and peeked.lease_live)
+            ap = yield G(
+                "approval_for",
+                (
+                    tenant,
+                    agent,
+                    req.tool,
+                    req.namespace,
+                    req.key,
+                    req.args_json,
+                    req.lease if flying else 0.0,
+                ),
             )
-            yield from _record(gov, req, result, None)
-            return result
-        if ap["state"] == "denied":
-            v.reason, v.detail = "approval_denied", ap.get("reason") or ""
+            if ap["state"] != "consumed":
+                break
+            yield Nap(delay)
+            delay = min(delay * 2, 0.25)
+        if peeked is None or not req.would_replay(peeked):
+            approval_id = ap["id"]
+            if ap["state"] == "pending":
+                result = ToolResult(
+                    ok=False,
+                    allowed=False,
+                    decision="pending_approval",
+                    policy_reason="approval_required",
+                    risk_level=v.risk,  # type: ignore[arg-type]
+                    approval_id=approval_id,
+                    key=req.key,
+                    namespace=req.namespace,
+                    **base,
+                )
+                yield from _record(gov, req, result, None)
+                return result
+            if ap["state"] == "denied":
+                v.reason, v.detail = "approval_denied", ap.get("reason") or ""
+            else:
+                taken = True
     if v.reason is not None:
         result = _blocked(v, base, req, approval_id)
         yield from _record(gov, req, result, None)
         return result
     res: Reservation | None = None
     if v.wants:
-        rec = yield Peek()
-        if rec is None or not req.would_replay(rec):
+        if peeked is _UNSEEN:
+            peeked = yield Peek()
+        if peeked is None or not req.would_replay(peeked):
+            pending = _audit_entry(req, None, v, "unknown", "lease_expired")
             res = yield G(
-                "reserve", (tenant, req.agent_id, req.namespace, req.key or "", v.wants, req.lease)
+                "reserve",
+                (tenant, agent, req.namespace, req.key or "", v.wants, req.lease, pending),
             )
             assert res is not None
             if not res.ok:
                 assert res.failed is not None
+                if taken:
+                    yield G("restore_approval", (tenant, approval_id), quiet=True)
                 v.reason = res.failed.reason
                 result = _blocked(v, base, req, approval_id)
                 yield from _record(gov, req, result, None)
                 return result
-    ran = yield Inner(res.id if res else None)
+    rid = res.id if res is not None else None
+    try:
+        ran = yield Inner(rid)
+    except BaseException:
+        # Interrupted (cancelled task, KeyboardInterrupt, SystemExit) with the tool
+        # possibly run: settle the hold as spent and audit the unknown outcome at once,
+        # instead of leaving the hold for the whole lease; the approval stays used.
+        # The ledger's lease was expired already, so the next call applies on_unknown.
+        entry = _audit_entry(req, None, v, "unknown", "interrupted")
+        if rid is not None:
+            amounts = _amounts(v)
+            yield G("settle", (tenant, agent, rid, amounts, entry), quiet=True, urgent=True)
+        else:
+            yield G("append_audit", (tenant, entry), quiet=True, urgent=True)
+        raise
     if ran[0] == "raise":
-        # Our own error (the key is in progress elsewhere, reused with other arguments,
-        # the ledger is down): nothing ran here, so give the reservation back, then raise.
-        if res is not None and res.id is not None:
-            yield G("release", (tenant, req.agent_id, res.id), quiet=True)
-        raise ran[1]
+        err = ran[1]
+        why = _RAN_ANYWAY.get(type(err).__name__)
+        if why is not None:
+            # The tool ran; only its ledger completion failed (CompletionNotRecorded)
+            # or was refused (LeaseLost): keep the spend counted and audit the run.
+            entry = _audit_entry(req, None, v, "executed", why)
+            if rid is not None:
+                yield G("settle", (tenant, agent, rid, _amounts(v), entry), quiet=True)
+            else:
+                yield G("append_audit", (tenant, entry), quiet=True)
+            raise err
+        # Our own error before the tool ran (the key is in progress elsewhere, reused
+        # with other arguments, the ledger is down): give the reservation and the
+        # approval back, then raise.
+        if rid is not None:
+            yield G("release", (tenant, agent, rid), quiet=True)
+        if taken:
+            yield G("restore_approval", (tenant, approval_id), quiet=True)
+        raise err
     result = _from_run(ran, base, req, v.risk, v.spend)
     result.approval_id = approval_id
-    audited = False
-    if res is not None and res.id is not None:
-        if result.decision == "executed":
-            # Settle and audit in one transaction: one commit instead of two.
-            amounts = [[w.metric, w.window, w.amount] for w in v.wants]
-            entry = _audit_entry(req, result)
-            done = yield G("settle", (tenant, req.agent_id, res.id, amounts, entry), quiet=True)
-            audited = done is not _QUIET_FAIL
-        else:  # failed, replayed after all, blocked by replay=False: nothing spent
-            yield G("release", (tenant, req.agent_id, res.id), quiet=True)
-    if approval_id is not None and result.decision == "executed":
-        yield G("consume_approval", (tenant, approval_id), quiet=True)
-    yield from _record(gov, req, result, v, audited=audited)
+    reconciled = ran[0] == "ok" and ran[1].decision == "reconciled"
+    if reconciled:
+        # An earlier attempt did run (its hold was counted when swept): this call ran
+        # nothing and spends nothing.
+        result.spend_usd = 0.0
+        result.policy_reason = "reconciled"
+    entry = _audit_entry(req, result, v)
+    if result.decision == "executed" and not reconciled:
+        if rid is not None:
+            # Settle and audit in one transaction (retried on a fresh connection by the
+            # store). If it still fails, the hold stays: it counts as spent, and whoever
+            # sweeps it writes the audit row. Never released: the tool ran.
+            done = yield G("settle", (tenant, agent, rid, _amounts(v), entry), quiet=True)
+            if done is _QUIET_FAIL:
+                log.error(
+                    "%s ran (key %r) but settling its budget hold %s failed: the hold "
+                    "stays counted and the next sweep audits it",
+                    req.tool,
+                    req.key,
+                    rid,
+                )
+        else:
+            yield G("append_audit", (tenant, entry), quiet=True)
+    else:
+        # Failed, replayed after all, blocked by replay=False, reconciled: the tool did
+        # not run here, so the hold is given back, with the audit row in the same
+        # transaction; the approval is not used up either.
+        if rid is not None:
+            yield G("release", (tenant, agent, rid, entry), quiet=True)
+        else:
+            yield G("append_audit", (tenant, entry), quiet=True)
+        if taken:
+            yield G("restore_approval", (tenant, approval_id), quiet=True)
+    yield from _record(gov, req, result, v, audited=True)
     if res is not None and result.decision == "executed" and v.policy is not None and v.spend:
         cap = v.policy.max_spend_usd_per_day
         spend = next((w for w in v.wants if w.metric == "spend"), None)
         if cap and spend is not None:
             after = res.after.get((spend.metric, spend.window), 0)
-            gov.budget_check(req.agent_id, after - v.spend, after, micros(cap))
+            gov.budget_check(agent, after - v.spend, after, _cap_micros(cap))
     return result
 
 
-def _audit_entry(req: Request, result: ToolResult) -> dict[str, Any]:
+_UNSEEN = object()
+
+
+def _amounts(v: Verdict) -> list[list[Any]]:
+    return [[w.metric, w.window, w.amount] for w in v.wants]
+
+
+def _cap_micros(cap: float) -> int:
+    return round(cap * 1_000_000)
+
+
+def _audit_entry(
+    req: Request,
+    result: ToolResult | None,
+    v: Verdict | None = None,
+    decision: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """The audit row of a decision: from ``result``, or (no result: the tool's outcome
+    is not known here) ``decision``/``reason`` with the verdict's risk and spend."""
+    if result is not None:
+        return {
+            "agent_id": req.agent_id,
+            "tool": req.tool,
+            "args_digest": req.args_digest,
+            "args": req.args_json,
+            "decision": result.decision,
+            "reason": result.policy_reason,
+            "risk_level": result.risk_level,
+            "spend_micros": micros(result.spend_usd),
+            "run_id": req.run_id,
+            "token": result.token,
+            "idem_key": req.key,
+        }
+    assert v is not None and decision is not None and reason is not None
     return {
         "agent_id": req.agent_id,
         "tool": req.tool,
         "args_digest": req.args_digest,
         "args": req.args_json,
-        "decision": result.decision,
-        "reason": result.policy_reason,
-        "risk_level": result.risk_level,
-        "spend_micros": micros(result.spend_usd),
+        "decision": decision,
+        "reason": reason,
+        "risk_level": v.risk,
+        "spend_micros": v.spend,
         "run_id": req.run_id,
-        "token": result.token,
+        "token": None,
         "idem_key": req.key,
     }
 
@@ -332,10 +465,7 @@ def _from_run(ran: Any, base: dict[str, Any], req: Request, risk: str, spend: in
 
 
 def _text(err: BaseException) -> str:
-    try:
-        return str(err)[:2000] or type(err).__name__
-    except Exception:
-        return type(err).__name__
+    return safe_str(err)[:2000] or type(err).__name__  # redacted: events, hooks, the model
 
 
 def _record(
@@ -382,17 +512,25 @@ def drive_sync(
     inner: Callable[[str | None], Any],
 ) -> ToolResult:
     send: Any = None
+    error: BaseException | None = None
     while True:
         try:
-            op = gen.send(send)
+            op = gen.throw(error) if error is not None else gen.send(send)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        error = None
         if type(op) is G:
             send = _g(gov, op)
         elif type(op) is Peek:
             send = peek()
+        elif type(op) is Nap:
+            time.sleep(op.seconds)
+            send = None
         else:
-            send = inner(op.reservation)
+            try:
+                send = inner(op.reservation)
+            except BaseException as err:  # interrupted: governed() settles, re-raises
+                error = err
 
 
 async def drive_async(
@@ -402,19 +540,38 @@ async def drive_async(
     inner: Callable[[str | None], Any],
 ) -> ToolResult:
     send: Any = None
+    error: BaseException | None = None
     inline = gov.store.kind == "memory"
     while True:
         try:
-            op = gen.send(send)
+            op = gen.throw(error) if error is not None else gen.send(send)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+        error = None
         if type(op) is G:
-            # Database work in a worker thread: the event loop never waits on a lock.
-            send = _g(gov, op) if inline else await asyncio.to_thread(_g, gov, op)
+            if inline:
+                send = _g(gov, op)
+            elif op.urgent:
+                # The task was just cancelled: the write runs in its own thread and
+                # completes even if this task is cancelled again while waiting for it.
+                task = asyncio.ensure_future(asyncio.to_thread(_g, gov, op))
+                try:
+                    send = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    send = _QUIET_FAIL
+            else:
+                # Database work in a worker thread: the event loop never waits on a lock.
+                send = await asyncio.to_thread(_g, gov, op)
         elif type(op) is Peek:
             send = peek() if inline else await asyncio.to_thread(peek)
+        elif type(op) is Nap:
+            await asyncio.sleep(op.seconds)
+            send = None
         else:
-            send = await inner(op.reservation)
+            try:
+                send = await inner(op.reservation)
+            except BaseException as err:  # cancelled: governed() settles, re-raises
+                error = err
 
 
 def _g(gov: Governance, op: G) -> Any:
@@ -440,21 +597,28 @@ class Governance:
         from .redact import default_redactor
 
         self._guard = guard
-        self._store: GovStore | None = None
+        ledger = getattr(guard, "_store", None)  # a store given to the Guard: check it now
+        if ledger is not None:
+            _supports_governance(ledger)
+        self._store: GovernanceStore | None = None
         self._owns_store = False
         self._local: dict[str, Callable[..., Any]] = {}
         self._hooks: list[tuple[Callable[[dict[str, Any]], Any], frozenset[str] | None]] = []
         self.redactor = default_redactor
         self.budget_threshold = 0.8
+        #: Outbound allowlist added to ONCEONLY_EGRESS_ALLOW (hosts, CIDRs): docs/security.md.
+        self.egress_allow: str | list[str] | None = None
 
     @property
-    def store(self) -> GovStore:
+    def store(self) -> GovernanceStore:
         if self._store is None:
-            self._store = GovStore(self._guard.store)
+            ledger = self._guard.store
+            _supports_governance(ledger)
+            self._store = ledger.governance_store()
             self._owns_store = True
         return self._store
 
-    def share_store(self, store: GovStore) -> None:
+    def share_store(self, store: GovernanceStore) -> None:
         """Use a governance store shared with other guards on the same ledger (one
         connection pool for many tenants, as the server does). It is not closed here."""
         if self._store is not None and self._owns_store:
@@ -606,6 +770,8 @@ class Governance:
             raise ConfigError("auth='hmac_sha256' needs a secret")
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"a remote tool's url must be http(s), got {url!r}")
+        if url is not None:
+            check_url(url, self.egress_allow)  # the egress guard: EgressRefused is a ConfigError
         spec = ToolSpec(
             name=name,
             kind="local" if fn is not None else "http",
@@ -665,6 +831,12 @@ class Governance:
 
                 return missing
             return fn
+        # Without httpx no remote call can ever be made: raise MissingExtraError (with the
+        # pip command) here, before the call path, which would turn it into a failed
+        # ToolResult that reads like the tool's own failure.
+        from .remote import _httpx
+
+        _httpx()
         spec = self._spec(row)
         secret = row.get("secret")
 
@@ -675,7 +847,9 @@ class Governance:
             ctx = current_call()
             key = ctx.idempotency_key if ctx else ""
             payload = {"tool": name, "args": args, "agent_id": agent_id}
-            return call_http_tool(spec, secret, payload, idempotency_key=key)
+            return call_http_tool(
+                spec, secret, payload, idempotency_key=key, egress_allow=self.egress_allow
+            )
 
         remote.__name__ = name
         return remote
@@ -744,12 +918,22 @@ class Governance:
         return self._decide(approval_id, "denied", by, reason or None)
 
     def _decide(self, approval_id: str, state: str, by: str | None, reason: str | None) -> Approval:
+        """pending → approved | denied. A decision is final: a denied or consumed request
+        cannot be decided again (ConfigError saying what it is; a consumed one authorised
+        its execution already, and the next execution asks anew). Approving a request
+        that is approved and not yet used changes nothing and succeeds."""
         row = self.store.decide_approval(self.tenant, approval_id, state, by, reason)
         if row is None:
             raise ConfigError(f"no approval request {approval_id!r}")
         done = _approval(row)
-        if done.state != state and not (state == "approved" and done.state == "consumed"):
-            raise ConfigError(f"approval {approval_id} was already {done.state}")
+        if row.get("changed") or (state == done.state == "approved"):
+            return done  # approving an approved request again (a double click) is a no-op
+        if done.state == "consumed":
+            raise ConfigError(
+                f"approval {approval_id} was already consumed by the execution it authorised; "
+                "it never authorises another: the next execution of the call asks anew"
+            )
+        raise ConfigError(f"approval {approval_id} was already {done.state}: a decision is final")
         return done
 
     # -- audit, metrics, timeline ----------------------------------------------------------
@@ -761,9 +945,72 @@ class Governance:
         return [_audit(r) for r in self.store.audit_rows(self.tenant, since=since, limit=limit)]
 
     def verify_audit(self, all_tenants: bool = False) -> list[dict[str, Any]]:
-        """[] when every chain verifies; else one entry per broken chain, naming its
-        first bad row (``seq``, ``id``) and what is wrong."""
-        return self.store.verify_audit(None if all_tenants else self.tenant)
+        """[] when the audit log is whole; else one entry per problem: a broken chain
+        (its first bad row: ``seq``, ``id``) or a governed execution in the ledger with
+        no audit row (``key``, ``token``). See :meth:`audit_report`."""
+        return self.audit_report(all_tenants)["problems"]  # type: ignore[no-any-return]
+
+    def audit_report(self, all_tenants: bool = False) -> dict[str, Any]:
+        """Verify the audit log and say what was checked.
+
+        1. Holds whose lease expired (calls whose worker died or lost the database
+           before settling) are settled as spent first, each writing its audit row
+           (decision ``unknown``): the log is then as complete as it can be.
+        2. Every hash chain is walked (``chains``).
+        3. The ledger's executions are cross-checked against the audit rows
+           (``executions``): each succeeded record in the tenant's namespaces whose key
+           the audit log knows must have a row for its token (or, for a run whose token
+           was never known, an ``unknown`` row of its key). Keys the audit log never
+           mentions were not governed and are not counted (``ungoverned``).
+
+        Returns ``{"chains", "executions", "ungoverned", "in_flight", "problems"}``.
+        """
+        store = self.store
+        scope = None if all_tenants else self.tenant
+        for t in sorted({h["tenant"] for h in store.pending_holds(scope) if h["expired"]}):
+            store.sweep(t)
+        problems = list(store.verify_audit(scope))
+        live = {(h["namespace"], h["idem_key"]) for h in store.pending_holds(scope)}
+        known: dict[str, dict[str, set[int | None]]] = {}
+        checked = ungoverned = 0
+        for rec in self._guard.store.iter_all(scope):
+            if rec.state != "succeeded" or not rec.executions:
+                continue
+            if scope is None:
+                t = rec.namespace.split("/", 1)[0]
+            elif rec.namespace == scope or rec.namespace.startswith(scope + "/"):
+                t = scope
+            else:
+                continue  # another tenant sharing the prefix ("acme" vs "acme2")
+            if t not in known:
+                known[t] = store.audited_calls(t)
+            tokens = known[t].get(rec.key)
+            if tokens is None:
+                ungoverned += 1
+                continue
+            checked += 1
+            if rec.token in tokens or None in tokens or (rec.namespace, rec.key) in live:
+                continue
+            problems.append(
+                {
+                    "tenant": t,
+                    "agent_id": None,
+                    "seq": None,
+                    "id": None,
+                    "namespace": rec.namespace,
+                    "key": rec.key,
+                    "token": rec.token,
+                    "problem": f"execution without an audit row: {rec.tool} "
+                    f"(key {rec.key!r}, token {rec.token})",
+                }
+            )
+        return {
+            "chains": store.chain_count(scope),
+            "executions": checked,
+            "ungoverned": ungoverned,
+            "in_flight": len(live),
+            "problems": problems,
+        }
 
     def purge_audit(self, before: float) -> int:
         return self.store.purge_audit(self.tenant, before)
@@ -873,6 +1120,7 @@ class Governance:
         """A signed webhook sink (Standard Webhooks headers), stored in the ledger."""
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"webhook url must be http(s), got {url!r}")
+        check_url(url, self.egress_allow)  # the egress guard: EgressRefused is a ConfigError
         if budget_threshold is not None and not 0 < budget_threshold <= 1:
             raise ConfigError("budget_threshold must be in (0, 1]")
         self.__dict__.pop("_hooks_cache", None)
@@ -944,7 +1192,7 @@ class Governance:
     def notify(self, event: dict[str, Any], *, threshold: float | None = None) -> None:
         import time
 
-        event = {**event, "ts": time.time()}
+        event = self.redactor.redact({**event, "ts": time.time()})  # hooks see no secret
         for hook, kinds in self._hooks:
             if kinds is None or event["type"] in kinds:
                 try:
@@ -972,11 +1220,28 @@ class Governance:
         cache: dict[str, Any] = self.__dict__.setdefault("_sinks", {})
         sink = cache.get(row["id"])
         if sink is None:
-            sink = cache[row["id"]] = WebhookSink(row["url"], row["secret"])
+            sink = cache[row["id"]] = WebhookSink.stored(
+                row["url"], row["secret"], egress_allow=self.egress_allow
+            )
         return sink
 
     def flush_notifications(self, timeout: float = 5.0) -> bool:
         return all(s.flush(timeout) for s in self.__dict__.get("_sinks", {}).values())
+
+
+def _supports_governance(ledger: Any) -> None:
+    """A ledger offers governance through ``Store.governance_store()``; one that does not
+    is refused here, before any call, saying what to implement."""
+    from ..stores.base import Store
+
+    hook = getattr(type(ledger), "governance_store", None)
+    if hook is None or hook is Store.governance_store:
+        raise ConfigError(
+            f"{type(ledger).__name__} provides no governance: policies, budgets, approvals "
+            "and the audit log need its governance_store() to return a "
+            "onceonly_core.governance.base.GovernanceStore (see docs/governance.md, "
+            "'Custom stores'), or use a SQL or memory ledger"
+        )
 
 
 def _approval(r: Mapping[str, Any]) -> Approval:

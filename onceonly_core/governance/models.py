@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..limits import MAX_CAP_USD, MAX_SPEND_USD
+
 __all__ = [
     "DECISIONS",
     "REASONS",
@@ -54,7 +56,10 @@ MICROS = 1_000_000
 
 
 def micros(usd: float | int | None) -> int:
-    """US dollars → integer micro-dollars (exact sums and caps in the database)."""
+    """US dollars → integer micro-dollars (exact sums and caps in the database).
+
+    Refuses what cannot be a price: not a number, not finite, negative, or more than
+    :data:`MAX_SPEND_USD` for one call."""
     if usd is None:
         return 0
     if isinstance(usd, bool) or not isinstance(usd, (int, float)):
@@ -63,6 +68,8 @@ def micros(usd: float | int | None) -> int:
         raise ValueError("spend_usd must be finite")
     if usd < 0:
         raise ValueError(f"spend_usd must be >= 0, got {usd}")
+    if usd > MAX_SPEND_USD:
+        raise ValueError(f"spend_usd must be at most {MAX_SPEND_USD:,} per call, got {usd:g}")
     return round(usd * MICROS)
 
 
@@ -71,6 +78,10 @@ def _names(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(v, str) for v in value
+    ):
+        raise ValueError("must be a name or a list of names")  # pydantic: a 422, not a 500
     return list(value)
 
 
@@ -103,7 +114,9 @@ class Policy(BaseModel):
     """None: every tool is allowed (unless blocked). A list: only these (globs)."""
     blocked_tools: list[str] = Field(default_factory=list)
     max_actions_per_hour: int | None = Field(default=None, ge=0)
-    max_spend_usd_per_day: float | None = Field(default=None, ge=0)
+    max_spend_usd_per_day: float | None = Field(
+        default=None, ge=0, le=MAX_CAP_USD, allow_inf_nan=False
+    )
     max_calls_per_tool: dict[str, int] = Field(default_factory=dict)
     """Per-tool cap per UTC day: tool (or glob) → calls."""
     pricing_rules: dict[str, float] = Field(default_factory=dict)

@@ -8,20 +8,31 @@ so each primitive here is one transaction on SQLAlchemy Core:
 primitive          what is atomic
 =================  ==============================================================
 ``snapshot``       one read: the agent's row, the global switch row, the tool row
-``reserve``        sweep the agent's expired holds, lock its counters (in sorted
-                   order: no deadlock), check every cap, add, insert the hold
-``settle``         delete the hold (the spend stays counted; re-added if the hold
-                   had been swept meanwhile, because the tool did run)
-``release``        delete the hold and give its amounts back, at most once
+``reserve``        settle the agent's expired holds as spent (each with its audit
+                   row), lock its counters (in sorted order: no deadlock), check
+                   every cap, add, insert the hold (carrying the audit entry its
+                   sweeper would write)
+``settle``         delete the hold (the spend stays counted) and append the audit
+                   row; nothing if the hold is gone (swept and audited already)
+``release``        delete the hold, append the audit row, give the amounts back,
+                   at most once
 ``append_audit``   lock the agent's chain head, insert the row hashed over the
                    previous hash, move the head: one chain per agent, so appends of
                    different agents never wait for each other
+``approval_for``   find the call's latest request, take an approved one
+                   (approved → consumed) or open the next round after a consumed one
 =================  ==============================================================
+
+Locks are taken in one order everywhere: hold rows, the chain head, the counters.
 
 Isolation: PostgreSQL READ COMMITTED with ``SELECT … FOR UPDATE`` row locks; MySQL and
 MariaDB READ COMMITTED (no gap locks, so concurrent holds of one agent do not deadlock
 on the reservations index); SQLite ``BEGIN IMMEDIATE`` (one writer at a time). A
-deadlock or serialization failure is retried a few times with backoff.
+deadlock or serialization failure is retried a few times with backoff. A lost connection
+(a database restart) is retried on a fresh connection for up to ``RECONNECT_FOR`` seconds,
+which is why the primitives are idempotent (see ``GovStore._tx``; a timeline event may be
+posted twice after a lost reply, a webhook is added by an operator and not retried);
+there is no ``pool_pre_ping`` round trip on checkout.
 
 The in-process ``memory://`` store gets the same tables in a private in-memory SQLite
 database behind one lock, so tests see exactly the SQL semantics.
@@ -29,7 +40,6 @@ database behind one lock, so tests see exactly the SQL semantics.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -37,7 +47,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -45,12 +54,12 @@ import sqlalchemy as sa
 from ..errors import ConfigError, StoreError
 from ..stores import schema as S
 from ..stores.base import Store
+from .base import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
 T = TypeVar("T")
 
-GENESIS = "0" * 64
 _NOW_SQL = {
     "postgresql": "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8",
     "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
@@ -66,54 +75,12 @@ _GOV_TABLES = (
     S.events,
     S.webhooks,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Want:
-    """One amount a call needs from one counter window; ``cap`` None: count only."""
-
-    metric: str
-    window: int
-    amount: int
-    cap: int | None
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    ok: bool
-    id: str | None
-    failed: Want | None
-    used: int = 0
-    now: float = 0.0
-    #: Every counter involved, after this reservation (what a threshold check needs).
-    after: dict[tuple[str, int], int] = field(default_factory=dict)
-
-
-def chain_hash(prev: str, fields: dict[str, Any]) -> str:
-    """sha256 over the previous hash and the row's canonical JSON."""
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
-
-
-def audit_fields(row: Any) -> dict[str, Any]:
-    """The hashed part of an audit row (everything but id, prev_hash and hash)."""
-    return {
-        "tenant": row.tenant,
-        "agent_id": row.agent_id,
-        "seq": int(row.seq),
-        "tool": row.tool,
-        "args_digest": row.args_digest,
-        "args": row.args,
-        "decision": row.decision,
-        "reason": row.reason,
-        "risk_level": row.risk_level,
-        "spend_micros": int(row.spend_micros),
-        "run_id": row.run_id,
-        "token": None if row.token is None else int(row.token),
-        "idem_key": row.idem_key,
-        "created_at": float(row.created_at),
-    }
+#: How long a primitive keeps retrying on a fresh connection when the database is
+#: unreachable (a restart, a failover): long enough for a restart, short enough that a
+#: caller is not held for good.
+RECONNECT_FOR = 15.0
+#: The decisions an audit row records a run with (what ``audit verify`` counts).
+RAN = ("executed", "unknown")
 
 
 def _retryable(err: BaseException) -> bool:
@@ -126,6 +93,15 @@ def _retryable(err: BaseException) -> bool:
         return True
     text = str(orig or err).lower()
     return "database is locked" in text or "deadlock" in text
+
+
+def _disconnected(err: BaseException) -> bool:
+    """The database could not be reached or dropped the connection (a restart): the
+    statement did not run, or it committed and only its reply was lost. Every primitive
+    here is safe to run again (see :meth:`GovStore._tx`), on a fresh connection."""
+    if getattr(err, "connection_invalidated", False):
+        return True  # SQLAlchemy saw a disconnect and discarded the pool's connections
+    return isinstance(err, (sa.exc.OperationalError, sa.exc.InterfaceError)) and not _retryable(err)
 
 
 # Statements of the governed hot path, built once: constructing a SQLAlchemy expression
@@ -180,7 +156,7 @@ _MOVE_HEAD = (
 )
 
 
-class GovStore:
+class GovStore(GovernanceStore):
     """Governance primitives over the ledger's database (see the module docstring)."""
 
     def __init__(self, ledger: Store) -> None:
@@ -188,6 +164,9 @@ class GovStore:
 
         self._lock: threading.RLock | None = None
         self._clock: Callable[[], float] | None = None
+        self._local = threading.local()
+        self._reader: sa.Engine | None = None
+        self._snap: Any = None
         if isinstance(ledger, MemoryStore):
             self.kind = "memory"
             self.engine = sa.create_engine(
@@ -226,13 +205,41 @@ class GovStore:
         else:
             # Our own pool: the ledger's connections are in autocommit mode (one statement
             # per primitive), ours need real transactions.
+            # No pool_pre_ping (one round trip per checkout): a connection the server
+            # dropped fails its first statement, and _tx runs the primitive again on a
+            # fresh one.
             self.engine = sa.create_engine(
                 ledger.url,
                 isolation_level="READ COMMITTED",
                 pool_size=5,
                 max_overflow=10,
-                pool_pre_ping=True,  # a server restart must not fail the next call
                 connect_args=ledger.connect_args,
+            )
+            # Reads (the policy snapshot on every call, operator listings) need no
+            # transaction: their own small autocommit pool saves BEGIN and COMMIT.
+            self._reader = sa.create_engine(
+                ledger.url,
+                isolation_level="AUTOCOMMIT",
+                pool_size=2,
+                max_overflow=8,
+                connect_args=ledger.connect_args,
+            )
+            one = sa.select(sa.literal(1).label("x")).subquery("one")
+            a = S.agents
+            self._snap = sa.select(
+                sa.literal_column(_NOW_SQL[self.kind].removeprefix("SELECT ")).label("now"),
+                a.c.agent_id,
+                a.c.policy,
+                a.c.disabled,
+                a.c.disabled_reason,
+            ).select_from(
+                one.outerjoin(
+                    a,
+                    sa.and_(
+                        a.c.tenant == _b("t"),
+                        sa.or_(a.c.agent_id == _b("a"), a.c.agent_id == "*"),
+                    ),
+                )
             )
         self._pid = os.getpid()
 
@@ -245,28 +252,67 @@ class GovStore:
     def now(self) -> float:
         return self._tx(lambda conn, now: now)
 
-    def _tx(self, fn: Callable[[sa.Connection, float], T]) -> T:
-        """Run ``fn(conn, now)`` in one transaction; retry deadlocks."""
+    def _tx(
+        self,
+        fn: Callable[[sa.Connection, float], T],
+        *,
+        again: bool = True,
+        read: bool = False,
+        clock: bool = True,
+    ) -> T:
+        """Run ``fn(conn, now)`` in one transaction.
+
+        A deadlock or serialization failure is retried a few times with backoff. A lost
+        connection (a database restart) is retried on a fresh connection for up to
+        :data:`RECONNECT_FOR` seconds: every primitive is written so that running it
+        twice is the same as running it once (conditional writes; a hold's id chosen
+        before the first attempt), because a commit whose reply was lost cannot be
+        told from one that never happened. ``fn`` sees ``self._rerun`` on a rerun.
+        ``again=False``: fail fast. ``read``: on the autocommit reader pool (no
+        BEGIN/COMMIT round trips; each statement sees what is committed). ``clock=False``:
+        ``fn`` reads the database clock itself (``now`` is passed as NaN)."""
         if self._pid != os.getpid():  # never reuse a parent's connections after fork
             self.engine.dispose(close=False)
+            if self._reader is not None:
+                self._reader.dispose(close=False)
             self._pid = os.getpid()
         delay = 0.01
-        for attempt in range(8):
+        deadline: float | None = None
+        attempt = 0
+        while True:
+            self._local.attempt = attempt
             try:
                 if self._lock is not None:
                     with self._lock, self.engine.begin() as conn:
                         return fn(conn, self._now(conn))
+                if read and self._reader is not None:
+                    with self._reader.connect() as conn:
+                        return fn(conn, self._now(conn) if clock else float("nan"))
                 with self.engine.begin() as conn:
-                    return fn(conn, self._now(conn))
+                    return fn(conn, self._now(conn) if clock else float("nan"))
             except sa.exc.DBAPIError as err:
-                if attempt < 7 and _retryable(err):
+                attempt += 1
+                if attempt < 8 and _retryable(err):
                     time.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 0.5)
                     continue
+                if again and self._lock is None and _disconnected(err):
+                    now = time.monotonic()
+                    deadline = deadline or now + RECONNECT_FOR
+                    if now < deadline:
+                        time.sleep(min(delay * (1 + random.random()), deadline - now))
+                        delay = min(delay * 2, 1.0)
+                        continue
                 raise StoreError(f"governance store ({self.kind}): {err.orig or err}") from err
             except sa.exc.SQLAlchemyError as err:
                 raise StoreError(f"governance store ({self.kind}): {err}") from err
-        raise AssertionError("unreachable")
+            finally:
+                self._local.attempt = 0
+
+    @property
+    def _rerun(self) -> bool:
+        """True while _tx runs a primitive again after a lost connection."""
+        return bool(getattr(self._local, "attempt", 0))
 
     def _lock_row(self, conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> None:
         """Insert the row if absent, and hold its row lock until the transaction ends.
@@ -298,21 +344,29 @@ class GovStore:
         flipped in another process stops the very next call)."""
 
         def run(conn: sa.Connection, now: float) -> dict[str, Any]:
-            rows: Sequence[Any] = conn.execute(_AGENTS, {"t": tenant, "a": agent_id}).all()
+            if self._clock is None:
+                # The server's clock rides on the agents read: one round trip fewer.
+                got = conn.execute(self._snap, {"t": tenant, "a": agent_id}).all()
+                now = float(got[0].now)
+                rows: Sequence[Any] = [r for r in got if r.agent_id is not None]
+            else:
+                rows = conn.execute(_AGENTS, {"t": tenant, "a": agent_id}).all()
             tool_rows: Sequence[Any] = conn.execute(
                 _TOOL, {"t": tenant, "name": tool, "scope": f"agent:{agent_id}"}
             ).all()
             out: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
             for r in rows:
-                out["global" if r.agent_id == "*" else "agent"] = r._asdict()
+                agent = {k: getattr(r, k) for k in ("agent_id", "policy", "disabled")}
+                agent["disabled_reason"] = r.disabled_reason
+                out["global" if r.agent_id == "*" else "agent"] = agent
             # An agent-scoped registration overrides the global one.
             for r in sorted(tool_rows, key=lambda r: r.scope_id != "global"):
                 out["tool"] = r._asdict()
             return out
 
-        return self._read(run)
+        return self._read(run, clock=self._clock is not None)
 
-    def _read(self, fn: Callable[[sa.Connection, float], T]) -> T:
+    def _read(self, fn: Callable[[sa.Connection, float], T], *, clock: bool = True) -> T:
         if self.kind == "sqlite":
             # Reads need no write lock: a plain connection, deferred transaction.
             try:
@@ -320,7 +374,7 @@ class GovStore:
                     return fn(conn, self._now(conn))
             except sa.exc.SQLAlchemyError as err:
                 raise StoreError(f"governance store (sqlite): {err}") from err
-        return self._tx(fn)
+        return self._tx(fn, read=True, clock=clock)
 
     def put_agent(
         self,
@@ -386,44 +440,36 @@ class GovStore:
         key: str,
         wants: Sequence[Want],
         lease: float,
+        audit: dict[str, Any] | None = None,
     ) -> Reservation:
         r = S.reservations
+        rid = uuid.uuid4().hex  # chosen once: a rerun after a lost reply finds its own hold
 
         def run(conn: sa.Connection, now: float) -> Reservation:
             who = {"t": tenant, "a": agent_id}
-            # 1. Holds whose lease expired belong to crashed or stalled workers: give
-            #    their amounts back, exactly once (the DELETE under the row locks).
-            expired = conn.execute(_EXPIRED, {**who, "now": now}).all()
-            delta: dict[tuple[str, int], int] = {}
-            if expired:
-                conn.execute(sa.delete(r).where(r.c.id.in_([e.id for e in expired])))
-                for e in expired:
-                    for metric, window, amount in json.loads(e.amounts):
-                        delta[(metric, window)] = delta.get((metric, window), 0) - amount
-            keys = sorted(set(delta) | {(w.metric, w.window) for w in wants})
+            keys = sorted({(w.metric, w.window) for w in wants})
+            if (
+                self._rerun
+                and conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None
+            ):
+                # The first attempt committed and only its reply was lost.
+                used = self._lock_counters(conn, tenant, agent_id, keys)
+                return Reservation(True, rid, None, 0, now, used)
+            # 1. Holds whose lease expired belong to crashed or stalled workers whose
+            #    tool may have run: settle them as spent, each with its audit row.
+            self._sweep(conn, now, tenant, agent_id)
             # 2. Lock every counter involved, in one global (sorted) order, then read them.
             used = self._lock_counters(conn, tenant, agent_id, keys)
-            before = dict(used)
-            for k, d in delta.items():
-                used[k] = max(0, used[k] + d)
             # 3. Check every cap against counted + held amounts, in evaluation order.
-            failed: Want | None = None
             for w in wants:
                 k = (w.metric, w.window)
                 if w.cap is not None and used[k] + w.amount > w.cap:
-                    failed = w
-                    break
-            if failed is None:
-                for w in wants:
+                    return Reservation(False, None, w, used[k], now, used)
+            for w in wants:
+                if w.amount:
                     used[(w.metric, w.window)] += w.amount
-            for k in keys:
-                if used[k] != before[k]:
+                    k = (w.metric, w.window)
                     conn.execute(_SET_USED, {**who, "m": k[0], "w": k[1], "used": used[k]})
-            if failed is not None:
-                return Reservation(
-                    False, None, failed, used[(failed.metric, failed.window)], now, used
-                )
-            rid = uuid.uuid4().hex
             conn.execute(
                 _HOLD,
                 {
@@ -435,11 +481,53 @@ class GovStore:
                     "amounts": json.dumps([[w.metric, w.window, w.amount] for w in wants]),
                     "lease_until": now + lease,
                     "created_at": now,
+                    "audit": None if audit is None else json.dumps(audit),
                 },
             )
             return Reservation(True, rid, None, 0, now, used)
 
         return self._tx(run)
+
+    def _sweep(self, conn: sa.Connection, now: float, tenant: str, agent_id: str | None) -> int:
+        """Settle expired holds as spent: delete each (under its row lock, so exactly one
+        sweeper or settler wins it) and append its audit entry as ``unknown``. The
+        amounts were added at reserve time and simply stay."""
+        r = S.reservations
+        q = (
+            sa.select(r.c.id, r.c.agent_id, r.c.audit)
+            .where(r.c.tenant == tenant, r.c.lease_until < now)
+            .order_by(r.c.id)
+            .with_for_update()
+        )
+        if agent_id is not None:
+            q = q.where(r.c.agent_id == agent_id)
+        expired = conn.execute(q).all()
+        if not expired:
+            return 0
+        conn.execute(sa.delete(r).where(r.c.id.in_([e.id for e in expired])))
+        for e in sorted(expired, key=lambda e: (e.agent_id, e.id)):
+            if e.audit:
+                entry = json.loads(e.audit)
+                entry.update(decision="unknown", reason="lease_expired", token=None)
+                self._append(conn, now, tenant, entry)
+        return len(expired)
+
+    def sweep(self, tenant: str, agent_id: str | None = None) -> int:
+        return self._tx(lambda conn, now: self._sweep(conn, now, tenant, agent_id))
+
+    def pending_holds(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        r = S.reservations
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            q = sa.select(
+                r.c.id, r.c.tenant, r.c.agent_id, r.c.namespace, r.c.idem_key, r.c.lease_until
+            )
+            if tenant is not None:
+                q = q.where(r.c.tenant == tenant)
+            rows = conn.execute(q.order_by(r.c.created_at)).all()
+            return [{**row._asdict(), "expired": row.lease_until < now} for row in rows]
+
+        return self._read(run)
 
     def _lock_counters(
         self, conn: sa.Connection, tenant: str, agent_id: str, keys: Sequence[tuple[str, int]]
@@ -496,22 +584,26 @@ class GovStore:
         rid: str,
         amounts: list[Any],
         audit: dict[str, Any] | None = None,
-    ) -> None:
-        """The tool ran: its amounts stay counted. If a sweeper had already given them
-        back (the worker outlived its lease), count them again — the spend happened.
-        ``audit``: append that decision in the same transaction."""
+    ) -> bool:
+        """The tool ran: its amounts stay counted (they were added at reserve time).
+        ``audit``: that decision, appended in the same transaction."""
         r = S.reservations
 
-        def run(conn: sa.Connection, now: float) -> None:
-            gone = conn.execute(sa.delete(r).where(r.c.id == rid)).rowcount
-            if gone == 0:
-                self._apply(conn, tenant, agent_id, amounts, +1)
+        def run(conn: sa.Connection, now: float) -> bool:
+            # The DELETE is the decision: if the hold is gone, a sweep (or our own
+            # earlier attempt, whose reply was lost) already counted it and wrote its
+            # audit row, and one row per execution is the rule.
+            if conn.execute(sa.delete(r).where(r.c.id == rid)).rowcount == 0:
+                return False
             if audit is not None:
                 self._append(conn, now, tenant, audit)
+            return True
 
-        self._tx(run)
+        return self._tx(run)
 
-    def release(self, tenant: str, agent_id: str, rid: str) -> bool:
+    def release(
+        self, tenant: str, agent_id: str, rid: str, audit: dict[str, Any] | None = None
+    ) -> bool:
         """The tool did not run (failed, replayed, refused): give the amounts back."""
         r = S.reservations
 
@@ -520,8 +612,12 @@ class GovStore:
                 sa.select(r.c.amounts).where(r.c.id == rid).with_for_update()
             ).first()
             if row is None:
-                return False  # already swept: its amounts were given back then
+                return False  # swept as spent (and audited) meanwhile: that stands
             conn.execute(sa.delete(r).where(r.c.id == rid))
+            # Lock order everywhere: hold rows, then the chain head, then the counters
+            # (reserve's sweep takes them in that order too): no deadlock between them.
+            if audit is not None:
+                self._append(conn, now, tenant, audit)
             self._apply(conn, tenant, agent_id, json.loads(row.amounts), -1)
             return True
 
@@ -566,16 +662,43 @@ class GovStore:
 
     # -- approvals ------------------------------------------------------------------------
     def approval_for(
-        self, tenant: str, agent_id: str, tool: str, namespace: str, key: str, args: str
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        namespace: str,
+        key: str,
+        args: str,
+        in_flight_for: float = 0.0,
     ) -> dict[str, Any]:
-        """The approval request of this call, created pending if there is none (the
-        unique (tenant, namespace, key) makes concurrent re-asks share one request)."""
+        """The open request of this call (its latest round), created pending if there is
+        none or the latest was consumed; an approved one is taken (→ consumed) here and
+        returned as approved: one approval, one execution, whatever ttl, retry, clear or
+        resume do to the ledger record afterwards. A request consumed less than
+        ``in_flight_for`` seconds ago is returned as it is (its execution may still be
+        on its way to the ledger: the caller waits for it rather than ask anew)."""
         ap = S.approvals
 
         def run(conn: sa.Connection, now: float) -> dict[str, Any]:
             where = (ap.c.tenant == tenant, ap.c.namespace == namespace, ap.c.idem_key == key)
-            row = conn.execute(sa.select(ap).where(*where)).first()
-            if row is None:
+            latest = sa.select(ap).where(*where).order_by(ap.c.round.desc()).limit(1)
+            for _ in range(3):
+                row = conn.execute(latest).first()
+                if row is not None and row.state == "approved":
+                    # Take it: the conditional UPDATE lets exactly one caller through.
+                    took = conn.execute(
+                        sa.update(ap)
+                        .where(ap.c.id == row.id, ap.c.state == "approved")
+                        .values(state="consumed", consumed_at=now)
+                    ).rowcount
+                    if took:
+                        return {**row._asdict(), "state": "approved"}
+                    continue  # taken by a concurrent caller: read the new state
+                if row is not None and row.state != "consumed":
+                    return row._asdict()  # pending or denied
+                if row is not None and now - float(row.consumed_at or 0) < in_flight_for:
+                    return row._asdict()  # consumed a moment ago: its call is in flight
+                # None, or consumed: that approval was used; this execution needs its own.
                 values = {
                     "id": "apr_" + uuid.uuid4().hex[:24],
                     "tenant": tenant,
@@ -586,7 +709,10 @@ class GovStore:
                     "args": args,
                     "state": "pending",
                     "created_at": now,
+                    "round": 0 if row is None else int(row.round) + 1,
                 }
+                # Insert-if-absent on (tenant, namespace, key, round): concurrent askers
+                # share one new request.
                 if self.kind == "postgresql":
                     from sqlalchemy.dialects import postgresql
 
@@ -597,9 +723,20 @@ class GovStore:
                     from sqlalchemy.dialects import sqlite
 
                     conn.execute(sqlite.insert(ap).values(**values).on_conflict_do_nothing())
-                row = conn.execute(sa.select(ap).where(*where)).first()
-            assert row is not None
-            return row._asdict()
+            raise StoreError(f"the approval request of {key!r} kept changing; ask again")
+
+        return self._tx(run)
+
+    def restore_approval(self, tenant: str, approval_id: str) -> bool:
+        ap = S.approvals
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            res = conn.execute(
+                sa.update(ap)
+                .where(ap.c.tenant == tenant, ap.c.id == approval_id, ap.c.state == "consumed")
+                .values(state="approved", consumed_at=None)
+            )
+            return bool(res.rowcount)
 
         return self._tx(run)
 
@@ -611,13 +748,17 @@ class GovStore:
 
         def run(conn: sa.Connection, now: float) -> dict[str, Any] | None:
             where = (ap.c.tenant == tenant, ap.c.id == approval_id)
-            conn.execute(
+            changed = conn.execute(
                 sa.update(ap)
                 .where(*where, ap.c.state == "pending")
                 .values(state=state, decided_by=by, reason=reason, decided_at=now)
-            )
+            ).rowcount
             row = conn.execute(sa.select(ap).where(*where)).first()
-            return None if row is None else row._asdict()
+            if row is None:
+                return None
+            # On a rerun after a lost reply, our own first attempt made the change.
+            mine = bool(changed) or (self._rerun and row.state == state and row.decided_by == by)
+            return {**row._asdict(), "changed": mine}
 
         return self._tx(run)
 
@@ -628,7 +769,7 @@ class GovStore:
             conn.execute(
                 sa.update(ap)
                 .where(ap.c.tenant == tenant, ap.c.id == approval_id, ap.c.state == "approved")
-                .values(state="consumed")
+                .values(state="consumed", consumed_at=now)
             )
 
         self._tx(run)
@@ -669,6 +810,20 @@ class GovStore:
             },
         )
         head = conn.execute(_HEAD, {"t": tenant, "a": agent_id}).one()
+        if self._rerun and entry.get("token") is not None:
+            # Rerun after a lost reply: the row may be in already (one row per decision).
+            au = S.audit
+            dup = conn.execute(
+                sa.select(au.c.seq, au.c.hash).where(
+                    au.c.tenant == tenant,
+                    au.c.agent_id == agent_id,
+                    au.c.idem_key == entry.get("idem_key"),
+                    au.c.token == entry["token"],
+                    au.c.decision == entry["decision"],
+                )
+            ).first()
+            if dup is not None:
+                return int(dup.seq), str(dup.hash)
         seq = int(head.seq) + 1
         row = {**entry, "tenant": tenant, "seq": seq, "created_at": now}
         fields = audit_fields(_Row(row))
@@ -696,6 +851,35 @@ class GovStore:
                 q = q.where(au.c.created_at >= since)
             q = q.order_by(au.c.id.desc() if newest_first else au.c.id).limit(limit)
             return [r._asdict() for r in conn.execute(q).all()]
+
+        return self._read(run)
+
+    def audited_calls(self, tenant: str) -> dict[str, set[int | None]]:
+        au = S.audit
+
+        def run(conn: sa.Connection, now: float) -> dict[str, set[int | None]]:
+            out: dict[str, set[int | None]] = {}
+            rows = conn.execute(
+                sa.select(au.c.idem_key, au.c.token, au.c.decision)
+                .where(au.c.tenant == tenant, au.c.idem_key.is_not(None))
+                .distinct()
+            ).all()
+            for key, token, decision in rows:
+                tokens = out.setdefault(key, set())
+                if decision in RAN:
+                    tokens.add(None if token is None else int(token))
+            return out
+
+        return self._read(run)
+
+    def chain_count(self, tenant: str | None = None) -> int:
+        h = S.audit_heads
+
+        def run(conn: sa.Connection, now: float) -> int:
+            q = sa.select(sa.func.count()).select_from(h)
+            if tenant is not None:
+                q = q.where(h.c.tenant == tenant)
+            return int(conn.execute(q).scalar_one())
 
         return self._read(run)
 
@@ -912,7 +1096,7 @@ class GovStore:
             conn.execute(sa.insert(w).values(**values, id=wid, tenant=tenant, created_at=now))
             return wid
 
-        return self._tx(run)
+        return self._tx(run, again=False)  # not idempotent: an operator retries it
 
     def list_webhooks(self, tenant: str) -> list[dict[str, Any]]:
         w = S.webhooks
@@ -934,6 +1118,8 @@ class GovStore:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._reader is not None:
+            self._reader.dispose()
 
 
 class _Row:

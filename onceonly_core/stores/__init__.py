@@ -23,6 +23,7 @@ __all__ = [
     "RedisStore",
     "SQLStore",
     "Store",
+    "check_url",
     "governance_unsupported",
     "open_store",
 ]
@@ -36,10 +37,41 @@ REDIS_SCHEMES = (
     "rediss+cluster://",
 )
 
+_EXAMPLES = (
+    "sqlite:///ledger.db, postgresql+psycopg://..., mysql+pymysql://..., redis://... or memory://"
+)
+
+
+def check_url(url: str) -> None:
+    """Refuse a ledger URL that cannot be one, with the URL the caller probably meant.
+
+    An empty string is an error rather than "use the default": ``Guard("")`` usually means
+    a configuration value that was not filled in, and silently opening ./onceonly.db would
+    hide that. A bare file name (``ledger.db``) gets the ``sqlite:///`` form suggested.
+    """
+    from ..errors import ConfigError
+
+    if not isinstance(url, str):
+        raise ConfigError(f"a ledger URL is a string, not {type(url).__name__}: {_EXAMPLES}")
+    if not url.strip():
+        raise ConfigError(
+            "the ledger URL is empty: pass one (" + _EXAMPLES + "), or pass none at all "
+            "to use ONCEONLY_DB_URL (default sqlite:///onceonly.db)"
+        )
+    if url.startswith("memory:") or "://" in url:
+        return
+    path = url.strip()
+    raise ConfigError(
+        f"not a database URL: {url!r}. A SQLite file is written with its scheme: "
+        f"'sqlite:///{path}' (relative to the working directory; 'sqlite:////abs/path.db' "
+        f"for an absolute path). Other ledgers: {_EXAMPLES}"
+    )
+
 
 def open_store(url: str, **options: Any) -> Store:
     """``memory://``, ``sqlite:///file.db``, ``postgresql+psycopg://…``, ``mysql+pymysql://…``,
     ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…`` / ``redis+cluster://…``."""
+    check_url(url)
     if url.startswith("memory:"):
         if options:
             from ..errors import ConfigError
@@ -58,10 +90,10 @@ def open_store(url: str, **options: Any) -> Store:
 def governance_unsupported(ledger: str | Store | None) -> str | None:
     """Why governance cannot run on this ledger (a URL or a store), or None if it can.
 
-    Governance (policies, caps, approvals, the audit chain) has a SQL implementation, over
-    the SQL ledgers and memory; the Redis store has none yet. Guard(agent_id=...) and
-    guard.gov ask here first, so a Redis ledger fails at once with this reason instead of
-    half-working.
+    A ledger offers governance through ``Store.governance_store()``; the Redis store does
+    not implement it yet. Guard(agent_id=...) and guard.gov ask here first, so a Redis
+    ledger fails at construction — before its URL is even opened — with this reason
+    instead of half-working.
     """
     redis_ledger = (
         ledger.startswith(REDIS_SCHEMES)
@@ -72,9 +104,9 @@ def governance_unsupported(ledger: str | Store | None) -> str | None:
         return None
     return (
         "governance (agent_id, policies, caps, approvals, audit) is not available on the Redis "
-        "ledger yet: it needs a Redis governance store behind the governance-store interface, "
-        "which does not exist in this version. Use a SQL ledger (sqlite://, postgresql://, "
-        "mysql://) or memory:// for governed calls"
+        "ledger yet: RedisStore does not implement governance_store() (a "
+        "onceonly_core.governance.base.GovernanceStore) in this version. Use a SQL ledger "
+        "(sqlite://, postgresql://, mysql://) or memory:// for governed calls"
     )
 
 

@@ -22,6 +22,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..governance.base import GovernanceStore
 
 __all__ = [
     "CLEARED",
@@ -164,6 +168,20 @@ class Store(abc.ABC):
 
         return time.time()
 
+    def governance_store(self) -> GovernanceStore:
+        """The governance store over this ledger (policies, budgets, approvals, audit).
+
+        Override it to give a custom ledger governance: return an implementation of
+        :class:`onceonly_core.governance.base.GovernanceStore`. Left alone, using
+        governance with this store (an agent id, ``guard.gov``) raises ConfigError
+        before any call runs."""
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"{type(self).__name__} provides no governance: implement "
+            "governance_store() returning a onceonly_core.governance.base.GovernanceStore"
+        )
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
 
@@ -175,14 +193,25 @@ class Store(abc.ABC):
 
 
 def check_labels(namespace: str, key: str) -> None:
-    if 0 < len(key) <= MAX_KEY and 0 < len(namespace) <= MAX_NAMESPACE:
+    if (
+        0 < len(key) <= MAX_KEY
+        and 0 < len(namespace) <= MAX_NAMESPACE
+        and key.isascii()
+        and "\x00" not in key
+        and "\x00" not in namespace
+    ):
         return  # the hot path: no import, one comparison chain each
     from ..errors import ConfigError
+    from ..limits import check_text
 
     if not key or len(key) > MAX_KEY:
         raise ConfigError(f"a key must be 1..{MAX_KEY} characters, got {len(key)}")
     if not namespace or len(namespace) > MAX_NAMESPACE:
         raise ConfigError(f"a namespace must be 1..{MAX_NAMESPACE} characters")
+    # PostgreSQL cannot hold NUL and no backend a lone surrogate: refuse on every backend
+    # alike, before the claim, rather than fail on one of them at the write.
+    check_text(key, "a key")
+    check_text(namespace, "a namespace")
 
 
 def summarize(records: Sequence[Record]) -> dict[str, int]:

@@ -10,10 +10,14 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 
 __all__ = ["MemoryStore"]
+
+if TYPE_CHECKING:
+    from ..governance.base import GovernanceStore
 
 
 class MemoryStore(Store):
@@ -179,3 +183,8 @@ class MemoryStore(Store):
             ]
         rows.sort(key=lambda r: (r.updated_at, r.key), reverse=True)
         return rows[:limit]
+
+    def governance_store(self) -> GovernanceStore:
+        from ..governance.store import GovStore
+
+        return GovStore(self)

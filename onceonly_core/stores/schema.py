@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: The Alembic revision this code expects; tests check it equals the scripts' head.
-HEAD = "0002"
+HEAD = "0003"
 #: Our own version table, so a user's Alembic setup in the same database is untouched.
 VERSION_TABLE = "onceonly_alembic_version"
 
@@ -136,6 +136,8 @@ reservations = sa.Table(
     sa.Column("amounts", _text(), nullable=False),  # JSON [[metric, window_start, amount]]
     sa.Column("lease_until", sa.Double, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
+    # JSON audit entry the sweeper appends (decision "unknown") if the hold never settles.
+    sa.Column("audit", _text()),
     sa.Index("ix_onceonly_reservations_agent", "tenant", "agent_id", "lease_until"),
 )
 
@@ -171,7 +173,12 @@ approvals = sa.Table(
     sa.Column("decided_by", sa.String(255)),
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("decided_at", sa.Double),
-    sa.UniqueConstraint("tenant", "namespace", "idem_key", name="uq_onceonly_approvals_call"),
+    # A request authorises one execution; the next one of the same call opens round + 1.
+    sa.Column("round", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("consumed_at", sa.Double),
+    sa.UniqueConstraint(
+        "tenant", "namespace", "idem_key", "round", name="uq_onceonly_approvals_call"
+    ),
 )
 
 audit = sa.Table(

@@ -42,13 +42,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from time import monotonic as _monotonic
 from time import sleep as _sleep
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from ..errors import ConfigError, MissingExtraError, SchemaError, StoreError
 from .base import CLEARED, RUNNING, NewClaim, Record, Store
 from .schema import HEAD, VERSION_TABLE, ledger
+
+if TYPE_CHECKING:
+    from ..governance.base import GovernanceStore
 
 __all__ = ["SQLStore"]
 
@@ -660,6 +663,11 @@ class SQLStore(Store):
         for r in out:
             r.now = now
         return out
+
+    def governance_store(self) -> GovernanceStore:
+        from ..governance.store import GovStore
+
+        return GovStore(self)
 
     def close(self) -> None:
         if self.kind == "sqlite":

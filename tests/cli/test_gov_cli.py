@@ -342,6 +342,7 @@ def test_agent_logs_and_metrics_match_the_api(env: Env) -> None:
 
 
 # -- tools -------------------------------------------------------------------------------
+@pytest.mark.usefixtures("allow_loopback")  # one endpoint is http://127.0.0.1:9
 def test_tools_add_list_toggle_rm(env: Env) -> None:
     secret_env = {"MY_TOOL_SECRET": TOOL_SECRET}
     got = env.json(
@@ -515,7 +516,17 @@ def test_audit_verify_finds_the_tampered_row(env: Env) -> None:
     run_some_calls(env)
     env.guard.call_tool(charge, {"customer": "x", "api_key": "k", "cents": 1}, agent_id="bot-2")
     got = env.json("audit", "verify")
-    assert got == {"ok": True, "namespace": env.ns, "chains": 2, "broken": 0, "problems": []}
+    assert got == {
+        "ok": True,
+        "namespace": env.ns,
+        "chains": 2,
+        "broken": 0,
+        "executions": 3,  # governed executions in the ledger, each with its audit row
+        "ungoverned": 0,
+        "in_flight": 0,
+        "missing": 0,
+        "problems": [],
+    }
     ok = env.run("audit", "verify")
     assert ok.exit_code == 0 and "2 chains verified" in ok.stdout
 

@@ -247,6 +247,7 @@ def test_registry_never_returns_secrets(guard: Guard) -> None:
         gov.create_tool("x", lookup, url="https://x")  # both
 
 
+@pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_run_tool_calls_a_signed_remote_tool_once(guard: Guard) -> None:
     cache = ReplayCache()
     body = json.dumps({"result": {"ticket": "T-1"}}).encode()
@@ -263,6 +264,7 @@ def test_run_tool_calls_a_signed_remote_tool_once(guard: Guard) -> None:
     assert sent["args"] == {"subject": "hi"} and sent["agent_id"] == "support"
 
 
+@pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_a_remote_tool_failure_is_a_failed_decision(guard: Guard) -> None:
     with loopback(lambda req: Reply(400, b'{"error": "bad subject"}')) as srv:
         guard.gov.create_tool("crm.bad", url=srv.url)
@@ -420,6 +422,7 @@ def test_metrics_and_timeline(guard: Guard) -> None:
         guard.gov.agent_metrics("m", "year")
 
 
+@pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_notifications_hooks_and_signed_webhooks(guard: Guard) -> None:
     got: list[dict[str, Any]] = []
     guard.gov.on_notify(got.append)
@@ -474,9 +477,10 @@ def test_our_own_errors_give_the_reservation_back(guard: Guard) -> None:
     assert guard.gov.store.counter(guard.namespace, "r", "actions", hour) == 1
 
 
-def test_a_hold_swept_while_its_tool_still_ran_is_counted_again_at_settle() -> None:
+def test_a_hold_swept_while_its_tool_still_ran_stays_counted_and_is_audited_once() -> None:
     """A worker that outlives its lease (paused, not dead) had its hold swept by another
-    caller; when it settles, the spend happened, so it is counted back, not lost."""
+    caller: the tool may have run, so the sweep keeps the spend counted and writes the
+    call's audit row; the late settle then counts nothing twice and writes no second row."""
     from onceonly_core import MemoryStore
     from onceonly_core.governance.store import GovStore, Want
 
@@ -484,16 +488,36 @@ def test_a_hold_swept_while_its_tool_still_ran_is_counted_again_at_settle() -> N
     store = GovStore(MemoryStore(clock=lambda: clock[0]))
     day = int(clock[0] // DAY) * DAY
     wants = [Want("spend", day, 600_000, 1_000_000, "daily_spend_exceeded")]
-    held = store.reserve("t", "a", "ns", "k1", wants, lease=1.0)
+    entry = {
+        "agent_id": "a",
+        "tool": "pay",
+        "args_digest": None,
+        "args": "{}",
+        "decision": "unknown",
+        "reason": "lease_expired",
+        "risk_level": "low",
+        "spend_micros": 600_000,
+        "run_id": None,
+        "token": None,
+        "idem_key": "k1",
+    }
+    held = store.reserve("t", "a", "ns", "k1", wants, lease=1.0, audit=entry)
     assert held.ok and held.id is not None
     clock[0] += 5  # the holder stalls past its lease
     other = store.reserve("t", "a", "ns", "k2", wants, lease=1.0)
-    assert other.ok  # the stalled hold was swept: 0.6 + 0.6 would not fit otherwise
+    assert not other.ok  # the stalled hold was swept as spent: 0.6 + 0.6 does not fit
     assert store.counter("t", "a", "spend", day) == 600_000
-    store.settle("t", "a", held.id, [["spend", day, 600_000]])  # the stalled tool did run
-    assert store.counter("t", "a", "spend", day) == 1_200_000
-    assert store.release("t", "a", held.id) is False  # nothing left to give back twice
-    assert store.counter("t", "a", "spend", day) == 1_200_000
+    assert store.holds("t", "a") == 0
+    rows = store.audit_rows("t", agent_id="a")
+    assert [(r["decision"], r["reason"], r["idem_key"]) for r in rows] == [
+        ("unknown", "lease_expired", "k1")
+    ]
+    late = {**entry, "decision": "executed", "reason": "ok", "token": 1}
+    assert store.settle("t", "a", held.id, [["spend", day, 600_000]], late) is False
+    assert store.counter("t", "a", "spend", day) == 600_000  # counted once
+    assert store.release("t", "a", held.id) is False  # nothing to give back: it may have run
+    assert store.counter("t", "a", "spend", day) == 600_000
+    assert len(store.audit_rows("t", agent_id="a")) == 1  # one row for one call
 
 
 def test_arguments_excluded_from_the_key_are_not_audited(guard: Guard) -> None:

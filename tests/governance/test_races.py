@@ -121,9 +121,12 @@ def test_racing_processes_never_exceed_a_cap(
         g.close()
 
 
-def test_a_killed_worker_reservation_expires_with_its_lease(
+def test_a_killed_worker_reservation_is_swept_as_spent_and_audited(
     guard: Guard, db_url: str, namespace: str, tmp_path: Path
 ) -> None:
+    """The worker was killed inside its tool: the tool may have run, so when its lease
+    expires the hold is settled *as spent* (never given back) and the sweeper writes the
+    call's audit row (decision unknown)."""
     guard.gov.upsert_policy(
         Policy(agent_id="holder", max_spend_usd_per_day=1.0, pricing_rules={"hold": 1.0})
     )
@@ -146,10 +149,13 @@ def test_a_killed_worker_reservation_expires_with_its_lease(
     proc.wait(30)
     time.sleep(1.5)  # past the lease: the hold expired with it
     r = guard.call_tool(other, {"item": "b"}, tool="hold", agent_id="holder")
-    assert r.decision == "executed", r
+    assert (r.decision, r.policy_reason) == ("blocked", "daily_spend_exceeded"), r
     day = int(guard.gov.store.now() // DAY) * DAY
     assert guard.gov.store.counter(namespace, "holder", "spend", day) == 1_000_000
     assert guard.gov.store.holds(namespace, "holder") == 0
+    swept = [e for e in guard.gov.agent_logs("holder") if e.decision == "unknown"]
+    assert [(e.tool, e.reason, e.spend_usd) for e in swept] == [("hold", "lease_expired", 1.0)]
+    assert guard.gov.verify_audit() == []
 
 
 def test_disable_agent_from_another_process_stops_the_very_next_call(

@@ -99,7 +99,7 @@ def test_governance_is_refused_at_construction(db_url: str) -> None:
         Guard(db_url, agent_id="agent-1")
     s = open_store(db_url)
     try:
-        with pytest.raises(ConfigError, match="governance-store interface"):
+        with pytest.raises(ConfigError, match=r"does not implement governance_store\(\)"):
             Guard(store=s, agent_id="agent-1")
         g = Guard(store=s, namespace="ns", quiet=True)
         with pytest.raises(ConfigError, match="Redis ledger"):

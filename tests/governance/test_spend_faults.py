@@ -1,0 +1,511 @@
+"""Every executed dollar counted, every execution audited once, every approval used once
+(issue 13, items 3-5), on every ledger (memory, SQLite, PostgreSQL, MariaDB).
+
+The rule under test: spend of a call that may have executed stays counted until it is
+shown not to have executed. Faults are injected deterministically here (an interrupt or a
+cancellation inside the tool, a ledger that cannot record a completion, a governance store
+whose settle fails, connections cut under the pool); test_db_restart.py restarts the real
+servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from onceonly_core import Guard
+from onceonly_core.errors import CompletionNotRecorded, ConfigError, StoreError
+from onceonly_core.governance import Policy
+from onceonly_core.governance.engine import DAY
+from onceonly_core.governance.store import GovStore
+from onceonly_core.stores import schema as S
+from onceonly_core.stores.sql import SQLStore
+
+PRICE = 4.0
+
+
+@pytest.fixture
+def guard(any_url: str, namespace: str) -> Iterator[Guard]:
+    if any_url.startswith(("postgresql", "mysql")):
+        with SQLStore(any_url) as store:
+            store.migrate()
+    g = Guard(any_url, namespace=namespace, quiet=True)
+    yield g
+    g.close()
+
+
+def capped(g: Guard, agent: str = "payer", cap: float = 10.0, **extra: Any) -> None:
+    g.gov.upsert_policy(
+        Policy(agent_id=agent, max_spend_usd_per_day=cap, pricing_rules={"*": PRICE}, **extra)
+    )
+
+
+def spent(g: Guard, agent: str = "payer") -> float:
+    today = int(g.gov.store.now() // DAY) * DAY
+    return g.gov.store.counter(g.namespace, agent, "spend", today) / 1e6
+
+
+def rows(g: Guard, agent: str = "payer") -> list[tuple[str, str]]:
+    return [(e.decision, e.reason) for e in reversed(g.gov.agent_logs(agent))]
+
+
+# -- 1d. spend bounds --------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [1e13, float("nan"), float("inf"), -1.0, 1_000_000.01])
+def test_an_impossible_spend_is_refused_before_anything_is_claimed(
+    guard: Guard, bad: float
+) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="payer"))
+    ran: list[str] = []
+
+    def pay(to: str) -> str:
+        ran.append(to)
+        return to
+
+    with pytest.raises(ConfigError, match="spend_usd"):
+        guard.call_tool(pay, {"to": "x"}, agent_id="payer", spend_usd=bad)
+    assert ran == []
+    assert guard.store.list(namespace=guard.namespace) == []  # nothing claimed
+    assert guard.gov.agent_logs("payer") == []
+    assert guard.gov.verify_audit() == []
+
+
+def test_the_largest_spend_per_call_still_runs_and_is_audited(guard: Guard) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="payer"))
+    r = guard.call_tool(lambda to: to, {"to": "x"}, tool="pay", agent_id="payer", spend_usd=1e6)
+    assert r.decision == "executed"
+    assert [e.spend_usd for e in guard.gov.agent_logs("payer")] == [1e6]
+
+
+def test_a_price_past_the_bound_is_refused_in_the_policy() -> None:
+    with pytest.raises(ValueError, match="spend_usd"):
+        Policy(agent_id="a", pricing_rules={"pay": 1e13})
+    with pytest.raises(ValueError):
+        Policy(agent_id="a", max_spend_usd_per_day=float("inf"))
+
+
+# -- 1a. interrupts ----------------------------------------------------------------------
+def test_keyboard_interrupt_inside_a_tool_settles_its_hold_at_once_as_spent(
+    guard: Guard,
+) -> None:
+    capped(guard)
+
+    def pay(to: str) -> str:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        guard.call_tool(pay, {"to": "x"}, agent_id="payer")
+    # Not held for the whole lease: settled now, counted (the tool may have run).
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    assert spent(guard) == PRICE
+    assert rows(guard) == [("unknown", "interrupted")]
+    assert guard.gov.verify_audit() == []
+
+
+def test_a_cancelled_task_settles_its_hold_at_once_as_spent(guard: Guard) -> None:
+    capped(guard)
+
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def pay(to: str) -> str:
+            started.set()
+            await asyncio.sleep(60)
+            return to
+
+        task = asyncio.create_task(guard.acall_tool(pay, {"to": "x"}, agent_id="payer"))
+        await asyncio.wait_for(started.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    assert spent(guard) == PRICE
+    assert rows(guard) == [("unknown", "interrupted")]
+    # The ledger's lease was expired at once: the next call applies on_unknown (retry)
+    # now, runs, and is counted again (two runs may have happened: both are paid).
+    r = guard.call_tool(lambda to: to, {"to": "x"}, tool="pay", agent_id="payer")
+    assert r.decision == "executed"
+    assert spent(guard) == 2 * PRICE
+
+
+def test_an_interrupt_in_an_unpriced_governed_call_is_audited(guard: Guard) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="free"))
+
+    def look(q: str) -> str:
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit):
+        guard.call_tool(look, {"q": "x"}, agent_id="free")
+    assert rows(guard, "free") == [("unknown", "interrupted")]
+
+
+# -- 1c. a completion the ledger could not record ----------------------------------------
+def test_completion_not_recorded_keeps_the_spend_and_audits_the_run(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capped(guard)
+    ran: list[str] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> bool:
+        raise StoreError("the ledger is gone")
+
+    def pay(to: str) -> str:
+        ran.append(to)
+        return to
+
+    monkeypatch.setattr("onceonly_core.protocol.FINISH_RETRIES", (0.0,))
+    monkeypatch.setattr(guard.store, "finish", refuse)
+    with pytest.raises(CompletionNotRecorded):
+        guard.call_tool(pay, {"to": "x"}, agent_id="payer")
+    assert ran == ["x"]
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    assert spent(guard) == PRICE  # the tool ran: its spend is not given back
+    assert rows(guard) == [("executed", "completion_not_recorded")]
+
+
+# -- 1b. a settle that fails -------------------------------------------------------------
+def failing_settle(store: Any, *, drop_audit: bool = False) -> list[int]:
+    """Make ``store.settle`` fail (the database stayed away longer than the store's own
+    reconnect window), or drop its audit entry. Returns the call counter."""
+    calls: list[int] = []
+    real = store.settle
+
+    def settle(tenant: str, agent_id: str, rid: str, amounts: Any, audit: Any = None) -> bool:
+        calls.append(1)
+        if drop_audit:
+            return bool(real(tenant, agent_id, rid, amounts, None))
+        raise StoreError("governance store: server closed the connection unexpectedly")
+
+    store.settle = settle
+    return calls
+
+
+def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(guard: Guard) -> None:
+    capped(guard)
+    store = guard.gov.store
+    calls = failing_settle(store)
+    ran: list[str] = []
+
+    def pay(to: str) -> str:
+        ran.append(to)
+        return to
+
+    r = guard.call_tool(pay, {"to": "a"}, agent_id="payer", lease=1.0)
+    assert r.decision == "executed" and len(calls) == 1  # the caller gets its result
+    assert spent(guard) == PRICE  # the hold counts as spent while unresolved
+    assert store.holds(guard.namespace, "payer") == 1
+    time.sleep(1.2)  # the hold's lease runs out
+    # The next call sweeps it as spent (never released): $4 + $4 fit, a third does not.
+    assert guard.call_tool(pay, {"to": "b"}, agent_id="payer", lease=1.0).decision == "executed"
+    third = guard.call_tool(pay, {"to": "c"}, agent_id="payer", lease=1.0)
+    assert (third.decision, third.policy_reason) == ("blocked", "daily_spend_exceeded")
+    assert ran == ["a", "b"] and spent(guard) == 2 * PRICE
+    del store.settle  # the database is back
+    time.sleep(1.2)
+    assert guard.gov.verify_audit() == []  # sweeps b's hold too, then checks
+    runs = [d for d, _ in rows(guard) if d in ("executed", "unknown")]
+    assert len(runs) == len(ran) == 2  # executions == audit rows
+    assert spent(guard) == 2 * PRICE
+
+
+def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
+    guard: Guard, any_url: str
+) -> None:
+    """Every connection of the governance pool is cut (server side) while the tool runs:
+    the settle fails on its dead connection, runs again on a fresh one, and commits
+    once. (SQLite has no connection to cut: the file is always there.)"""
+    if not any_url.startswith(("postgresql", "mysql")):
+        pytest.skip("a file database has no server connection to lose")
+    capped(guard)
+    store = guard.gov.store
+    assert isinstance(store, GovStore)
+    guard.call_tool(lambda q: q, {"q": "warm"}, tool="warm", agent_id="payer")  # pool in use
+
+    def cut() -> None:
+        eng = sa.create_engine(any_url, poolclass=sa.NullPool)
+        with eng.connect() as conn:
+            if any_url.startswith("postgresql"):
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            else:
+                ids = conn.execute(
+                    sa.text(
+                        "SELECT id FROM information_schema.processlist "
+                        "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+                    )
+                ).scalars()
+                for i in list(ids):
+                    with contextlib.suppress(sa.exc.DBAPIError):  # gone already
+                        conn.execute(sa.text(f"KILL {int(i)}"))
+            conn.commit()
+        eng.dispose()
+
+    def pay(to: str) -> str:
+        cut()
+        return to
+
+    r = guard.call_tool(pay, {"to": "x"}, agent_id="payer")
+    assert r.decision == "executed"
+    assert store.holds(guard.namespace, "payer") == 0
+    assert spent(guard) == PRICE * 2  # warm-up + pay, each once
+    assert rows(guard) == [("executed", "ok"), ("executed", "ok")]
+    assert guard.gov.verify_audit() == []
+
+
+# -- 2. audit completeness ---------------------------------------------------------------
+def test_verify_reports_an_execution_without_its_audit_row(guard: Guard) -> None:
+    capped(guard, cap=100.0)
+    guard.call_tool(lambda to: to, {"to": "a"}, tool="pay", agent_id="payer")
+    report = guard.gov.audit_report()
+    assert report["problems"] == [] and report["executions"] == 1
+    # An execution whose audit row was never written (the chain itself stays whole):
+    store = guard.gov.store
+    failing_settle(store, drop_audit=True)
+    guard.call_tool(lambda to: to, {"to": "b"}, tool="pay", agent_id="payer")
+    del store.settle
+    guard.call_tool(lambda to: to, {"to": "b"}, tool="pay", agent_id="payer")  # a replay
+    report = guard.gov.audit_report()
+    assert report["executions"] == 2
+    (missing,) = report["problems"]
+    assert missing["problem"].startswith("execution without an audit row: pay")
+    assert missing["key"] is not None and missing["namespace"] == guard.namespace
+    assert missing["token"] == 1
+
+
+def test_verify_reports_a_deleted_audit_row_of_an_execution(guard: Guard) -> None:
+    capped(guard, cap=100.0)
+    for to in ("a", "b", "c"):
+        guard.call_tool(lambda to: to, {"to": to}, tool="pay", agent_id="payer")
+    assert guard.gov.verify_audit() == []
+    store = guard.gov.store
+    assert isinstance(store, GovStore)
+    with store.engine.begin() as conn:
+        victim = conn.execute(
+            sa.select(sa.func.min(S.audit.c.id)).where(S.audit.c.tenant == guard.namespace)
+        ).scalar_one()
+        conn.execute(sa.delete(S.audit).where(S.audit.c.id == victim))
+    problems = guard.gov.verify_audit()
+    assert problems and "missing" in problems[0]["problem"]
+
+
+def test_every_path_writes_exactly_one_audit_row(guard: Guard, monkeypatch: Any) -> None:
+    """executed, replayed, failed, blocked by a cap, pending approval, interrupted,
+    unpriced and unlimited calls: one row each, and verify agrees."""
+    capped(guard, cap=8.0, require_approval=["ask"])
+
+    def boom(n: int) -> int:
+        raise RuntimeError("no")
+
+    def stop(n: int) -> int:
+        raise KeyboardInterrupt
+
+    guard.call_tool(lambda n: n, {"n": 1}, tool="ok", agent_id="payer")
+    guard.call_tool(lambda n: n, {"n": 1}, tool="ok", agent_id="payer")
+    guard.call_tool(boom, {"n": 1}, agent_id="payer")
+    guard.call_tool(lambda n: n, {"n": 2}, tool="ok", agent_id="payer")
+    guard.call_tool(lambda n: n, {"n": 3}, tool="ok", agent_id="payer")  # over the cap
+    guard.call_tool(lambda n: n, {"n": 4}, tool="ask", agent_id="payer")
+    guard.call_tool(
+        lambda n: n, {"n": 5}, tool="free", agent_id="payer", unlimited=True, spend_usd=0
+    )
+    guard.gov.upsert_policy(Policy(agent_id="payer", max_spend_usd_per_day=100.0))
+    with pytest.raises(KeyboardInterrupt):
+        guard.call_tool(stop, {"n": 6}, agent_id="payer")
+    assert rows(guard) == [
+        ("executed", "ok"),
+        ("dedup", "dedup"),
+        ("failed", "tool_error"),
+        ("executed", "ok"),
+        ("blocked", "daily_spend_exceeded"),
+        ("pending_approval", "approval_required"),
+        ("executed", "ok"),
+        ("unknown", "interrupted"),
+    ]
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    assert guard.gov.verify_audit() == []
+
+
+# -- 3. approvals ------------------------------------------------------------------------
+def _approved(guard: Guard, ran: list[str]) -> tuple[Any, str]:
+    guard.gov.upsert_policy(Policy(agent_id="ops", require_approval=["refund"]))
+
+    def refund(order: str) -> str:
+        ran.append(order)
+        return f"refunded {order}"
+
+    first = guard.call_tool(refund, {"order": "o1"}, agent_id="ops", ttl=0.5)
+    assert first.decision == "pending_approval" and first.approval_id
+    guard.gov.approve(first.approval_id, by="ops@example.com")
+    r = guard.call_tool(refund, {"order": "o1"}, agent_id="ops", ttl=0.5)
+    assert r.decision == "executed" and ran == ["o1"]
+    assert guard.gov.get_approval(first.approval_id).state == "consumed"  # type: ignore[union-attr]
+    return refund, first.approval_id
+
+
+@pytest.mark.parametrize("how", ["ttl", "retry", "clear"])
+def test_a_consumed_approval_never_authorises_again(guard: Guard, how: str) -> None:
+    ran: list[str] = []
+    refund, used = _approved(guard, ran)
+    # A replay while the result stands needs no approval and runs nothing.
+    assert guard.call_tool(refund, {"order": "o1"}, agent_id="ops", ttl=0.5).decision == "dedup"
+    if how == "ttl":
+        time.sleep(0.6)
+    elif how == "retry":
+        assert guard.retry(refund, order="o1")
+    else:
+        rec = guard.store.list(namespace=guard.namespace)[0]
+        assert guard.clear(rec.key)
+    again = guard.call_tool(refund, {"order": "o1"}, agent_id="ops", ttl=0.5)
+    assert again.decision == "pending_approval"
+    assert again.approval_id != used  # a new request for the new execution
+    assert ran == ["o1"]  # 0 extra executions
+    guard.gov.approve(again.approval_id or "", by="ops@example.com")
+    done = guard.call_tool(refund, {"order": "o1"}, agent_id="ops", ttl=0.5)
+    assert done.decision == "executed" and ran == ["o1", "o1"]
+
+
+def test_an_approval_consumed_by_an_interrupted_run_does_not_authorise_its_resume(
+    guard: Guard,
+) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="ops", require_approval=["refund"]))
+    ran: list[str] = []
+
+    def refund(order: str) -> str:
+        ran.append(order)
+        if len(ran) == 1:
+            raise KeyboardInterrupt  # the worker dies mid-call
+        return order
+
+    first = guard.call_tool(refund, {"order": "o1"}, agent_id="ops")
+    guard.gov.approve(first.approval_id or "")
+    with pytest.raises(KeyboardInterrupt):
+        guard.call_tool(refund, {"order": "o1"}, agent_id="ops")
+    # Resumed from a checkpoint: the same call again (its record's lease is over).
+    resumed = guard.call_tool(refund, {"order": "o1"}, agent_id="ops")
+    assert resumed.decision == "pending_approval" and resumed.approval_id != first.approval_id
+    assert ran == ["o1"]
+
+
+def test_a_denied_request_stays_denied_and_deciding_twice_fails(guard: Guard) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="ops", require_approval=["refund"]))
+    ran: list[str] = []
+
+    def refund(order: str) -> str:
+        ran.append(order)
+        return order
+
+    first = guard.call_tool(refund, {"order": "o1"}, agent_id="ops")
+    aid = first.approval_id or ""
+    guard.gov.deny(aid, reason="no")
+    with pytest.raises(ConfigError, match="already denied"):
+        guard.gov.approve(aid)
+    with pytest.raises(ConfigError, match="already denied"):
+        guard.gov.deny(aid)
+    r = guard.call_tool(refund, {"order": "o1"}, agent_id="ops")
+    assert (r.decision, r.policy_reason) == ("blocked", "approval_denied")
+    assert ran == []
+
+
+def test_approving_a_consumed_request_fails(guard: Guard) -> None:
+    ran: list[str] = []
+    _, used = _approved(guard, ran)
+    with pytest.raises(ConfigError, match="already consumed"):
+        guard.gov.approve(used)
+    with pytest.raises(ConfigError, match="already consumed"):
+        guard.gov.deny(used)
+
+
+def test_a_failed_execution_gives_its_approval_back(guard: Guard) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="ops", require_approval=["refund"]))
+    ran: list[str] = []
+
+    def refund(order: str) -> str:
+        ran.append(order)
+        if len(ran) == 1:
+            raise RuntimeError("bank said no")
+        return order
+
+    first = guard.call_tool(refund, {"order": "o1"}, agent_id="ops")
+    guard.gov.approve(first.approval_id or "")
+    assert guard.call_tool(refund, {"order": "o1"}, agent_id="ops").decision == "failed"
+    # The failure is not a result: the corrected retry runs on the same approval, once.
+    assert guard.call_tool(refund, {"order": "o1"}, agent_id="ops").decision == "executed"
+    assert guard.call_tool(refund, {"order": "o1"}, agent_id="ops").decision == "dedup"
+    assert ran == ["o1", "o1"]
+
+
+# -- 5. the store seam -------------------------------------------------------------------
+def test_a_custom_store_without_governance_fails_at_construction() -> None:
+    from onceonly_core import MemoryStore
+
+    class Plain(MemoryStore):
+        governance_store = __import__("onceonly_core").stores.base.Store.governance_store
+
+    g = Guard(store=Plain(), quiet=True)
+    with pytest.raises(ConfigError, match="governance_store"):
+        g.gov  # noqa: B018
+    assert g.call_tool(lambda q: q, {"q": 1}, tool="t").decision == "executed"  # ungoverned
+    g.close()
+
+
+def test_audit_entries_of_holds_are_json(guard: Guard) -> None:
+    """The hold carries the audit entry its sweeper writes (redacted arguments)."""
+    capped(guard)
+    store = guard.gov.store
+    assert isinstance(store, GovStore)
+
+    def pay(api_key: str) -> str:
+        with store.engine.connect() as conn:
+            held = conn.execute(sa.select(S.reservations.c.audit)).scalar_one()
+        entry = json.loads(held)
+        assert entry["decision"] == "unknown" and entry["tool"] == "pay"
+        assert "sk_live" not in held
+        return "ok"
+
+    r = guard.call_tool(pay, {"api_key": "sk_live_abcdef0123456789"}, tool="pay", agent_id="payer")
+    assert r.ok, r.error
+
+
+def test_the_cli_refuses_to_decide_a_consumed_or_denied_request_again(
+    db_url: str, namespace: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from onceonly_core.cli import build_app
+
+    if db_url.startswith(("postgresql", "mysql")):
+        with SQLStore(db_url) as store:
+            store.migrate()
+    app, runner = build_app(), CliRunner()
+
+    def cli(*args: str) -> Any:
+        return runner.invoke(
+            app,
+            [*args, "--url", db_url, "--namespace", namespace],
+            env={"ONCEONLY_DB_URL": None, "ONCEONLY_NAMESPACE": None, "COLUMNS": "250"},
+        )
+
+    with Guard(db_url, namespace=namespace, quiet=True) as guard:
+        ran: list[str] = []
+        _, used = _approved(guard, ran)
+        for verb in ("approve", "deny"):
+            out = cli("approvals", verb, used)
+            assert out.exit_code == 1, out.output
+            assert "already consumed" in out.output and "asks anew" in out.output
+        first = guard.call_tool(lambda order: order, {"order": "o2"}, tool="refund", agent_id="ops")
+        assert cli("approvals", "deny", first.approval_id or "").exit_code == 0
+        out = cli("approvals", "approve", first.approval_id or "")
+        assert out.exit_code == 1 and "already denied" in out.output
+        assert ran == ["o1"]
