@@ -29,7 +29,13 @@ __all__ = [
 ]
 
 #: URL schemes of the Redis store (``onceonly_core.stores.redis``, extra ``redis``).
-REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+REDIS_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "redis+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 _EXAMPLES = (
     "sqlite:///ledger.db, postgresql+psycopg://..., mysql+pymysql://..., redis://... or memory://"
@@ -64,7 +70,7 @@ def check_url(url: str) -> None:
 
 def open_store(url: str, **options: Any) -> Store:
     """``memory://``, ``sqlite:///file.db``, ``postgresql+psycopg://…``, ``mysql+pymysql://…``,
-    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…``."""
+    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…`` / ``redis+cluster://…``."""
     check_url(url)
     if url.startswith("memory:"):
         if options:
@@ -84,10 +90,10 @@ def open_store(url: str, **options: Any) -> Store:
 def governance_unsupported(ledger: str | Store | None) -> str | None:
     """Why governance cannot run on this ledger (a URL or a store), or None if it can.
 
-    Governance (policies, caps, approvals, the audit chain) has a SQL implementation, over
-    the SQL ledgers and memory; the Redis store has none yet. Guard(agent_id=...) and
-    guard.gov ask here first, so a Redis ledger fails at once with this reason instead of
-    half-working.
+    A ledger offers governance through ``Store.governance_store()``; the Redis store does
+    not implement it yet. Guard(agent_id=...) and guard.gov ask here first, so a Redis
+    ledger fails at construction — before its URL is even opened — with this reason
+    instead of half-working.
     """
     redis_ledger = (
         ledger.startswith(REDIS_SCHEMES)
@@ -98,9 +104,9 @@ def governance_unsupported(ledger: str | Store | None) -> str | None:
         return None
     return (
         "governance (agent_id, policies, caps, approvals, audit) is not available on the Redis "
-        "ledger yet: it needs a Redis governance store behind the governance-store interface, "
-        "which does not exist in this version. Use a SQL ledger (sqlite://, postgresql://, "
-        "mysql://) or memory:// for governed calls"
+        "ledger yet: RedisStore does not implement governance_store() (a "
+        "onceonly_core.governance.base.GovernanceStore) in this version. Use a SQL ledger "
+        "(sqlite://, postgresql://, mysql://) or memory:// for governed calls"
     )
 
 

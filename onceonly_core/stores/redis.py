@@ -1,5 +1,5 @@
 """The Redis ledger (extra ``redis``, on redis-py): ``redis://``, ``rediss://``,
-``redis+sentinel://``.
+``redis+sentinel://``, ``redis+cluster://``.
 
 Every primitive is **one Lua script**, so it is atomic on the server exactly as one SQL
 statement is: no other command runs between its read and its write. The scripts read the
@@ -40,7 +40,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigError, MissingExtraError, StoreError
 from .base import RUNNING, NewClaim, Record, Store
@@ -48,6 +48,7 @@ from .base import RUNNING, NewClaim, Record, Store
 try:
     import redis
     from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
     from redis.retry import Retry
 except ImportError:  # pragma: no cover - the extra is missing
     raise MissingExtraError("the Redis store", "redis", "redis") from None
@@ -56,7 +57,7 @@ __all__ = ["SCHEMES", "RedisStore"]
 
 log = logging.getLogger("onceonly")
 
-SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "rediss+cluster://")
 
 # The stored fields, in the order every script returns them after (mine, now).
 _FIELDS = (
@@ -78,23 +79,23 @@ _FIELDS = (
 )
 
 # Shared by every script. Optional string arguments arrive as "" (NULL) or "=" + value, so
-# that an empty string and NULL stay different things.
+# that an empty string and NULL stay different things. Each redis.call() costs a few
+# microseconds inside Redis, so the scripts write with one HSET and one HDEL where they can.
 _PRELUDE = """
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 local function fmt(x) return string.format('%.0f', x) end
-local function put(key, field, v)
-  if v == '' then redis.call('HDEL', key, field)
-  else redis.call('HSET', key, field, string.sub(v, 2)) end
+local function opt(sets, dels, field, v)
+  if v == '' then dels[#dels + 1] = field
+  else sets[#sets + 1] = field; sets[#sets + 1] = string.sub(v, 2) end
 end
 local FIELDS = {"""
 _PRELUDE += ", ".join(f"'{f}'" for f in _FIELDS) + "}\n"
 _PRELUDE += """
-local function read(key, mine, now)
+local function reply(mine, now, row)
   local out = {mine, fmt(now)}
-  local row = redis.call('HMGET', key, unpack(FIELDS))
   for i = 1, #FIELDS do out[i + 2] = row[i] end
   return out
 end
@@ -103,27 +104,31 @@ end
 # KEYS: record, index, floor, expiry. ARGV: key, tool, owner, lease_us, digest, run, caller.
 _CLAIM = """
 local now = now_us()
-if redis.call('EXISTS', KEYS[1]) == 1 then return read(KEYS[1], 0, now) end
+local row = redis.call('HMGET', KEYS[1], unpack(FIELDS))
+if row[1] then return reply(0, now, row) end
 -- Above every token a deleted (expired) record of this namespace ever had: fencing holds
--- across the deletion.
-local token = tonumber(redis.call('GET', KEYS[3]) or '0') + 1
+-- across the deletion. The floor is 0 in a namespace that never used a ttl.
+local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
 local n = fmt(now)
-redis.call('HSET', KEYS[1], 'tool', ARGV[2], 'state', 'running', 'token', token,
-  'owner', ARGV[3], 'attempt', 1, 'executions', 0,
-  'lease_until', fmt(now + tonumber(ARGV[4])), 'created_at', n, 'updated_at', n)
-put(KEYS[1], 'args_digest', ARGV[5])
-put(KEYS[1], 'run_id', ARGV[6])
-put(KEYS[1], 'caller', ARGV[7])
+local sets = {'tool', ARGV[2], 'state', 'running', 'token', floor + 1, 'owner', ARGV[3],
+  'attempt', 1, 'executions', 0, 'lease_until', fmt(now + tonumber(ARGV[4])),
+  'created_at', n, 'updated_at', n}
+local unused = {}
+opt(sets, unused, 'args_digest', ARGV[5])
+opt(sets, unused, 'run_id', ARGV[6])
+opt(sets, unused, 'caller', ARGV[7])
+redis.call('HSET', KEYS[1], unpack(sets))
 redis.call('ZADD', KEYS[2], n, ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return {1, n, token}
+if floor > 0 then redis.call('ZREM', KEYS[4], ARGV[1]) end  -- the deleted one's entry
+return {1, n, floor + 1}
 """
 
 # KEYS: record, index, expiry. ARGV: key, tool, owner, lease_us, digest, run, caller,
 # seen token, seen state, force ('1'/'0').
 _TAKE_OVER = """
 local now = now_us()
-local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'lease_until')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'lease_until', 'attempt',
+  'expires_at')
 -- Compare-and-set on (token, state): whoever changed the record since the caller read it
 -- wins, and the caller loses cleanly. A running record is taken only once its lease has
 -- expired by this server's clock.
@@ -133,63 +138,66 @@ if ARGV[10] ~= '1' then
   if cur[2] == 'running' and tonumber(cur[3] or '0') >= now then return false end
 end
 local n = fmt(now)
-redis.call('HSET', KEYS[1], 'state', 'running', 'token', tonumber(cur[1]) + 1,
-  'owner', ARGV[3], 'lease_until', fmt(now + tonumber(ARGV[4])), 'tool', ARGV[2],
-  'updated_at', n)
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-put(KEYS[1], 'args_digest', ARGV[5])
-put(KEYS[1], 'run_id', ARGV[6])
-put(KEYS[1], 'caller', ARGV[7])
-redis.call('HDEL', KEYS[1], 'error')
--- A held record must never expire: drop a TTL left by an earlier completion.
-redis.call('PERSIST', KEYS[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+local sets = {'state', 'running', 'token', tonumber(cur[1]) + 1, 'owner', ARGV[3],
+  'attempt', tonumber(cur[4]) + 1, 'lease_until', fmt(now + tonumber(ARGV[4])),
+  'tool', ARGV[2], 'updated_at', n}
+local dels = {'error'}
+opt(sets, dels, 'args_digest', ARGV[5])
+opt(sets, dels, 'run_id', ARGV[6])
+opt(sets, dels, 'caller', ARGV[7])
+redis.call('HSET', KEYS[1], unpack(sets))
+redis.call('HDEL', KEYS[1], unpack(dels))
+if cur[5] then
+  -- Completed with a ttl before: a held record must never expire, so drop its TTL.
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
 redis.call('ZADD', KEYS[2], n, ARGV[1])
-return read(KEYS[1], 1, now)
+return reply(1, now, redis.call('HMGET', KEYS[1], unpack(FIELDS)))
 """
 
 # KEYS: record, index, floor, expiry. ARGV: key, token, ok ('1'/'0'), result, error, ttl_us.
 _FINISH = """
 local now = now_us()
-local cur = redis.call('HMGET', KEYS[1], 'token', 'state')
+local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'executions')
 -- Fenced: only the holder of the current token, while the record is running, completes.
+-- (A running record never has a TTL: claims create none and take-overs remove it.)
 if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[2]) or cur[2] ~= 'running' then
   return 0
 end
 local n = fmt(now)
 local ok = ARGV[3] == '1'
-redis.call('HSET', KEYS[1], 'state', ok and 'succeeded' or 'failed', 'updated_at', n)
-if ok then redis.call('HINCRBY', KEYS[1], 'executions', 1) end
-put(KEYS[1], 'result', ARGV[4])
-put(KEYS[1], 'error', ARGV[5])
-redis.call('HDEL', KEYS[1], 'lease_until')
+local sets = {'state', ok and 'succeeded' or 'failed', 'updated_at', n,
+  'executions', tonumber(cur[3]) + (ok and 1 or 0)}
+local dels = {'lease_until'}
+opt(sets, dels, 'result', ARGV[4])
+opt(sets, dels, 'error', ARGV[5])
+local exp = nil
 if ARGV[6] == '' then
-  redis.call('HDEL', KEYS[1], 'expires_at')
-  redis.call('PERSIST', KEYS[1])
-  redis.call('ZREM', KEYS[4], ARGV[1])
+  dels[#dels + 1] = 'expires_at'
 else
-  local exp = now + tonumber(ARGV[6])
-  redis.call('HSET', KEYS[1], 'expires_at', fmt(exp))
-  if ok then
-    -- Deleted at expires_at, when the protocol lets the key run again anyway (never
-    -- earlier: one millisecond past it). Raise the floor first: the token goes with it.
-    local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
-    if floor < tonumber(cur[1]) then redis.call('SET', KEYS[3], cur[1]) end
-    local at = math.floor(exp / 1000) + 1
-    redis.call('PEXPIREAT', KEYS[1], at)
-    redis.call('ZADD', KEYS[4], fmt(at * 1000), ARGV[1])
-  else
-    -- A failure with a ttl is kept (cache_errors replays it): no deletion.
-    redis.call('PERSIST', KEYS[1])
-    redis.call('ZREM', KEYS[4], ARGV[1])
-  end
+  exp = now + tonumber(ARGV[6])
+  sets[#sets + 1] = 'expires_at'
+  sets[#sets + 1] = fmt(exp)
 end
+redis.call('HSET', KEYS[1], unpack(sets))
+redis.call('HDEL', KEYS[1], unpack(dels))
 redis.call('ZADD', KEYS[2], n, ARGV[1])
--- Housekeeping, bounded: index entries of records Redis has already deleted.
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', n, 'LIMIT', 0, 8)
-for i = 1, #gone do
-  redis.call('ZREM', KEYS[2], gone[i])
-  redis.call('ZREM', KEYS[4], gone[i])
+if exp and ok then
+  -- Deleted at expires_at, when the protocol lets the key run again anyway (never
+  -- earlier: one millisecond past it). Raise the floor first: the token goes with it.
+  -- (A failure with a ttl is kept: cache_errors replays it.)
+  local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if floor < tonumber(cur[1]) then redis.call('SET', KEYS[3], cur[1]) end
+  local at = math.floor(exp / 1000) + 1
+  redis.call('PEXPIREAT', KEYS[1], at)
+  redis.call('ZADD', KEYS[4], fmt(at * 1000), ARGV[1])
+  -- Housekeeping, bounded: index entries of records Redis has already deleted.
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', n, 'LIMIT', 0, 8)
+  if #gone > 0 then
+    redis.call('ZREM', KEYS[2], unpack(gone))
+    redis.call('ZREM', KEYS[4], unpack(gone))
+  end
 end
 return 1
 """
@@ -240,11 +248,14 @@ return done
 # KEYS: record. A read with the server's clock, in one round trip.
 _GET = """
 local now = now_us()
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0, fmt(now)} end
-return read(KEYS[1], 0, now)
+local row = redis.call('HMGET', KEYS[1], unpack(FIELDS))
+if not row[1] then return {0, fmt(now)} end
+return reply(0, now, row)
 """
 
 _US = 1_000_000
+
+Client = redis.Redis | RedisCluster
 
 
 def _opt(value: str | None) -> str:
@@ -307,6 +318,9 @@ class RedisStore(Store):
       URL options (``?socket_timeout=5``, ``ssl_cert_reqs=…``) apply.
     * ``redis+sentinel://[[user]:password@]host:port[,host:port…]/service[/db]``: the
       master of ``service``, found through the listed Sentinels (redis-py's Sentinel).
+    * ``redis+cluster://host:port`` (``rediss+cluster://`` for TLS): a Redis Cluster,
+      through any of its nodes (redis-py's RedisCluster). The durability check reads the
+      settings of one node.
     * ``?prefix=NAME`` (or ``prefix=``): the key prefix, ``onceonly`` by default.
 
     ``client``: an existing ``redis.Redis`` to use instead of a URL (its retry policy is
@@ -319,7 +333,7 @@ class RedisStore(Store):
         self,
         url: str | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         prefix: str | None = None,
         socket_timeout: float = 10.0,
         connect_timeout: float = 10.0,
@@ -332,13 +346,13 @@ class RedisStore(Store):
             parts = urlsplit(url)
             query = dict(parse_qsl(parts.query, keep_blank_values=True))
             prefix = query.pop("prefix", None) or prefix
-            rest = "&".join(f"{k}={v}" for k, v in query.items())
-            url = parts._replace(query=rest).geturl()
+            url = parts._replace(query=urlencode(query)).geturl()
         self.prefix = prefix or "onceonly"
         if any(c in self.prefix for c in "{}"):
             raise ConfigError(f"a Redis key prefix may not contain braces: {self.prefix!r}")
         self._durability_check = durability_check
         self._shown = "the given client"
+        self._sentinels: list[redis.Redis] = []
         if client is not None:
             self.client = client
         elif url is None:
@@ -363,7 +377,7 @@ class RedisStore(Store):
         self._ready_lock = threading.Lock()
 
     # -- connections ------------------------------------------------------------------
-    def _connect(self, url: str, socket_timeout: float, connect_timeout: float) -> redis.Redis:
+    def _connect(self, url: str, socket_timeout: float, connect_timeout: float) -> Client:
         parts = urlsplit(url)
         self._shown = _hide_password(parts)
         # Never re-send a command on a dropped connection: a claim whose reply was lost
@@ -382,6 +396,17 @@ class RedisStore(Store):
                 raise ConfigError(f"not a Redis URL: {self._shown} ({err})") from None
         if parts.scheme == "redis+sentinel":
             return self._sentinel(parts, options)
+        if parts.scheme in ("redis+cluster", "rediss+cluster"):
+            # Any node of the cluster; the client finds the others. Every script's keys
+            # are in one slot (one namespace), so each runs on the node that owns it.
+            seed = parts._replace(scheme=parts.scheme.partition("+")[0]).geturl()
+            try:
+                cluster = RedisCluster.from_url(seed, **options)
+            except ValueError as err:
+                raise ConfigError(f"not a Redis URL: {self._shown} ({err})") from None
+            except redis.RedisError as err:  # it reads the cluster's layout at once
+                raise StoreError(f"cannot reach the Redis cluster {self._shown}: {err}") from err
+            return cluster
         raise ConfigError(f"not a Redis URL: {self._shown} (use {', '.join(SCHEMES)})")
 
     def _sentinel(self, parts: Any, options: dict[str, Any]) -> redis.Redis:
@@ -412,6 +437,7 @@ class RedisStore(Store):
         if parts.username:
             conn["username"] = unquote(parts.username)
         sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": conn["socket_timeout"]})
+        self._sentinels = sentinel.sentinels  # closed with the store
         master: redis.Redis = sentinel.master_for(path[0], **conn)
         return master
 
@@ -421,6 +447,10 @@ class RedisStore(Store):
         try:
             return self._scripts[name](keys=keys, args=args)
         except redis.RedisError as err:
+            if isinstance(err, redis.ConnectionError):
+                # The server may have restarted without its data: register namespaces
+                # again, so listing across namespaces keeps finding new records.
+                self._known.clear()
             raise StoreError(f"Redis ledger {self._shown}: {name} failed: {err}") from err
 
     def _read(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
@@ -473,11 +503,12 @@ class RedisStore(Store):
     def check_durability(self) -> None:
         """Log one warning if the server could lose a claim (run at first use)."""
         problems = self.durability_problems()
+        server = self._shown.partition("?")[0]  # the server, whatever the prefix
         with _WARNED_LOCK:
-            if self._shown in _WARNED:
+            if server in _WARNED:
                 return
             if problems is None:
-                _WARNED.add(self._shown)
+                _WARNED.add(server)
                 log.warning(
                     "Redis ledger %s: cannot read the server's persistence settings (CONFIG "
                     "is disabled); exactly-once across a Redis crash needs appendonly yes "
@@ -485,7 +516,7 @@ class RedisStore(Store):
                     self._shown,
                 )
             elif problems:
-                _WARNED.add(self._shown)
+                _WARNED.add(server)
                 log.warning(
                     "Redis ledger %s could lose a claim: %s; exactly-once across a Redis "
                     "crash needs appendonly yes and appendfsync always",
@@ -683,6 +714,8 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self.client.close()
+        for sentinel in self._sentinels:
+            sentinel.close()
 
 
 def _str(v: Any) -> str:

@@ -36,7 +36,14 @@ __all__ = ["StoreContract"]
 
 def __getattr__(name: str) -> Any:
     if name == "StoreContract":  # imports pytest only when the kit is used
-        from .store_contract import StoreContract
-
+        try:
+            from .store_contract import StoreContract
+        except ImportError as err:
+            if err.name != "pytest":
+                raise
+            raise ImportError(
+                "onceonly_core.testing.StoreContract is a pytest class: pip install pytest",
+                name="pytest",
+            ) from err
         return StoreContract
     raise AttributeError(name)

@@ -40,3 +40,16 @@ def test_the_documented_store_passes_the_kit(tmp_path: Path) -> None:
     assert kit.returncode == 0, kit.stdout[-3000:] + kit.stderr[-2000:]
     # Every test ran but the cross-process race (no store_factory for a one-process store).
     assert " passed" in summary and "1 skipped" in summary and "failed" not in summary, summary
+
+
+def test_the_kit_names_pytest_when_it_is_missing() -> None:
+    """``import onceonly_core`` never imports pytest; using the kit without it says why."""
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "import onceonly_core, onceonly_core.testing as t\n"
+        "try:\n    t.StoreContract\nexcept ImportError as e:\n    print(e)\n"
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "StoreContract is a pytest class: pip install pytest" in out.stdout

@@ -63,3 +63,11 @@ def test_unreachable_server_fails_when_required(monkeypatch: pytest.MonkeyPatch)
     assert require_services()
     with pytest.raises(pytest.fail.Exception, match=r"^PostgreSQL not reachable at .*; set "):
         unavailable(POSTGRES, "postgresql+psycopg://u@db.invalid/x", "boom")
+
+
+@pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+def test_redis_backend_is_marked(store_url: str, request: pytest.FixtureRequest) -> None:
+    # The core session has no redis-py: `-m "not services"` must deselect the Redis variants.
+    assert store_url.startswith("redis://") and "prefix=oo-test-" in store_url
+    assert request.node.get_closest_marker("redis")
+    assert request.node.get_closest_marker("services")

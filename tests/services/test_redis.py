@@ -10,6 +10,8 @@
   persistence (the CI server's own settings) a restart forgets every record, which is what
   the store's startup warning says.
 * Governance is refused at construction on a Redis ledger.
+* The store contract kit runs on a three-node Redis Cluster and on a master behind a
+  Sentinel, both started by this module.
 
 The restart tests stop and start the Redis server behind ``ONCEONLY_REDIS_URL`` and need it
 to be local and ``redis-server`` installed; they always start it again with the settings it
@@ -18,15 +20,19 @@ had (read with ``CONFIG GET`` first).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,10 +44,11 @@ import pytest
 import redis
 
 from _services import redis_drop_prefix, require_services
-from onceonly_core import ConfigError, Guard
+from onceonly_core import ConfigError, Guard, StoreError
 from onceonly_core.stores import NewClaim, open_store
 from onceonly_core.stores import redis as redis_store
 from onceonly_core.stores.redis import RedisStore
+from onceonly_core.testing import StoreContract
 from procs.harness import ledger, stored_value, workers
 from services.test_crash_and_races import (  # the same tests, on Redis (db_url below)
     store,
@@ -92,7 +99,7 @@ def test_governance_is_refused_at_construction(db_url: str) -> None:
         Guard(db_url, agent_id="agent-1")
     s = open_store(db_url)
     try:
-        with pytest.raises(ConfigError, match="governance-store interface"):
+        with pytest.raises(ConfigError, match=r"does not implement governance_store\(\)"):
             Guard(store=s, agent_id="agent-1")
         g = Guard(store=s, namespace="ns", quiet=True)
         with pytest.raises(ConfigError, match="Redis ledger"):
@@ -112,6 +119,27 @@ def test_governance_is_refused_at_construction(db_url: str) -> None:
         assert g(tool, 21) == 42  # the ledger itself works
     finally:
         s.close()
+
+
+def test_async_calls_on_one_key_run_once(db_url: str) -> None:
+    """Twenty concurrent tasks, one key: the store's primitives run in worker threads
+    (``blocking``), one task executes, the others wait and replay its result."""
+    runs: list[int] = []
+
+    async def fetch(n: int) -> str:
+        runs.append(n)
+        await asyncio.sleep(0.05)
+        return f"page {n}"
+
+    async def main() -> list[str]:
+        g = Guard(db_url, namespace="async", quiet=True)
+        try:
+            return list(await asyncio.gather(*(g(fetch, 7) for _ in range(20))))
+        finally:
+            g.close()
+
+    assert asyncio.run(main()) == ["page 7"] * 20
+    assert runs == [7]
 
 
 def test_the_cli_reads_a_redis_ledger(db_url: str) -> None:
@@ -139,6 +167,331 @@ def test_the_cli_reads_a_redis_ledger(db_url: str) -> None:
     assert migrate.returncode != 0 and "no schema to migrate" in migrate.stderr
 
 
+# -- the contract kit on a Redis Cluster ------------------------------------------------
+def _free_port() -> int:
+    """A port that is free, and whose cluster bus port (+10000) is free too."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A three-node Redis Cluster of our own (no replicas, no persistence), started from
+    the redis-server and redis-cli of this machine and shut down afterwards."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _unusable("redis-server / redis-cli are not installed")
+    base = tmp_path_factory.mktemp("cluster")
+    ports = [_free_port() for _ in range(3)]
+    try:
+        for port in ports:
+            d = base / str(port)
+            d.mkdir()
+            subprocess.run(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--daemonize",
+                    "yes",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(d),
+                    "--logfile",
+                    str(d / "redis.log"),
+                ],
+                check=True,
+                timeout=30,
+                capture_output=True,
+            )
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 30
+        for port in ports:
+            client = redis.Redis(port=port, decode_responses=True)
+            try:
+                while client.cluster("info").get("cluster_state") != "ok":
+                    assert time.monotonic() < deadline, "the cluster did not form"
+                    time.sleep(0.1)
+            finally:
+                client.close()
+        yield f"redis+cluster://127.0.0.1:{ports[0]}"
+    finally:
+        for port in ports:  # the nodes this fixture started, by their ports
+            subprocess.run(
+                ["redis-cli", "-p", str(port), "shutdown", "nosave"],
+                timeout=30,
+                capture_output=True,
+            )
+
+
+class TestRedisClusterContract(StoreContract):
+    """The store contract kit on a real Redis Cluster: every script's keys must be in one
+    slot, or the cluster refuses it (CROSSSLOT)."""
+
+    @pytest.fixture
+    def store(self, cluster_url: str) -> Iterator[RedisStore]:
+        s = RedisStore(cluster_url, durability_check=False)
+        yield s
+        s.close()
+
+    @pytest.fixture
+    def store_factory(self, cluster_url: str) -> Any:
+        return functools.partial(RedisStore, cluster_url, durability_check=False)
+
+    def test_the_cluster_client_never_re_sends(self, store: RedisStore) -> None:
+        assert store.client.retry.get_retries() == 0
+
+
+# -- the contract kit through Sentinel ---------------------------------------------------
+@pytest.fixture(scope="module")
+def sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis master and one Sentinel watching it, both our own, stopped afterwards."""
+    if shutil.which("redis-server") is None:
+        _unusable("redis-server is not installed")
+    base = tmp_path_factory.mktemp("sentinel")
+    master, sentinel = _free_port(), _free_port()
+    conf = base / "sentinel.conf"
+    conf.write_text(f"sentinel monitor oo-master 127.0.0.1 {master} 1\n")
+    pidfile = base / "sentinel.pid"
+    try:
+        subprocess.run(
+            [
+                "redis-server",
+                "--port",
+                str(master),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(base),
+                "--logfile",
+                str(base / "master.log"),
+            ],
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                "redis-server",
+                str(conf),
+                "--sentinel",
+                "--port",
+                str(sentinel),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(base / "sentinel.log"),
+            ],
+            check=True,
+            timeout=30,
+            capture_output=True,
+        )
+        client = redis.Redis(port=sentinel, decode_responses=True)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                with contextlib.suppress(redis.ConnectionError):
+                    if client.sentinel_get_master_addr_by_name("oo-master"):
+                        break
+                assert time.monotonic() < deadline, "the Sentinel did not start"
+                time.sleep(0.1)
+        finally:
+            client.close()
+        yield f"redis+sentinel://127.0.0.1:{sentinel}/oo-master/0"
+    finally:
+        if pidfile.exists():  # the Sentinel this fixture started
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        subprocess.run(
+            ["redis-cli", "-p", str(master), "shutdown", "nosave"], timeout=30, capture_output=True
+        )
+
+
+class TestRedisSentinelContract(StoreContract):
+    """The store contract kit on a master found through Sentinel (redis+sentinel://)."""
+
+    @pytest.fixture
+    def store(self, sentinel_url: str) -> Iterator[RedisStore]:
+        s = RedisStore(sentinel_url, durability_check=False)
+        yield s
+        s.close()
+
+    @pytest.fixture
+    def store_factory(self, sentinel_url: str) -> Any:
+        return functools.partial(RedisStore, sentinel_url, durability_check=False)
+
+    def test_the_master_client_never_re_sends(self, store: RedisStore) -> None:
+        retry = store.client.get_retry()
+        assert retry is not None and retry.get_retries() == 0
+
+
+# -- a reply lost after the claim committed ---------------------------------------------
+class LosingProxy:
+    """A TCP proxy in front of Redis that, once armed, forwards the next EVALSHA to the
+    server (which runs it) and then cuts the connection instead of passing the reply on:
+    a claim that committed and whose reply was lost."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = False
+        self.cut = threading.Event()
+        self.evalshas = 0  # EVALSHA commands sent upstream since arming
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self.socks += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upward: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upward and self.armed:
+                    self.evalshas += data.upper().count(b"EVALSHA")
+                if not upward and self.armed and self.evalshas and not self.cut.is_set():
+                    self.cut.set()  # the server ran it; the reply never arrives
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                _drop(s)
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            _drop(s)
+
+
+def _drop(s: socket.socket) -> None:
+    # shutdown() first: it sends the FIN and wakes the other pump's recv(); close() alone
+    # leaves the connection open while another thread still reads from it.
+    with contextlib.suppress(OSError):
+        s.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        s.close()
+
+
+def test_a_claim_whose_reply_was_lost_is_not_sent_again(redis_url: str) -> None:
+    """The claim script ran on the server, its reply was lost: the caller gets StoreError,
+    the claim is in Redis once (ours, token 1), and the store sent it exactly once — with
+    redis-py's default retry it would have been sent again, found our own record, and the
+    call would have waited out its own lease. The guarded tool never ran."""
+    parts = urlsplit(redis_url)
+    proxy = LosingProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+    prefix = f"oo-test-{uuid4().hex[:12]}"
+    direct = RedisStore(redis_url, prefix=prefix, durability_check=False)
+    lossy = RedisStore(
+        f"redis://127.0.0.1:{proxy.port}{parts.path or '/0'}",
+        prefix=prefix,
+        durability_check=False,
+    )
+    ran: list[str] = []
+
+    def charge(order: str) -> str:
+        ran.append(order)
+        return f"charged {order}"
+
+    try:
+        direct.claim("ns", "warm-up", NewClaim("t", "w", 30.0))  # the scripts are loaded
+        assert lossy.get("ns", "nothing") is None  # connected through the proxy
+        g = Guard(store=lossy, namespace="ns", quiet=True)
+        proxy.armed = True
+        with pytest.raises(StoreError, match="claim failed"):
+            g.using(key="order-1")(charge, "o-1")
+        assert proxy.cut.is_set()
+        assert proxy.evalshas == 1, "the claim was sent again"
+        assert ran == []
+        rec = direct.get("ns", "order-1")
+        assert rec is not None and (rec.state, rec.token, rec.owner) == ("running", 1, g._owner)
+    finally:
+        lossy.close()
+        direct.close()
+        proxy.close()
+        redis_drop_prefix(redis_url, prefix)
+
+
+# -- keys and URLs ----------------------------------------------------------------------
+@pytest.mark.parametrize("namespace", ["t", "a}b", "}x", "{x}", "{", "a/b%7B", "\u5de5{}"])
+def test_a_namespace_lives_in_one_cluster_slot(namespace: str) -> None:
+    """Every key a script touches for a namespace hashes to one Redis Cluster slot, whatever
+    braces the namespace holds (an empty or cut hash tag would scatter them)."""
+    from redis.crc import key_slot
+
+    s = RedisStore(client=redis.Redis(), prefix="oo", durability_check=False)
+    record, index, floor, expiry = s._keys(namespace)
+    keys = [record + "k1", record + "another key", index, floor, expiry]
+    assert len({key_slot(k.encode()) for k in keys}) == 1, keys
+    other = s._keys(namespace + "-2")[0]
+    assert other != record
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h/0?prefix=a{b}", "may not contain braces"),
+        ("redis+sentinel://h:26379", "redis\\+sentinel://host:port"),
+        ("redis+sentinel://h:x/svc", "bad Sentinel address"),
+    ],
+)
+def test_bad_redis_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_store(url)
+
+
 # -- durability warning -----------------------------------------------------------------
 def _fresh_warnings() -> None:
     redis_store._WARNED.clear()
@@ -155,7 +508,8 @@ def test_durability_warning_names_the_settings(
         client.close()
     _fresh_warnings()
     caplog.set_level(logging.WARNING, logger="onceonly")
-    stores = [open_store(db_url) for _ in range(2)]
+    other = db_url.replace("prefix=", "prefix=other-")  # another prefix, the same server
+    stores = [open_store(db_url), open_store(db_url), open_store(other)]
     try:
         for s in stores:
             s.claim("ns", "k", NewClaim("t", "w", 30.0))
