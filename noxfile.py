@@ -56,6 +56,7 @@ OPTIONAL_MODULES = (
     "uvicorn",
     "agents",
     "langgraph",
+    "mcp",
 )
 
 CORE_IMPORT_CHECK = (
@@ -118,14 +119,16 @@ def tests(session: nox.Session) -> None:
 
 
 # One session per framework: only that extra installed, its tests and examples run.
-INTEGRATIONS = ("langchain", "openai", "llamaindex")
+INTEGRATIONS = ("langchain", "openai", "llamaindex", "mcp")
+# The MCP proxy is also driven by the OpenAI Agents SDK's own MCP client (extra openai).
+EXTRAS = {"mcp": "mcp,openai"}
 
 
 @nox.session(python=PYTHON)
 @nox.parametrize("framework", INTEGRATIONS)
 def integration(session: nox.Session, framework: str) -> None:
     """One integration with only its own extra installed (tests/integrations/<framework>)."""
-    session.install("-e", f".[{framework}]", *TEST_DEPS)
+    session.install("-e", f".[{EXTRAS.get(framework, framework)}]", *TEST_DEPS)
     session.run("pytest", f"tests/integrations/{framework}", *session.posargs)
 
 
