@@ -105,6 +105,37 @@ def test_a_new_proxy_replays_what_an_earlier_one_ran(rig: Rig) -> None:
     assert len(rig.lines("charge")) == 1
 
 
+def test_two_proxies_racing_the_same_call_run_it_once(rig: Rig) -> None:
+    """Two agents' proxies on one ledger send the same call at once: one runs it, the
+    other waits on the claim and replays the result."""
+    hold = rig.effects.with_suffix(".hold")
+    hold.touch()
+    slow = {"customer": "race"}
+    results: list[Any] = []
+
+    async def one_proxy(started: anyio.Event | None) -> None:
+        async with rig.session() as s:
+            if started is not None:
+                started.set()
+            results.append(await s.call_tool("slow_charge", slow))
+
+    async def race() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one_proxy, None)
+            await anyio.to_thread.run_sync(_wait_for, rig, "slow_charge", "start")
+            second = anyio.Event()
+            tg.start_soon(one_proxy, second)
+            await second.wait()
+            await anyio.sleep(1.0)  # the second call is waiting on the first one's claim
+            hold.unlink()
+
+    run(race)
+    assert sorted(rig.outcome(r) for r in results) == ["executed", "replayed"]
+    assert results[0].content == results[1].content
+    assert len(rig.lines("slow_charge", phase="start")) == 1
+    assert len(rig.lines("slow_charge")) == 1
+
+
 def test_scopes_keep_equal_calls_apart(rig: Rig) -> None:
     async def call(scope: str) -> Any:
         async with rig.session("--scope", scope) as s:
