@@ -37,9 +37,10 @@ def child_env() -> dict[str, str]:
 class Rig:
     """One ledger, one effects file, and the commands that start a proxy over them."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, url: str | None = None, namespace: str | None = None) -> None:
         self.tmp = tmp
-        self.url = f"sqlite:///{tmp / 'ledger.db'}"
+        self.url = url or f"sqlite:///{tmp / 'ledger.db'}"
+        self.namespace = namespace  # isolates tests that share a server database
         self.effects = tmp / "effects.jsonl"
         self._guard: Guard | None = None
 
@@ -50,6 +51,7 @@ class Rig:
             "mcp-proxy",
             "--url",
             self.url,
+            *(("--namespace", self.namespace) if self.namespace else ()),
             *options,
             "--",
             sys.executable,
@@ -96,7 +98,9 @@ class Rig:
     def guard(self) -> Guard:
         """The operator's view of the same ledger (policies, approvals, audit)."""
         if self._guard is None:
-            self._guard = Guard(self.url, quiet=True)
+            # Server databases are migrated by their operator; here, by the first test.
+            opts = {"auto_migrate": True}
+            self._guard = Guard(self.url, namespace=self.namespace, quiet=True, store_options=opts)
         return self._guard
 
     def close(self) -> None:

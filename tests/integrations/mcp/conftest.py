@@ -17,3 +17,11 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path)
     yield r
     r.close()
+
+
+@pytest.fixture
+def db_rig(tmp_path: Path, db_url: str, namespace: str) -> Iterator[Rig]:
+    """The rig on every SQL ledger (SQLite, PostgreSQL, MariaDB), in its own namespace."""
+    r = Rig(tmp_path, db_url, namespace)
+    yield r
+    r.close()

@@ -95,6 +95,31 @@ def test_duplicate_calls_run_once_and_replay_the_same_result(rig: Rig) -> None:
     assert charges[0]["key"] == f"default/order-7:{first.meta['onceonly/key']}"
 
 
+def test_every_sql_ledger(db_rig: Rig) -> None:
+    """Duplicates, a governed refusal and an upstream crash on SQLite, PostgreSQL and
+    MariaDB: the proxy is the same call path over every store."""
+    rig = db_rig
+    rig.guard.gov.upsert_policy(Policy(agent_id="bot", blocked_tools=["refuse"]))
+
+    async def scenario() -> list[Any]:
+        async with rig.session("--agent", "bot") as s:
+            return [
+                await s.call_tool("charge", {"customer": "db", "cents": 3}),
+                await s.call_tool("charge", {"customer": "db", "cents": 3}),
+                await s.call_tool("refuse", {"reason": "x"}),
+                await s.call_tool("crash", {"tag": "db"}),
+                await s.call_tool("crash", {"tag": "db"}),
+            ]
+
+    results = run(scenario)
+    outcomes = [rig.outcome(r) for r in results]
+    assert outcomes[0] == "executed", rig.text(results[0])
+    assert outcomes == ["executed", "replayed", "blocked", "interrupted", "unknown_outcome"]
+    assert len(rig.lines("charge")) == 1 and rig.lines("refuse") == []
+    decisions = [(r.tool, r.decision) for r in reversed(rig.guard.gov.agent_logs("bot"))]
+    assert decisions[:3] == [("charge", "executed"), ("charge", "dedup"), ("refuse", "blocked")]
+
+
 def test_a_new_proxy_replays_what_an_earlier_one_ran(rig: Rig) -> None:
     async def call() -> Any:
         async with rig.session() as s:
