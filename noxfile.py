@@ -120,8 +120,9 @@ def tests(session: nox.Session) -> None:
 
 # One session per framework: only that extra installed, its tests and examples run.
 INTEGRATIONS = ("langchain", "openai", "llamaindex", "mcp")
-# The MCP proxy is also driven by the OpenAI Agents SDK's own MCP client (extra openai).
-EXTRAS = {"mcp": "mcp,openai"}
+# The MCP proxy is also driven by the OpenAI Agents SDK's own MCP client (extra openai),
+# and runs on every SQL ledger (the server drivers).
+EXTRAS = {"mcp": "mcp,openai,postgres,mysql"}
 
 
 @nox.session(python=PYTHON)
