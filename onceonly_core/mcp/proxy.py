@@ -55,6 +55,7 @@ __all__ = [
     "ProxyConfig",
     "Upstream",
     "UpstreamToolError",
+    "UpstreamUnavailable",
     "build_server",
     "guarded_call",
     "render",
@@ -107,6 +108,15 @@ class Interrupted(BaseException):
         self.tool = tool
         self.detail = detail
         super().__init__(f"the upstream MCP server stopped while running {tool!r}: {detail}")
+
+
+class UpstreamUnavailable(OnceOnlyError):
+    """The upstream MCP server could not be started, or ended before its handshake."""
+
+
+def _first_leaf(err: BaseException) -> BaseException:
+    group = getattr(err, "exceptions", None)  # an (anyio) exception group
+    return _first_leaf(group[0]) if group else err
 
 
 class UpstreamToolError(Exception):
@@ -536,6 +546,7 @@ async def _running(cfg: ProxyConfig) -> AsyncIterator[tuple[Proxy, Server[Any]]]
     """Open the ledger, start the upstream (failing fast on a wrong command), build the
     server; stop the upstream and close the ledger on the way out."""
     guard = Guard(cfg.url, namespace=cfg.namespace, quiet=True)
+    failed: BaseException | None = None
     try:
         guard.store  # noqa: B018 - open the ledger now: a bad URL fails before serving
         if cfg.agent_id is not None:
@@ -544,12 +555,24 @@ async def _running(cfg: ProxyConfig) -> AsyncIterator[tuple[Proxy, Server[Any]]]
             upstream = Upstream(cfg.command, tg, cwd=cfg.cwd)
             try:
                 client = await upstream.client()
-                proxy = Proxy(cfg, guard, upstream)
-                yield proxy, build_server(proxy, instructions=client.instructions)
-            finally:
-                upstream.close()
+            except Exception as err:
+                failed = err  # raised below, outside the task group: one plain error
+            else:
+                try:
+                    proxy = Proxy(cfg, guard, upstream)
+                    yield proxy, build_server(proxy, instructions=client.instructions)
+                finally:
+                    upstream.close()
     finally:
         guard.close()
+    if failed is not None:
+        leaf = _first_leaf(failed)
+        detail = f"{type(leaf).__name__}: {leaf}"
+        if isinstance(leaf, MCPError) and leaf.code == types.CONNECTION_CLOSED:
+            detail = "it exited before the MCP handshake (its own error output is above)"
+        raise UpstreamUnavailable(
+            f"the upstream MCP server ({' '.join(cfg.command)}) could not be started: {detail}"
+        ) from failed
 
 
 async def serve_stdio(cfg: ProxyConfig) -> None:

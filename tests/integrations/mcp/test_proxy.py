@@ -438,3 +438,24 @@ def test_a_client_that_goes_away_mid_call_leaves_an_unknown_outcome(rig: Rig) ->
             return await s.call_tool("slow_charge", slow)
 
     assert rig.outcome(run(retry)) == "unknown_outcome"
+
+
+def test_an_upstream_that_cannot_start_is_one_clear_error(rig: Rig) -> None:
+    import subprocess
+
+    for command, says in (
+        (["no-such-mcp-server-xyz"], "FileNotFoundError"),
+        ([sys.executable, "-c", "raise SystemExit(3)"], "exited before the MCP handshake"),
+    ):
+        argv = [sys.executable, "-m", "onceonly_core.cli", "mcp-proxy", "--url", rig.url, "--"]
+        done = subprocess.run(
+            [*argv, *command],
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "could not be started" in done.stderr and says in done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
