@@ -87,7 +87,8 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
-    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS)
+    # mcp: onceonly_core/mcp type-checks against the MCP SDK it imports.
+    session.install("-e", f".[{SERVER_EXTRAS},mcp]", *TYPECHECK_DEPS)
     session.run("mypy", *session.posargs)
 
 
