@@ -333,6 +333,22 @@ def test_an_upstream_that_dies_mid_call_leaves_an_unknown_outcome(rig: Rig) -> N
     assert charged["ppid"] == started["ppid"]  # the same proxy
 
 
+def test_an_upstream_that_died_between_calls_is_restarted_before_the_next(rig: Rig) -> None:
+    """Nothing was in flight: the next call runs on a new server, it is not "interrupted"."""
+
+    async def scenario() -> list[Any]:
+        async with rig.session() as s:
+            first = await s.call_tool("charge", {"customer": "a", "cents": 1})
+            os.kill(rig.lines("charge")[0]["pid"], signal.SIGKILL)
+            await anyio.sleep(1.0)  # the proxy sees the server's stdout end
+            return [first, await s.call_tool("charge", {"customer": "b", "cents": 1})]
+
+    results = run(scenario)
+    assert [rig.outcome(r) for r in results] == ["executed", "executed"]
+    first, second = rig.lines("charge")
+    assert first["pid"] != second["pid"] and first["ppid"] == second["ppid"]
+
+
 def test_an_idempotent_tool_runs_again_after_the_upstream_died(rig: Rig) -> None:
     rig.effects.with_suffix(".crash").write_text("b@x")  # the first run dies mid-call
     args = {"customer": "c", "email": "b@x"}
