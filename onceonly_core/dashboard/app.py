@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -150,6 +151,7 @@ def build_app(
         try:
             yield
         finally:
+            closing.set()
             if owns_guard:
                 guard.close()
 
@@ -161,6 +163,10 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.guard = guard
+    # Set when the server stops (serve_dashboard's uvicorn, on Ctrl+C): open event streams
+    # end at their next tick, so a graceful shutdown does not wait for them.
+    closing = threading.Event()
+    app.state.closing = closing
 
     def refuse(status: int, text: str, nonce: str = "") -> Response:
         body = (
@@ -661,7 +667,7 @@ def build_app(
             return SafeJSON({"error": f"no live view {view!r}"}, status_code=404)
         query = dict(request.query_params)
         return StreamingResponse(
-            _events(build, query),
+            _events(build, query, closing),
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no"},  # a proxy in front must not buffer it
         )
@@ -762,7 +768,9 @@ def build_app(
 
 
 async def _events(
-    build: Callable[[Mapping[str, str]], dict[str, Any]], query: Mapping[str, str]
+    build: Callable[[Mapping[str, str]], dict[str, Any]],
+    query: Mapping[str, str],
+    closing: threading.Event,
 ) -> AsyncIterator[str]:
     """The event stream of one view. The ledger is read in a worker thread (its calls
     block) and only changes are sent: the same rows as before cost no bytes."""
@@ -770,7 +778,7 @@ async def _events(
     last: str | None = None
     quiet_since = time.monotonic()
     deadline = quiet_since + STREAM_SECONDS
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not closing.is_set():
         try:
             payload = await anyio.to_thread.run_sync(build, query)
         except OnceOnlyError as err:

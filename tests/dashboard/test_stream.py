@@ -129,3 +129,54 @@ def test_pages_point_their_script_at_the_stream(client: Client) -> None:
     assert 'data-stream="/api/stream/agents"' in client.get("/agents").text
     assert 'data-stream="/api/stream/approvals"' in client.get("/approvals").text
     assert 'data-stream="/api/stream/run?id=r1"' in client.get("/run?id=r1").text
+
+
+def test_ctrl_c_ends_open_streams_at_once(tmp_path: Any) -> None:
+    """`onceonly dashboard` with a tab open: Ctrl+C stops the server within seconds (the
+    open stream ends at its next tick), not after the stream's 30 s, and cleanly."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx2
+
+    from _services import subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "onceonly_core.cli", "dashboard", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--url", f"sqlite:///{tmp_path}/ledger.db"],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/api/stream/feed"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with httpx2.stream("GET", url, timeout=10) as r:
+                    assert r.headers["content-type"].startswith("text/event-stream")
+                    lines = r.iter_lines()
+                    assert next(lines).startswith("retry:")
+                    proc.send_signal(signal.SIGINT)
+                    t0 = time.monotonic()
+                    for _ in lines:  # until the server ends the stream
+                        pass
+                break
+            except httpx2.ConnectError:
+                assert time.monotonic() < deadline, "the dashboard did not start"
+                time.sleep(0.2)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+        # uvicorn re-raises the SIGINT after its graceful shutdown: the shell's 130.
+        assert proc.returncode in (0, 130, -signal.SIGINT) and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
