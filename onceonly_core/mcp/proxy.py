@@ -29,8 +29,10 @@ from typing import Any, Literal
 
 from .. import __version__
 from ..errors import (
+    CompletionNotRecorded,
     FingerprintError,
     InProgress,
+    LeaseLost,
     MissingExtraError,
     OnceOnlyError,
     UnknownOutcome,
@@ -305,6 +307,7 @@ class _Plan:
     options: dict[str, Any]
     defaults: dict[str, Any]
     idempotent: bool
+    read_only: bool
 
 
 def _plan(tool: types.Tool, upstream: Upstream, cfg: ProxyConfig) -> _Plan:
@@ -326,7 +329,8 @@ def _plan(tool: types.Tool, upstream: Upstream, cfg: ProxyConfig) -> _Plan:
     defaults = {
         k: v["default"] for k, v in (props or {}).items() if isinstance(v, dict) and "default" in v
     }
-    return _Plan(tool.name, _Forward(upstream, tool.name), options, defaults, idempotent)
+    forward = _Forward(upstream, tool.name)
+    return _Plan(tool.name, forward, options, defaults, idempotent, read_only)
 
 
 # -- the one call path ------------------------------------------------------------------------
@@ -387,8 +391,9 @@ async def guarded_call(
             )
     except Interrupted as err:
         again = (
-            "It is marked idempotent: calling it again with the same arguments is safe."
-            if plan.idempotent
+            "It is marked read-only or idempotent: calling it again with the same arguments "
+            "is safe."
+            if plan.idempotent or plan.read_only
             else "Do not call it again: tell the user it may or may not have happened."
         )
         return Answer(
@@ -411,6 +416,19 @@ async def guarded_call(
             f"Tool {name!r} is already running with these arguments; its result is not "
             "available yet. Do not call it again now.",
             fields={"key": err.key},
+        )
+    except (CompletionNotRecorded, LeaseLost) as err:
+        # The tool ran and answered; only our record of it may be missing (the ledger
+        # failed, or the claim was taken over). The model gets the result all the same.
+        why = "completion_not_recorded" if isinstance(err, CompletionNotRecorded) else "lease_lost"
+        log.warning("tool %s ran, but: %s", name, err)
+        if isinstance(err.result, dict):
+            return Answer("executed", "ok", result=err.result, fields={"reason": why})
+        return Answer(
+            "executed",
+            f"Tool {name!r} ran, but its outcome may not have been recorded; do not call it "
+            "again with these arguments.",
+            fields={"reason": why},
         )
     except FingerprintError as err:
         return Answer(
