@@ -7,6 +7,7 @@ mcp-proxy``) in front of ``upstream_server.py``, talks to it with the SDK's
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -63,8 +64,9 @@ def test_duplicate_calls_run_once_and_replay_the_same_result(rig: Rig) -> None:
         async with rig.session("--scope", "order-7") as s:
             return [
                 await s.call_tool("charge", {"customer": "c1", "cents": 500}),
-                # Same call, arguments in another order: the same canonical arguments.
-                await s.call_tool("charge", {"cents": 500, "customer": "c1"}),
+                # Same call, arguments in another order, a default passed explicitly:
+                # the same canonical arguments.
+                await s.call_tool("charge", {"cents": 500, "customer": "c1", "note": ""}),
                 await s.call_tool("charge", {"customer": "c1", "cents": 501}),
                 await s.call_tool("set_email", {"customer": "c1", "email": "a@x"}),
                 await s.call_tool("set_email", {"customer": "c1", "email": "a@x"}),
@@ -217,7 +219,8 @@ def test_a_blocked_tool_is_a_tool_error_with_the_reason(rig: Rig) -> None:
 
     async def scenario() -> Any:
         async with rig.session("--agent", "bot") as s:
-            return await s.call_tool("charge", {"customer": "c", "cents": 5})
+            args = {"customer": "c", "cents": 5, "card_token": "tok_visa_4242"}
+            return await s.call_tool("charge", args)
 
     res = run(scenario)
     assert res.is_error and rig.outcome(res) == "blocked"
@@ -227,6 +230,10 @@ def test_a_blocked_tool_is_a_tool_error_with_the_reason(rig: Rig) -> None:
     assert rig.lines("charge") == []
     [row] = rig.guard.gov.agent_logs("bot")
     assert (row.tool, row.decision, row.reason) == ("charge", "blocked", "tool_blocked")
+    # The audited arguments (schema defaults filled in), the secret redacted.
+    audited = row.args if isinstance(row.args, dict) else json.loads(row.args)
+    assert audited["arguments"]["customer"] == "c"
+    assert "tok_visa_4242" not in json.dumps(audited)
 
 
 def test_the_kill_switch_stops_every_tool(rig: Rig) -> None:

@@ -40,7 +40,7 @@ def _write(ctx: Context, tool: str, phase: str, **args: Any) -> None:
 
 
 @server.tool()
-def charge(customer: str, cents: int, ctx: Context) -> str:
+def charge(customer: str, cents: int, ctx: Context, note: str = "", card_token: str = "") -> str:
     """Charge a customer (a side effect: one line per run)."""
     _write(ctx, "charge", "done", customer=customer, cents=cents)
     return f"charged {customer} {cents} cents"
