@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -16,48 +12,9 @@ import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from _mcp_rig import Rig, child_env
+from _mcp_rig import Rig, child_env, http_proxy
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def http_proxy(rig: Rig, *options: str) -> Iterator[str]:
-    """A proxy process serving streamable HTTP; yields its endpoint URL."""
-    port = _free_port()
-    argv = rig.proxy_argv("--http", f"127.0.0.1:{port}", *options)
-    proc = subprocess.Popen(
-        [sys.executable, *argv], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the proxy exited: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError("the proxy did not start listening")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 async def _calls(url: str, headers: dict[str, str] | None = None) -> list[Any]:

@@ -13,12 +13,12 @@ from typing import Any
 import anyio
 import pytest
 
-from _mcp_rig import Rig, child_env
+from _mcp_rig import Rig, child_env, http_proxy
 
 agents = pytest.importorskip("agents", reason="openai-agents (extra openai) is not installed")
 
 from agents import Agent, Runner, set_tracing_disabled  # noqa: E402
-from agents.mcp import MCPServerStdio  # noqa: E402
+from agents.mcp import MCPServerStdio, MCPServerStreamableHttp  # noqa: E402
 from agents.testing import ScriptedModel, assistant_message, function_call  # noqa: E402
 
 from onceonly_core.governance.models import Policy  # noqa: E402
@@ -78,3 +78,31 @@ def test_agents_sdk_tools_go_through_the_proxy(rig: Rig) -> None:
     # t2 and t3 run concurrently: their rows may come in either order.
     decisions = sorted((r.tool, r.decision) for r in rig.guard.gov.agent_logs("bot"))
     assert decisions == [("charge", "dedup"), ("charge", "executed"), ("refuse", "blocked")]
+
+
+def test_agents_sdk_over_streamable_http(rig: Rig) -> None:
+    """The Agents SDK's streamable-HTTP MCP client against ``mcp-proxy --http``."""
+    charge = {"customer": "http-agent", "cents": 7}
+
+    async def scenario(url: str) -> Any:
+        server = MCPServerStreamableHttp(params={"url": url}, client_session_timeout_seconds=60)
+        with anyio.fail_after(90):
+            async with server:
+                agent = Agent(
+                    name="payer",
+                    mcp_servers=[server],
+                    model=ScriptedModel(
+                        [
+                            [function_call("charge", charge, call_id="h1")],
+                            [function_call("charge", charge, call_id="h2")],
+                            [assistant_message("done")],
+                        ]
+                    ),
+                )
+                return await Runner.run(agent, "charge the customer")
+
+    with http_proxy(rig, "--agent", "bot") as url:
+        result = anyio.run(scenario, url)
+    out = outputs(result)
+    assert out["h1"] == out["h2"] and "charged http-agent 7 cents" in out["h1"]
+    assert len(rig.lines("charge")) == 1
