@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .. import __version__
 from ..errors import (
@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("onceonly.mcp")
+
+R = TypeVar("R")
 
 IDEMPOTENCY_KEY_META = "onceonly/idempotency-key"
 """The ``_meta`` entry of every forwarded ``tools/call``: the call's idempotency key, the
@@ -199,18 +201,22 @@ class Upstream:
             # in flight have their own answer; this only must not end the proxy.
             log.warning("the upstream MCP server's connection ended with an error", exc_info=True)
 
-    async def list_tools(self, cursor: str | None) -> types.ListToolsResult:
-        """One page of the upstream's tools. Listing is read-only: after a lost
-        connection it is simply asked again, once, of a restarted server."""
+    async def read(self, ask: Callable[[Client], Awaitable[R]]) -> R:
+        """A read-only request (a listing, a resource, a prompt): after a lost connection
+        it is simply asked again, once, of a restarted server."""
         for attempt in (1, 2):
             client = await self.client()
             try:
-                return await client.list_tools(cursor=cursor, cache_mode="refresh")
+                return await ask(client)
             except MCPError as err:
                 if err.code != types.CONNECTION_CLOSED or attempt == 2:
                     raise
                 self.drop(client)
         raise AssertionError("unreachable")
+
+    async def list_tools(self, cursor: str | None) -> types.ListToolsResult:
+        """One page of the upstream's tools."""
+        return await self.read(lambda c: c.list_tools(cursor=cursor, cache_mode="refresh"))
 
     async def call(
         self, name: str, arguments: Mapping[str, Any], meta: dict[str, Any] | None
@@ -539,23 +545,78 @@ class Proxy:
                 return
 
 
-def build_server(proxy: Proxy, *, instructions: str | None = None) -> Server[Any]:
-    """The low-level MCP server: ``tools/list`` and ``tools/call``, nothing else."""
+def build_server(
+    proxy: Proxy,
+    *,
+    instructions: str | None = None,
+    capabilities: types.ServerCapabilities | None = None,
+) -> Server[Any]:
+    """The low-level MCP server: ``tools/list`` and ``tools/call`` through the guard, and
+    the upstream's resources and prompts (what it advertises in ``capabilities``) passed
+    through unchanged: they are reads, with nothing to run once."""
+    up = proxy.upstream
+
+    def cursor(params: types.PaginatedRequestParams | None) -> str | None:
+        return params.cursor if params is not None else None
 
     async def on_list_tools(
         ctx: Any, params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        return await proxy.list_tools(params.cursor if params is not None else None)
+        return await proxy.list_tools(cursor(params))
 
     async def on_call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         return await proxy.call_tool(params.name, params.arguments)
 
+    async def on_list_resources(
+        ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        page = await up.read(
+            lambda c: c.list_resources(cursor=cursor(params), cache_mode="refresh")
+        )
+        return types.ListResourcesResult(resources=page.resources, next_cursor=page.next_cursor)
+
+    async def on_list_resource_templates(
+        ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        page = await up.read(
+            lambda c: c.list_resource_templates(cursor=cursor(params), cache_mode="refresh")
+        )
+        return types.ListResourceTemplatesResult(
+            resource_templates=page.resource_templates, next_cursor=page.next_cursor
+        )
+
+    async def on_read_resource(
+        ctx: Any, params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        got = await up.read(lambda c: c.read_resource(str(params.uri), cache_mode="refresh"))
+        return types.ReadResourceResult(contents=got.contents)
+
+    async def on_list_prompts(
+        ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        page = await up.read(lambda c: c.list_prompts(cursor=cursor(params), cache_mode="refresh"))
+        return types.ListPromptsResult(prompts=page.prompts, next_cursor=page.next_cursor)
+
+    async def on_get_prompt(
+        ctx: Any, params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        got = await up.read(lambda c: c.get_prompt(params.name, params.arguments))
+        return types.GetPromptResult(description=got.description, messages=got.messages)
+
+    caps = capabilities or types.ServerCapabilities()
+    resources = caps.resources is not None
+    prompts = caps.prompts is not None
     return Server(
         "onceonly-mcp-proxy",
         version=__version__,
         instructions=instructions,
         on_list_tools=on_list_tools,
         on_call_tool=on_call_tool,
+        on_list_resources=on_list_resources if resources else None,
+        on_list_resource_templates=on_list_resource_templates if resources else None,
+        on_read_resource=on_read_resource if resources else None,
+        on_list_prompts=on_list_prompts if prompts else None,
+        on_get_prompt=on_get_prompt if prompts else None,
     )
 
 
@@ -578,7 +639,12 @@ async def _running(cfg: ProxyConfig) -> AsyncIterator[tuple[Proxy, Server[Any]]]
             else:
                 try:
                     proxy = Proxy(cfg, guard, upstream)
-                    yield proxy, build_server(proxy, instructions=client.instructions)
+                    server = build_server(
+                        proxy,
+                        instructions=client.instructions,
+                        capabilities=client.server_capabilities,
+                    )
+                    yield proxy, server
                 finally:
                     upstream.close()
     finally:

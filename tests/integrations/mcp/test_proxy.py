@@ -7,6 +7,7 @@ mcp-proxy``) in front of ``upstream_server.py``, talks to it with the SDK's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,6 +57,36 @@ def test_tools_are_listed_unchanged(rig: Rig) -> None:
     assert {"charge", "balance", "set_email", "slow_charge", "crash", "refuse"} <= names
     balance = next(t for t in got.tools if t.name == "balance")
     assert balance.annotations is not None and balance.annotations.read_only_hint is True
+
+
+def test_resources_and_prompts_pass_through_unchanged(rig: Rig) -> None:
+    async def scenario(session_of: Any) -> list[Any]:
+        async with session_of() as s:
+            await s.call_tool("charge", {"customer": "r", "cents": 1})
+            return [
+                (await s.list_resources()).resources,
+                (await s.read_resource("effects://count")).contents,
+                (await s.list_prompts()).prompts,
+                (await s.get_prompt("refund_policy", {"customer": "r"})).messages,
+            ]
+
+    @contextlib.asynccontextmanager
+    async def direct() -> Any:
+        params = StdioServerParameters(
+            command=sys.executable, args=[str(UPSTREAM), str(rig.effects)], env=child_env()
+        )
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            yield s
+
+    proxied = run(scenario, rig.session)
+    assert [r.model_dump() for r in proxied[0]] == [
+        r.model_dump() for r in run(scenario, direct)[0]
+    ]
+    assert proxied[1][0].text == "1"  # read after one charge through the proxy
+    assert [p.name for p in proxied[2]] == ["refund_policy"]
+    assert "Refund r only after checking" in proxied[3][0].content.text
+    assert len(rig.lines("charge")) == 2  # the direct session charged again: no guard there
 
 
 # -- exactly once ----------------------------------------------------------------------------

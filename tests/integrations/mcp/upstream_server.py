@@ -90,5 +90,17 @@ def refuse(reason: str, ctx: Context) -> str:
     raise ValueError(f"refused: {reason}")
 
 
+@server.resource("effects://count", mime_type="text/plain")
+def effect_count() -> str:
+    """How many lines the effects file has (a resource: read, never run once)."""
+    return str(len(EFFECTS.read_text().splitlines())) if EFFECTS.exists() else "0"
+
+
+@server.prompt()
+def refund_policy(customer: str) -> str:
+    """A prompt the proxy passes through."""
+    return f"Refund {customer} only after checking the charge."
+
+
 if __name__ == "__main__":
     server.run()
