@@ -66,6 +66,7 @@ OPTIONAL_MODULES = (
     "uvicorn",
     "agents",
     "langgraph",
+    "mcp",
 )
 
 CORE_IMPORT_CHECK = (
@@ -97,7 +98,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
     # pytest: onceonly_core.testing (the store contract kit) is typed against it.
-    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS, *TEST_DEPS)
+    # mcp: onceonly_core/mcp type-checks against the MCP SDK it imports.
+    session.install("-e", f".[{SERVER_EXTRAS},mcp]", *TYPECHECK_DEPS, *TEST_DEPS)
     session.run("mypy", *session.posargs)
 
 
@@ -129,14 +131,17 @@ def tests(session: nox.Session) -> None:
 
 
 # One session per framework: only that extra installed, its tests and examples run.
-INTEGRATIONS = ("langchain", "openai", "llamaindex")
+INTEGRATIONS = ("langchain", "openai", "llamaindex", "mcp")
+# The MCP proxy is also driven by the OpenAI Agents SDK's own MCP client (extra openai),
+# and runs on every SQL ledger (the server drivers).
+EXTRAS = {"mcp": "mcp,openai,postgres,mysql"}
 
 
 @nox.session(python=PYTHON)
 @nox.parametrize("framework", INTEGRATIONS)
 def integration(session: nox.Session, framework: str) -> None:
     """One integration with only its own extra installed (tests/integrations/<framework>)."""
-    session.install("-e", f".[{framework}]", *TEST_DEPS)
+    session.install("-e", f".[{EXTRAS.get(framework, framework)}]", *TEST_DEPS)
     session.run("pytest", f"tests/integrations/{framework}", *session.posargs)
 
 

@@ -741,3 +741,9 @@ from ..dashboard.cli import register as _register_dashboard  # noqa: E402
 
 _register_dashboard(app)
 del _register_dashboard
+
+# -- the MCP guard: onceonly mcp-proxy (mcp/cli.py) -----------------------------------------
+from ..mcp.cli import register as _register_mcp  # noqa: E402
+
+_register_mcp(app)
+del _register_mcp

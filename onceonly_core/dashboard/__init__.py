@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, MissingExtraError
@@ -92,4 +93,15 @@ def serve_dashboard(
     if not is_loopback(host):
         extra = ["*"] if host in ("0.0.0.0", "::", "") else [host]
     app = create_dashboard(url, namespace=namespace, token=token, allowed_hosts=extra)
-    uvicorn.run(app, host=host, port=port, log_level="warning", **uvicorn_options)
+    closing = app.state.closing
+
+    class Server(uvicorn.Server):
+        """On Ctrl+C / SIGTERM, first tell the open event streams to end: a graceful
+        shutdown waits for open responses, and every dashboard tab holds one."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            closing.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_options)
+    Server(config).run()

@@ -11,6 +11,9 @@ Safety by construction:
   a DNS-rebinding page cannot reach the dashboard under its own name;
 * an optional access token (``?token=`` once → an HttpOnly, SameSite=Strict cookie);
 * ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer``, ``nosniff``, ``no-store``.
+
+Live updates are server-sent events: ``GET /api/stream/<view>`` (the same checks as every
+GET: host, access token, session) pushes the view's JSON whenever it changes.
 """
 
 from __future__ import annotations
@@ -20,13 +23,23 @@ import hmac
 import json
 import logging
 import secrets
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 
 from ..errors import ConfigError, OnceOnlyError
 from ..guard import Guard
@@ -70,14 +83,29 @@ FEED_COLUMNS = (
 )
 
 
+# Server-sent events: how often a stream looks for changes, how often it says it is alive
+# when nothing changed, and how long one stream lives before the browser reconnects (a
+# bound on what a forgotten tab holds, and on how long a server shutdown waits for it).
+STREAM_TICK = 0.5
+STREAM_PING = 5.0
+STREAM_SECONDS = 30.0
+STREAM_RETRY_MS = 500
+
+
+def safe_json(content: Any) -> str:
+    """JSON with ``<``, ``>`` and ``&`` as unicode escapes, on one line: a name with markup
+    stays inert even in a client that ignores the content type, and an event-stream
+    ``data:`` line can never be split by a value."""
+    text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return text  # json.dumps escapes CR and LF inside strings: always one line
+
+
 class SafeJSON(JSONResponse):
-    """JSON with ``<``, ``>`` and ``&`` as unicode escapes: a name with markup stays inert
-    even in a client that ignores the content type."""
+    """JSON rendered by :func:`safe_json`."""
 
     def render(self, content: Any) -> bytes:
-        text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str)
-        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-        return text.encode("utf-8")
+        return safe_json(content).encode("utf-8")
 
 
 def _host_of(header: str) -> str:
@@ -123,6 +151,7 @@ def build_app(
         try:
             yield
         finally:
+            closing.set()
             if owns_guard:
                 guard.close()
 
@@ -134,6 +163,10 @@ def build_app(
         lifespan=lifespan,
     )
     app.state.guard = guard
+    # Set when the server stops (serve_dashboard's uvicorn, on Ctrl+C): open event streams
+    # end at their next tick, so a graceful shutdown does not wait for them.
+    closing = threading.Event()
+    app.state.closing = closing
 
     def refuse(status: int, text: str, nonce: str = "") -> Response:
         body = (
@@ -229,7 +262,7 @@ def build_app(
         return refuse(503, f"The ledger could not be read: {err}")
 
     # -- pieces ------------------------------------------------------------------------
-    def header_cells(request: Request) -> list[dict[str, Any]]:
+    def header_cells(request: Request | None = None) -> list[dict[str, Any]]:
         g = data.global_status(guard)
         if g["disabled"]:
             return [
@@ -275,10 +308,9 @@ def build_app(
             )
         )
 
-    def live_json(request: Request, rows: list[dict[str, Any]], **extra: Any) -> SafeJSON:
-        return SafeJSON(
-            {"rows": rows, "header": header_cells(request), "now": data.stamp(), **extra}
-        )
+    def live(rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """A live view's JSON: the rows the page renders, the header, the data behind."""
+        return {"rows": rows, "header": header_cells(), "now": data.stamp(), **extra}
 
     @app.get("/favicon.ico")
     def favicon() -> Response:
@@ -353,15 +385,18 @@ def build_app(
         )
         return html_page(request, "Live feed", "/", body)
 
-    @app.get("/api/feed")
-    def feed_api(request: Request) -> Response:
-        f = data.Filters.from_query(request.query_params)
+    def feed_view(q: Mapping[str, str]) -> dict[str, Any]:
+        f = data.Filters.from_query(q)
         try:
-            limit = int(request.query_params.get("limit", "100"))
+            limit = int(q.get("limit", "100"))
         except ValueError:
             limit = 100
         fd = data.feed(guard, f, limit=limit)
-        return live_json(request, feed_rows(fd.items), items=fd.items, filters=f.as_dict())
+        return live(feed_rows(fd.items), items=fd.items, filters=f.as_dict())
+
+    @app.get("/api/feed")
+    def feed_api(request: Request) -> Response:
+        return SafeJSON(feed_view(request.query_params))
 
     # -- agents ------------------------------------------------------------------------
     def agent_rows(a: dict[str, Any]) -> list[dict[str, Any]]:
@@ -456,12 +491,13 @@ def build_app(
         body = live_html("/api/agents", "cards", rows, request.state.csrf, next_of(request))
         return html_page(request, "Agents", "/agents", body)
 
+    def agents_view(q: Mapping[str, str]) -> dict[str, Any]:
+        a = data.agents(guard)
+        return live(agent_rows(a), agents=a["agents"], global_disabled=a["global_disabled"])
+
     @app.get("/api/agents")
     def agents_api(request: Request) -> Response:
-        a = data.agents(guard)
-        return live_json(
-            request, agent_rows(a), agents=a["agents"], global_disabled=a["global_disabled"]
-        )
+        return SafeJSON(agents_view(request.query_params))
 
     # -- approvals ---------------------------------------------------------------------
     def approval_rows(items: list[dict[str, Any]], pending: bool) -> list[dict[str, Any]]:
@@ -535,10 +571,13 @@ def build_app(
         )
         return html_page(request, "Approvals", "/approvals", body)
 
+    def approvals_view(q: Mapping[str, str]) -> dict[str, Any]:
+        ap = data.approvals(guard)
+        return live(approval_rows(ap["pending"], True), pending=ap["pending"])
+
     @app.get("/api/approvals")
     def approvals_api(request: Request) -> Response:
-        ap = data.approvals(guard)
-        return live_json(request, approval_rows(ap["pending"], True), pending=ap["pending"])
+        return SafeJSON(approvals_view(request.query_params))
 
     # -- runs --------------------------------------------------------------------------
     @app.get("/runs", response_class=HTMLResponse)
@@ -600,11 +639,38 @@ def build_app(
         )
         return html_page(request, "Run timeline", "/runs", body)
 
+    def run_view(q: Mapping[str, str]) -> dict[str, Any]:
+        run_id = str(q.get("id", "")).strip()
+        events = data.run_timeline(guard, run_id) if run_id else []
+        return live(timeline_rows(events), events=events)
+
     @app.get("/api/run")
     def run_api(request: Request) -> Response:
-        run_id = request.query_params.get("id", "").strip()
-        events = data.run_timeline(guard, run_id) if run_id else []
-        return live_json(request, timeline_rows(events), events=events)
+        return SafeJSON(run_view(request.query_params))
+
+    # -- live updates: server-sent events ----------------------------------------------
+    views: dict[str, Callable[[Mapping[str, str]], dict[str, Any]]] = {
+        "feed": feed_view,
+        "agents": agents_view,
+        "approvals": approvals_view,
+        "run": run_view,
+    }
+
+    @app.get("/api/stream/{view}")
+    async def stream(request: Request, view: str) -> Response:
+        """``text/event-stream`` of one live view: an ``update`` event (the view's JSON, as
+        ``/api/<view>`` answers it) at once and whenever it changes, a ``ping`` when nothing
+        did for a while, ``stale`` while the ledger cannot be read. The stream ends after
+        STREAM_SECONDS; the browser's EventSource reconnects by itself."""
+        build = views.get(view)
+        if build is None:
+            return SafeJSON({"error": f"no live view {view!r}"}, status_code=404)
+        query = dict(request.query_params)
+        return StreamingResponse(
+            _events(build, query, closing),
+            media_type="text/event-stream",
+            headers={"X-Accel-Buffering": "no"},  # a proxy in front must not buffer it
+        )
 
     # -- one record --------------------------------------------------------------------
     @app.get("/record", response_class=HTMLResponse)
@@ -699,3 +765,35 @@ def build_app(
         return RedirectResponse(base + "?" + urlencode(q), status_code=303)
 
     return app
+
+
+async def _events(
+    build: Callable[[Mapping[str, str]], dict[str, Any]],
+    query: Mapping[str, str],
+    closing: threading.Event,
+) -> AsyncIterator[str]:
+    """The event stream of one view. The ledger is read in a worker thread (its calls
+    block) and only changes are sent: the same rows as before cost no bytes."""
+    yield f"retry: {STREAM_RETRY_MS}\n\n"
+    last: str | None = None
+    quiet_since = time.monotonic()
+    deadline = quiet_since + STREAM_SECONDS
+    while time.monotonic() < deadline and not closing.is_set():
+        try:
+            payload = await anyio.to_thread.run_sync(build, query)
+        except OnceOnlyError as err:
+            log.warning("dashboard stream: %s", err)
+            yield f"event: stale\ndata: {safe_json({'error': str(err)})}\n\n"
+            last = None  # send the whole view again once the ledger answers
+        else:
+            now = payload.pop("now", None)
+            text = safe_json(payload)
+            if text != last:
+                last = text
+                quiet_since = time.monotonic()
+                payload["now"] = now
+                yield f"event: update\ndata: {safe_json(payload)}\n\n"
+            elif time.monotonic() - quiet_since >= STREAM_PING:
+                quiet_since = time.monotonic()
+                yield "event: ping\ndata: {}\n\n"
+        await anyio.sleep(STREAM_TICK)

@@ -111,16 +111,17 @@ def live_html(
     next_url: str,
     columns: Iterable[str] = (),
 ) -> str:
-    """A container the script refreshes from ``src`` (a same-origin JSON endpoint)."""
+    """A container the script refreshes from ``src`` (a same-origin ``/api/<view>`` JSON
+    endpoint): pushed by its event stream ``/api/stream/<view>``, polled without one."""
     inner = rows_html(layout, rows, csrf, next_url)
+    stream = "/api/stream/" + src[len("/api/") :] if src.startswith("/api/") else ""
+    attrs = f'data-live="{esc(src)}" data-stream="{esc(stream)}" data-layout="{esc(layout)}"'
     if layout == "cards":
-        return (
-            f'<div id="live" class="cards" data-live="{esc(src)}" data-layout="cards">{inner}</div>'
-        )
+        return f'<div id="live" class="cards" {attrs}>{inner}</div>'
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     return (
         f'<table id="live-table"><thead><tr>{head}</tr></thead>'
-        f'<tbody id="live" data-live="{esc(src)}" data-layout="table">{inner}</tbody></table>'
+        f'<tbody id="live" {attrs}>{inner}</tbody></table>'
     )
 
 
@@ -198,9 +199,11 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px}dt{color:var(
 dd{margin:0;word-break:break-all}
 """
 
-# The only script: polls the container's JSON endpoint every second and rebuilds its
-# rows from cells with createElement/textContent (never innerHTML). Links and form
-# actions must be same-origin paths.
+# The only script: listens to the container's event stream (server-sent events; polling
+# its JSON endpoint every second where EventSource is missing) and rebuilds its rows from
+# cells with createElement/textContent (never innerHTML). Links, form actions and the
+# stream must be same-origin paths. The status says "stale" when no event came for 8 s
+# (the server pings every 5 s); EventSource reconnects by itself after a dropped stream.
 SCRIPT = """
 (function(){"use strict";
 var live=document.getElementById("live"),st=document.getElementById("live-status"),
@@ -234,12 +237,21 @@ card.appendChild(el("h3","",r.title||""));cs.forEach(function(c){var l=el("div",
 l.appendChild(el("span","label",c.label||""));l.appendChild(cell(c));card.appendChild(l);});
 live.appendChild(card);}else{var tr=el("tr",r.cls||"");cs.forEach(function(c){
 var td=el("td");td.appendChild(cell(c));tr.appendChild(td);});live.appendChild(tr);}});}
+function apply(text){if(text!==last){var d=JSON.parse(text);last=text;rows(d);
+if(glob&&d.header){clear(glob);d.header.forEach(function(c){glob.appendChild(cell(c));});}}}
+function fresh(){seen=Date.now();if(st){st.className="status";
+st.textContent="live \\u00b7 "+new Date().toLocaleTimeString();}}
+function stale(){if(st){st.className="status stale";st.textContent="stale \\u00b7 retrying";}}
+var seen=0,stream=live.getAttribute("data-stream");
+if(window.EventSource&&ok(stream)){var es=null;
+function listen(){es=new EventSource(stream);
+es.addEventListener("update",function(e){apply(e.data);fresh();});
+es.addEventListener("ping",fresh);es.addEventListener("stale",stale);
+es.onerror=function(){if(es.readyState===2){stale();setTimeout(listen,5000);}};}
+listen();setInterval(function(){if(Date.now()-seen>8000)stale();},2000);return;}
 function tick(){fetch(src,{headers:{"Accept":"application/json"},credentials:"same-origin",
 cache:"no-store"}).then(function(r){if(!r.ok)throw new Error(String(r.status));return r.text();})
-.then(function(text){if(text!==last){var d=JSON.parse(text);last=text;rows(d);
-if(glob&&d.header){clear(glob);d.header.forEach(function(c){glob.appendChild(cell(c));});}}
-if(st){st.className="status";st.textContent="live \\u00b7 "+new Date().toLocaleTimeString();}})
-.catch(function(){if(st){st.className="status stale";st.textContent="stale \\u00b7 retrying";}})
+.then(function(text){apply(text);fresh();}).catch(stale)
 .then(function(){setTimeout(tick,1000);});}
 setTimeout(tick,1000);})();
 """

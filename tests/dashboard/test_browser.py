@@ -226,6 +226,30 @@ def test_live_feed_shows_a_new_call_within_2s(page: Page, server: Server, agent:
     page.locator("#live tr.d-dedup", has_text=tool).first.wait_for(timeout=2000)
 
 
+def test_live_updates_come_over_the_event_stream_not_by_polling(
+    page: Page, server: Server, agent: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page opens one EventSource and never polls; when the server ends a stream
+    (after STREAM_SECONDS) the browser reconnects and keeps showing new calls."""
+    from onceonly_core.dashboard import app as dashboard_app
+
+    monkeypatch.setattr(dashboard_app, "STREAM_SECONDS", 1.0)  # the server runs in-process
+    paths: list[str] = []
+    page.on("request", lambda r: paths.append(r.url.removeprefix(server.base)))
+    page.goto(server.base + "/?agent=bot")
+    _wait_live(page)
+    time.sleep(2.5)  # at least two streams ended and were re-opened
+    tool = f"pushed_{uuid.uuid4().hex[:8]}"
+    agent.call_tool(send_email, {"to": "s@example.com"}, tool=tool, agent_id="bot")
+    t0 = time.monotonic()
+    page.locator("#live td", has_text=tool).first.wait_for(state="visible", timeout=2000)
+    assert time.monotonic() - t0 < 2.0
+    expect(page.locator("#live-status")).to_have_text(re.compile(r"^live"))
+    streams = [p for p in paths if p.startswith("/api/stream/")]
+    assert len(streams) >= 3 and set(streams) == {"/api/stream/feed?agent=bot"}
+    assert not [p for p in paths if p.startswith("/api/feed")]  # no polling
+
+
 def test_filters_work(page: Page, server: Server, agent: Guard, tmp_path: Path) -> None:
     agent.gov.upsert_policy({"agent_id": "helper"})
     for who, wf in (("bot", "billing"), ("helper", "support"), ("bot", "support")):
