@@ -352,7 +352,10 @@ def _make(
             )
     else:  # interrupted
         ran = None
-        text = f"Interrupted: {tool} was stopped before it finished and may or may not have run."
+        text = (
+            f"Interrupted: {tool} was stopped before it finished and may or may not have "
+            "run; do not call it again until someone checks whether it took effect."
+        )
     fields.pop("ran", None)
     return Classification(
         code=code,

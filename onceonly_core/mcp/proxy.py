@@ -20,22 +20,19 @@ an unknown outcome (``on_unknown="retry"``), where any other tool answers
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from .. import __version__
+from ..contract import classify
 from ..errors import (
-    CompletionNotRecorded,
-    FingerprintError,
-    InProgress,
-    LeaseLost,
     MissingExtraError,
     OnceOnlyError,
-    UnknownOutcome,
 )
 from ..guard import Guard, current_call
 from . import FEATURE
@@ -322,7 +319,7 @@ def _plan(tool: types.Tool, upstream: Upstream, cfg: ProxyConfig) -> _Plan:
     idempotent = bool(notes and notes.idempotent_hint)
     options: dict[str, Any] = {}
     if read_only:
-        options["unlimited"] = True  # runs every time; governance and audit still apply
+        options["read_only"] = True  # runs every time; governance and audit still apply
     else:
         options["on_unknown"] = "retry" if idempotent else cfg.on_unknown
         for name in ("lease", "wait", "ttl"):
@@ -365,124 +362,50 @@ class Answer:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def _scope(guard: Guard, scope: str | None) -> Iterator[None]:
-    if scope is None:
-        yield
-    else:
-        with guard.workflow(scope):
-            yield
-
-
 async def guarded_call(
     guard: Guard, plan: _Plan, args: Mapping[str, Any], cfg: ProxyConfig
 ) -> Answer:
-    """Run one call through the guard (exactly once per key, governed) and classify it.
+    """Run one call through the guard's one call path and render its classification.
 
-    The only place the proxy calls the guard. Today it is ``acall_tool`` by name; when
-    ``Guard.arun_call(tool, args, thunk, scope=...)`` and the outcome contract land, this
-    body becomes that call plus the contract's classification (same codes, same
-    sentences) and nothing else in the proxy changes.
+    The only place the proxy calls the guard: ``Guard.arun_call_classified`` keys the call
+    by tool name + canonical arguments in ``cfg.scope``, governs and audits it, and
+    classifies the outcome (docs/integrations/contract.md). The proxy adds no wording of
+    its own: the model reads the contract's sentence, or the upstream's own result.
     """
     name = plan.name
+    thunk = functools.partial(plan.forward, **args)
     try:
-        with _scope(guard, cfg.scope):
-            res = await guard.acall_tool(
-                plan.forward,
-                args,
-                tool=name,
-                agent_id=cfg.agent_id,
-                run_id=cfg.run_id,
-                **plan.options,
-            )
+        c = await guard.arun_call_classified(
+            name,
+            args,
+            thunk,
+            scope=cfg.scope,
+            agent_id=cfg.agent_id,
+            run_id=cfg.run_id,
+            **plan.options,
+        )
     except Interrupted as err:
-        again = (
-            "It is marked read-only or idempotent: calling it again with the same arguments "
-            "is safe."
-            if plan.idempotent or plan.read_only
-            else "Do not call it again: tell the user it may or may not have happened."
-        )
-        return Answer(
-            "interrupted",
-            f"The server running tool {name!r} stopped before answering; whether the call "
-            f"took effect is unknown. {again}",
-            fields={"detail": err.detail},
-        )
-    except UnknownOutcome as err:
-        return Answer(
-            "unknown_outcome",
-            f"Tool {name!r} was started earlier with these arguments but did not finish, so "
-            "whether it took effect is unknown. Do not call it again: tell the user someone "
-            "must check, then clear it (onceonly retry KEY).",
-            fields={"key": err.key, "namespace": err.namespace},
-        )
-    except InProgress as err:
-        return Answer(
-            "in_progress",
-            f"Tool {name!r} is already running with these arguments; its result is not "
-            "available yet. Do not call it again now.",
-            fields={"key": err.key},
-        )
-    except (CompletionNotRecorded, LeaseLost) as err:
-        # The tool ran and answered; only our record of it may be missing (the ledger
-        # failed, or the claim was taken over). The model gets the result all the same.
-        why = "completion_not_recorded" if isinstance(err, CompletionNotRecorded) else "lease_lost"
-        log.warning("tool %s ran, but: %s", name, err)
-        if isinstance(err.result, dict):
-            return Answer("executed", "ok", result=err.result, fields={"reason": why})
-        return Answer(
-            "executed",
-            f"Tool {name!r} ran, but its outcome may not have been recorded; do not call it "
-            "again with these arguments.",
-            fields={"reason": why},
-        )
-    except FingerprintError as err:
-        return Answer(
-            "invalid_arguments",
-            f"The arguments for tool {name!r} are not valid: {err}.",
-        )
-    except OnceOnlyError as err:
-        log.warning("tool %s: %s: %s", name, type(err).__name__, err)
-        return Answer(
-            "guard_error",
-            f"Tool {name!r} could not be run safely ({type(err).__name__}: {err}). "
-            "Do not call it again now; tell the user.",
-        )
-    fields: dict[str, Any] = {"key": res.key} if res.key else {}
-    if res.decision in ("executed", "dedup"):
-        code: Code = "executed" if res.decision == "executed" else "replayed"
-        return Answer(code, "ok", result=res.result, fields=fields)
-    if res.decision == "pending_approval":
-        fields["approval_id"] = res.approval_id
-        return Answer("pending_approval", res.message, fields=fields)
-    if res.decision == "blocked":
-        fields["reason"] = res.policy_reason
-        return Answer("blocked", _blocked_text(name, res.policy_reason, res.error), fields=fields)
-    own = res.exception
-    if isinstance(own, UpstreamToolError):
+        # The upstream died mid-call: an interruption (the claim's lease is expired at
+        # once and the outcome left unknown), answered to the client instead of re-raised
+        # because the proxy itself goes on serving.
+        c = classify(err, tool=name)
+        return Answer("interrupted", c.text, fields={"detail": err.detail})
+    fields: dict[str, Any] = {}
+    for k in ("key", "reason", "approval_id", "retry_after"):
+        v = getattr(c, k)
+        if v is not None:
+            fields[k] = v
+    if c.code in ("executed", "replayed"):
+        if c.reason in ("completion_not_recorded", "lease_lost"):
+            log.warning("tool %s ran, but its outcome may not have been recorded", name)
+        if isinstance(c.result, dict):
+            return Answer(c.code, "ok", result=c.result, fields=fields)
+        return Answer(c.code, c.text, fields=fields)
+    own = c.exception
+    if c.code == "failed" and isinstance(own, UpstreamToolError):
         # The tool's own error: the model reads what the upstream said, unchanged.
         return Answer("failed", str(own), result=own.result, fields=fields)
-    return Answer("failed", f"Tool {name!r} failed: {res.error or res.error_type}", fields=fields)
-
-
-_LATER = frozenset(
-    {"max_actions_per_hour_exceeded", "max_calls_per_tool_exceeded", "daily_spend_exceeded"}
-)
-
-
-def _blocked_text(name: str, reason: str, detail: str | None) -> str:
-    more = f": {detail}" if detail else ""
-    if reason == "dedup":
-        return f"Tool {name!r} already ran with these arguments; it is not run twice."
-    if reason in _LATER:
-        return (
-            f"Tool {name!r} was refused: a limit is reached ({reason}{more}). Do not retry "
-            "it now; tell the user."
-        )
-    return (
-        f"Tool {name!r} is not allowed by policy ({reason}{more}). Do not call it again; "
-        "tell the user."
-    )
+    return Answer(c.code, c.text, fields=fields)
 
 
 def render(answer: Answer) -> types.CallToolResult:
