@@ -263,7 +263,7 @@ def test_a_blocked_tool_is_a_tool_error_with_the_reason(rig: Rig) -> None:
     assert (row.tool, row.decision, row.reason) == ("charge", "blocked", "tool_blocked")
     # The audited arguments (schema defaults filled in), the secret redacted.
     audited = row.args if isinstance(row.args, dict) else json.loads(row.args)
-    assert audited["arguments"]["customer"] == "c"
+    assert audited["customer"] == "c"
     assert "tok_visa_4242" not in json.dumps(audited)
 
 
@@ -363,7 +363,7 @@ def test_an_upstream_that_dies_mid_call_leaves_an_unknown_outcome(rig: Rig) -> N
     assert "may or may not have run" in rig.text(cut)
     assert "do not call it again" in rig.text(cut)
     assert again.is_error and rig.outcome(again) == "unknown_outcome"
-    assert "onceonly retry" in rig.text(again)
+    assert "ask the user to check" in rig.text(again)
     assert rig.outcome(after) == "executed"
     [started] = rig.lines("crash", phase="start")
     [charged] = rig.lines("charge")
