@@ -509,3 +509,55 @@ def test_the_cli_refuses_to_decide_a_consumed_or_denied_request_again(
         out = cli("approvals", "approve", first.approval_id or "")
         assert out.exit_code == 1 and "already denied" in out.output
         assert ran == ["o1"]
+
+
+class LostReply:
+    """The governance store's engine, but the named primitives' first commit succeeds
+    and its reply is lost (the connection drops right after COMMIT): the store must run
+    the primitive again on a fresh connection without applying it twice."""
+
+    def __init__(self, engine: Any, lose: int) -> None:
+        self._engine, self.lose = engine, lose
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Any]:
+        with self._engine.begin() as conn:
+            yield conn
+        if self.lose > 0:
+            self.lose -= 1
+            raise sa.exc.OperationalError(
+                "COMMIT", {}, Exception("server closed the connection"), connection_invalidated=True
+            )
+
+
+def test_a_commit_whose_reply_was_lost_is_applied_once(db_url: str, namespace: str) -> None:
+    if db_url.startswith(("postgresql", "mysql")):
+        with SQLStore(db_url) as store:
+            store.migrate()
+    with Guard(db_url, namespace=namespace, quiet=True) as guard:
+        capped(guard, require_approval=["ask"])
+        store = guard.gov.store
+        assert isinstance(store, GovStore)
+        real = store.engine
+        ran: list[int] = []
+
+        def pay(n: int) -> int:
+            store.engine = LostReply(real, 1)  # settle loses its reply once
+            ran.append(n)
+            return n
+
+        store.engine = LostReply(real, 1)  # the snapshot is a read; reserve loses its reply
+        r = guard.call_tool(pay, {"n": 1}, tool="pay", agent_id="payer")
+        store.engine = real
+        assert r.decision == "executed" and ran == [1]
+        assert spent(guard) == PRICE  # reserved once, settled once
+        assert store.holds(guard.namespace, "payer") == 0
+        assert rows(guard) == [("executed", "ok")]  # one audit row
+        first = guard.call_tool(pay, {"n": 2}, tool="ask", agent_id="payer")
+        store.engine = LostReply(real, 1)
+        assert guard.gov.approve(first.approval_id or "").state == "approved"
+        store.engine = real
+        assert guard.gov.verify_audit() == []
