@@ -468,7 +468,10 @@ def test_audit_entries_of_holds_are_json(guard: Guard) -> None:
 
     def pay(api_key: str) -> str:
         with store.engine.connect() as conn:
-            held = conn.execute(sa.select(S.reservations.c.audit)).scalar_one()
+            r = S.reservations
+            held = conn.execute(
+                sa.select(r.c.audit).where(r.c.tenant == guard.namespace)
+            ).scalar_one()
         entry = json.loads(held)
         assert entry["decision"] == "unknown" and entry["tool"] == "pay"
         assert "sk_live" not in held
