@@ -1,12 +1,15 @@
-"""Developer and CI tasks. `python -m nox` runs lint, typecheck, core and tests, in that order.
+"""Developer and CI tasks. `python -m nox` runs lint, typecheck, core, integration, tests and
+docs, in that order.
 
 * ``lint``: ruff check and ruff format --check.
 * ``typecheck``: mypy --strict on the onceonly_core package.
 * ``core``: the core install alone (no extras); proves no optional dependency leaks in,
   then runs tests/core on the memory and SQLite ledgers.
-* ``tests``: everything installed, the whole suite. PostgreSQL and MariaDB come from
-  ONCEONLY_PG_URL / ONCEONLY_MYSQL_URL (local defaults otherwise); with
+* ``tests``: everything installed, the whole suite. PostgreSQL, MariaDB and Redis come from
+  ONCEONLY_PG_URL / ONCEONLY_MYSQL_URL / ONCEONLY_REDIS_URL (local defaults otherwise); with
   ONCEONLY_REQUIRE_SERVICES=1 an unreachable server fails the run instead of skipping.
+* ``docs``: ``mkdocs build --strict``: a broken link, a page missing from the nav or a
+  dead API reference fails.
 * ``bench`` (not run by default): benchmarks/run.py against the peer libraries.
 
 Arguments after ``--`` go to pytest (or to benchmarks/run.py): ``nox -s tests -- -k sqlite``.
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "core", "integration", "tests"]
+nox.options.sessions = ["lint", "typecheck", "core", "integration", "tests", "docs"]
 nox.options.error_on_missing_interpreters = False
 
 PYTHON = "3.11"
@@ -31,12 +34,18 @@ SERVER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "server-test")  # on
 OTEL_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "otel-test")
 BROWSER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "browser-test")  # playwright
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
+DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")  # mkdocs-material, mkdocstrings
 TYPECHECK_DEPS = nox.project.dependency_groups(PYPROJECT, "typecheck")
 
 # Everything but the agent frameworks (each has its own session).
-SERVER_EXTRAS = "postgres,mysql,cli,http,server,otel"
+SERVER_EXTRAS = "postgres,mysql,redis,cli,http,server,otel"
 
-PASSTHROUGH_ENV = ("ONCEONLY_REQUIRE_SERVICES", "ONCEONLY_PG_URL", "ONCEONLY_MYSQL_URL")
+PASSTHROUGH_ENV = (
+    "ONCEONLY_REQUIRE_SERVICES",
+    "ONCEONLY_PG_URL",
+    "ONCEONLY_MYSQL_URL",
+    "ONCEONLY_REDIS_URL",
+)
 
 LINT_PATHS = ("onceonly_core", "integrations", "tests", "examples", "benchmarks", "noxfile.py")
 
@@ -44,6 +53,7 @@ LINT_PATHS = ("onceonly_core", "integrations", "tests", "examples", "benchmarks"
 OPTIONAL_MODULES = (
     "psycopg",
     "pymysql",
+    "redis",
     "typer",
     "rich",
     "langchain",
@@ -86,7 +96,8 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package (configured in pyproject.toml)."""
-    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS)
+    # pytest: onceonly_core.testing (the store contract kit) is typed against it.
+    session.install("-e", f".[{SERVER_EXTRAS}]", *TYPECHECK_DEPS, *TEST_DEPS)
     session.run("mypy", *session.posargs)
 
 
@@ -129,11 +140,23 @@ def integration(session: nox.Session, framework: str) -> None:
     session.run("pytest", f"tests/integrations/{framework}", *session.posargs)
 
 
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The docs site from docs/ (mkdocs.yml), built with --strict into site/."""
+    # The API reference reads the sources statically (griffe): no extra is installed.
+    session.install(*DOCS_DEPS)
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"}
+    )
+
+
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against the raw SQL floor and peer libraries (not a test)."""
     session.install(f".[{SERVER_EXTRAS}]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())
     session.run("python", "benchmarks/bench_governance.py", env=_passthrough_env())
+    # The Redis ledger next to raw SET NX / GET round trips (ONCEONLY_REDIS_URL).
+    session.run("python", "benchmarks/bench_redis.py", env=_passthrough_env())
     # `onceonly serve` under wrk (Debian's package: apt-get install wrk).
     session.run("python", "benchmarks/bench_server.py", env=_passthrough_env())

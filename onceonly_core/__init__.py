@@ -10,6 +10,7 @@ See README.md for the guarantees and the crash matrix.
 from __future__ import annotations
 
 from .codec import Codec
+from .contract import Classification, classify
 from .errors import (
     ApprovalPending,
     CachedFailure,
@@ -24,12 +25,13 @@ from .errors import (
     OnceOnlyError,
     PolicyBlocked,
     RemoteToolError,
+    ResultNotStored,
     SchemaError,
     SignatureError,
     StoreError,
     UnknownOutcome,
 )
-from .guard import BLOCKED, Guard, Stats, current_call, current_run_id, guard
+from .guard import BLOCKED, GLOBAL, Guard, Stats, current_call, current_run_id, guard
 from .protocol import NOT_DONE, CallContext, Options, Outcome
 from .stores import MemoryStore, Record, Store, open_store
 
@@ -37,10 +39,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BLOCKED",
+    "GLOBAL",
     "NOT_DONE",
     "ApprovalPending",
     "CachedFailure",
     "CallContext",
+    "Classification",
     "Codec",
     "CodecError",
     "CompletionNotRecorded",
@@ -58,12 +62,14 @@ __all__ = [
     "PolicyBlocked",
     "Record",
     "RemoteToolError",
+    "ResultNotStored",
     "SchemaError",
     "SignatureError",
     "Stats",
     "Store",
     "StoreError",
     "UnknownOutcome",
+    "classify",
     "current_call",
     "current_run_id",
     "guard",

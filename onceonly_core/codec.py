@@ -20,6 +20,7 @@ import importlib
 import json
 import math
 import pathlib
+import re
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -39,6 +40,8 @@ class ResultCodec(Protocol):
 _PLAIN = (str, int, bool, type(None))
 # What json.dumps(v, separators=(",", ":"), ensure_ascii=False) builds on every call.
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ASCII_JSON = json.JSONEncoder(separators=(",", ":"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _import(path: str) -> Any:
@@ -76,7 +79,13 @@ class Codec:
     # -- encoding -----------------------------------------------------------------------
     def encode(self, value: Any) -> str:
         try:
-            return _JSON.encode(self._enc(value, 0))
+            data = self._enc(value, 0)
+            text = _JSON.encode(data)
+            if not text.isascii() and _SURROGATE.search(text):
+                # A lone surrogate cannot be written as UTF-8 by any backend: escape it
+                # (\ud800) instead, which json.loads turns back into the same string.
+                text = _ASCII_JSON.encode(data)
+            return text
         except CodecError:
             raise
         except (TypeError, ValueError, RecursionError) as err:

@@ -8,6 +8,7 @@ it too, so ``except TypeError`` or ``except ImportError`` keeps working::
     ├── MissingExtraError (ImportError)     an optional dependency is not installed
     ├── FingerprintError (TypeError)        an argument cannot be canonicalised
     ├── CodecError (TypeError)              a result cannot be stored or replayed
+    │   └── ResultNotStored                 replay of a call that ran, whose result was not stored
     ├── KeyReuseError (ValueError)          same key, different arguments
     ├── InProgress                          another caller holds a live claim
     ├── UnknownOutcome                      a claim expired while running (on_unknown="raise")
@@ -42,6 +43,7 @@ __all__ = [
     "OnceOnlyError",
     "PolicyBlocked",
     "RemoteToolError",
+    "ResultNotStored",
     "SchemaError",
     "SignatureError",
     "StoreError",
@@ -84,6 +86,26 @@ class FingerprintError(OnceOnlyError, TypeError):
 
 class CodecError(OnceOnlyError, TypeError):
     """A result cannot be encoded for the ledger, or a stored one cannot be decoded."""
+
+
+class ResultNotStored(CodecError):
+    """The call ran once and succeeded, but its result was not stored, so it cannot be
+    replayed: it was larger than ``max_result_bytes`` or the codec could not encode it.
+
+    The record is ``succeeded`` (the tool never runs again for this key); ``reason``
+    says why nothing was stored. Read the effect from the downstream system, or
+    ``guard.retry(...)`` the key to run it again on purpose.
+    """
+
+    def __init__(self, namespace: str, key: str, tool: str, reason: str) -> None:
+        self.namespace = namespace
+        self.key = key
+        self.tool = tool
+        self.reason = reason
+        super().__init__(
+            f"{tool} ran once (key {key!r} in namespace {namespace!r}) but its result was "
+            f"not stored, so it cannot be replayed: {reason}"
+        )
 
 
 class KeyReuseError(OnceOnlyError, ValueError):
@@ -155,7 +177,7 @@ class CachedFailure(OnceOnlyError):
 
 
 class PolicyBlocked(OnceOnlyError, PermissionError):
-    """Governance refused the call; ``reason`` is the stable reason code (DESIGN §5).
+    """Governance refused the call; ``reason`` is the stable reason code (docs/governance.md).
 
     Raised by the facade (``guard(fn, ...)`` with an agent id); ``call_tool`` returns a
     ``ToolResult`` instead.

@@ -417,7 +417,6 @@ class Signature:
         "_names",
         "_npos",
         "_sig",
-        "bound_self",
         "partial_args",
         "partial_kw",
     )
@@ -431,7 +430,9 @@ class Signature:
             fn = fn.func
         # The receiver of a bound method is not part of the fingerprint: it is usually a
         # client object without a stable value. Distinguish accounts with key_args/namespace.
-        self.bound_self = getattr(fn, "__self__", None)
+        # Not kept either: the guard caches a method's Signature by its function, and must
+        # not keep a per-request receiver alive.
+        bound_self = getattr(fn, "__self__", None)
         target = getattr(fn, "__func__", fn)
         try:
             sig = inspect.signature(target)
@@ -441,7 +442,7 @@ class Signature:
         # Only a Python method's __func__ lists the receiver; builtin methods and module
         # functions (``"a".split``, ``os.remove``: __self__ is the str / the module) don't.
         unwrapped = target is not fn
-        if self.bound_self is not None and unwrapped and params:
+        if bound_self is not None and unwrapped and params:
             params = params[1:]  # self, or cls for a classmethod
         self._sig = sig.replace(parameters=params)
         simple = all(

@@ -1,8 +1,14 @@
 """The facade: ``guard(fn, *args, **kwargs)``, ``@guard.once``, ``guard.wrap_tools`` and friends.
 
-Everything here prepares a call (tool identity, bound arguments, key, options) and
-then hands it to the one copy of the protocol in :mod:`onceonly_core.protocol`,
-driven synchronously or on the event loop.
+There is one call path, :meth:`Guard.run_call` (and its async twin): a tool *name*, the
+call's arguments as a *mapping* and a thunk that runs it. The key comes from the scope,
+the name and the canonical arguments; no Python signature is involved. Every other way in
+binds its arguments to a mapping first (``guard(fn, ...)``, ``@guard.once``,
+``wrap_tools``, ``call_tool``) and then takes the same path: options resolved
+(:meth:`Guard._spec`), the call prepared (:meth:`Guard._prepare`), governed
+(:meth:`Guard._governed`) and run on the one copy of the protocol in
+:mod:`onceonly_core.protocol` (:meth:`Guard._execute`), driven synchronously or on the
+event loop. Outcomes are classified once for adapters in :mod:`onceonly_core.contract`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +36,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
 from .errors import ConfigError, OnceOnlyError
+from .keyhealth import KeyHealth
+from .limits import check_text
 from .protocol import (
     BLOCKED,
     Call,
@@ -42,16 +51,18 @@ from .protocol import (
     run_sync,
     safe_str,
 )
-from .stores import Record, Store, open_store
+from .stores import Record, Store, check_url, open_store
 from .stores.base import MAX_LABEL, NewClaim, check_labels
 
 if TYPE_CHECKING:
+    from .contract import Classification
     from .governance.engine import Governance, Request
     from .governance.models import ToolResult
     from .telemetry import Observer
 
 __all__ = [
     "BLOCKED",
+    "GLOBAL",
     "Guard",
     "Stats",
     "current_call",
@@ -108,6 +119,7 @@ def _label(value: str | None, what: str) -> str | None:
         raise ConfigError(f"{what} must be a non-empty string of at most {MAX_LABEL} characters")
     if any(ord(c) < 32 for c in value):
         raise ConfigError(f"{what} must not contain control characters: {value!r}")
+    check_text(value, what)  # lone surrogates: no backend can store them
     return value
 
 
@@ -191,21 +203,38 @@ class _Heartbeats:
 
 
 @dataclass(slots=True)
-class _Tool:
-    """A callable prepared once: identity, signature, sync/async, merged options."""
+class _Fn:
+    """What a callable tells the call path, read once per callable: its identity, its
+    signature (to bind arguments to a mapping) and whether it is async.
 
-    fn: Callable[..., Any]
+    Holds no reference to the callable itself: the cache maps callables to these weakly,
+    so a per-request tool (a closure, a partial, a bound method of a per-request object)
+    is freed with its request."""
+
     name: str
     sig: fp.Signature
     is_async: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """One tool's options: the guard's defaults, the policy for its name and the call's own
+    options, merged and checked once (``dataclasses.replace`` costs ~10 us a call)."""
+
+    name: str
     overrides: dict[str, Any]
-    # The caller's option objects, kept alive while cached: the cache key holds their
-    # id()s, which CPython reuses once an object is freed (a new key_args list would
-    # otherwise hit the entry of an earlier, different one).
-    pinned: tuple[Any, ...] = ()
-    # The guard's defaults with ``overrides`` applied, computed once: dataclasses.replace
-    # costs ~10 us a call. The tool cache is cleared whenever the defaults change.
-    opts: Options | None = None
+    opts: Options
+    bare: bool  # no ledger claim: read_only or unlimited
+
+
+class _Global:
+    def __repr__(self) -> str:
+        return "GLOBAL"
+
+
+GLOBAL: Any = _Global()
+"""``scope=GLOBAL``: deduplicate across every scope on purpose (no workflow), without the
+unscoped-call warning."""
 
 
 class Guard:
@@ -226,11 +255,14 @@ class Guard:
         quiet: bool | None = None,
         caller: str | None = None,
         agent_id: str | None = None,
+        key_health: bool | None = None,
         **defaults: Any,
     ) -> None:
         unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
         if unknown:
             raise ConfigError(f"unknown Guard options: {', '.join(sorted(unknown))}")
+        if url is not None:  # fail here, not at the first call, with the URL meant
+            check_url(url)
         self._url = url
         self._store_options: dict[str, Any] = defaults.pop("store_options", {}) or {}
         self._namespace = _label(namespace, "namespace")
@@ -238,12 +270,23 @@ class Guard:
         self._quiet = quiet
         self._caller = _label(caller, "caller")
         self._agent_id = _label(agent_id, "agent id")
+        if agent_id is not None:
+            self._check_governance(store or url or os.environ.get("ONCEONLY_DB_URL"))
         self._gov: Any = None
         self.codec: ResultCodec = codec or default_codec
         self._defaults = Options(**defaults)
         _check_options(self._defaults)
         self._policies: dict[str, dict[str, Any]] = {}
-        self._tools: dict[Any, _Tool] = {}
+        # Prepared tools, two caches. By callable, *weakly*: a per-request tool (a closure,
+        # a partial, a bound method of a per-request object) must die with its request.
+        # Bound methods are cached by their function (``obj.m`` is a new object each time).
+        self._fns: weakref.WeakKeyDictionary[Any, _Fn] = weakref.WeakKeyDictionary()
+        self._methods: weakref.WeakKeyDictionary[Any, _Fn] = weakref.WeakKeyDictionary()
+        # By tool name and option values (only values compared by equality: no object is
+        # pinned by the cache). Cleared, and _gen bumped, whenever defaults or policies change.
+        self._specs: dict[Any, _Spec] = {}
+        self._gen = 0
+        self._warned_unscoped = False
         self._stats = Stats()
         self._stats_lock = threading.Lock()
         self._hooks: dict[str, list[Callable[[Outcome], Any]]] = {
@@ -258,6 +301,10 @@ class Guard:
         # log record). None, the default, costs one attribute read per call.
         self._observer: Observer | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Warns (once) when a tool's arguments never repeat; None: ONCEONLY_KEY_HEALTH at
+        # first use (docs/keys.md, "Keys that never repeat").
+        self._key_health_on = key_health
+        self._key_health = KeyHealth()
 
     # -- configuration (lazy) -----------------------------------------------------------
     @property
@@ -282,6 +329,8 @@ class Guard:
 
     @property
     def quiet(self) -> bool:
+        """No per-call decision records on the ``onceonly`` logger (``quiet=True`` or
+        ``ONCEONLY_QUIET=1``). The guard never prints either way; warnings still log."""
         if self._quiet is None:
             self._quiet = os.environ.get("ONCEONLY_QUIET", "").lower() in ("1", "true", "yes")
         return self._quiet
@@ -293,6 +342,7 @@ class Guard:
         namespace: str | None = None,
         store: Store | None = None,
         quiet: bool | None = None,
+        key_health: bool | None = None,
         **defaults: Any,
     ) -> Guard:
         """Point this guard elsewhere or change defaults (before or between uses)."""
@@ -308,14 +358,21 @@ class Guard:
                 self._namespace = _label(namespace, "namespace")
             if quiet is not None:
                 self._quiet = quiet
+            if key_health is not None:
+                self._key_health_on = key_health
             if defaults:
                 unknown = set(defaults) - _OPTION_NAMES
                 if unknown:
                     raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
                 self._defaults = replace(self._defaults, **defaults)
                 _check_options(self._defaults)
-            self._tools.clear()
+            self._forget()
         return self
+
+    def _forget(self) -> None:
+        """Defaults or policies changed: prepared options are stale (callables are not)."""
+        self._specs = {}
+        self._gen += 1
 
     def close(self) -> None:
         if self._gov is not None:
@@ -330,10 +387,19 @@ class Guard:
         if self._gov is None:
             from .governance.engine import Governance
 
+            self._check_governance(self._store or self._url or os.environ.get("ONCEONLY_DB_URL"))
             with self._config_lock:
                 if self._gov is None:
                     self._gov = Governance(self)
         return self._gov  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _check_governance(ledger: str | Store | None) -> None:
+        from .stores import governance_unsupported
+
+        reason = governance_unsupported(ledger)
+        if reason is not None:
+            raise ConfigError(reason)
 
     def __enter__(self) -> Guard:
         return self
@@ -393,7 +459,7 @@ class Guard:
 
     # -- policies and hooks -------------------------------------------------------------
     def policy(self, tool: Callable[..., Any] | str, **options: Any) -> None:
-        """Per-tool options (by callable or by tool name): ``unlimited=``, ``replay=``,
+        """Per-tool options (by callable or by tool name): ``read_only=``, ``replay=``,
         ``max=``, ``ttl=``, ``lease=``, ``wait=``, ``on_unknown=``, ``cache_errors=``..."""
         unknown = set(options) - _OPTION_NAMES
         if unknown:
@@ -402,7 +468,7 @@ class Guard:
         name = tool if isinstance(tool, str) else fp.tool_identity(tool)
         with self._config_lock:
             self._policies[name] = {**self._policies.get(name, {}), **options}
-            self._tools.clear()
+            self._forget()
 
     def on_success(self, hook: Callable[[Outcome], Any]) -> Callable[[Outcome], Any]:
         self._hooks["executed"].append(hook)
@@ -420,6 +486,185 @@ class Guard:
         self._hooks["failed"].append(hook)
         return hook
 
+    # -- the one call path ----------------------------------------------------------------
+    def run_call(
+        self,
+        tool: str,
+        args: Mapping[str, Any],
+        thunk: Callable[[], Any],
+        /,
+        *,
+        scope: str | None = None,
+        agent_id: str | None = None,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> ToolResult:
+        """Run ``thunk()`` at most once per (scope, tool name, canonical ``args``), governed.
+
+        The one call path: every other way in (``call_tool``, ``guard(fn, ...)``,
+        ``@guard.once``, ``wrap_tools``, the framework adapters) binds its arguments to a
+        mapping and comes here. No Python signature is involved: the key is
+        ``sha256(scheme, scope, tool, canonical(args))`` (see docs/keys.md).
+
+        ``args`` are the arguments *as the tool receives them* — for a framework, after
+        its schema validation, defaults, ``default_factory`` and coercion — so two calls
+        that are equal after validation get one key. ``thunk`` runs the tool with exactly
+        those arguments; it is called at most once, only if this call executes.
+
+        ``scope`` is the dedup scope (a conversation, a thread, an order): the same call
+        in another scope is another call. ``run_call(..., scope="t-1")`` is
+        ``with guard.workflow("t-1"): run_call(...)``: records live in namespace
+        ``<namespace>/<scope>`` and the scope is part of the derived key. ``None`` keeps
+        the surrounding ``guard.workflow(...)``, if any; without one the call is
+        deduplicated forever, across conversations (logged once per Guard as a warning;
+        ``scope=GLOBAL`` says you mean it). Read tools: ``read_only=True``.
+
+        Options are those of ``guard.policy`` (``read_only=``, ``key_args=``, ``ttl=``,
+        ``replay=``...). Governance applies as in :meth:`call_tool` (agent id, spend,
+        run id, approvals, caps, audit). Returns a ToolResult; never raises for the tool's
+        own exception or a policy decision, raises our own errors (InProgress,
+        UnknownOutcome, StoreError, FingerprintError, ...). For one classified answer
+        per outcome, use :meth:`run_call_classified`.
+        """
+        by_name = bool(options.pop("_by_name", False))
+        spec = self._spec(_label(tool, "tool name") or "", options)
+        if _is_async(thunk):
+            raise ConfigError(f"{spec.name}: the thunk is async; use `await guard.arun_call(...)`")
+        bound = _mapping(spec.name, args)
+        token = _enter(scope)
+        try:
+            agent = agent_id or _agent.get() or self._agent_id
+            self._check_scope(spec, scope, by_name)
+            return self._governed(spec, bound, thunk, agent, spend_usd, run_id, by_name)
+        finally:
+            if token is not None:
+                _workflow.reset(token)
+
+    async def arun_call(
+        self,
+        tool: str,
+        args: Mapping[str, Any],
+        thunk: Callable[[], Any],
+        /,
+        *,
+        scope: str | None = None,
+        agent_id: str | None = None,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> ToolResult:
+        """:meth:`run_call` for async code.
+
+        An async ``thunk`` (``async def``, a ``functools.partial`` of one, or an object
+        with an ``async def __call__``) is awaited in this task. A sync thunk runs in a
+        worker thread, never on the event loop; if it returns an awaitable (a lambda
+        around a coroutine function), that is awaited too.
+        """
+        by_name = bool(options.pop("_by_name", False))
+        spec = self._spec(_label(tool, "tool name") or "", options)
+        bound = _mapping(spec.name, args)
+        token = _enter(scope)
+        try:
+            agent = agent_id or _agent.get() or self._agent_id
+            self._check_scope(spec, scope, by_name)
+            return await self._agoverned(
+                spec, bound, thunk, _is_async(thunk), agent, spend_usd, run_id, by_name
+            )
+        finally:
+            if token is not None:
+                _workflow.reset(token)
+
+    def run_call_classified(
+        self,
+        tool: str,
+        args: Mapping[str, Any],
+        thunk: Callable[[], Any],
+        /,
+        *,
+        scope: str | None = None,
+        agent_id: str | None = None,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> Classification:
+        """:meth:`run_call`, answered as one :class:`~onceonly_core.contract.Classification`.
+
+        What adapters call. Every outcome — executed, replayed, blocked, pending approval,
+        in progress, unknown outcome, the tool's failure, our own error, invalid arguments
+        — comes back as a Classification (stable ``code``, structured fields, ``text``
+        for the model); nothing raises, except an interruption (cancellation,
+        KeyboardInterrupt, a framework's interrupt such as LangGraph's ``GraphInterrupt``),
+        which is re-raised unchanged: it is control flow, not an outcome.
+        """
+        from .contract import classify
+
+        try:
+            res = self.run_call(
+                tool,
+                args,
+                thunk,
+                scope=scope,
+                agent_id=agent_id,
+                spend_usd=spend_usd,
+                run_id=run_id,
+                **options,
+            )
+        except BaseException as err:
+            return _answer(classify(err, tool=tool), err)
+        return _answer(classify(res), None)
+
+    async def arun_call_classified(
+        self,
+        tool: str,
+        args: Mapping[str, Any],
+        thunk: Callable[[], Any],
+        /,
+        *,
+        scope: str | None = None,
+        agent_id: str | None = None,
+        spend_usd: float | None = None,
+        run_id: str | None = None,
+        **options: Any,
+    ) -> Classification:
+        """:meth:`run_call_classified` for async code (see :meth:`arun_call`)."""
+        from .contract import classify
+
+        try:
+            res = await self.arun_call(
+                tool,
+                args,
+                thunk,
+                scope=scope,
+                agent_id=agent_id,
+                spend_usd=spend_usd,
+                run_id=run_id,
+                **options,
+            )
+        except BaseException as err:
+            return _answer(classify(err, tool=tool), err)
+        return _answer(classify(res), None)
+
+    def _check_scope(self, spec: _Spec, scope: Any, by_name: bool) -> None:
+        """Warn once per Guard when a call that is deduplicated runs without a scope."""
+        if (
+            self._warned_unscoped
+            or scope is GLOBAL
+            or by_name  # a registered tool run by name (gov.run_tool, the /v1 API): tenant-wide
+            or spec.bare
+            or spec.opts.key is not None  # the caller chose the key: its scope is theirs
+            or _workflow.get() is not None
+        ):
+            return
+        self._warned_unscoped = True
+        log.warning(
+            "onceonly: tool %r ran without a scope, so its calls are deduplicated forever, "
+            "across conversations: pass scope= (a conversation or thread id) or use "
+            "guard.workflow(...); mark read tools read_only=True; scope=GLOBAL means it "
+            "(this warning is given once per Guard)",
+            spec.name,
+        )
+
     # -- calling ------------------------------------------------------------------------
     def __call__(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` at most once per key; replay its result after.
@@ -428,7 +673,8 @@ class Guard:
         options with ``guard.using(key=...)(fn, ...)`` or ``@guard.once(...)``.
         For an ``async def`` tool this returns an awaitable.
         """
-        return self._invoke(self._tool(fn, {}), args, kwargs, force=False)
+        fn, info, overrides = self._resolve(fn, {})
+        return self._invoke(fn, info, self._spec_for(info, overrides), args, kwargs, False)
 
     def using(self, **options: Any) -> Callable[..., Any]:
         """Options for one call: ``guard.using(key="order-42")(charge, "c1", 500)``."""
@@ -437,7 +683,8 @@ class Guard:
             raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
 
         def call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-            return self._invoke(self._tool(fn, options), args, kwargs, force=False)
+            fn, info, overrides = self._resolve(fn, options)
+            return self._invoke(fn, info, self._spec_for(info, overrides), args, kwargs, False)
 
         return call
 
@@ -454,22 +701,35 @@ class Guard:
             raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
 
         def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
-            tool = self._tool(f, options)
-            if tool.is_async:
+            target, info, overrides = self._resolve(f, options)
+            # The decorated function's options, prepared once and again only after
+            # guard.configure()/policy() (a generation bump): one (gen, spec) pair, swapped
+            # whole so concurrent callers never see a half-updated one.
+            cell = [(self._gen, self._spec_for(info, overrides))]
+
+            def spec() -> _Spec:
+                gen, s = cell[0]
+                if gen != self._gen:
+                    gen = self._gen
+                    s = self._spec_for(info, overrides)
+                    cell[0] = (gen, s)
+                return s
+
+            if info.is_async:
 
                 @functools.wraps(f)
                 async def awrapper(*args: Any, **kwargs: Any) -> Any:
-                    return await self._invoke(self._tool(f, options), args, kwargs, force=False)
+                    return await self._invoke(target, info, spec(), args, kwargs, False)
 
-                awrapper.__onceonly_tool__ = tool.name  # type: ignore[attr-defined]
+                awrapper.__onceonly_tool__ = spec().name  # type: ignore[attr-defined]
                 awrapper.__onceonly_guard__ = (self, options)  # type: ignore[attr-defined]
                 return awrapper
 
             @functools.wraps(f)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                return self._invoke(self._tool(f, options), args, kwargs, force=False)
+                return self._invoke(target, info, spec(), args, kwargs, False)
 
-            wrapper.__onceonly_tool__ = tool.name  # type: ignore[attr-defined]
+            wrapper.__onceonly_tool__ = spec().name  # type: ignore[attr-defined]
             wrapper.__onceonly_guard__ = (self, options)  # type: ignore[attr-defined]
             return wrapper
 
@@ -491,7 +751,8 @@ class Guard:
 
     def force(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run again even if the key already ran; fences out any current owner."""
-        return self._invoke(self._tool(fn, {}), args, kwargs, force=True)
+        fn, info, overrides = self._resolve(fn, {})
+        return self._invoke(fn, info, self._spec_for(info, overrides), args, kwargs, True)
 
     def retry(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> bool:
         """Clear the record of this call so the next call runs again.
@@ -499,8 +760,7 @@ class Guard:
         Returns False if there was nothing to clear. Raises InProgress if the call is
         running with a live lease (clearing it would allow a concurrent second run).
         """
-        tool = self._tool(fn, {})
-        ns, key, _, _ = self._key(tool, args, kwargs)
+        ns, key = self._key_of(fn, args, kwargs)
         return self.clear(key, namespace=ns)
 
     def clear(self, key: str, *, namespace: str | None = None) -> bool:
@@ -512,11 +772,39 @@ class Guard:
         if done is False:
             rec = self.store.get(ns, key)
             raise InProgress(ns, key, rec.owner if rec else None)
+        if done is None:  # a typo'd key or namespace must not pass as "cleared"
+            log.warning("clear: no record with key %r in namespace %r; nothing cleared", key, ns)
         return bool(done)
 
     def key_for(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> str:
         """The key a call would use (for logs, ``onceonly retry --key``)."""
-        return self._key(self._tool(fn, {}), args, kwargs)[1]
+        return self._key_of(fn, args, kwargs)[1]
+
+    def key_for_call(
+        self,
+        tool: str,
+        args: Mapping[str, Any],
+        *,
+        scope: str | None = None,
+        **options: Any,
+    ) -> str:
+        """The key :meth:`run_call` would use for these arguments (nothing runs)."""
+        spec = self._spec(_label(tool, "tool name") or "", options)
+        bound = _mapping(spec.name, args)
+        token = _enter(scope)
+        try:
+            return self._key(spec, bound)[1]
+        finally:
+            if token is not None:
+                _workflow.reset(token)
+
+    def _key_of(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, str]:
+        fn, info, overrides = self._resolve(fn, {})
+        spec = self._spec_for(info, overrides)
+        ns, key, _, _ = self._key(spec, self._bind(info, spec.name, args, kwargs))
+        return ns, key
 
     # -- reading ------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -537,14 +825,16 @@ class Guard:
         return self.store.list(namespace=ns, prefix=True, tool=name, limit=limit)
 
     def log(self, limit: int = 20, file: Any = None) -> None:
-        """Print recent records (state, tool, key, attempts) to stdout."""
+        """Write recent records (state, tool, key, attempts) to ``file`` (default stdout).
+
+        An explicit request for output; the guard itself never prints (decisions go to
+        the ``onceonly`` logger)."""
         out = file or sys.stdout
         for r in self.history(limit=limit):
             stamp = time.strftime("%H:%M:%S", time.localtime(r.updated_at))
-            print(
+            out.write(
                 f"{stamp}  {r.state:<9}  {r.tool}  key={r.key[:16]}  token={r.token} "
-                f"runs={r.executions}",
-                file=out,
+                f"runs={r.executions}\n"
             )
 
     def check(self) -> bool:
@@ -582,25 +872,66 @@ class Guard:
             raise OnceOnlyError("self-test: the ledger accepted a second completion")
         return True
 
-    # -- internals ----------------------------------------------------------------------
-    def _tool(self, fn: Callable[..., Any], overrides: Mapping[str, Any]) -> _Tool:
-        # A function this guard already decorated (@guard.once(...)) passed to guard(),
-        # retry(), force() or key_for(): use the original with the decorator's options,
-        # so it is the same call (same key), guarded once.
+    # -- preparing a call ---------------------------------------------------------------
+    def _resolve(
+        self, fn: Callable[..., Any], overrides: Mapping[str, Any]
+    ) -> tuple[Callable[..., Any], _Fn, Mapping[str, Any]]:
+        """The callable to run, what it tells us, and the call's options.
+
+        A function this guard already decorated (``@guard.once(...)``) passed to
+        guard(), retry(), force(), key_for() or wrap_tools: the original runs with the
+        decorator's options, so it is the same call (same key), guarded once."""
         marker = getattr(fn, "__onceonly_guard__", None)
-        if marker is not None and marker[0] is self:
+        while marker is not None and marker[0] is self:
             overrides = {**marker[1], **overrides}
             fn = fn.__wrapped__  # type: ignore[attr-defined]
-        cache_key: Any = (fn, tuple(sorted((k, _option_key(v)) for k, v in overrides.items())))
+            marker = getattr(fn, "__onceonly_guard__", None)
+        return fn, self._fn(fn), overrides
+
+    def _fn(self, fn: Callable[..., Any]) -> _Fn:
+        """Identity, signature and async-ness of a callable, cached weakly by callable."""
+        method = type(fn) is types.MethodType
+        cache: weakref.WeakKeyDictionary[Any, _Fn] | None = self._methods if method else self._fns
+        ref: Any = fn.__func__ if method else fn  # type: ignore[attr-defined]
         try:
-            tool = self._tools.get(cache_key)
-        except TypeError:  # unhashable callable
-            tool, cache_key = None, None
-        if tool is not None:
-            return tool
+            info = cache.get(ref)  # type: ignore[union-attr]
+        except TypeError:  # unhashable, or no weak reference possible: read it each time
+            info, cache = None, None
+        if info is not None:
+            return info
         if not callable(fn):
             raise ConfigError(f"guard needs a callable, got {type(fn).__name__}")
-        name = overrides.get("name") or fp.tool_identity(fn)
+        info = _Fn(fp.tool_identity(fn), fp.Signature(fn), _is_async(fn))
+        if cache is not None:
+            with contextlib.suppress(TypeError):
+                cache[ref] = info
+        return info
+
+    def _spec_for(self, info: _Fn, overrides: Mapping[str, Any]) -> _Spec:
+        return self._spec(overrides.get("name") or info.name, overrides)
+
+    def _spec(self, name: str, overrides: Mapping[str, Any]) -> _Spec:
+        """The options of one call of tool ``name``: defaults < policy(name) < overrides."""
+        cache_key: Any = name
+        if overrides:
+            parts = []
+            for k, v in overrides.items():
+                part = _option_key(v)
+                if part is None:  # an object compared by identity: not cached (see below)
+                    cache_key = None
+                    break
+                parts.append((k, part))
+            else:
+                cache_key = (name, tuple(sorted(parts)))
+        specs = self._specs
+        if cache_key is not None:
+            spec = specs.get(cache_key)
+            if spec is not None:
+                return spec
+        unknown = set(overrides) - _OPTION_NAMES
+        if unknown:
+            raise ConfigError(f"unknown options: {', '.join(sorted(unknown))}")
+        check_text(name, "the tool name")  # stored as a name on every backend: no NUL
         merged = {**self._policies.get(name, {}), **overrides}
         for opt in ("key_args", "exclude"):
             if isinstance(merged.get(opt), str):
@@ -609,21 +940,22 @@ class Guard:
                 merged[opt] = tuple(merged[opt])
         opts = replace(self._defaults, **merged) if merged else self._defaults
         _check_options(opts)
-        target = fn
-        while isinstance(target, functools.partial):
-            target = target.func
-        is_async = inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
-            getattr(target, "__call__", None)  # noqa: B004 - async callable objects
-        )
-        tool = _Tool(fn, name, fp.Signature(fn), is_async, merged, tuple(overrides.values()), opts)
-        if cache_key is not None and len(self._tools) < 10_000:
-            self._tools[cache_key] = tool
-        return tool
+        spec = _Spec(name, merged, opts, bool(opts.unlimited or opts.read_only))
+        # Only equal-compared option values are cached: caching an option object (a key=
+        # callable, a reconcile callback, a blocked_return) would keep it — and whatever
+        # it holds — alive for the life of the Guard. Decorators keep their own spec.
+        if cache_key is not None:
+            if len(specs) >= 10_000:
+                specs.clear()
+            specs[cache_key] = spec
+        return spec
 
-    def _bind(self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _bind(
+        self, info: _Fn, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults applied."""
         try:
-            return tool.sig.bind(args, kwargs)
+            return info.sig.bind(args, kwargs)
         except TypeError as err:
             hint = ""
             if set(kwargs) & _OPTION_NAMES:
@@ -631,20 +963,10 @@ class Guard:
                     " (guard(fn, ...) passes every keyword to the tool; set options with "
                     "guard.using(key=...)(fn, ...) or @guard.once(...))"
                 )
-            raise TypeError(f"{tool.name}: {err}{hint}") from None
+            raise TypeError(f"{name}: {err}{hint}") from None
 
-    def _key(
-        self,
-        tool: _Tool,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        bound: dict[str, Any] | None = None,
-    ) -> tuple[str, str, str | None, Options]:
-        opts = tool.opts
-        if opts is None:
-            opts = replace(self._defaults, **tool.overrides) if tool.overrides else self._defaults
-        if bound is None:
-            bound = self._bind(tool, args, kwargs)
+    def _key(self, spec: _Spec, bound: Mapping[str, Any]) -> tuple[str, str, str | None, Options]:
+        opts = spec.opts
         ns = self.current_namespace()
         wf = _workflow.get()
         if opts.key is not None:
@@ -654,13 +976,13 @@ class Guard:
             skip = set(opts.exclude)
             data = {k: v for k, v in bound.items() if k not in skip}
             digest = (
-                fp.digest(tool.name, fp.canonical(data, float_digits=opts.float_digits))
+                fp.digest(spec.name, fp.canonical(data, float_digits=opts.float_digits))
                 if opts.check_payload
                 else None
             )
         else:
             key = fp.derive_key(
-                tool.name,
+                spec.name,
                 bound,
                 workflow=wf,
                 key_args=opts.key_args,
@@ -671,43 +993,70 @@ class Guard:
         check_labels(ns, key)
         return ns, key, digest, opts
 
-    def _prepare(
+    def _prepare(self, spec: _Spec, bound: Mapping[str, Any], force: bool) -> Call:
+        ns, key, digest, opts = self._key(spec, bound)
+        new = NewClaim(
+            spec.name, self._owner, opts.lease, digest, _run_id.get(), _caller.get() or self._caller
+        )
+        return Call(ns, key, spec.name, digest, opts, new, self.codec, force)
+
+    # -- the facade's calls (value or exception, as the function itself would) ------------
+    def _invoke(
         self,
-        tool: _Tool,
+        fn: Callable[..., Any],
+        info: _Fn,
+        spec: _Spec,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         force: bool,
-        bound: dict[str, Any] | None = None,
-    ) -> Call:
-        ns, key, digest, opts = self._key(tool, args, kwargs, bound)
-        new = NewClaim(
-            tool.name, self._owner, opts.lease, digest, _run_id.get(), _caller.get() or self._caller
-        )
-        return Call(ns, key, tool.name, digest, opts, new, self.codec, force)
-
-    def _invoke(
-        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
     ) -> Any:
-        if tool.is_async:
-            return self._ainvoke(tool, args, kwargs, force)
+        if info.is_async:
+            return self._ainvoke(fn, info, spec, args, kwargs, force)
         agent = _agent.get() or self._agent_id
         if agent is not None and not force:
-            return _unwrap(self._governed(tool, args, kwargs, agent, None, None, False))
-        opts_unlimited = tool.overrides.get("unlimited", self._defaults.unlimited)
-        if opts_unlimited and not force:
+            bound = self._bind(info, spec.name, args, kwargs)
+            thunk = functools.partial(fn, *args, **kwargs)
+            return _unwrap(self._governed(spec, bound, thunk, agent, None, None, False))
+        if spec.bare and not force:
             self._count("attempts")
-            return tool.fn(*args, **kwargs)
-        call = self._prepare(tool, args, kwargs, force)
+            return fn(*args, **kwargs)
+        bound = self._bind(info, spec.name, args, kwargs)
+        call = self._prepare(spec, bound, force)
         if _reentrant(call):
-            return tool.fn(*args, **kwargs)
-        return self._after(self._run_call(tool, call, args, kwargs))
+            return fn(*args, **kwargs)
+        return self._after(self._execute(call, functools.partial(fn, *args, **kwargs), bound))
 
-    def _run_call(
+    async def _ainvoke(
         self,
-        tool: _Tool,
-        call: Call,
+        fn: Callable[..., Any],
+        info: _Fn,
+        spec: _Spec,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        force: bool,
+    ) -> Any:
+        agent = _agent.get() or self._agent_id
+        if agent is not None and not force:
+            bound = self._bind(info, spec.name, args, kwargs)
+            thunk = functools.partial(fn, *args, **kwargs)
+            res = await self._agoverned(spec, bound, thunk, True, agent, None, None, False)
+            return _unwrap(res)
+        if spec.bare and not force:
+            self._count("attempts")
+            return await fn(*args, **kwargs)
+        bound = self._bind(info, spec.name, args, kwargs)
+        call = self._prepare(spec, bound, force)
+        if _reentrant(call):
+            return await fn(*args, **kwargs)
+        thunk = functools.partial(fn, *args, **kwargs)
+        return self._after(await self._aexecute(call, thunk, True, bound))
+
+    # -- claim → execute → fenced completion, on the flow of protocol.py -------------------
+    def _execute(
+        self,
+        call: Call,
+        thunk: Callable[[], Any],
+        bound: Mapping[str, Any],
         extra: Callable[[], Any] | None = None,
         seen: list[BaseException] | None = None,
     ) -> Outcome:
@@ -716,12 +1065,13 @@ class Guard:
         store = self.store
 
         def execute(ctx: CallContext) -> Ran:
+            self._observe_key(call, ctx, bound)
             hid = self._heartbeats.add(
                 store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
             )
             token = _current.set(ctx)
             try:
-                value = tool.fn(*args, **kwargs)
+                value = thunk()
             except BaseException as err:
                 if seen is not None:
                     seen.append(err)
@@ -735,8 +1085,8 @@ class Guard:
                 return Ran(
                     False,
                     error=TypeError(
-                        f"{tool.name} returned an awaitable; guard async tools with "
-                        "`await guard(fn, ...)` (declare them `async def`)"
+                        f"{call.tool} returned an awaitable; guard async tools with "
+                        "`await guard(fn, ...)` or `await guard.arun_call(...)`"
                     ),
                 )
             return Ran(True, value)
@@ -754,41 +1104,25 @@ class Guard:
             self._after_error(call, err)
             raise
 
-    async def _ainvoke(
-        self, tool: _Tool, args: tuple[Any, ...], kwargs: dict[str, Any], force: bool
-    ) -> Any:
-        agent = _agent.get() or self._agent_id
-        if agent is not None and not force:
-            return _unwrap(await self._agoverned(tool, args, kwargs, agent, None, None, False))
-        if tool.overrides.get("unlimited", self._defaults.unlimited) and not force:
-            self._count("attempts")
-            return await tool.fn(*args, **kwargs)
-        call = self._prepare(tool, args, kwargs, force)
-        if _reentrant(call):
-            return await tool.fn(*args, **kwargs)
-        return self._after(await self._arun_call(tool, call, args, kwargs))
-
-    async def _arun_call(
+    async def _aexecute(
         self,
-        tool: _Tool,
         call: Call,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        thunk: Callable[[], Any],
+        is_async: bool,
+        bound: Mapping[str, Any],
         extra: Callable[[], Any] | None = None,
         seen: list[BaseException] | None = None,
     ) -> Outcome:
         store = self.store
 
         async def execute(ctx: CallContext) -> Ran:
+            self._observe_key(call, ctx, bound)
             hid = self._heartbeats.add(
                 store, ctx.namespace, ctx.key, ctx.token, call.opts.lease, extra
             )
             token = _current.set(ctx)
             try:
-                if tool.is_async:
-                    value = await tool.fn(*args, **kwargs)
-                else:  # call_tool on a sync tool from async code: off the event loop
-                    value = await asyncio.to_thread(_in_context(tool.fn, ctx), *args, **kwargs)
+                value = await _acall(thunk, is_async, ctx)
             except BaseException as err:
                 if seen is not None:
                     seen.append(err)
@@ -822,20 +1156,36 @@ class Guard:
         agent_id: str | None = None,
         spend_usd: float | None = None,
         run_id: str | None = None,
+        scope: str | None = None,
         **options: Any,
     ) -> ToolResult:
         """Run ``fn(**args)`` governed and at most once per key; return a ToolResult.
 
+        :meth:`run_call` for a Python callable: ``args`` are bound to ``fn``'s signature
+        (defaults applied) to make the key, and ``fn(**args)`` is the thunk.
         Never raises for the tool's own exception or a policy decision (``decision`` says
         what happened); our infrastructure errors (StoreError, ...) do raise. Governance
         applies when an agent id is given, set by ``guard.agent(...)`` or on the Guard.
         """
         by_name = bool(options.pop("_by_name", False))
-        t = self._tool(fn, {**options, "name": tool} if tool else options)
-        if t.is_async:
-            raise ConfigError(f"{t.name} is async: use `await guard.acall_tool(...)`")
-        agent = agent_id or _agent.get() or self._agent_id
-        return self._governed(t, (), dict(args or {}), agent, spend_usd, run_id, by_name)
+        fn, info, overrides = self._resolve(fn, {**options, "name": tool} if tool else options)
+        spec = self._spec_for(info, overrides)
+        if info.is_async:
+            raise ConfigError(f"{spec.name} is async: use `await guard.acall_tool(...)`")
+        kwargs = dict(args or {})
+        token = _enter(scope)
+        try:
+            agent = agent_id or _agent.get() or self._agent_id
+            # Bound once: the key and the audited arguments come from the same binding.
+            # A bare (unlimited) call nobody audits needs none: the tool checks its own.
+            audited = not spec.bare or agent is not None
+            bound = self._bind(info, spec.name, (), kwargs) if audited else kwargs
+            self._check_scope(spec, scope, by_name)
+            thunk = functools.partial(fn, **kwargs)
+            return self._governed(spec, bound, thunk, agent, spend_usd, run_id, by_name)
+        finally:
+            if token is not None:
+                _workflow.reset(token)
 
     async def acall_tool(
         self,
@@ -847,19 +1197,32 @@ class Guard:
         agent_id: str | None = None,
         spend_usd: float | None = None,
         run_id: str | None = None,
+        scope: str | None = None,
         **options: Any,
     ) -> ToolResult:
         """:meth:`call_tool` for async code; a sync ``fn`` runs in a worker thread."""
         by_name = bool(options.pop("_by_name", False))
-        t = self._tool(fn, {**options, "name": tool} if tool else options)
-        agent = agent_id or _agent.get() or self._agent_id
-        return await self._agoverned(t, (), dict(args or {}), agent, spend_usd, run_id, by_name)
+        fn, info, overrides = self._resolve(fn, {**options, "name": tool} if tool else options)
+        spec = self._spec_for(info, overrides)
+        kwargs = dict(args or {})
+        token = _enter(scope)
+        try:
+            agent = agent_id or _agent.get() or self._agent_id
+            audited = not spec.bare or agent is not None
+            bound = self._bind(info, spec.name, (), kwargs) if audited else kwargs
+            self._check_scope(spec, scope, by_name)
+            thunk = functools.partial(fn, **kwargs)
+            return await self._agoverned(
+                spec, bound, thunk, info.is_async, agent, spend_usd, run_id, by_name
+            )
+        finally:
+            if token is not None:
+                _workflow.reset(token)
 
     def _request(
         self,
-        tool: _Tool,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        spec: _Spec,
+        bound: Mapping[str, Any],
         agent: str | None,
         spend_usd: float | None,
         run_id: str | None,
@@ -873,19 +1236,17 @@ class Guard:
             try:
                 micros(spend_usd)
             except (TypeError, ValueError) as err:
-                raise ConfigError(f"{tool.name}: {err}") from None
+                raise ConfigError(f"{spec.name}: {err}") from None
         run = _label(run_id, "run id") or _run_id.get()
-        unlimited = bool(tool.overrides.get("unlimited", self._defaults.unlimited))
-        # Bound once: the key and the audited arguments come from the same binding.
-        bound = self._bind(tool, args, kwargs) if agent is not None else None
-        call = None if unlimited else self._prepare(tool, args, kwargs, False, bound)
+        _label(agent, "agent id")  # a name on every backend, refused before anything is held
+        call = None if spec.bare else self._prepare(spec, bound, False)
         if call is not None and run is not None:
             call.new = replace(call.new, run_id=run)
         redacted = "null"
-        if bound is not None:
+        if agent is not None:
             # What the tool excluded from its key (injected state, clients, callbacks) is
             # not an argument worth auditing either.
-            skip = set(call.opts.exclude) if call is not None else set()
+            skip = set(spec.opts.exclude)
             shown = {k: v for k, v in bound.items() if k not in skip}
             redacted = json.dumps(self.gov.redactor.redact(shown), sort_keys=True)
 
@@ -895,14 +1256,14 @@ class Guard:
 
         req = Request(
             agent_id=agent,
-            tool=tool.name,
+            tool=spec.name,
             namespace=call.namespace if call else self.current_namespace(),
             key=call.key if call else None,
             args_digest=(call.digest or call.key) if call else None,
             args_json=redacted,
             spend_usd=spend_usd,
             run_id=run,
-            lease=(call.opts.lease if call else self._defaults.lease),
+            lease=spec.opts.lease,
             by_name=by_name,
             would_replay=would_replay,
         )
@@ -910,9 +1271,9 @@ class Guard:
 
     def _governed(
         self,
-        tool: _Tool,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        spec: _Spec,
+        bound: Mapping[str, Any],
+        thunk: Callable[[], Any],
         agent: str | None,
         spend_usd: float | None,
         run_id: str | None,
@@ -920,7 +1281,7 @@ class Guard:
     ) -> ToolResult:
         from .governance.engine import drive_sync, governed
 
-        req, call = self._request(tool, args, kwargs, agent, spend_usd, run_id, by_name)
+        req, call = self._request(spec, bound, agent, spend_usd, run_id, by_name)
         gov = self.gov if (agent is not None or req.run_id) else None
         peek = functools.partial(self._peek, call)
 
@@ -928,9 +1289,9 @@ class Guard:
             seen: list[BaseException] = []
             try:
                 if call is None or _reentrant(call):
-                    return self._unledgered(tool, req, tool.fn(*args, **kwargs))
+                    return self._unledgered(spec, req, thunk())
                 extra = self._extender(rid, call)
-                outcome = self._run_call(tool, call, args, kwargs, extra, seen)
+                outcome = self._execute(call, thunk, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
             self._after(outcome)
@@ -946,9 +1307,10 @@ class Guard:
 
     async def _agoverned(
         self,
-        tool: _Tool,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        spec: _Spec,
+        bound: Mapping[str, Any],
+        thunk: Callable[[], Any],
+        is_async: bool,
         agent: str | None,
         spend_usd: float | None,
         run_id: str | None,
@@ -956,7 +1318,7 @@ class Guard:
     ) -> ToolResult:
         from .governance.engine import drive_async, governed
 
-        req, call = self._request(tool, args, kwargs, agent, spend_usd, run_id, by_name)
+        req, call = self._request(spec, bound, agent, spend_usd, run_id, by_name)
         gov = self.gov if (agent is not None or req.run_id) else None
         peek = functools.partial(self._peek, call)
 
@@ -964,13 +1326,9 @@ class Guard:
             seen: list[BaseException] = []
             try:
                 if call is None or _reentrant(call):
-                    if tool.is_async:
-                        value = await tool.fn(*args, **kwargs)
-                    else:
-                        value = await asyncio.to_thread(tool.fn, *args, **kwargs)
-                    return self._unledgered(tool, req, value)
+                    return self._unledgered(spec, req, await _acall(thunk, is_async, None))
                 extra = self._extender(rid, call)
-                outcome = await self._arun_call(tool, call, args, kwargs, extra, seen)
+                outcome = await self._aexecute(call, thunk, is_async, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
             self._after(outcome)
@@ -984,6 +1342,34 @@ class Guard:
         obs = self._observer
         return await (drive() if obs is None else obs.arun(req, drive))
 
+    def _observe_key(
+        self,
+        call: Call,
+        ctx: CallContext,
+        args: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    ) -> None:
+        """A claim was won and the tool is about to run: let the key-health check look
+        at the arguments (by name, or a callable binding them only if looked at).
+
+        Only a first attempt is a new key (a take-over re-runs a key that repeated), and
+        a forced run bypasses the key. Cheap: sampled, never raises.
+        """
+        on = self._key_health_on
+        if on is None:
+            flag = os.environ.get("ONCEONLY_KEY_HEALTH", "1").strip().lower()
+            on = self._key_health_on = flag not in ("0", "false", "no", "off")
+        if on and ctx.attempt == 1 and not call.force:
+            opts = call.opts
+            self._key_health.observe(
+                call.tool,
+                call.namespace,
+                args,
+                key_args=opts.key_args,
+                exclude=opts.exclude,
+                explicit_key=opts.key is not None,
+                unlimited=opts.unlimited or opts.read_only,
+            )
+
     # -- the pieces both governed shells share ---------------------------------------------
     def _peek(self, call: Call | None) -> Record | None:
         """The ledger record of this call, if any (is it a replay? then it costs nothing)."""
@@ -995,10 +1381,10 @@ class Guard:
             None if rid is None else functools.partial(self.gov.store.extend, rid, call.opts.lease)
         )
 
-    def _unledgered(self, tool: _Tool, req: Request, value: Any) -> tuple[str, Outcome]:
-        """An unlimited or re-entrant call ran without a claim of its own."""
+    def _unledgered(self, spec: _Spec, req: Request, value: Any) -> tuple[str, Outcome]:
+        """A read-only, unlimited or re-entrant call ran without a claim of its own."""
         self._count("attempts", "executed")
-        return ("ok", Outcome("executed", tool.name, req.namespace, "", value))
+        return ("ok", Outcome("executed", spec.name, req.namespace, "", value))
 
     def _not_found(
         self, tool: str, agent_id: str, args: Mapping[str, Any] | None, run_id: str | None
@@ -1038,20 +1424,28 @@ class Guard:
         kind = "executed" if decision == "reconciled" else decision
         self._count("attempts", kind)
         self._emit(kind, outcome)
-        if decision == "blocked":
-            return outcome.value  # blocked_return, BLOCKED unless the tool set one
-        return outcome.value
+        return outcome.value  # for "blocked": blocked_return, BLOCKED unless the tool set one
 
     def _after_error(self, call: Call, err: BaseException) -> None:
         self._count("attempts", "failed")
         self._emit("failed", Outcome("failed", call.tool, call.namespace, call.key, error=err))
 
     def _emit(self, kind: str, outcome: Outcome) -> None:
-        if not self.quiet:
-            mark = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}[kind]
+        # One INFO record per decision on the "onceonly" logger; nothing is formatted
+        # unless a handler wants INFO (the library prints nothing: DESIGN §9b). With
+        # telemetry's structured records on (instrument()), those say it instead.
+        obs = self._observer
+        if log.isEnabledFor(logging.INFO) and not self.quiet and (obs is None or not obs.logs):
             err = outcome.error
             extra = f" ({type(err).__name__}: {safe_str(err)})" if err is not None else ""
-            print(f"[onceonly] {mark} {outcome.tool} {kind}{extra}", file=sys.stderr)
+            log.info(
+                "%s %s %s%s",
+                _MARKS[kind],
+                outcome.tool,
+                kind,
+                extra,
+                extra={"onceonly_decision": kind, "onceonly_key": outcome.key},
+            )
         for hook in self._hooks[kind]:
             try:
                 hook(outcome)
@@ -1059,19 +1453,74 @@ class Guard:
                 log.exception("onceonly %s hook %r failed", kind, hook)
 
 
+_MARKS = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}
+
+
+def _is_async(fn: Any) -> bool:
+    """An ``async def`` function, a partial of one, or an object with ``async __call__``."""
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
+async def _acall(thunk: Callable[[], Any], is_async: bool, ctx: CallContext | None) -> Any:
+    """Run a thunk from async code: an async one in this task, a sync one in a worker
+    thread (never on the event loop), awaiting what it returns if that is awaitable."""
+    if is_async:
+        return await thunk()
+    value = await asyncio.to_thread(thunk if ctx is None else _in_context(thunk, ctx))
+    if type(value) not in _NEVER_AWAITABLE and inspect.isawaitable(value):
+        value = await value  # a sync lambda around a coroutine function
+    return value
+
+
+def _mapping(tool: str, args: Any) -> dict[str, Any]:
+    """run_call's arguments: a mapping of parameter names, copied (the audit and the key
+    must not change if the tool mutates what it was given)."""
+    if not isinstance(args, Mapping):
+        raise ConfigError(f"{tool}: args must be a mapping of argument names, not {type(args)!r}")
+    out = dict(args)
+    for k in out:
+        if type(k) is not str:
+            raise ConfigError(f"{tool}: argument names must be strings, got {k!r}")
+    return out
+
+
+def _enter(scope: Any) -> contextvars.Token[str | None] | None:
+    """Enter a call's explicit scope (the workflow contextvar); None: keep the current one."""
+    if scope is None:
+        return None
+    if scope is GLOBAL:
+        return _workflow.set(None)
+    return _workflow.set(_label(scope, "scope"))
+
+
+def _answer(c: Classification, err: BaseException | None) -> Classification:
+    """run_call_classified's last step: an interruption is re-raised, never answered;
+    our own errors are logged (an adapter answers the model, the developer sees this)."""
+    if c.code == "interrupted":
+        raise (err if err is not None else c.exception)  # type: ignore[misc]
+    if c.code == "guard_error" and err is not None:
+        log.warning("onceonly: %s: %s", c.tool, c.error, exc_info=err)
+    return c
+
+
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def _option_key(value: Any) -> Any:
-    """The tool cache's key for one option value: equal values share an entry (adapters
-    pass a fresh ``key_args`` list or name string on every call), anything else is keyed
-    by identity — and kept alive by the cached entry, so an id is never reused for it."""
+    """The option cache's key for one option value: equal values share an entry (adapters
+    pass a fresh ``key_args`` list or name string on every call); None for anything else,
+    which is not cached (an id() would need the object pinned, or be reused once freed)."""
     kind = type(value)
     if kind in _SCALARS:
         return ("v", kind.__name__, value)  # the type too: True == 1 must not share
     if kind in (list, tuple) and all(type(x) is str for x in value):
         return ("seq", tuple(value))
-    return ("id", id(value))
+    return None
 
 
 def _failure(err: Exception, call: Call | None, seen: list[BaseException]) -> tuple[str, Exception]:
@@ -1129,6 +1578,9 @@ def _reentrant(call: Call) -> bool:
 
 
 def _check_options(o: Options) -> None:
+    # Stored as timestamps: a non-finite lease or ttl is not a value every backend holds.
+    if not math.isfinite(o.lease) or (o.ttl is not None and not math.isfinite(o.ttl)):
+        raise ConfigError(f"lease and ttl must be finite (ttl=None: forever): {o.lease}, {o.ttl}")
     if o.lease <= 0:
         raise ConfigError(f"lease must be > 0 seconds, got {o.lease}")
     if o.wait < 0:
@@ -1145,6 +1597,8 @@ def _check_options(o: Options) -> None:
         raise ConfigError("pass key= or key_args=, not both")
     if o.float_digits is not None and not (1 <= o.float_digits <= 17):
         raise ConfigError("float_digits must be between 1 and 17")
+    if o.max_result_bytes is not None and not o.max_result_bytes > 0:
+        raise ConfigError(f"max_result_bytes must be > 0 or None, got {o.max_result_bytes!r}")
 
 
 guard = Guard()

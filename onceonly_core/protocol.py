@@ -24,9 +24,12 @@ from .errors import (
     InProgress,
     KeyReuseError,
     LeaseLost,
+    ResultNotStored,
     StoreError,
     UnknownOutcome,
 )
+from .limits import DEFAULT_MAX_RESULT_BYTES
+from .redact import default_redactor
 from .stores.base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 
 __all__ = ["BLOCKED", "NOT_DONE", "CallContext", "Options", "Outcome", "decide", "flow"]
@@ -81,10 +84,13 @@ class Options:
     cache_errors: bool = False
     max: int = 1
     unlimited: bool = False
+    # A read tool: never deduplicated (no ledger claim), still governed and audited.
+    read_only: bool = False
     replay: bool = True
     blocked_return: Any = BLOCKED
     check_payload: bool = True
     float_digits: int | None = None
+    max_result_bytes: int | None = DEFAULT_MAX_RESULT_BYTES
 
 
 @dataclass(slots=True)
@@ -206,12 +212,23 @@ def error_text(err: BaseException) -> str:
 
 
 def safe_str(err: BaseException) -> str:
-    """str(err), even for an exception whose __str__ raises: a broken message must not
-    replace the tool's own error, nor skip the write that releases its claim."""
+    """str(err) with secrets masked, even for an exception whose __str__ raises: a broken
+    message must not replace the tool's own error, nor skip the write that releases its
+    claim.
+
+    HTTP libraries quote the failing URL or header (``?api_key=...``, ``Authorization:
+    Bearer ...``): this text goes to the ledger's error column, events, notifications and
+    log lines, so it is redacted here, once, for all of them. NUL characters and lone
+    surrogates become U+FFFD, so the text is storable on every backend.
+    """
     try:
-        return str(err)
+        text = str(err)[:_MAX_ERROR_SCAN]
     except Exception:
         return f"<unprintable {type(err).__name__}>"
+    return default_redactor.redact_text(text)
+
+
+_MAX_ERROR_SCAN = 16_000  # redaction is linear, but a 100 MB message is not worth scanning
 
 
 # -- the flow --------------------------------------------------------------------------
@@ -357,10 +374,10 @@ def _context(call: Call, rec: Record) -> CallContext:
 
 def _replay(call: Call, rec: Record) -> Outcome:
     if rec.result is None:
-        raise CodecError(
-            f"{call.tool} ran once (key {rec.key!r}) but its result could not be stored: "
-            f"{rec.error or 'no result'}"
-        )
+        # The "result not stored" marker: succeeded, no result, the reason in ``error``.
+        # Never run again (the effect happened); say so instead.
+        reason = (rec.error or "no result").removeprefix(NOT_STORED)
+        raise ResultNotStored(call.namespace, rec.key, call.tool, reason)
     value = call.codec.decode(rec.result)
     return Outcome(
         "replayed",
@@ -374,6 +391,18 @@ def _replay(call: Call, rec: Record) -> Outcome:
     )
 
 
+#: Prefix of the ``error`` column of a succeeded record whose result was not stored.
+NOT_STORED = "result not stored: "
+
+
+def _oversize(text: str, limit: int | None) -> int | None:
+    """The UTF-8 size of ``text`` when it is over ``limit`` bytes, else None."""
+    if limit is None or len(text) * 4 <= limit:  # the hot path: no encoding needed
+        return None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return size if size > limit else None
+
+
 def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, None]:
     try:
         text: str | None = call.codec.encode(value)
@@ -383,7 +412,13 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
         detail = safe_str(err)
         if not isinstance(err, CodecError):
             detail = f"{type(err).__name__}: {detail}"
-        text, note = None, f"result not stored: {detail}"
+        text, note = None, f"{NOT_STORED}{detail}"
+    if text is not None and (size := _oversize(text, call.opts.max_result_bytes)) is not None:
+        # Checked before the write: a statement over the backend's limit (MariaDB's
+        # max_allowed_packet) would fail, leave the record running and rerun the tool.
+        # Succeeded without a result instead: replays raise ResultNotStored.
+        limit = call.opts.max_result_bytes
+        text, note = None, f"{NOT_STORED}{size} bytes, over max_result_bytes={limit}"
     for i, pause in enumerate((0.0, *FINISH_RETRIES)):
         if pause:
             yield Sleep(pause)

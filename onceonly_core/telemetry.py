@@ -126,6 +126,11 @@ class Observer:
             self._status = trace.Status
             self._error = trace.StatusCode.ERROR
 
+    @property
+    def logs(self) -> bool:
+        """Whether this observer writes one structured log record per call."""
+        return self._logs
+
     # -- the hook point ------------------------------------------------------------------
     def run(self, subject: Call | Request, fn: Callable[..., T], *args: Any) -> T:
         handle = self._start(subject)

@@ -1,4 +1,4 @@
-"""Where the test suite finds PostgreSQL and MariaDB, and what it does when they are absent.
+"""Where the test suite finds PostgreSQL, MariaDB and Redis, and what it does when they are absent.
 
 Importable from test modules (pytest puts ``tests/`` on ``sys.path``) and from scripts that
 tests start in subprocesses (pass ``env=subprocess_env()``).
@@ -38,6 +38,7 @@ POSTGRES = Service(
     "PostgreSQL", "ONCEONLY_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 MYSQL = Service("MariaDB/MySQL", "ONCEONLY_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+REDIS = Service("Redis", "ONCEONLY_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def require_services() -> bool:
@@ -61,6 +62,8 @@ def unreachable_reason(url: str, timeout: float = 3.0) -> str | None:
     Opens one real connection and disposes of the engine. Cached per URL, so a test session
     pays for the check once.
     """
+    if url.startswith(("redis://", "rediss://")):
+        return _redis_unreachable(url, timeout)
     try:
         from sqlalchemy import create_engine, make_url, text
 
@@ -80,6 +83,35 @@ def unreachable_reason(url: str, timeout: float = 3.0) -> str | None:
     finally:
         engine.dispose()
     return None
+
+
+def _redis_unreachable(url: str, timeout: float) -> str | None:
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    except Exception as exc:  # redis-py not installed, bad URL
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        client.ping()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    finally:
+        client.close()
+    return None
+
+
+def redis_drop_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix:`` (a test's own keys in the shared Redis)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(batch), 1000):
+            client.unlink(*batch[i : i + 1000])
+    finally:
+        client.close()
 
 
 def unavailable(service: Service, url: str, reason: str) -> NoReturn:

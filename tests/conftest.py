@@ -5,10 +5,12 @@ Layout:
 * ``tests/core/``: tests of the core install (memory and SQLite ledgers). Backend-generic
   tests here may use ``db_url``/``any_url``: the nox ``tests`` session runs them on every
   backend, the ``core`` session (no extras, so no server drivers) with ``-m "not services"``.
-* ``tests/services/``: tests that only make sense against PostgreSQL and/or MariaDB.
+* ``tests/services/``: tests that only make sense against PostgreSQL, MariaDB or Redis.
+* ``store_url``: every store (``any_url`` plus Redis), for the store contract kit.
 
-Tests that use ``pg_url``/``mysql_url`` (directly, or through the ``postgresql``/``mysql``
-parameters of ``db_url``/``any_url``) are marked ``pg``/``mysql`` and ``services``
+Tests that use ``pg_url``/``mysql_url``/``redis_url`` (directly, or through the
+``postgresql``/``mysql``/``redis`` parameters of ``db_url``/``any_url``/``store_url``) are
+marked ``pg``/``mysql``/``redis`` and ``services``
 automatically, and so is everything under ``tests/services/``; ``pytest -m "not services"``
 runs everything that needs no server. An unreachable server skips those tests, or fails them
 when ``ONCEONLY_REQUIRE_SERVICES=1``.
@@ -16,22 +18,24 @@ when ``ONCEONLY_REQUIRE_SERVICES=1``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
 
-from _services import MYSQL, POSTGRES, service_url
+from _services import MYSQL, POSTGRES, REDIS, redis_drop_prefix, service_url
 
 SERVICES_DIR = Path(__file__).resolve().parent / "services"
 
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
 ALL_BACKENDS = ["memory", *SQL_BACKENDS]
+STORE_BACKENDS = [*ALL_BACKENDS, "redis"]
 
 # fixture name -> marker it implies
-_SERVICE_FIXTURES = {"pg_url": "pg", "mysql_url": "mysql"}
-# parameter of db_url / any_url -> marker it implies
-_SERVICE_PARAMS = {"postgresql": "pg", "mysql": "mysql"}
+_SERVICE_FIXTURES = {"pg_url": "pg", "mysql_url": "mysql", "redis_url": "redis"}
+# parameter of db_url / any_url / store_url -> marker it implies
+_SERVICE_PARAMS = {"postgresql": "pg", "mysql": "mysql", "redis": "redis"}
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +48,12 @@ def pg_url() -> str:
 def mysql_url() -> str:
     """SQLAlchemy URL of a reachable MariaDB/MySQL database (``ONCEONLY_MYSQL_URL``)."""
     return service_url(MYSQL)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a reachable Redis (``ONCEONLY_REDIS_URL``, default redis://127.0.0.1:6379/0)."""
+    return service_url(REDIS)
 
 
 def _backend_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -73,6 +83,33 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _backend_url(request.param, request, tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _egress_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts from the egress guard's default (no allowlist), whatever the
+    developer's shell exports."""
+    monkeypatch.delenv("ONCEONLY_EGRESS_ALLOW", raising=False)
+
+
+@pytest.fixture
+def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Allowlist 127.0.0.1 for outbound requests in this test: its remote tools and
+    webhooks are loopback servers, which the egress guard refuses by default."""
+    monkeypatch.setenv("ONCEONLY_EGRESS_ALLOW", "127.0.0.1")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every store: the ``any_url`` backends plus Redis. A Redis URL carries a key prefix of
+    its own (``?prefix=``), deleted after the test."""
+    if request.param != "redis":
+        yield _backend_url(request.param, request, tmp_path)
+        return
+    base = str(request.getfixturevalue("redis_url"))
+    prefix = f"oo-test-{uuid4().hex[:12]}"
+    yield f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
+    redis_drop_prefix(base, prefix)
+
+
 @pytest.fixture
 def namespace() -> str:
     """A namespace no other test uses, so tests can share one server database."""
@@ -89,11 +126,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         markers.update(mark for name, mark in _SERVICE_FIXTURES.items() if name in fixturenames)
         callspec = getattr(item, "callspec", None)
         if callspec is not None:
-            for fixture in ("db_url", "any_url"):
+            for fixture in ("db_url", "any_url", "store_url"):
                 backend = callspec.params.get(fixture)
                 if backend in _SERVICE_PARAMS:
                     markers.add(_SERVICE_PARAMS[backend])
-        if markers & {"pg", "mysql"}:
+        if markers & {"pg", "mysql", "redis"}:
             markers.add("services")
         for mark in sorted(markers):
             item.add_marker(mark)

@@ -21,7 +21,19 @@ from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import ConfigError, OnceOnlyError, SchemaError, StoreError
-from ..stores import CLEARED, FAILED, RUNNING, STATES, SUCCEEDED, MemoryStore, Record, Store
+from ..stores import (
+    CLEARED,
+    FAILED,
+    REDIS_SCHEMES,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    MemoryStore,
+    Record,
+    Store,
+    check_url,
+    open_store,
+)
 
 DEFAULT_URL = "sqlite:///onceonly.db"
 URL_ENV = "ONCEONLY_DB_URL"
@@ -153,7 +165,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=(
         f"Every command reads the ledger at --url (or {URL_ENV}; default {DEFAULT_URL}). "
-        "Stored results are never printed unless you pass --results."
+        "Stored results are never printed unless you pass --results. "
+        "Exit status: 0 done, 1 nothing matched or an error to fix, 2 a usage error. "
+        "New here? onceonly doctor checks the install; onceonly demo shows what it does."
     ),
 )
 
@@ -175,10 +189,13 @@ def _root(
 def _open(url: str, *, create: bool = False) -> Iterator[Store]:
     """The ledger at ``url``. Reading never creates a ledger or its schema."""
     _session.url = url
+    check_url(url)  # "ledger.db" gets "did you mean sqlite:///ledger.db"
     store: Store
     if url.startswith("memory:"):
         _note("memory:// lives inside one process: this ledger starts empty")
         store = MemoryStore()
+    elif url.startswith(REDIS_SCHEMES):
+        store = open_store(url)  # nothing to create: Redis has no schema
     else:
         from ..stores.sql import SQLStore
 
@@ -392,13 +409,17 @@ def show(
     """Recent records, newest first."""
     with _open(url) as store:
         rows = _list(store, namespace, state=state.value if state else None, tool=tool, limit=limit)
+        # Nothing matched a filter the user gave: exit 1, as grep does. An unfiltered
+        # look at an empty ledger is an answer, not a miss.
+        missed = not rows and (namespace is not None or state is not None or tool is not None)
         if as_json:
             _emit_json([_record_json(r, results) for r in rows])
-            return
-        if not rows:
+        elif not rows:
             _note(_empty(store, namespace))
-            return
-        _console().print(_records_table(rows, results))
+        else:
+            _console().print(_records_table(rows, results))
+        if missed:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -415,10 +436,12 @@ def history(
         rows = _list(store, namespace, tool=tool, limit=limit)
         if as_json:
             _emit_json([_record_json(r, results) for r in rows])
+            if not rows:
+                raise typer.Exit(1)  # nothing matched the tool
             return
         if not rows:
             _note(_empty(store, namespace, f"records of tool {tool!r}"))
-            return
+            raise typer.Exit(1)
         one_tool = len({r.tool for r in rows}) == 1
         title = f"History of {rows[0].tool}" if one_tool else f"History of {tool}"
         _console().print(_records_table(rows, results, title, tool=not one_tool))
@@ -637,7 +660,12 @@ def clear(
             if not typer.confirm(question, default=False):
                 _note("nothing cleared")
                 raise typer.Exit(1)
-        n = store.clear_namespace(namespace) if clearable else 0
+        if not clearable:
+            raise CliError(
+                f"nothing to clear in {namespace!r}: its {len(rows)} records are already "
+                f"cleared{' or running' if running else ''}"
+            )
+        n = store.clear_namespace(namespace)
         kept = sum(1 for r in store.list(namespace=namespace, limit=10**6) if r.lease_live)
         if as_json:
             _emit_json({"namespace": namespace, "cleared": n, "kept_running": kept})
@@ -655,8 +683,11 @@ def migrate(url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
     from ..stores.sql import SQLStore
 
     _session.url = url
+    check_url(url)
     if url.startswith("memory:"):
         raise ConfigError("memory:// has no schema to migrate: it lives inside one process")
+    if url.startswith(REDIS_SCHEMES):
+        raise ConfigError("a Redis ledger has no schema to migrate")
     store = SQLStore(url, auto_migrate=False)
     try:
         before = store._schema_version()
@@ -681,12 +712,18 @@ def demo(
     fast: Annotated[bool, typer.Option("--fast", help="No pauses, short leases.")] = False,
 ) -> None:
     """Play the offline demo: retries, crashes, races, policy, budget, kill switch, approval."""
-    from ..demo import run_demo
+    from .demo import run_demo
 
     report = run_demo(url, fast=fast)
     if not report.ok:
         raise typer.Exit(1)
 
+
+# -- onceonly doctor (cli/doctor.py) ---------------------------------------------------------
+from .doctor import doctor as _doctor  # noqa: E402
+
+app.command("doctor")(_doctor)
+del _doctor
 
 # -- governance: policy, agent, tools, approvals, audit, timeline (cli/gov.py) ------------
 from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)

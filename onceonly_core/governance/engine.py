@@ -25,7 +25,9 @@ from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..egress import check_url
 from ..errors import ConfigError, OnceOnlyError
+from ..protocol import safe_str
 from .base import GovernanceStore, Reservation, Want
 from .models import (
     AgentMetrics,
@@ -463,10 +465,7 @@ def _from_run(ran: Any, base: dict[str, Any], req: Request, risk: str, spend: in
 
 
 def _text(err: BaseException) -> str:
-    try:
-        return str(err)[:2000] or type(err).__name__
-    except Exception:
-        return type(err).__name__
+    return safe_str(err)[:2000] or type(err).__name__  # redacted: events, hooks, the model
 
 
 def _record(
@@ -607,6 +606,8 @@ class Governance:
         self._hooks: list[tuple[Callable[[dict[str, Any]], Any], frozenset[str] | None]] = []
         self.redactor = default_redactor
         self.budget_threshold = 0.8
+        #: Outbound allowlist added to ONCEONLY_EGRESS_ALLOW (hosts, CIDRs): docs/security.md.
+        self.egress_allow: str | list[str] | None = None
 
     @property
     def store(self) -> GovernanceStore:
@@ -769,6 +770,8 @@ class Governance:
             raise ConfigError("auth='hmac_sha256' needs a secret")
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"a remote tool's url must be http(s), got {url!r}")
+        if url is not None:
+            check_url(url, self.egress_allow)  # the egress guard: EgressRefused is a ConfigError
         spec = ToolSpec(
             name=name,
             kind="local" if fn is not None else "http",
@@ -828,6 +831,12 @@ class Governance:
 
                 return missing
             return fn
+        # Without httpx no remote call can ever be made: raise MissingExtraError (with the
+        # pip command) here, before the call path, which would turn it into a failed
+        # ToolResult that reads like the tool's own failure.
+        from .remote import _httpx
+
+        _httpx()
         spec = self._spec(row)
         secret = row.get("secret")
 
@@ -838,7 +847,9 @@ class Governance:
             ctx = current_call()
             key = ctx.idempotency_key if ctx else ""
             payload = {"tool": name, "args": args, "agent_id": agent_id}
-            return call_http_tool(spec, secret, payload, idempotency_key=key)
+            return call_http_tool(
+                spec, secret, payload, idempotency_key=key, egress_allow=self.egress_allow
+            )
 
         remote.__name__ = name
         return remote
@@ -1109,6 +1120,7 @@ class Governance:
         """A signed webhook sink (Standard Webhooks headers), stored in the ledger."""
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"webhook url must be http(s), got {url!r}")
+        check_url(url, self.egress_allow)  # the egress guard: EgressRefused is a ConfigError
         if budget_threshold is not None and not 0 < budget_threshold <= 1:
             raise ConfigError("budget_threshold must be in (0, 1]")
         self.__dict__.pop("_hooks_cache", None)
@@ -1180,7 +1192,7 @@ class Governance:
     def notify(self, event: dict[str, Any], *, threshold: float | None = None) -> None:
         import time
 
-        event = {**event, "ts": time.time()}
+        event = self.redactor.redact({**event, "ts": time.time()})  # hooks see no secret
         for hook, kinds in self._hooks:
             if kinds is None or event["type"] in kinds:
                 try:
@@ -1208,7 +1220,9 @@ class Governance:
         cache: dict[str, Any] = self.__dict__.setdefault("_sinks", {})
         sink = cache.get(row["id"])
         if sink is None:
-            sink = cache[row["id"]] = WebhookSink(row["url"], row["secret"])
+            sink = cache[row["id"]] = WebhookSink.stored(
+                row["url"], row["secret"], egress_allow=self.egress_allow
+            )
         return sink
 
     def flush_notifications(self, timeout: float = 5.0) -> bool:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..limits import MAX_CAP_USD, MAX_SPEND_USD
+
 __all__ = [
     "DECISIONS",
     "REASONS",
@@ -51,13 +53,6 @@ REASONS: tuple[str, ...] = (
 
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_.:-]+$")
 MICROS = 1_000_000
-#: The most one call may spend, in USD. A larger amount is refused (ConfigError) before
-#: anything is claimed or executed: micro-dollar sums must fit the 64-bit counters and
-#: audit rows with room for millions of calls a day, and a price past a million dollars
-#: per tool call is a bug (cents for dollars, a unit mix-up), not a purchase.
-MAX_SPEND_USD = 1_000_000
-#: The largest daily spend cap a policy may set (64-bit micro-dollar counters).
-MAX_CAP_USD = 1_000_000_000_000
 
 
 def micros(usd: float | int | None) -> int:
@@ -83,6 +78,10 @@ def _names(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(v, str) for v in value
+    ):
+        raise ValueError("must be a name or a list of names")  # pydantic: a 422, not a 500
     return list(value)
 
 

@@ -38,10 +38,22 @@ Protocol (also in ``docs/governance-signing.md``):
   deeper than :data:`MAX_RESULT_DEPTH`. A body that is exactly ``{"result": X}`` returns
   ``X``; any other JSON value is returned as it is. 204 returns ``None``. Anything else
   raises :class:`~onceonly_core.errors.RemoteToolError` (parser exceptions never leak).
-* **Errors.** 3xx/4xx/5xx raise ``RemoteToolError(status=..., retryable=...)`` with at
-  most 200 characters of the body, whitespace-collapsed and redacted; ``retryable`` is true
-  for 429/502/503/504 and connection failures. The secret never appears in a message or a
+* **Errors.** 3xx/4xx/5xx raise ``RemoteToolError(status=..., retryable=...)`` naming the
+  status, the content type and the size of the body, never the body itself: an error
+  text travels back to the caller (``/v1/ai/run``), and echoing bodies would turn a
+  request to an internal service into a way of reading it. At most
+  :data:`ERROR_BODY_BYTES` of an error body are read, and 200 characters of it,
+  whitespace-collapsed and redacted, go to the DEBUG log only. ``retryable`` is true for
+  429/502/503/504 and connection failures. The secret never appears in a message or a
   log line; URLs are shown without userinfo and query.
+* **Egress** (``docs/security.md``). The URL is checked by :func:`~onceonly_core.egress.check_url`
+  and every connection by the guarded transport (:func:`~onceonly_core.egress.transport`):
+  the host is resolved once, every address must be public or allowlisted
+  (``egress_allow`` plus ``ONCEONLY_EGRESS_ALLOW``), and the socket goes to a checked
+  address. A refused destination raises ``RemoteToolError(retryable=False)``; nothing was
+  sent. A ``client`` you pass keeps its own transport: the URL and the addresses its host
+  resolves to are checked before each call, but the connection is not pinned, so give it
+  ``transport=egress.transport(...)`` when the URL is not yours.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .. import egress
 from ..errors import CodecError, ConfigError, MissingExtraError, RemoteToolError
 from .models import ToolSpec
 from .redact import default_redactor
@@ -67,6 +80,7 @@ if TYPE_CHECKING:
     import httpx
 
 __all__ = [
+    "ERROR_BODY_BYTES",
     "MAX_RESULT_DEPTH",
     "RETRY_AFTER_CAP",
     "RETRY_STATUSES",
@@ -85,8 +99,9 @@ BACKOFF_BASE = 0.1
 BACKOFF_MAX = 2.0
 #: Deepest JSON nesting accepted in a response.
 MAX_RESULT_DEPTH = 100
+#: Most bytes of an error body read (for the DEBUG log; the rest is discarded unread).
+ERROR_BODY_BYTES = 4096
 _MESSAGE_CHARS = 200
-_ERROR_BODY_BYTES = 4096
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _SPACE = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -111,6 +126,9 @@ class _Call:
         payload: Any,
         idempotency_key: str,
         max_response_bytes: int,
+        allow: egress.AllowSpec = None,
+        *,
+        pinned: bool = True,
     ) -> None:
         if spec.kind != "http" or not spec.url:
             raise ConfigError(f"tool {spec.name!r} is not a remote HTTP tool (no url)")
@@ -119,6 +137,13 @@ class _Call:
         self.shown_url = _safe_url(spec.url)
         if not self.shown_url:
             raise ConfigError(f"tool {spec.name!r}: url must be http:// or https:// with a host")
+        self.allow = egress.Egress.of(allow)
+        try:
+            # The form and, for a literal host, the address; a name is judged on the address
+            # the guarded transport connects to (or here, when the caller's client is used).
+            egress.check_url(spec.url, self.allow, resolve_names=not pinned)
+        except egress.EgressRefused as exc:
+            self.fail(f"refused by the egress guard: {exc}; nothing was sent")
         if not isinstance(idempotency_key, str) or not _KEY.match(idempotency_key):
             raise ConfigError("idempotency_key must be 1-255 printable ASCII characters")
         self.secret = secret
@@ -248,13 +273,19 @@ class _Call:
         return value
 
     def error_for(self, status: int, headers: Any, snippet: bytes) -> _Failed:
-        """The failure for a non-2xx status, with the server's Retry-After."""
+        """The failure for a non-2xx status, with the server's Retry-After. The message
+        names the status, type and size of the body, never its text (docstring, Errors)."""
         retryable = status in RETRY_STATUSES
-        text = self.scrub(snippet.decode("utf-8", "replace"))
+        if snippet and log.isEnabledFor(logging.DEBUG):
+            text = self.scrub(snippet.decode("utf-8", "replace"))
+            log.debug("remote tool %r: HTTP %d body starts %r", self.name, status, text)
+        ctype = self.scrub(str(headers.get("content-type", "")).split(";", 1)[0].strip())
+        size = _body_size(headers, snippet)
+        body = f"{size} body" + (f", {ctype}" if ctype and size != "empty" else "")
         if 300 <= status < 400:
             what = f"answered HTTP {status} (redirects are not followed)"
         else:
-            what = f"answered HTTP {status}" + (f": {text}" if text else "")
+            what = f"answered HTTP {status} ({body})"
         err = RemoteToolError(
             f"remote tool {self.name!r} ({self.shown_url}): {what}",
             status=status,
@@ -363,6 +394,26 @@ def _safe_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}"
 
 
+def _body_size(headers: Any, snippet: bytes) -> str:
+    length = str(headers.get("content-length", "")).strip()
+    if length.isdigit():
+        n = int(length)
+    elif len(snippet) < ERROR_BODY_BYTES:
+        n = len(snippet)
+    else:
+        return f"over {ERROR_BODY_BYTES}-byte"
+    return f"{n}-byte" if n else "empty"
+
+
+def _refused(call: _Call, exc: egress.EgressRefused) -> RemoteToolError:
+    # Raised from the guarded transport's connect: no byte of the request left this host.
+    return RemoteToolError(
+        f"remote tool {call.name!r} ({call.shown_url}): refused by the egress guard: {exc}; "
+        "nothing was sent",
+        retryable=False,
+    )
+
+
 def _collect(chunks: Iterator[bytes], call: _Call, status: int, deadline: float) -> bytes:
     buf = bytearray()
     for chunk in chunks:
@@ -379,11 +430,11 @@ def _snippet_sync(resp: Any) -> bytes:
     try:
         for chunk in resp.iter_bytes():
             buf += chunk
-            if len(buf) >= _ERROR_BODY_BYTES:
+            if len(buf) >= ERROR_BODY_BYTES:
                 break
     except Exception:  # the error body is a courtesy: a broken one must not mask the status
         pass
-    return bytes(buf[:_ERROR_BODY_BYTES])
+    return bytes(buf[:ERROR_BODY_BYTES])
 
 
 async def _snippet_async(resp: Any) -> bytes:
@@ -391,11 +442,11 @@ async def _snippet_async(resp: Any) -> bytes:
     try:
         async for chunk in resp.aiter_bytes():
             buf += chunk
-            if len(buf) >= _ERROR_BODY_BYTES:
+            if len(buf) >= ERROR_BODY_BYTES:
                 break
     except Exception:
         pass
-    return bytes(buf[:_ERROR_BODY_BYTES])
+    return bytes(buf[:ERROR_BODY_BYTES])
 
 
 def _transport_failure(call: _Call, exc: Exception, hx: Any) -> _Failed:
@@ -414,17 +465,26 @@ def call_http_tool(
     idempotency_key: str,
     client: httpx.Client | None = None,
     max_response_bytes: int = 1_048_576,
+    egress_allow: egress.AllowSpec = None,
 ) -> Any:
     """POST ``payload`` to the remote tool and return its (validated) JSON result.
 
-    ``client`` is used as given (and not closed); by default a client is made for the call.
+    ``client`` is used as given (and not closed); by default a client is made for the call
+    over the egress-guarded transport. ``egress_allow``: allowlist entries added to
+    ``ONCEONLY_EGRESS_ALLOW`` (see :mod:`onceonly_core.egress`).
     Raises :class:`RemoteToolError`; :class:`ConfigError`/:class:`CodecError` for a spec,
     key or payload that cannot be sent; :class:`MissingExtraError` without httpx.
     """
     hx = _httpx()
-    call = _Call(spec, secret, payload, idempotency_key, max_response_bytes)
     own = client is None
-    http: httpx.Client = hx.Client(follow_redirects=False) if client is None else client
+    call = _Call(
+        spec, secret, payload, idempotency_key, max_response_bytes, egress_allow, pinned=own
+    )
+    http: httpx.Client = (
+        hx.Client(follow_redirects=False, transport=egress.transport(call.allow))
+        if client is None
+        else client
+    )
     try:
         attempt = 0
         while True:
@@ -469,6 +529,8 @@ def _attempt_sync(call: _Call, http: Any, hx: Any) -> _Done | _Failed:
             return call.error_for(status, resp.headers, _snippet_sync(resp))
     except RemoteToolError:
         raise
+    except egress.EgressRefused as exc:
+        raise _refused(call, exc) from None
     except hx.HTTPError as exc:
         return _transport_failure(call, exc, hx)
     except Exception as exc:  # anything else from the transport stays inside our error type
@@ -486,12 +548,19 @@ async def acall_http_tool(
     idempotency_key: str,
     client: httpx.AsyncClient | None = None,
     max_response_bytes: int = 1_048_576,
+    egress_allow: egress.AllowSpec = None,
 ) -> Any:
     """The async twin of :func:`call_http_tool` (same protocol, retries and errors)."""
     hx = _httpx()
-    call = _Call(spec, secret, payload, idempotency_key, max_response_bytes)
     own = client is None
-    http: httpx.AsyncClient = hx.AsyncClient(follow_redirects=False) if client is None else client
+    call = _Call(
+        spec, secret, payload, idempotency_key, max_response_bytes, egress_allow, pinned=own
+    )
+    http: httpx.AsyncClient = (
+        hx.AsyncClient(follow_redirects=False, transport=egress.async_transport(call.allow))
+        if client is None
+        else client
+    )
     try:
         attempt = 0
         while True:
@@ -542,6 +611,8 @@ async def _attempt_async(call: _Call, http: Any, hx: Any) -> _Done | _Failed:
             return call.error_for(status, resp.headers, await _snippet_async(resp))
     except RemoteToolError:
         raise
+    except egress.EgressRefused as exc:
+        raise _refused(call, exc) from None
     except hx.HTTPError as exc:
         return _transport_failure(call, exc, hx)
     except Exception as exc:  # anything else from the transport stays inside our error type

@@ -21,6 +21,13 @@ Delivery is at least once, best effort:
   :meth:`flush` or :meth:`close` at shutdown.
 
 Log lines name the event type and id, never the body or the secret.
+
+Egress (``docs/security.md``): the url is checked when the sink is made (form and literal
+address, :func:`~onceonly_core.egress.check_url`) and every connection goes through the
+guarded transport (the host resolved once, every address public or allowlisted, the
+socket opened to a checked address). A refused destination drops the event with a
+warning; it is not retried. Redirects are not followed, and the receiver's response body
+is never read (only its status matters), so a receiver cannot make the sink buffer it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from .. import egress
 from ..errors import ConfigError, MissingExtraError
 from .redact import default_redactor
 from .remote import _retry_after, _safe_url
@@ -69,6 +77,9 @@ class WebhookSink:
 
     ``events``: the event types (exact names or globs) this sink wants; ``None`` = all.
     ``timeout``: seconds per HTTP attempt. ``max_retries``: retries after the first try.
+    ``egress_allow``: allowlist entries added to ``ONCEONLY_EGRESS_ALLOW``
+    (:mod:`onceonly_core.egress`). A url the egress guard refuses raises
+    :class:`~onceonly_core.egress.EgressRefused` (a ``ConfigError``).
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class WebhookSink:
         timeout: float = 5.0,
         max_retries: int = 3,
         queue_size: int = 1000,
+        egress_allow: egress.AllowSpec = None,
     ) -> None:
         try:
             import httpx  # noqa: F401  (fail at configuration, not in the worker thread)
@@ -88,6 +100,9 @@ class WebhookSink:
         self.shown_url = _safe_url(url)
         if not self.shown_url:
             raise ConfigError("webhook url must be http:// or https:// with a host")
+        self._allow = egress.Egress.of(egress_allow)
+        # The form and a literal address now; names are judged at every connection.
+        egress.check_url(url, self._allow, resolve_names=False)
         self._key = secret_key(secret)  # validates it; the str itself is not kept
         self.url = url
         self.events: frozenset[str] | None = None if events is None else frozenset(events)
@@ -106,6 +121,21 @@ class WebhookSink:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._pid = 0
+
+    @classmethod
+    def stored(
+        cls, url: str, secret: str, *, egress_allow: egress.AllowSpec = None
+    ) -> WebhookSink | _Refused:
+        """The sink for a webhook stored in the ledger. A row that cannot be used any more
+        (its url refused by today's egress settings, a malformed secret) gives a sink that
+        drops every event with a warning: a notification must never fail the governed
+        call that raised it."""
+        try:
+            return cls(url, secret, egress_allow=egress_allow)
+        except ConfigError as exc:
+            shown = _safe_url(url) or "(invalid url)"
+            log.warning("webhook %s is not usable (%s); its events are dropped", shown, exc)
+            return _Refused(shown)
 
     # -- producer side ------------------------------------------------------------------
     def wants(self, event_type: str) -> bool:
@@ -194,7 +224,11 @@ class WebhookSink:
     def _run(self) -> None:
         import httpx
 
-        client = httpx.Client(timeout=httpx.Timeout(self.timeout), follow_redirects=False)
+        client = httpx.Client(
+            timeout=httpx.Timeout(self.timeout),
+            follow_redirects=False,
+            transport=egress.transport(self._allow),
+        )
         try:
             while True:
                 with self._cond:
@@ -237,17 +271,23 @@ class WebhookSink:
             headers["User-Agent"] = "onceonly-core"
             retry_after: float | None = None
             try:
-                resp = client.post(self.url, content=item.body, headers=headers)
+                # Streamed and closed unread: only the status matters, and a receiver must
+                # not be able to make the sink buffer a large body.
+                with client.stream("POST", self.url, content=item.body, headers=headers) as resp:
+                    status = resp.status_code
+                    retry_header = resp.headers.get("retry-after")
+            except egress.EgressRefused as exc:
+                reason = f"refused by the egress guard: {exc}"
+                break
             except httpx.HTTPError as exc:
                 reason = type(exc).__name__
             else:
-                status = resp.status_code
                 if 200 <= status < 300:
                     return True
                 reason = f"HTTP {status}"
                 if not (status >= 500 or status in _RETRY_STATUSES):
                     break
-                retry_after = _retry_after(resp.headers.get("retry-after"))
+                retry_after = _retry_after(retry_header)
             if attempt == self.max_retries:
                 break
             if retry_after is not None and retry_after <= RETRY_AFTER_CAP:
@@ -274,3 +314,25 @@ class WebhookSink:
             reason,
         )
         return False
+
+
+class _Refused:
+    """Stands in for a stored webhook that can no longer be used: drops every event."""
+
+    def __init__(self, shown_url: str) -> None:
+        self.shown_url = shown_url
+        self.dropped = 0
+        self.delivered = 0
+
+    def wants(self, event_type: str) -> bool:
+        return True
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        self.dropped += 1
+        log.warning("webhook %s is not usable; event dropped", self.shown_url)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

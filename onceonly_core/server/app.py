@@ -25,8 +25,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ConfigError, StoreError
+from ..errors import (
+    ConfigError,
+    InProgress,
+    KeyReuseError,
+    LeaseLost,
+    OnceOnlyError,
+    ResultNotStored,
+    StoreError,
+    UnknownOutcome,
+)
 from ..governance.models import Policy
+from ..limits import INT_MAX, INT_MIN, MAX_BODY_BYTES, MAX_JSON_DEPTH, MAX_SPEND_USD, bad_text
 from .control import ControlPlane, LeaseError, QuotaExceeded, iso, tool_result_json
 from .db import KeyInfo
 
@@ -85,7 +95,7 @@ class RunBody(_Body):
     agent_id: str | None = Field(default=None, max_length=255)
     tool: str | None = Field(default=None, max_length=255)
     args: dict[str, Any] | None = None
-    spend_usd: float | None = Field(default=None, ge=0)
+    spend_usd: float | None = Field(default=None, ge=0, le=MAX_SPEND_USD)
 
 
 class ExtendBody(_Body):
@@ -186,8 +196,93 @@ class RateLimiter:
             return (1.0 - b[0]) / rate
 
 
+class _Refused(ValueError):
+    """A request the caller must change: answered 422 before any route runs."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a finite number; JSON numbers must be finite")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"{text[:40]} does not fit a 64-bit float")
+    return value
+
+
+def _int64(text: str) -> int:
+    # Length first: int() of a 100,000-digit literal is slow, and Python refuses > 4,300.
+    if len(text) > 20:
+        raise _Refused(f"{text[:24]}... does not fit a signed 64-bit integer")
+    value = int(text)
+    if not INT_MIN <= value <= INT_MAX:
+        raise _Refused(f"{text} does not fit a signed 64-bit integer")
+    return value
+
+
+#: Top-level body fields holding the caller's free-form data (stored as JSON text, where
+#: a NUL is escaped): a NUL is allowed inside them and nowhere else.
+_DATA_FIELDS = frozenset({"args", "metadata", "result", "data"})
+
+
+def check_json_body(body: bytes) -> None:
+    """Raise :class:`_Refused` unless ``body`` is JSON that every backend can hold.
+
+    UTF-8; finite numbers; integers within signed 64 bits; at most
+    :data:`~onceonly_core.limits.MAX_JSON_DEPTH` levels; no lone surrogate anywhere; no
+    NUL outside the free-form data fields (``args``, ``metadata``, ``result``, ``data``).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Refused("the request body is not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_int64)
+    except RecursionError:
+        raise _Refused(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as err:
+        raise _Refused(f"the request body is not JSON: {err.msg} at {err.pos}") from None
+    # Iterative: (value, depth, may hold NUL, path).
+    stack: list[tuple[Any, int, bool, str]] = [(value, 0, False, "body")]
+    while stack:
+        v, depth, data, path = stack.pop()
+        t = type(v)
+        if t is str:
+            # A NUL inside free-form data is stored escaped and replayed exactly.
+            why = bad_text(v.replace("\x00", "") if data else v)
+            if why is not None:
+                raise _Refused(f"{path} {why}")
+        elif t is dict or t is list:
+            if depth >= MAX_JSON_DEPTH:
+                raise _Refused(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+            if t is list:
+                stack.extend((x, depth + 1, data, f"{path}[{i}]") for i, x in enumerate(v))
+                continue
+            for k, x in v.items():
+                why = bad_text(k.replace("\x00", "") if data else k)
+                if why is not None:
+                    raise _Refused(f"{path}: a field name {why}")
+                inside = data or (depth == 0 and k in _DATA_FIELDS)
+                stack.append((x, depth + 1, inside, f"{path}.{k}"[:200]))
+
+
+def _url_refusal(scope: Scope) -> str | None:
+    """Why the path or query cannot be used as names on every backend (a NUL), or None."""
+    if "\x00" in scope.get("path", ""):
+        return "the URL path contains a NUL character"
+    if b"%00" in scope.get("query_string", b"").lower():
+        return "the query string contains a NUL character"
+    for name, value in scope.get("headers", []):
+        if name in (b"x-request-id", b"authorization") and b"\x00" in value:
+            return f"the {name.decode()} header contains a NUL character"
+    return None
+
+
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, declared or streamed."""
+    """Refuse request bodies over ``limit`` bytes with 413, declared or streamed, and
+    bodies or URLs no backend can hold (:func:`check_json_body`) with 422, before any
+    route runs: a 5xx is a double execution for the client, which fails open on it."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -196,6 +291,10 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        refused = _url_refusal(scope)
+        if refused is not None:
+            await _refuse(send, 422, refused)
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length":
@@ -217,6 +316,12 @@ class BodyLimit:
             if len(body) > self.limit:
                 await _too_large(send, self.limit)
                 return
+        if body.strip() and scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
+            try:
+                check_json_body(body)
+            except _Refused as err:
+                await _refuse(send, 422, str(err))
+                return
         sent = False
 
         async def replay() -> Message:
@@ -230,15 +335,40 @@ class BodyLimit:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    payload = json.dumps({"detail": f"request body over {limit} bytes"}).encode()
+    await _refuse(send, 413, f"request body over {limit} bytes")
+
+
+async def _refuse(send: Send, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json")],
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+class SafeJSONResponse(JSONResponse):
+    """Strict JSON, except that a non-finite float (a local tool's NaN, an old event)
+    is sent as null instead of failing the response with a 500 after the work is done."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError:
+            return super().render(_finite_only(content))
+
+
+def _finite_only(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite_only(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite_only(x) for x in v]
+    return v
 
 
 # -- the application -----------------------------------------------------------------------
@@ -246,7 +376,7 @@ def create_app(
     url: str | None = None,
     *,
     control: ControlPlane | None = None,
-    max_body_bytes: int = 1_048_576,
+    max_body_bytes: int = MAX_BODY_BYTES,
     max_metadata_bytes: int = 2048,
     **options: Any,
 ) -> FastAPI:
@@ -279,6 +409,7 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.control = cp
 
@@ -297,6 +428,7 @@ def create_app(
                 "properties": {"detail": {"type": "string", "title": "Detail"}},
                 "required": ["detail"],
             }
+            _add_links(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -323,9 +455,15 @@ def create_app(
         ]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    @app.exception_handler(ConfigError)
-    async def _config(_: Request, exc: ConfigError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    @app.exception_handler(OnceOnlyError)
+    async def _ours(_: Request, exc: OnceOnlyError) -> JSONResponse:
+        # Everything of ours but StoreError (handled below: the database is unreachable)
+        # is about the request or the record, never the server: 409 for a key's state,
+        # 422 for input (ConfigError, FingerprintError, CodecError, ...).
+        if isinstance(exc, (KeyReuseError, InProgress, UnknownOutcome, LeaseLost, ResultNotStored)):
+            name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+            return JSONResponse({"detail": {"error": name, "message": str(exc)}}, 409)
+        return JSONResponse({"detail": str(exc)[:1000]}, status_code=422)
 
     @app.exception_handler(LeaseError)
     async def _lease(_: Request, exc: LeaseError) -> JSONResponse:
@@ -774,10 +912,67 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Not found (or another tenant's)"),
         (409, "Lease id is not the holder's, or the lease is already finished"),
         (413, "Request body too large"),
+        (422, "Invalid input (a string detail): a value no backend can hold, or a bad field"),
         (429, "Rate limit (Retry-After)"),
         (503, "Database unavailable (Retry-After)"),
     )
 }
+
+
+# OpenAPI links: what a response hands to the next call (schemathesis' stateful phase
+# follows them; they also document the flows). (producer, consumer, parameters, body).
+_LEASE = {"key": "$response.body#/key", "lease_id": "$response.body#/lease_id"}
+_AGENT = {"agent_id": "$response.body#/agent_id"}
+_LINKS: list[tuple[tuple[str, str], tuple[str, str], dict[str, str], dict[str, str]]] = [
+    *(
+        (("post", "/v1/ai/lease"), ("post", f"/v1/ai/{op}"), {}, _LEASE)
+        for op in ("extend", "complete", "fail", "cancel")
+    ),
+    *(
+        (("post", "/v1/ai/lease"), ("get", f"/v1/ai/{op}"), {"key": "$response.body#/key"}, {})
+        for op in ("status", "result")
+    ),
+    *(
+        (("post", "/v1/tools"), (m, p), {"name": "$response.body#/name"}, {})
+        for m, p in (
+            ("get", "/v1/tools/{name}"),
+            ("post", "/v1/tools/{name}/toggle"),
+            ("delete", "/v1/tools/{name}"),
+        )
+    ),
+    (
+        ("post", "/v1/events"),
+        ("get", "/v1/runs/{run_id}"),
+        {"run_id": "$response.body#/run_id"},
+        {},
+    ),
+    *(
+        (("post", "/v1/policies/{agent_id}"), (m, p), _AGENT, {})
+        for m, p in (
+            ("get", "/v1/policies/{agent_id}"),
+            ("post", "/v1/agents/{agent_id}/disable"),
+            ("get", "/v1/agents/{agent_id}/logs"),
+            ("get", "/v1/agents/{agent_id}/metrics"),
+        )
+    ),
+]
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    for (pm, pp), (cm, cp_), params, body in _LINKS:
+        producer = paths.get(pp, {}).get(pm)
+        consumer = paths.get(cp_, {}).get(cm)
+        if producer is None or consumer is None:
+            continue
+        link: dict[str, Any] = {"operationId": consumer["operationId"]}
+        if params:
+            link["parameters"] = params
+        if body:
+            link["requestBody"] = body
+        ok = producer.setdefault("responses", {}).setdefault("200", {"description": "OK"})
+        name = consumer["operationId"]
+        ok.setdefault("links", {})[name] = link
 
 
 def _req_id() -> str:

@@ -1,5 +1,9 @@
-"""CLI commands for the server: ``onceonly serve``, ``onceonly worker``,
-``onceonly server create-key|list-keys|revoke-key`` (also ``onceonly keys create|list|revoke``).
+"""CLI commands for the server: ``onceonly serve``, ``onceonly worker`` and
+``onceonly keys create|list|revoke``.
+
+Each command has one home. The older spellings ``onceonly server create-key|list-keys|
+revoke-key|serve|worker`` still work as hidden aliases of the same functions (scripts keep
+running), but help and the docs only show the home.
 
 Register them on the main app with one line in ``onceonly_core/cli/app.py``::
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -27,13 +32,16 @@ UrlOpt = Annotated[
         help="Ledger URL: sqlite:///file.db or postgresql+psycopg://...",
     ),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 MigrateOpt = Annotated[
     bool, typer.Option("--migrate", help="Create or upgrade the schema first (servers).")
 ]
 
+#: ``onceonly server ...``: hidden aliases of ``keys``, ``serve`` and ``worker``.
 server_app = typer.Typer(
     name="server",
-    help="The self-hosted OnceOnly /v1 server: API keys and tenants.",
+    help="Old spellings, kept working: server create-key | list-keys | revoke-key are "
+    "onceonly keys create | list | revoke; server serve | worker are onceonly serve | worker.",
     no_args_is_help=True,
 )
 
@@ -42,15 +50,33 @@ def _url(url: str) -> str:
     return url or os.environ.get(URL_ENV) or "sqlite:///onceonly.db"
 
 
+def _cwd_importable() -> None:
+    """Put the working directory first on ``sys.path``, as uvicorn and celery do, so
+    ``--handler jobs:send`` finds ./jobs.py. A console script's sys.path holds the
+    script's directory, not the one it runs in. Processes spawned later (uvicorn's
+    ``--workers``) inherit the parent's sys.path."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _handlers(specs: list[str]) -> list[tuple[str, Any]]:
     """``PATTERN=module:function`` → (pattern, callable)."""
+    _cwd_importable()
     out = []
     for spec in specs:
         pattern, _, target = spec.partition("=")
         module, _, attr = target.partition(":")
         if not pattern or not module or not attr:
             raise typer.BadParameter(f"--handler wants PATTERN=module:function, got {spec!r}")
-        out.append((pattern, getattr(importlib.import_module(module), attr)))
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise typer.BadParameter(
+                f"--handler {spec!r}: cannot load {module}:{attr} ({err}); the module is "
+                f"imported from the working directory ({os.getcwd()}) or an installed package"
+            ) from None
+        out.append((pattern, fn))
     return out
 
 
@@ -63,7 +89,6 @@ HandlerOpt = Annotated[
 ]
 
 
-@server_app.command("create-key")
 def create_key(
     tenant: Annotated[str, typer.Option("--tenant", help="Tenant name (created if new).")],
     url: UrlOpt = "",
@@ -76,6 +101,7 @@ def create_key(
     ] = None,
     ai_limit: Annotated[int | None, typer.Option(help="Monthly AI lease/run quota.")] = None,
     migrate: MigrateOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create an API key and print it. It is shown this once: only its SHA-256 is stored."""
     from . import create_key as make
@@ -89,35 +115,62 @@ def create_key(
         ai_limit=ai_limit,
         migrate=migrate,
     )
-    typer.echo(key)
+    typer.echo(json.dumps({"tenant": tenant, "key": key}) if as_json else key)
 
 
-@server_app.command("list-keys")
 def list_keys(
     url: UrlOpt = "",
-    tenant: Annotated[str | None, typer.Option("--tenant")] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """List keys (id, tenant, prefix; never the key itself)."""
+    """List keys (id, tenant, prefix, limits; never the key itself)."""
     from .control import ControlPlane
 
     cp = ControlPlane(_url(url))
     try:
-        typer.echo(json.dumps(cp.keys.list_keys(tenant), indent=2))
+        rows = cp.keys.list_keys(tenant)
     finally:
         cp.close()
+    missed = not rows and tenant is not None  # a named tenant with no key: nothing matched
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        typer.echo("No API keys" + (f" for tenant {tenant!r}." if tenant else "."), err=True)
+    if missed:
+        raise typer.Exit(1)
+    if as_json or not rows:
+        return
+    from ..cli.app import _console, _table, _when
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if value is None:
+            return ""
+        return _when(value) if column in ("created_at", "revoked_at") else str(value)
+
+    table = _table("API keys")
+    columns = ("id", "tenant", "prefix", "label", "rate_limit", "created_at", "revoked_at")
+    for column in columns:
+        table.add_column(column.replace("_at", "").replace("_", " "), overflow="fold")
+    for row in rows:
+        table.add_row(*(cell(row, c) for c in columns))
+    _console().print(table)
 
 
-@server_app.command("revoke-key")
-def revoke_key(key_id: str, url: UrlOpt = "") -> None:
+def revoke_key(
+    key_id: Annotated[str, typer.Argument(help="The key's id (onceonly keys list).")],
+    url: UrlOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
     """Revoke a key by id (replicas stop accepting it within 5 seconds)."""
     from .control import ControlPlane
 
     cp = ControlPlane(_url(url))
     try:
         if not cp.keys.revoke_key(key_id):
-            typer.echo(f"no active key {key_id}", err=True)
+            typer.echo(f"error: no active key {key_id!r} (see: onceonly keys list)", err=True)
             raise typer.Exit(1)
-        typer.echo(f"revoked {key_id}")
+        typer.echo(json.dumps({"id": key_id, "revoked": True}) if as_json else f"revoked {key_id}")
     finally:
         cp.close()
 
@@ -147,6 +200,8 @@ def serve(
 
     _require()
     import uvicorn
+
+    _cwd_importable()
 
     from .control import ControlPlane
 
@@ -204,6 +259,7 @@ def worker(
     """Run key-mode job workers (any number, any machine, one database)."""
     from .control import ControlPlane
 
+    _cwd_importable()
     cp = ControlPlane(_url(url), job_workers=threads)
     for pattern, fn in _handlers(handler or []):
         cp.jobs.register(pattern, fn)
@@ -214,19 +270,27 @@ def worker(
         cp.close()
 
 
-server_app.command("serve")(serve)
-server_app.command("worker")(worker)
-
-#: ``onceonly keys create|list|revoke``: the same commands under the issue's names.
-keys_app = typer.Typer(name="keys", help="API keys of the server.", no_args_is_help=True)
+#: ``onceonly keys create|list|revoke``: the home of the API-key commands.
+keys_app = typer.Typer(name="keys", help="API keys of the /v1 server.", no_args_is_help=True)
 keys_app.command("create")(create_key)
 keys_app.command("list")(list_keys)
 keys_app.command("revoke")(revoke_key)
 
+# The old spellings: the same functions, hidden from help and completion.
+for _name, _fn in (
+    ("create-key", create_key),
+    ("list-keys", list_keys),
+    ("revoke-key", revoke_key),
+    ("serve", serve),
+    ("worker", worker),
+):
+    server_app.command(_name, hidden=True)(_fn)
+del _name, _fn
+
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, ``worker`` and the ``server`` and ``keys`` groups to the app."""
+    """Add ``serve``, ``worker`` and ``keys`` (plus the hidden ``server`` aliases)."""
     app.command("serve")(serve)
     app.command("worker")(worker)
-    app.add_typer(server_app, name="server")
     app.add_typer(keys_app, name="keys")
+    app.add_typer(server_app, name="server", hidden=True)

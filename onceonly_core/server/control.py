@@ -29,9 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from ..egress import Egress
 from ..errors import ConfigError, StoreError
 from ..guard import Guard
-from ..protocol import REPLAY, WAIT, Options, decide
+from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
+from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
+from ..redact import default_redactor
 from ..stores import FAILED, RUNNING, SUCCEEDED, NewClaim, Record, open_store
 from ..stores.sql import SQLStore
 from .db import ServerDB
@@ -186,6 +189,7 @@ class ControlPlane:
         max_tool_timeout_ms: int = 4000,
         job_lease: float = 30.0,
         job_poll: float = 0.2,
+        egress_allow: str | list[str] | None = None,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
         if url.startswith("memory:"):
@@ -204,6 +208,10 @@ class ControlPlane:
         self.max_ai_ttl = max_ai_ttl
         self.retention = retention
         self.max_tool_timeout_ms = max_tool_timeout_ms
+        # Outbound allowlist for every tenant's remote tools, on top of ONCEONLY_EGRESS_ALLOW;
+        # parsed now so a malformed one stops the server at start, not a tenant's request.
+        Egress.of(egress_allow)
+        self.egress_allow = egress_allow
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._keys: ServerDB | None = None
         self._usage: Usage | None = None
@@ -243,6 +251,7 @@ class ControlPlane:
                     g = Guard(store=self.ledger, namespace=tenant, quiet=True)
                     # One governance store across tenants: one connection pool, not one each.
                     g.gov.share_store(self.gov_store)
+                    g.gov.egress_allow = self.egress_allow
                     self._guards[tenant] = g
         return g
 
@@ -335,6 +344,7 @@ class ControlPlane:
         eff = self._ai_ttl(ttl)
         ns = f"{tenant}/ai"
         run_id = (metadata or {}).get("run_id")
+        check_text(str(run_id) if run_id else None, "metadata.run_id")  # a name: no NUL
         lease_id = "lease_" + secrets.token_hex(12)
         new = NewClaim(
             tool="ai.run" if job else "ai.lease",
@@ -460,7 +470,8 @@ class ControlPlane:
         rec = self._holder(tenant, key, lease_id)
         if rec.state == RUNNING:
             text = self.ledger_codec.encode(payload) if ok else None
-            err = None if ok else json.dumps(payload)
+            # The caller's error code / cancel reason is free text: masked like any error.
+            err = None if ok else json.dumps(default_redactor.redact(payload))
             if self.ledger.finish(
                 ns, key, rec.token, ok=ok, result=text, error=err, ttl=self.retention
             ):
@@ -640,15 +651,25 @@ class Jobs:
             ctx = JobContext(tenant, key, token, int(row["attempts"]), meta, guard, run_id)
             payload = {"result": self._execute(ctx), "result_hash": None}
         except Exception as err:
-            log.warning("job %s/%s failed: %s", tenant, key, err)
+            log.warning("job %s/%s failed: %s", tenant, key, err)  # redacted by the log filter
             ok = False
-            payload = {"error_code": "job_error", "message": f"{type(err).__name__}: {err}"}
+            payload = {
+                "error_code": "job_error",
+                "message": f"{type(err).__name__}: {safe_str(err)}",
+            }
         finally:
             stop.set()
             hb.join(timeout=5)
         if ok:
-            text = cp.ledger_codec.encode(payload)
-            done = cp.ledger.finish(ns, key, token, ok=True, result=text, ttl=cp.retention)
+            text: str | None = cp.ledger_codec.encode(payload)
+            note = None
+            if text is not None and len(text.encode()) > DEFAULT_MAX_RESULT_BYTES:
+                # Over the backend's statement limit the write would fail and the job
+                # would run again: succeeded without a result instead (protocol's marker).
+                text, note = None, f"{NOT_STORED}over {DEFAULT_MAX_RESULT_BYTES} bytes"
+            done = cp.ledger.finish(
+                ns, key, token, ok=True, result=text, error=note, ttl=cp.retention
+            )
         else:
             err_text = json.dumps(payload)[:4000]
             done = cp.ledger.finish(ns, key, token, ok=False, error=err_text, ttl=cp.retention)

@@ -398,7 +398,8 @@ class ServerDB:
                     jobs.c.job_key == row["job_key"],
                     jobs.c.token == row["token"],
                 )
-                .values(state="done", taken_until=None)
+                # The job's input (it may carry credentials) is kept only while needed.
+                .values(state="done", taken_until=None, meta=None)
             )
         )
 

@@ -8,6 +8,7 @@ from .base import CLEARED, FAILED, RUNNING, STATES, SUCCEEDED, NewClaim, Record,
 from .memory import MemoryStore
 
 if TYPE_CHECKING:
+    from .redis import RedisStore
     from .sql import SQLStore
 
 __all__ = [
@@ -19,23 +20,88 @@ __all__ = [
     "MemoryStore",
     "NewClaim",
     "Record",
+    "RedisStore",
     "SQLStore",
     "Store",
+    "check_url",
+    "governance_unsupported",
     "open_store",
 ]
 
+#: URL schemes of the Redis store (``onceonly_core.stores.redis``, extra ``redis``).
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+
+_EXAMPLES = (
+    "sqlite:///ledger.db, postgresql+psycopg://..., mysql+pymysql://..., redis://... or memory://"
+)
+
+
+def check_url(url: str) -> None:
+    """Refuse a ledger URL that cannot be one, with the URL the caller probably meant.
+
+    An empty string is an error rather than "use the default": ``Guard("")`` usually means
+    a configuration value that was not filled in, and silently opening ./onceonly.db would
+    hide that. A bare file name (``ledger.db``) gets the ``sqlite:///`` form suggested.
+    """
+    from ..errors import ConfigError
+
+    if not isinstance(url, str):
+        raise ConfigError(f"a ledger URL is a string, not {type(url).__name__}: {_EXAMPLES}")
+    if not url.strip():
+        raise ConfigError(
+            "the ledger URL is empty: pass one (" + _EXAMPLES + "), or pass none at all "
+            "to use ONCEONLY_DB_URL (default sqlite:///onceonly.db)"
+        )
+    if url.startswith("memory:") or "://" in url:
+        return
+    path = url.strip()
+    raise ConfigError(
+        f"not a database URL: {url!r}. A SQLite file is written with its scheme: "
+        f"'sqlite:///{path}' (relative to the working directory; 'sqlite:////abs/path.db' "
+        f"for an absolute path). Other ledgers: {_EXAMPLES}"
+    )
+
 
 def open_store(url: str, **options: Any) -> Store:
-    """``memory://``, ``sqlite:///file.db``, ``postgresql+psycopg://…``, ``mysql+pymysql://…``."""
+    """``memory://``, ``sqlite:///file.db``, ``postgresql+psycopg://…``, ``mysql+pymysql://…``,
+    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…``."""
+    check_url(url)
     if url.startswith("memory:"):
         if options:
             from ..errors import ConfigError
 
             raise ConfigError(f"memory:// takes no options, got {sorted(options)}")
         return MemoryStore()
+    if url.startswith(REDIS_SCHEMES):
+        from .redis import RedisStore  # raises MissingExtraError without redis-py
+
+        return RedisStore(url, **options)
     from .sql import SQLStore
 
     return SQLStore(url, **options)
+
+
+def governance_unsupported(ledger: str | Store | None) -> str | None:
+    """Why governance cannot run on this ledger (a URL or a store), or None if it can.
+
+    Governance (policies, caps, approvals, the audit chain) has a SQL implementation, over
+    the SQL ledgers and memory; the Redis store has none yet. Guard(agent_id=...) and
+    guard.gov ask here first, so a Redis ledger fails at once with this reason instead of
+    half-working.
+    """
+    redis_ledger = (
+        ledger.startswith(REDIS_SCHEMES)
+        if isinstance(ledger, str)
+        else type(ledger).__module__ == f"{__name__}.redis"
+    )
+    if not redis_ledger:
+        return None
+    return (
+        "governance (agent_id, policies, caps, approvals, audit) is not available on the Redis "
+        "ledger yet: it needs a Redis governance store behind the governance-store interface, "
+        "which does not exist in this version. Use a SQL ledger (sqlite://, postgresql://, "
+        "mysql://) or memory:// for governed calls"
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -43,4 +109,8 @@ def __getattr__(name: str) -> Any:
         from .sql import SQLStore
 
         return SQLStore
+    if name == "RedisStore":  # imports redis-py only when used
+        from .redis import RedisStore
+
+        return RedisStore
     raise AttributeError(name)

@@ -193,14 +193,25 @@ class Store(abc.ABC):
 
 
 def check_labels(namespace: str, key: str) -> None:
-    if 0 < len(key) <= MAX_KEY and 0 < len(namespace) <= MAX_NAMESPACE:
+    if (
+        0 < len(key) <= MAX_KEY
+        and 0 < len(namespace) <= MAX_NAMESPACE
+        and key.isascii()
+        and "\x00" not in key
+        and "\x00" not in namespace
+    ):
         return  # the hot path: no import, one comparison chain each
     from ..errors import ConfigError
+    from ..limits import check_text
 
     if not key or len(key) > MAX_KEY:
         raise ConfigError(f"a key must be 1..{MAX_KEY} characters, got {len(key)}")
     if not namespace or len(namespace) > MAX_NAMESPACE:
         raise ConfigError(f"a namespace must be 1..{MAX_NAMESPACE} characters")
+    # PostgreSQL cannot hold NUL and no backend a lone surrogate: refuse on every backend
+    # alike, before the claim, rather than fail on one of them at the write.
+    check_text(key, "a key")
+    check_text(namespace, "a namespace")
 
 
 def summarize(records: Sequence[Record]) -> dict[str, int]:

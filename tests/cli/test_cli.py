@@ -202,10 +202,11 @@ def test_show_every_namespace_by_default_and_from_the_environment(ledger: Ledger
 
 def test_show_unknown_namespace_says_which_exist(ledger: Ledger) -> None:
     result = invoke("show", "--url", ledger.url, "--namespace", "nope")
-    assert result.exit_code == 0
+    assert result.exit_code == 1  # nothing matched, as grep says it
     assert "No records in namespace 'nope'" in result.output
     assert ledger.ns in result.output  # the hint names real namespaces
-    assert ok_json("show", "--url", ledger.url, "--namespace", "nope") == []
+    as_json = invoke("show", "--url", ledger.url, "--namespace", "nope", "--json")
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout) == []
 
 
 # -- history and stats -------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_history_of_one_tool(ledger: Ledger) -> None:
     assert text.exit_code == 0 and f"History of {__name__}.charge" in text.output
     assert SECRET not in text.output
     empty = invoke("history", "no_such_tool", "--url", ledger.url)
-    assert empty.exit_code == 0 and "No records of tool 'no_such_tool'" in empty.output
+    assert empty.exit_code == 1 and "No records of tool 'no_such_tool'" in empty.output
 
 
 def test_stats_counts_states_executions_and_takeovers(ledger: Ledger) -> None:
@@ -332,8 +333,9 @@ def test_clear_yes_json_keeps_live_calls_and_other_namespaces(ledger: Ledger) ->
     others = ledger.store.list(namespace=f"{ledger.ns}-other", limit=10)
     workflow = ledger.store.list(namespace=f"{ledger.ns}/wf-1", limit=10)
     assert [r.state for r in others + workflow] == ["succeeded", "succeeded"]
-    # Clearing again: nothing left to clear, which is not an error.
-    assert ok_json("clear", "--url", ledger.url, "-n", ledger.ns, "--yes")["cleared"] == 0
+    # Clearing again: nothing left to clear is "nothing matched", status 1 with a message.
+    again = failed(invoke("clear", "--url", ledger.url, "-n", ledger.ns, "--yes"))
+    assert "nothing to clear" in again and "already cleared" in again
     # The cleared calls run again.
     assert ledger.guard(charge, "cus_1", 500)["cents"] == 500
     rec = ledger.store.get(ledger.ns, ledger.charge_key)

@@ -128,7 +128,7 @@ def test_demo_governance_scenes_agree_with_the_ledger(tmp_path: Path) -> None:
     import io
 
     from onceonly_core import Guard
-    from onceonly_core.demo import AGENT, SCENES, run_demo
+    from onceonly_core.cli.demo import AGENT, SCENES, run_demo
 
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     out = io.StringIO()
@@ -194,8 +194,14 @@ def test_demo_governance_scenes_agree_with_the_ledger(tmp_path: Path) -> None:
 def _demo_on(url: str) -> None:
     import io
 
-    from onceonly_core.demo import run_demo
+    from onceonly_core.cli.demo import run_demo
+    from onceonly_core.stores.sql import SQLStore
 
+    store = SQLStore(url)  # the demo never migrates a server database: its operator does
+    try:
+        store.migrate()
+    finally:
+        store.close()
     out = io.StringIO()
     report = run_demo(url, fast=True, out=out, plain=True)
     assert report.ok, out.getvalue()

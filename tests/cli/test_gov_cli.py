@@ -342,6 +342,7 @@ def test_agent_logs_and_metrics_match_the_api(env: Env) -> None:
 
 
 # -- tools -------------------------------------------------------------------------------
+@pytest.mark.usefixtures("allow_loopback")  # one endpoint is http://127.0.0.1:9
 def test_tools_add_list_toggle_rm(env: Env) -> None:
     secret_env = {"MY_TOOL_SECRET": TOOL_SECRET}
     got = env.json(

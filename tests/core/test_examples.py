@@ -1,7 +1,7 @@
 """The runnable entry points of the core install: every ``examples/*.py`` and the demo.
 
 Each example asserts its own claims (one charge, one SMS, ...), so a broken engine makes it
-exit non-zero here. The demo runs as ``python -m onceonly_core.demo`` — no typer, and once
+exit non-zero here. The demo runs as ``python -m onceonly_core.cli.demo`` — no typer, and once
 without rich — and its ledger is checked record by record afterwards.
 """
 
@@ -66,7 +66,7 @@ def _ledger_namespace(stdout: str) -> str:
 
 
 def test_demo_module_proves_every_effect_happened_once(tmp_path: Path) -> None:
-    proc = _run([sys.executable, "-m", "onceonly_core.demo", "--fast"], tmp_path)
+    proc = _run([sys.executable, "-m", "onceonly_core.cli.demo", "--fast"], tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
     assert "charges made: 3 (one per order: A-1001, B-2002, C-3003)" in out
@@ -98,7 +98,7 @@ def test_demo_module_proves_every_effect_happened_once(tmp_path: Path) -> None:
 def test_demo_without_rich_prints_plain_text(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['rich'] = None\n"
-        "from onceonly_core.demo import main\n"
+        "from onceonly_core.cli.demo import main\n"
         "sys.exit(main(['--fast', '--url', 'sqlite:///plain.db']))\n"
     )
     proc = _run([sys.executable, "-c", code], tmp_path)
@@ -110,9 +110,11 @@ def test_demo_without_rich_prints_plain_text(tmp_path: Path) -> None:
 
 def test_each_demo_run_tells_a_new_story(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    runs = [_run([sys.executable, "-m", "onceonly_core.demo", "--fast", "--url", url], tmp_path)]
+    runs = [
+        _run([sys.executable, "-m", "onceonly_core.cli.demo", "--fast", "--url", url], tmp_path)
+    ]
     runs.append(
-        _run([sys.executable, "-m", "onceonly_core.demo", "--fast", "--url", url], tmp_path)
+        _run([sys.executable, "-m", "onceonly_core.cli.demo", "--fast", "--url", url], tmp_path)
     )
     assert [p.returncode for p in runs] == [0, 0], runs[-1].stdout + runs[-1].stderr
     first, second = (_ledger_namespace(p.stdout) for p in runs)
@@ -122,7 +124,7 @@ def test_each_demo_run_tells_a_new_story(tmp_path: Path) -> None:
 
 
 def test_demo_needs_a_ledger_shared_between_processes() -> None:
-    from onceonly_core.demo import run_demo
+    from onceonly_core.cli.demo import run_demo
 
     with pytest.raises(ConfigError, match="memory://"):
         run_demo("memory://")
@@ -131,7 +133,7 @@ def test_demo_needs_a_ledger_shared_between_processes() -> None:
 def test_cli_without_its_extra_names_the_pip_command(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['typer'] = None\n"
-        "import onceonly_core.cli, onceonly_core.demo\n"
+        "import onceonly_core.cli, onceonly_core.cli.demo\n"
         "assert sys.modules.get('rich') is None, 'importing the CLI module imported rich'\n"
         "onceonly_core.cli.main(['show'])\n"
     )
@@ -164,7 +166,7 @@ def test_the_demo_proof_catches_a_double_effect(tmp_path: Path) -> None:
     """A scene that bypasses the guard and charges twice must turn the proof red."""
     import io
 
-    from onceonly_core.demo import ALICE, SCENES, Demo, Row, Scene, run_demo
+    from onceonly_core.cli.demo import ALICE, SCENES, Demo, Row, Scene, run_demo
 
     def unguarded_double_charge(demo: Demo) -> Row:
         for _ in range(2):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import pytest
 
 from onceonly_core import (
     BLOCKED,
+    GLOBAL,
     NOT_DONE,
     CachedFailure,
     CallContext,
@@ -336,11 +339,12 @@ class Unprintable(Exception):
 
 @pytest.mark.parametrize("quiet", [True, False])
 def test_an_exception_whose_str_raises_is_still_the_error_and_releases_the_key(
-    make: Callable[..., Guard], quiet: bool
+    make: Callable[..., Guard], quiet: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Regression: formatting the error text raised inside the protocol, so the caller got
     # RuntimeError instead of the tool's error and the record stayed running (live lease).
-    g = make().configure(quiet=quiet)  # not quiet: the console line formats the error too
+    caplog.set_level(logging.INFO, "onceonly")  # not quiet: the decision log formats it too
+    g = make().configure(quiet=quiet)
     calls: list[int] = []
 
     def tool(x: int) -> str:
@@ -979,17 +983,34 @@ def test_outcome_fields(g: Guard) -> None:
     assert [o.decision for o in got] == ["executed", "replayed"]
 
 
-def test_quiet_and_the_console_line(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
+def test_decisions_are_logged_never_printed(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
     monkeypatch.delenv("ONCEONLY_QUIET", raising=False)
     loud = Guard(store=MemoryStore())
-    loud(lambda x: x, 1)
-    err = capsys.readouterr().err
-    assert "[onceonly]" in err
-    assert "executed" in err
+
+    def tool(x: int) -> int:
+        return x
+
+    loud(tool, 1)  # no handler wants INFO: nothing is formatted, nothing printed
+    assert capsys.readouterr() == ("", "")
+    assert caplog.records == []
+    caplog.set_level(logging.INFO, "onceonly")
+    loud(tool, 1)
+    loud(tool, 2)
+    assert capsys.readouterr() == ("", "")  # the library prints nothing, ever
+    got = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert got == [
+        ("onceonly", logging.INFO, f"↺ {tool_identity(tool)} replayed"),
+        ("onceonly", logging.INFO, f"✓ {tool_identity(tool)} executed"),
+    ]
+    assert [r.onceonly_decision for r in caplog.records] == ["replayed", "executed"]  # type: ignore[attr-defined]
+    caplog.clear()
     monkeypatch.setenv("ONCEONLY_QUIET", "1")
-    quiet = Guard(store=MemoryStore())  # read at first use
-    quiet(lambda x: x, 1)
-    quiet(lambda x: x, 1)
+    quiet = Guard(store=MemoryStore())  # read at first use: no decision records at all
+    quiet(tool, 1)
+    quiet(tool, 1)
+    assert caplog.records == []
     assert capsys.readouterr() == ("", "")
 
 
@@ -1217,7 +1238,7 @@ def test_the_default_ledger_is_created_at_first_use_only(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stderr
     assert "onceonly.db" in proc.stdout
-    assert "[onceonly]" in proc.stderr  # not quiet by default
+    assert proc.stderr == ""  # not quiet, but the library prints nothing: decisions are logged
 
 
 # -- decisions made after review -----------------------------------------------------------
@@ -1264,16 +1285,253 @@ def test_check_reuses_one_record() -> None:
 
 def test_equal_option_values_share_one_prepared_tool() -> None:
     """Adapters pass a fresh ``key_args`` list (or name string) on every call: equal values
-    reuse the prepared tool instead of growing the cache; different values never share."""
+    reuse the prepared options instead of growing the cache; different values never share;
+    option objects (a key= callable) are not cached, so the cache never keeps them alive."""
     g = Guard(store=MemoryStore(), quiet=True)
-
-    def refund(order_id: str, reason: str) -> str:
-        return order_id
-
-    first = g._tool(refund, {"key_args": ["order_id"], "name": "shop.refund"})
-    again = g._tool(refund, {"key_args": ["order_id"], "name": "".join(["shop.", "refund"])})
-    other = g._tool(refund, {"key_args": ["reason"], "name": "shop.refund"})
+    name = "shop.refund"
+    first = g._spec(name, {"key_args": ["order_id"], "name": name})
+    again = g._spec("".join(["shop.", "refund"]), {"key_args": ["order_id"], "name": name})
+    other = g._spec(name, {"key_args": ["reason"], "name": name})
     assert first is again
-    assert other is not first and other.opts is not None and other.opts.key_args == ("reason",)
-    assert g._tool(refund, {"max": True}) is not g._tool(refund, {"max": 1})
-    assert len(g._tools) == 4
+    assert other is not first and other.opts.key_args == ("reason",)
+    assert g._spec(name, {"max": True}) is not g._spec(name, {"max": 1})
+    assert len(g._specs) == 4
+    keyed = g._spec(name, {"key": lambda order_id, reason: order_id})
+    assert keyed is not g._spec(name, {"key": lambda order_id, reason: order_id})
+    assert len(g._specs) == 4
+    g.policy(name, ttl=5.0)  # a policy change makes prepared options stale
+    assert g._specs == {} and g._spec(name, {}).opts.ttl == 5.0
+
+
+# -- the one call path: run_call / arun_call (issue 14) ------------------------------------
+def test_run_call_keys_by_tool_name_and_canonical_arguments(g: Guard) -> None:
+    runs: list[dict[str, Any]] = []
+
+    def thunk_for(args: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: runs.append(args) or {"charged": len(runs)}
+
+    first = g.run_call("charge", {"amount": 1.5, "to": "cus_1"}, thunk_for({}), scope="t-1")
+    assert (first.decision, first.result) == ("executed", {"charged": 1})
+    # The same values after validation: key order, int vs float vs Decimal are one call.
+    args: dict[str, Any] = {"to": "cus_1", "amount": Decimal("1.50")}
+    again = g.run_call("charge", args, thunk_for(args), scope="t-1")
+    assert (again.decision, again.result, again.key) == ("dedup", {"charged": 1}, first.key)
+    assert g.run_call("charge", {"amount": 2, "to": "cus_1"}, thunk_for({}), scope="t-1").ok
+    assert g.run_call("refund", {"amount": 1.5, "to": "cus_1"}, thunk_for({}), scope="t-1").ok
+    assert len(runs) == 3
+
+    # No signature involved, yet a callable keyed by call_tool under the same name and
+    # arguments is the same call (adapters can move to run_call without new keys).
+    def charge(amount: float, to: str) -> str:
+        return "never runs"
+
+    via_fn = g.call_tool(charge, {"to": "cus_1", "amount": 1.5}, tool="charge", scope="t-1")
+    assert (via_fn.decision, via_fn.key) == ("dedup", first.key)
+    assert g.key_for_call("charge", {"amount": 1.5, "to": "cus_1"}, scope="t-1") == first.key
+    assert g.key_for_call("charge", {"amount": 1.5, "to": "cus_1"}, key_args=["to"]) != first.key
+
+
+def test_run_call_scope_is_the_workflow(g: Guard) -> None:
+    runs: list[str] = []
+
+    def thunk() -> str:
+        runs.append("x")
+        return "sent"
+
+    a = g.run_call("send", {"to": "ann"}, thunk, scope="conv-1")
+    b = g.run_call("send", {"to": "ann"}, thunk, scope="conv-2")
+    assert a.decision == b.decision == "executed" and a.key != b.key
+    assert (a.namespace, b.namespace) == (f"{g.namespace}/conv-1", f"{g.namespace}/conv-2")
+    with g.workflow("conv-1"):  # scope= and guard.workflow(...) are one thing
+        assert g.run_call("send", {"to": "ann"}, thunk).decision == "dedup"
+        # An explicit scope wins over the surrounding workflow, for this call only.
+        assert g.run_call("send", {"to": "ann"}, thunk, scope="conv-3").decision == "executed"
+        assert g.current_namespace() == f"{g.namespace}/conv-1"
+    assert runs == ["x"] * 3
+    assert g.current_namespace() == g.namespace
+    with pytest.raises(ConfigError, match="scope"):
+        g.run_call("send", {"to": "ann"}, thunk, scope="bad\nscope")
+
+
+def test_run_call_thunk_sees_its_call_and_args_are_copied(g: Guard) -> None:
+    seen: list[CallContext | None] = []
+    args = {"items": [1, 2]}
+
+    def thunk() -> int:
+        seen.append(current_call())
+        args["items"].append(3)  # the tool mutates its input: the key was taken before
+        return 1
+
+    res = g.run_call("tool", args, thunk, scope="s")
+    assert seen[0] is not None and seen[0].key == res.key and seen[0].tool == "tool"
+    with pytest.raises(ConfigError, match="mapping"):
+        g.run_call("tool", [1, 2], thunk)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="strings"):
+        g.run_call("tool", {1: "x"}, thunk)
+
+    async def athunk() -> int:
+        return 1
+
+    with pytest.raises(ConfigError, match="arun_call"):
+        g.run_call("tool", {}, athunk)
+
+
+def test_arun_call_awaits_async_thunks_and_runs_sync_ones_off_the_loop(g: Guard) -> None:
+    threads: list[int] = []
+
+    async def afetch(n: int) -> int:
+        threads.append(threading.get_ident())
+        return n * 2
+
+    def fetch(n: int) -> int:
+        threads.append(threading.get_ident())
+        return n * 3
+
+    async def main() -> list[Any]:
+        loop_thread = threading.get_ident()
+        a = await g.arun_call("afetch", {"n": 1}, functools.partial(afetch, 1), scope="s")
+        b = await g.arun_call("fetch", {"n": 1}, functools.partial(fetch, 1), scope="s")
+        c = await g.arun_call("lam", {"n": 1}, lambda: afetch(5), scope="s")
+        d = await g.arun_call("afetch", {"n": 1}, functools.partial(afetch, 1), scope="s")
+        assert threads[0] == loop_thread and threads[1] != loop_thread
+        return [(r.decision, r.result) for r in (a, b, c, d)]
+
+    assert asyncio.run(main()) == [
+        ("executed", 2),
+        ("executed", 3),
+        ("executed", 10),
+        ("dedup", 2),
+    ]
+
+
+def test_an_unscoped_call_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    def warnings_of(g: Guard) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "onceonly" and r.levelno == logging.WARNING
+        ]
+
+    g = Guard(store=MemoryStore(), quiet=True)
+    g.run_call("send_email", {"to": "a"}, lambda: 1)
+    g.run_call("send_email", {"to": "b"}, lambda: 1)
+    g.call_tool(lambda to: 1, {"to": "c"}, tool="other")
+    assert len(warnings_of(g)) == 1
+    assert "'send_email' ran without a scope" in warnings_of(g)[0]
+    assert "deduplicated forever" in warnings_of(g)[0]
+    caplog.clear()
+    quiet = Guard(store=MemoryStore(), quiet=True)  # none of these is an unscoped dedup
+    quiet.run_call("send_email", {"to": "a"}, lambda: 1, scope="conv-1")
+    with quiet.workflow("conv-2"):
+        quiet.run_call("send_email", {"to": "a"}, lambda: 1)
+    quiet.run_call("search", {"q": "a"}, lambda: 1, read_only=True)
+    quiet.run_call("search", {"q": "a"}, lambda: 1, unlimited=True)
+    quiet.run_call("send_email", {"to": "a"}, lambda: 1, key="email-1")
+    quiet.run_call("send_email", {"to": "a"}, lambda: 1, scope=GLOBAL)
+    quiet(lambda to: 1, "a")  # the decorator family keys business calls: forever is the point
+    assert warnings_of(quiet) == []
+    assert quiet.history()[0].namespace == quiet.namespace  # GLOBAL: no workflow
+
+
+def test_read_only_tools_are_never_deduplicated_but_are_governed_and_audited(
+    g: Guard,
+) -> None:
+    from onceonly_core.governance.models import Policy
+
+    runs: list[int] = []
+
+    def search() -> list[int]:
+        runs.append(1)
+        return [len(runs)]
+
+    first = g.run_call("search", {"q": "x"}, search, scope="s", read_only=True)
+    second = g.run_call("search", {"q": "x"}, search, scope="s", read_only=True)
+    assert [first.result, second.result] == [[1], [2]]  # fresh every time
+    assert g.history() == []  # no ledger claim at all (this namespace and its scopes)
+    g.policy("lookup", read_only=True)  # per tool, by policy, for every way in
+
+    @g.once(name="lookup")
+    def lookup(q: str) -> int:
+        runs.append(1)
+        return len(runs)
+
+    assert [lookup("x"), lookup("x")] == [3, 4]
+    g.gov.upsert_policy(Policy(agent_id="bot", blocked_tools=["search"]))
+    with g.agent("bot"):
+        blocked = g.run_call("search", {"q": "x"}, search, scope="s", read_only=True)
+        ran = g.run_call("lookup", {"q": "x"}, lambda: lookup.__wrapped__("x"), scope="s")
+    assert (blocked.decision, blocked.policy_reason) == ("blocked", "tool_blocked")
+    assert (ran.decision, len(runs)) == ("executed", 5)
+    logs = sorted((e.tool, e.decision) for e in g.gov.agent_logs("bot"))
+    assert logs == [("lookup", "executed"), ("search", "blocked")]
+
+
+# -- per-request tools are held weakly (issue 14: +310 MB for 3,000) ---------------------
+class _Client:
+    """A per-request tool object holding a large buffer."""
+
+    def __init__(self) -> None:
+        self.blob = bytearray(50_000)
+
+    def charge(self, amount: int) -> int:
+        return amount
+
+    def __call__(self, amount: int) -> int:
+        return amount
+
+
+def _charge(blob: bytearray, amount: int) -> int:
+    return amount
+
+
+def _closure(blob: bytearray) -> Callable[[int], int]:
+    def closure(amount: int) -> int:
+        return amount + len(blob) * 0
+
+    return closure
+
+
+def test_per_request_tools_are_not_kept_alive() -> None:
+    import gc
+    import tracemalloc
+    import weakref
+
+    g = Guard(store=MemoryStore(), quiet=True)
+    refs: list[weakref.ref[Any]] = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3_000):
+            blob = bytearray(50_000)
+            kind = i % 6
+            if kind == 0:  # a closure over request state
+                tool: Any = _closure(blob)
+                refs.append(weakref.ref(tool))
+            elif kind == 1:  # a partial binding a request object
+                tool = functools.partial(_charge, blob)
+                refs.append(weakref.ref(tool))
+            else:  # a per-request object: called, or a bound method of it
+                client = _Client()
+                refs.append(weakref.ref(client))
+                tool = client if kind == 2 else client.charge
+                del client
+            how = i % 4
+            if how == 0:
+                assert g(tool, i) == i
+            elif how == 1:
+                assert g.call_tool(tool, {"amount": i}).result == i
+            elif how == 2:
+                assert g.once(tool)(i) == i
+            else:
+                assert g.wrap_tools([tool])[0](i) == i
+            del tool, blob
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert alive == 0, f"{alive} of 3000 per-request tools kept alive"
+    assert len(g._fns) + len(g._methods) <= 3  # _charge (via partials), _Client.charge...
+    assert len(g._specs) <= 10
+    # 3,000 x 50 kB would be 150 MB: what remains is the ledger's records.
+    assert grown < 20_000_000, grown

@@ -247,6 +247,7 @@ def test_registry_never_returns_secrets(guard: Guard) -> None:
         gov.create_tool("x", lookup, url="https://x")  # both
 
 
+@pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_run_tool_calls_a_signed_remote_tool_once(guard: Guard) -> None:
     cache = ReplayCache()
     body = json.dumps({"result": {"ticket": "T-1"}}).encode()
@@ -263,6 +264,7 @@ def test_run_tool_calls_a_signed_remote_tool_once(guard: Guard) -> None:
     assert sent["args"] == {"subject": "hi"} and sent["agent_id"] == "support"
 
 
+@pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_a_remote_tool_failure_is_a_failed_decision(guard: Guard) -> None:
     with loopback(lambda req: Reply(400, b'{"error": "bad subject"}')) as srv:
         guard.gov.create_tool("crm.bad", url=srv.url)
@@ -420,6 +422,7 @@ def test_metrics_and_timeline(guard: Guard) -> None:
         guard.gov.agent_metrics("m", "year")
 
 
+@pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_notifications_hooks_and_signed_webhooks(guard: Guard) -> None:
     got: list[dict[str, Any]] = []
     guard.gov.on_notify(got.append)

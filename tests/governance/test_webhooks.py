@@ -19,6 +19,9 @@ from onceonly_core.governance.webhooks import WebhookSink
 SECRET = "whsec_d2ViaG9vay1zZWNyZXQtd2ViaG9vay1zZWNyZXQ="
 OK = Reply(200, b"", {})
 
+# The receivers here live on 127.0.0.1: allowlisted explicitly (the default refuses it).
+pytestmark = pytest.mark.usefixtures("allow_loopback")
+
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:

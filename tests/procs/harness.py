@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from onceonly_core.codec import default_codec
-from onceonly_core.stores.base import Record
-from onceonly_core.stores.sql import SQLStore
+from onceonly_core.stores import open_store
+from onceonly_core.stores.base import Record, Store
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
@@ -121,15 +121,15 @@ def wait_for_file(path: Path, worker: Worker, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def open_ledger(url: str) -> SQLStore:
+def open_ledger(url: str) -> Store:
     """The test's own view of the ledger. Creates the schema if the database is fresh, so
     that worker processes never race each other to create it (a separate concern)."""
-    store = SQLStore(url, auto_migrate=True)
+    store = open_store(url, auto_migrate=True)
     store.get("probe", "probe")
     return store
 
 
-def ledger(store: SQLStore, namespace: str) -> dict[str, Record]:
+def ledger(store: Store, namespace: str) -> dict[str, Record]:
     return {r.key: r for r in store.list(namespace=namespace, limit=10**6)}
 
 

@@ -1,6 +1,7 @@
 """A worker process for the crash and race tests: one real OS process per instance.
 
-Started by ``tests/services/test_crash_and_races.py`` and ``tests/services/test_pg_restart.py``
+Started by ``tests/services/test_crash_and_races.py``, ``tests/services/test_pg_restart.py``
+and ``tests/services/test_redis.py``
 with ``subprocess.Popen([sys.executable, __file__, MODE, ...])``. Every execution of the
 guarded tool appends one JSON line to the *effects* log (``O_APPEND``, a single ``write``
 per line, so lines from concurrent processes never interleave): that log is the side
@@ -97,8 +98,9 @@ def wait_for(path: str, timeout: float) -> None:
         time.sleep(0.005)
 
 
-class CrashStore(SQLStore):
-    """The SQL store, with a SIGKILL just before the claim statement is sent (crash point a).
+class CrashBeforeClaim:
+    """Mixed into the ledger's store class: a SIGKILL just before the claim statement (or
+    script) is sent (crash point a).
 
     ``claim`` is the first thing a guarded call does to the ledger, so dying here is a crash
     before the claim commits: nothing about this call has reached the database.
@@ -107,7 +109,16 @@ class CrashStore(SQLStore):
     def claim(self, namespace: str, key: str, new: Any) -> Any:
         if ARGS.crash == "before_claim":
             kill_self()
-        return super().claim(namespace, key, new)
+        return super().claim(namespace, key, new)  # type: ignore[misc]
+
+
+def crash_store(url: str) -> Any:
+    base: type = SQLStore
+    if url.startswith(("redis://", "rediss://")):
+        from onceonly_core.stores.redis import RedisStore
+
+        base = RedisStore
+    return type("CrashStore", (CrashBeforeClaim, base), {})(url, auto_migrate=True)
 
 
 def reconcile(ctx: Any) -> Any:
@@ -137,7 +148,7 @@ def make_guard(**options: Any) -> Guard:
     if ARGS.wait is not None:
         options["wait"] = ARGS.wait
     if ARGS.crash == "before_claim":
-        store = CrashStore(ARGS.url, auto_migrate=True)
+        store = crash_store(ARGS.url)
         return Guard(store=store, namespace=ARGS.namespace, quiet=True, **options)
     return Guard(
         ARGS.url,

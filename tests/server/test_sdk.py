@@ -306,7 +306,8 @@ class _ToolHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def tool_server() -> Iterator[str]:
+def tool_server(allow_loopback: None) -> Iterator[str]:
+    # Registering and calling it needs 127.0.0.1 allowlisted (the egress guard's default refuses).
     _ToolHandler.calls = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ToolHandler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)

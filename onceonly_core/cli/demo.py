@@ -4,7 +4,7 @@ same agent runs under governance (``guard.gov``, same ledger): a policy blocks a
 destructive tool, the daily budget stops a runaway loop, the kill switch stops its next
 call, and a refund waits for a human and then runs exactly once.
 
-Run it with ``onceonly demo`` (the ``cli`` extra) or ``python -m onceonly_core.demo``
+Run it with ``onceonly demo`` (the ``cli`` extra) or ``python -m onceonly_core.cli.demo``
 (core install only; rich output when rich is installed, plain text otherwise).
 
 The "outside world" is simulated: a payment provider and a mail provider that write
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import ConfigError, OnceOnlyError
-from .guard import Guard, current_call
-from .protocol import NOT_DONE, CallContext, Outcome
-from .stores import Record
+from ..errors import ConfigError, OnceOnlyError, SchemaError
+from ..guard import GLOBAL, Guard, current_call
+from ..protocol import NOT_DONE, CallContext, Outcome
+from ..stores import Record
 
 __all__ = ["SCENES", "Demo", "DemoReport", "Row", "Scene", "World", "main", "run_demo"]
 
@@ -406,8 +406,11 @@ class Demo:
         return self.send_receipt(order.id, order.email)
 
     def govern(self, fn: Callable[..., Any], tool: str, args: dict[str, Any], **kw: Any) -> Any:
-        """One governed call of the agent (``guard.call_tool``): never raises, decides."""
-        res = self.guard.call_tool(fn, args, tool=tool, agent_id=AGENT, **kw)
+        """One governed call of the agent (``guard.call_tool``): never raises, decides.
+
+        ``scope=GLOBAL``: the demo's namespace is already this run's own, so a call is
+        deduplicated across the whole run on purpose (no unscoped-call warning)."""
+        res = self.guard.call_tool(fn, args, tool=tool, agent_id=AGENT, scope=GLOBAL, **kw)
         self.governed.append(res)
         return res
 
@@ -509,7 +512,7 @@ def _run_crashing_worker(demo: Demo, order: Order) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
-        "onceonly_core.demo",
+        "onceonly_core.cli.demo",
         "--child",
         "send-receipt",
         "--url",
@@ -784,8 +787,10 @@ def store_options(url: str) -> dict[str, Any]:
             "the demo needs a ledger shared between processes (scene 3 crashes a second "
             "process): use sqlite:///file.db or a server URL, not memory://"
         )
-    # A server database gets the schema on first use, so the demo runs in one command.
-    return {} if url.startswith("sqlite") else {"auto_migrate": True}
+    # A server database is never migrated here: its schema belongs to `onceonly migrate`
+    # (docs/operations.md), run by whoever owns that database. SQLite files create
+    # themselves, as they do for every Guard.
+    return {}
 
 
 def new_namespace() -> str:
@@ -815,7 +820,13 @@ def run_demo(
         for hook in (g.on_success, g.on_replay, g.on_block, g.on_failure):
             hook(demo.record)
         try:
-            g.store.list(namespace=namespace, limit=1)  # a bad URL fails before the story
+            try:
+                g.store.list(namespace=namespace, limit=1)  # a bad URL fails before the story
+            except SchemaError as err:
+                raise SchemaError(
+                    f"{err}\nThe demo does not create or upgrade the schema of a server "
+                    "database: migrations are explicit (docs/operations.md)."
+                ) from None
             printer.title("OnceOnly demo: an agent that charges cards and emails receipts")
             printer.say(f"ledger:    {_display(url)}")
             printer.say(f"namespace: {namespace}")
@@ -1038,8 +1049,8 @@ def _child(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m onceonly_core.demo [--url URL] [--fast] [--plain]``."""
-    p = argparse.ArgumentParser(prog="python -m onceonly_core.demo", description=__doc__)
+    """``python -m onceonly_core.cli.demo [--url URL] [--fast] [--plain]``."""
+    p = argparse.ArgumentParser(prog="python -m onceonly_core.cli.demo", description=__doc__)
     p.add_argument(
         "--url", default=None, help="ledger URL (default: ONCEONLY_DB_URL or ./onceonly.db)"
     )

@@ -1,0 +1,133 @@
+"""The Redis ledger next to raw redis-py round trips, side by side in one run.
+
+    python benchmarks/bench_redis.py [--calls N] [--url redis://127.0.0.1:6379/0]
+
+Rows (µs per call, median of interleaved blocks; one process, one client, loopback):
+
+* ``raw first``: ``SET k running NX`` then ``SET k result XX`` — the floor of a first call,
+  which needs a claim and a completion (two round trips), as the guard does;
+* ``guard first``: ``guard(tool, i)`` on a new key: the claim script and the finish script;
+* ``raw replay``: ``GET k`` — the floor of a replay (one round trip);
+* ``guard replay``: ``guard(tool, i)`` on a key already done: the claim script finds the
+  record and the result is decoded.
+
+Target: each guard row ≤ 1.5x its raw row. Keys live under a prefix of their own
+(``oo-bench-<hex>``), deleted at the end. The URL comes from ``--url`` or
+ONCEONLY_REDIS_URL. Benchmarks measure; they never assert a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from onceonly_core import Guard  # noqa: E402
+from onceonly_core.stores.redis import RedisStore  # noqa: E402
+
+TARGET = 1.5
+
+
+def tool(i: int) -> int:
+    return i
+
+
+def interleave(
+    cases: dict[str, Callable[[int], None]], calls: int, blocks: int = 10
+) -> dict[str, float]:
+    """µs per call of each case, median over ``blocks`` blocks run in alternating order."""
+    per = calls // blocks
+    out: dict[str, list[float]] = {k: [] for k in cases}
+    names = list(cases)
+    n = {k: 0 for k in cases}
+    for b in range(blocks):
+        for name in names if b % 2 == 0 else names[::-1]:
+            fn, start = cases[name], n[name]
+            t0 = time.perf_counter()
+            for i in range(start, start + per):
+                fn(i)
+            out[name].append((time.perf_counter() - t0) / per * 1e6)
+            n[name] = start + per
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=5000, help="timed calls per case")
+    ap.add_argument(
+        "--url", default=os.environ.get("ONCEONLY_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    )
+    args = ap.parse_args()
+    prefix = f"oo-bench-{uuid.uuid4().hex[:8]}"
+    raw = redis.Redis.from_url(args.url)
+    try:
+        raw.ping()
+    except redis.RedisError as err:
+        print(f"Redis: skipped, not reachable at {args.url}: {err}")
+        return
+    store = RedisStore(args.url, prefix=prefix, durability_check=False)
+    guard = Guard(store=store, namespace="bench", quiet=True)
+    value = '{"v": 1}'
+
+    def raw_first(i: int) -> None:
+        k = f"{prefix}:raw:{i}"
+        raw.set(k, "running", nx=True)
+        raw.set(k, value, xx=True)
+
+    def guard_first(i: int) -> None:
+        guard.using(key=f"f{i}")(tool, i)
+
+    def raw_replay(i: int) -> None:
+        raw.get(f"{prefix}:raw:{i % 100}")
+
+    def guard_replay(i: int) -> None:
+        guard.using(key=f"f{i % 100}")(tool, i % 100)
+
+    try:
+        for i in range(200):  # warm up: scripts loaded, pools filled, replay keys exist
+            raw_first(i)
+            guard_first(i)
+        calls = store.list(namespace="bench", limit=10**6)
+        assert len(calls) == 200, len(calls)
+        load = os.getloadavg()[0]
+        t = interleave(
+            {
+                "raw first": lambda i: raw_first(1000 + i),
+                "guard first": lambda i: guard_first(1000 + i),
+                "raw replay": raw_replay,
+                "guard replay": guard_replay,
+            },
+            args.calls,
+        )
+        # Checks, not assertions about time: every first call ran, every replay replayed.
+        done = store.list(namespace="bench", limit=10**7)
+        assert len(done) == 200 + args.calls // 10 * 10, len(done)
+        assert all(r.executions == 1 for r in done)
+    finally:
+        guard.close()
+        keys = list(raw.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            raw.unlink(*keys[i : i + 1000])
+        raw.close()
+
+    print(f"Redis ledger at {args.url}: {args.calls} calls per case, load {load:.2f}")
+    print(f"{'case':<14}{'µs/call':>10}{'ratio':>9}   target ≤ {TARGET}x")
+    for ours, floor in (("guard first", "raw first"), ("guard replay", "raw replay")):
+        ratio = t[ours] / t[floor]
+        print(f"{floor:<14}{t[floor]:>10.1f}")
+        verdict = "met" if ratio <= TARGET else "missed"
+        print(f"{ours:<14}{t[ours]:>10.1f}{ratio:>8.2f}x   {verdict}")
+
+
+if __name__ == "__main__":
+    main()
