@@ -453,6 +453,8 @@ def test_a_custom_store_without_governance_fails_at_construction() -> None:
     class Plain(MemoryStore):
         governance_store = __import__("onceonly_core").stores.base.Store.governance_store
 
+    with pytest.raises(ConfigError, match="governance_store"):
+        Guard(store=Plain(), agent_id="a", quiet=True)  # at construction
     g = Guard(store=Plain(), quiet=True)
     with pytest.raises(ConfigError, match="governance_store"):
         g.gov  # noqa: B018
