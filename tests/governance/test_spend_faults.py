@@ -566,3 +566,28 @@ def test_a_commit_whose_reply_was_lost_is_applied_once(db_url: str, namespace: s
         assert guard.gov.approve(first.approval_id or "").state == "approved"
         store.engine = real
         assert guard.gov.verify_audit() == []
+
+
+def test_a_run_reconciled_as_done_is_counted_once(guard: Guard) -> None:
+    """The first run was interrupted (counted, audited unknown); the next call's
+    on_unknown reconciler says it did happen: nothing runs, nothing more is spent."""
+    capped(guard)
+    ran: list[str] = []
+
+    def pay(to: str) -> str:
+        ran.append(to)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        guard.call_tool(pay, {"to": "x"}, agent_id="payer")
+    r = guard.call_tool(pay, {"to": "x"}, agent_id="payer", on_unknown=lambda ctx: "receipt-1")
+    assert (r.decision, r.policy_reason, r.result, r.spend_usd) == (
+        "executed",
+        "reconciled",
+        "receipt-1",
+        0.0,
+    )
+    assert ran == ["x"] and spent(guard) == PRICE
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    assert rows(guard) == [("unknown", "interrupted"), ("executed", "reconciled")]
+    assert guard.gov.verify_audit() == []
