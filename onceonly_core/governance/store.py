@@ -167,6 +167,7 @@ class GovStore(GovernanceStore):
         self._local = threading.local()
         self._reader: sa.Engine | None = None
         self._snap: Any = None
+        self._head_now: Any = None
         if isinstance(ledger, MemoryStore):
             self.kind = "memory"
             self.engine = sa.create_engine(
@@ -224,10 +225,15 @@ class GovStore(GovernanceStore):
                 max_overflow=8,
                 connect_args=ledger.connect_args,
             )
+            clock: Any = sa.literal_column(_NOW_SQL[self.kind].removeprefix("SELECT ")).label("now")
+            h = S.audit_heads
+            self._head_now = sa.select(h.c.seq, h.c.hash, clock).where(
+                h.c.tenant == _b("t"), h.c.agent_id == _b("a")
+            )
             one = sa.select(sa.literal(1).label("x")).subquery("one")
             a = S.agents
             self._snap = sa.select(
-                sa.literal_column(_NOW_SQL[self.kind].removeprefix("SELECT ")).label("now"),
+                clock,
                 a.c.agent_id,
                 a.c.policy,
                 a.c.disabled,
@@ -599,7 +605,7 @@ class GovStore(GovernanceStore):
                 self._append(conn, now, tenant, audit)
             return True
 
-        return self._tx(run)
+        return self._tx(run, clock=self._clock is not None)  # the clock rides on the head read
 
     def release(
         self, tenant: str, agent_id: str, rid: str, audit: dict[str, Any] | None = None
@@ -788,7 +794,10 @@ class GovStore(GovernanceStore):
     # -- audit ----------------------------------------------------------------------------
     def append_audit(self, tenant: str, entry: dict[str, Any]) -> tuple[int, str]:
         """Append one decision to the agent's hash chain; returns (seq, hash)."""
-        return self._tx(lambda conn, now: self._append(conn, now, tenant, entry))
+        return self._tx(
+            lambda conn, now: self._append(conn, now, tenant, entry),
+            clock=self._clock is not None,  # the clock rides on the head read
+        )
 
     def _append(
         self, conn: sa.Connection, now: float, tenant: str, entry: dict[str, Any]
@@ -809,7 +818,11 @@ class GovStore(GovernanceStore):
                 "base_hash": GENESIS,
             },
         )
-        head = conn.execute(_HEAD, {"t": tenant, "a": agent_id}).one()
+        if now != now:  # NaN: the transaction has not read the clock; read it with the head
+            head = conn.execute(self._head_now, {"t": tenant, "a": agent_id}).one()
+            now = float(head.now)
+        else:
+            head = conn.execute(_HEAD, {"t": tenant, "a": agent_id}).one()
         if self._rerun and entry.get("token") is not None:
             # Rerun after a lost reply: the row may be in already (one row per decision).
             au = S.audit

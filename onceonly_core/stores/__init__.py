@@ -101,6 +101,12 @@ def governance_unsupported(ledger: str | Store | None) -> str | None:
         else type(ledger).__module__ == f"{__name__}.redis"
     )
     if not redis_ledger:
+        if isinstance(ledger, Store) and type(ledger).governance_store is Store.governance_store:
+            return (
+                f"{type(ledger).__name__} provides no governance (agent_id, policies, caps, "
+                "approvals, audit): implement its governance_store() to return a "
+                "onceonly_core.governance.base.GovernanceStore, or use a SQL or memory ledger"
+            )
         return None
     return (
         "governance (agent_id, policies, caps, approvals, audit) is not available on the Redis "

@@ -32,6 +32,8 @@ from onceonly_core.governance import Policy
 from onceonly_core.governance.engine import DAY
 from onceonly_core.stores.sql import SQLStore
 
+pytestmark = pytest.mark.slow
+
 CAP, PRICE = 6, 1.0
 
 

@@ -453,6 +453,8 @@ def test_a_custom_store_without_governance_fails_at_construction() -> None:
     class Plain(MemoryStore):
         governance_store = __import__("onceonly_core").stores.base.Store.governance_store
 
+    with pytest.raises(ConfigError, match="governance_store"):
+        Guard(store=Plain(), agent_id="a", quiet=True)  # at construction
     g = Guard(store=Plain(), quiet=True)
     with pytest.raises(ConfigError, match="governance_store"):
         g.gov  # noqa: B018
@@ -468,7 +470,10 @@ def test_audit_entries_of_holds_are_json(guard: Guard) -> None:
 
     def pay(api_key: str) -> str:
         with store.engine.connect() as conn:
-            held = conn.execute(sa.select(S.reservations.c.audit)).scalar_one()
+            r = S.reservations
+            held = conn.execute(
+                sa.select(r.c.audit).where(r.c.tenant == guard.namespace)
+            ).scalar_one()
         entry = json.loads(held)
         assert entry["decision"] == "unknown" and entry["tool"] == "pay"
         assert "sk_live" not in held
@@ -509,3 +514,80 @@ def test_the_cli_refuses_to_decide_a_consumed_or_denied_request_again(
         out = cli("approvals", "approve", first.approval_id or "")
         assert out.exit_code == 1 and "already denied" in out.output
         assert ran == ["o1"]
+
+
+class LostReply:
+    """The governance store's engine, but the named primitives' first commit succeeds
+    and its reply is lost (the connection drops right after COMMIT): the store must run
+    the primitive again on a fresh connection without applying it twice."""
+
+    def __init__(self, engine: Any, lose: int) -> None:
+        self._engine, self.lose = engine, lose
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Any]:
+        with self._engine.begin() as conn:
+            yield conn
+        if self.lose > 0:
+            self.lose -= 1
+            raise sa.exc.OperationalError(
+                "COMMIT", {}, Exception("server closed the connection"), connection_invalidated=True
+            )
+
+
+def test_a_commit_whose_reply_was_lost_is_applied_once(db_url: str, namespace: str) -> None:
+    if db_url.startswith(("postgresql", "mysql")):
+        with SQLStore(db_url) as store:
+            store.migrate()
+    with Guard(db_url, namespace=namespace, quiet=True) as guard:
+        capped(guard, require_approval=["ask"])
+        store = guard.gov.store
+        assert isinstance(store, GovStore)
+        real = store.engine
+        ran: list[int] = []
+
+        def pay(n: int) -> int:
+            store.engine = LostReply(real, 1)  # settle loses its reply once
+            ran.append(n)
+            return n
+
+        store.engine = LostReply(real, 1)  # the snapshot is a read; reserve loses its reply
+        r = guard.call_tool(pay, {"n": 1}, tool="pay", agent_id="payer")
+        store.engine = real
+        assert r.decision == "executed" and ran == [1]
+        assert spent(guard) == PRICE  # reserved once, settled once
+        assert store.holds(guard.namespace, "payer") == 0
+        assert rows(guard) == [("executed", "ok")]  # one audit row
+        first = guard.call_tool(pay, {"n": 2}, tool="ask", agent_id="payer")
+        store.engine = LostReply(real, 1)
+        assert guard.gov.approve(first.approval_id or "").state == "approved"
+        store.engine = real
+        assert guard.gov.verify_audit() == []
+
+
+def test_a_run_reconciled_as_done_is_counted_once(guard: Guard) -> None:
+    """The first run was interrupted (counted, audited unknown); the next call's
+    on_unknown reconciler says it did happen: nothing runs, nothing more is spent."""
+    capped(guard)
+    ran: list[str] = []
+
+    def pay(to: str) -> str:
+        ran.append(to)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        guard.call_tool(pay, {"to": "x"}, agent_id="payer")
+    r = guard.call_tool(pay, {"to": "x"}, agent_id="payer", on_unknown=lambda ctx: "receipt-1")
+    assert (r.decision, r.policy_reason, r.result, r.spend_usd) == (
+        "executed",
+        "reconciled",
+        "receipt-1",
+        0.0,
+    )
+    assert ran == ["x"] and spent(guard) == PRICE
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    assert rows(guard) == [("unknown", "interrupted"), ("executed", "reconciled")]
+    assert guard.gov.verify_audit() == []
