@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from onceonly_core.errors import OnceOnlyError
 
 from ._dispatch import ToolDispatcher, response_calls
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI, OpenAI
+    from openai.types.chat import (
+        ChatCompletion,
+        ChatCompletionAssistantMessageParam,
+        ChatCompletionMessage,
+        ChatCompletionMessageParam,
+    )
+    from openai.types.responses import Response, ResponseInputItemParam
 
 __all__ = [
     "LoopResult",
@@ -26,13 +36,18 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+M = TypeVar("M")
 
 
 @dataclass(slots=True)
-class LoopResult(Generic[R]):
-    """The transcript (request dicts, every call answered), the last reply and the turns."""
+class LoopResult(Generic[R, M]):
+    """The transcript (request params, every call answered), the last reply and the turns.
 
-    transcript: list[dict[str, Any]]
+    ``run_chat``: ``LoopResult[ChatCompletion, ChatCompletionMessageParam]``;
+    ``run_responses``: ``LoopResult[Response, ResponseInputItemParam]``.
+    """
+
+    transcript: list[M]
     response: R
     turns: int
 
@@ -51,7 +66,7 @@ class MaxTurnsExceeded(OnceOnlyError):
     ``transcript`` is complete (every call has its output), so the loop can be resumed.
     """
 
-    def __init__(self, max_turns: int, transcript: list[dict[str, Any]], response: Any) -> None:
+    def __init__(self, max_turns: int, transcript: list[Any], response: Any) -> None:
         self.max_turns = max_turns
         self.transcript = transcript
         self.response = response
@@ -64,15 +79,19 @@ def _check(max_turns: int) -> None:
 
 
 # -- Chat Completions ----------------------------------------------------------------------
-def _assistant(completion: Any) -> tuple[dict[str, Any], Any]:
+def _assistant(
+    completion: ChatCompletion,
+) -> tuple[ChatCompletionAssistantMessageParam, ChatCompletionMessage]:
     msg = completion.choices[0].message
-    out: dict[str, Any] = {"role": "assistant", "content": msg.content}
+    out: ChatCompletionAssistantMessageParam = {"role": "assistant", "content": msg.content}
     if msg.refusal:
         out["refusal"] = msg.refusal
     if msg.audio is not None:
         out["audio"] = {"id": msg.audio.id}
     if msg.tool_calls:
-        out["tool_calls"] = [tc.model_dump(mode="json", exclude_none=True) for tc in msg.tool_calls]
+        out["tool_calls"] = [
+            cast(Any, tc.model_dump(mode="json", exclude_none=True)) for tc in msg.tool_calls
+        ]
     return out, msg
 
 
@@ -83,65 +102,71 @@ def _chat_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dict[str
 
 
 def run_chat(
-    client: Any,
+    client: OpenAI,
     dispatcher: ToolDispatcher,
-    messages: Iterable[dict[str, Any]],
+    messages: Iterable[ChatCompletionMessageParam],
     *,
+    scope: str | None = None,
     max_turns: int = 10,
     **create: Any,
-) -> LoopResult[Any]:
+) -> LoopResult[ChatCompletion, ChatCompletionMessageParam]:
     """Run ``client.chat.completions.create`` until the model stops calling tools.
 
-    ``create`` goes to every request (``model=``...); ``tools`` defaults to the
-    dispatcher's schemas.
+    ``scope``: the conversation id the calls are deduplicated in (default: the
+    dispatcher's). ``create`` goes to every request (``model=``...); ``tools`` defaults
+    to the dispatcher's schemas.
     """
     _check(max_turns)
     transcript = list(messages)
     kwargs = _chat_kwargs(dispatcher, dict(create))
     for turn in range(1, max_turns + 1):
-        completion = client.chat.completions.create(messages=transcript, **kwargs)
+        completion: ChatCompletion = client.chat.completions.create(messages=transcript, **kwargs)
         assistant, msg = _assistant(completion)
         transcript.append(assistant)
         if not msg.tool_calls:
             return LoopResult(transcript, completion, turn)
-        transcript.extend(dispatcher.chat(msg))
+        transcript.extend(dispatcher.chat(msg, scope=scope))
     raise MaxTurnsExceeded(max_turns, transcript, completion)
 
 
 async def arun_chat(
-    client: Any,
+    client: AsyncOpenAI,
     dispatcher: ToolDispatcher,
-    messages: Iterable[dict[str, Any]],
+    messages: Iterable[ChatCompletionMessageParam],
     *,
+    scope: str | None = None,
     max_turns: int = 10,
     **create: Any,
-) -> LoopResult[Any]:
+) -> LoopResult[ChatCompletion, ChatCompletionMessageParam]:
     """:func:`run_chat` for ``AsyncOpenAI``: each turn's calls run concurrently."""
     _check(max_turns)
     transcript = list(messages)
     kwargs = _chat_kwargs(dispatcher, dict(create))
     for turn in range(1, max_turns + 1):
-        completion = await client.chat.completions.create(messages=transcript, **kwargs)
+        completion: ChatCompletion = await client.chat.completions.create(
+            messages=transcript, **kwargs
+        )
         assistant, msg = _assistant(completion)
         transcript.append(assistant)
         if not msg.tool_calls:
             return LoopResult(transcript, completion, turn)
-        transcript.extend(await dispatcher.achat(msg))
+        transcript.extend(await dispatcher.achat(msg, scope=scope))
     raise MaxTurnsExceeded(max_turns, transcript, completion)
 
 
 # -- Responses -----------------------------------------------------------------------------
-def _items(input: str | Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def _items(input: str | Iterable[ResponseInputItemParam]) -> list[ResponseInputItemParam]:
     if isinstance(input, str):
         return [{"role": "user", "content": input}]
     return list(input)
 
 
-def _output_items(response: Any) -> list[dict[str, Any]]:
+def _output_items(response: Response) -> list[ResponseInputItemParam]:
     # Output items go back as input items: the model needs its own calls (and reasoning)
     # next to their outputs. by_alias: ``async_`` is sent as ``async``.
     return [
-        item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in response.output
+        cast(Any, item.model_dump(mode="json", by_alias=True, exclude_none=True))
+        for item in response.output
     ]
 
 
@@ -152,42 +177,47 @@ def _responses_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dic
 
 
 def run_responses(
-    client: Any,
+    client: OpenAI,
     dispatcher: ToolDispatcher,
-    input: str | Iterable[dict[str, Any]],
+    input: str | Iterable[ResponseInputItemParam],
     *,
+    scope: str | None = None,
     max_turns: int = 10,
     **create: Any,
-) -> LoopResult[Any]:
-    """Run ``client.responses.create`` until the response has no tool calls."""
+) -> LoopResult[Response, ResponseInputItemParam]:
+    """Run ``client.responses.create`` until the response has no tool calls.
+
+    ``scope``: the conversation id the calls are deduplicated in (default: the
+    dispatcher's)."""
     _check(max_turns)
     transcript = _items(input)
     kwargs = _responses_kwargs(dispatcher, dict(create))
     for turn in range(1, max_turns + 1):
-        response = client.responses.create(input=transcript, **kwargs)
+        response: Response = client.responses.create(input=transcript, **kwargs)
         transcript.extend(_output_items(response))
         if not response_calls(response):
             return LoopResult(transcript, response, turn)
-        transcript.extend(dispatcher.responses(response))
+        transcript.extend(dispatcher.responses(response, scope=scope))
     raise MaxTurnsExceeded(max_turns, transcript, response)
 
 
 async def arun_responses(
-    client: Any,
+    client: AsyncOpenAI,
     dispatcher: ToolDispatcher,
-    input: str | Iterable[dict[str, Any]],
+    input: str | Iterable[ResponseInputItemParam],
     *,
+    scope: str | None = None,
     max_turns: int = 10,
     **create: Any,
-) -> LoopResult[Any]:
+) -> LoopResult[Response, ResponseInputItemParam]:
     """:func:`run_responses` for ``AsyncOpenAI``: each turn's calls run concurrently."""
     _check(max_turns)
     transcript = _items(input)
     kwargs = _responses_kwargs(dispatcher, dict(create))
     for turn in range(1, max_turns + 1):
-        response = await client.responses.create(input=transcript, **kwargs)
+        response: Response = await client.responses.create(input=transcript, **kwargs)
         transcript.extend(_output_items(response))
         if not response_calls(response):
             return LoopResult(transcript, response, turn)
-        transcript.extend(await dispatcher.aresponses(response))
+        transcript.extend(await dispatcher.aresponses(response, scope=scope))
     raise MaxTurnsExceeded(max_turns, transcript, response)

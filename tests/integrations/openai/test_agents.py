@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -83,10 +82,14 @@ def test_replay_across_call_ids_failure_not_cached_blocked(guard: Guard, ledger:
     out = outputs(res)
     assert res.final_output == "done"
     assert out["a1"] == out["b1"] == "ch_1" and ledger["charges"] == [5.0]
-    assert "error" in out["a2"].lower() and out["b2"] == "ok" and ledger["flaky"] == [1, 1]
-    blocked = json.loads(out["a3"])
-    assert blocked["error"] == "blocked" and blocked["reason"] == "tool_blocked"
-    assert json.loads(out["a4"])["error"] == "invalid_json"
+    # The contract's sentences (docs/integrations/contract.md), not the SDK's wording.
+    assert out["a2"].startswith("Failed: flaky raised RuntimeError: transient;")
+    assert out["b2"] == "ok" and ledger["flaky"] == [1, 1]  # a failure is not stored
+    assert out["a3"] == (
+        "Not allowed: delete_user was blocked by policy (tool_blocked); do not retry this "
+        "call; tell the user or do something else."
+    )
+    assert out["a4"].startswith("Invalid arguments: charge_card was not run because its ")
     assert set(out) == {"a1", "a2", "a3", "a4", "b1", "b2"}  # one output per call id
 
 
