@@ -28,6 +28,8 @@ from ._loop import (
     MaxTurnsExceeded,
     arun_chat,
     arun_responses,
+    assistant_param,
+    output_params,
     run_chat,
     run_responses,
 )
@@ -45,9 +47,12 @@ __all__ = [
     "ToolDispatcher",
     "arun_chat",
     "arun_responses",
+    "assistant_param",
     "chat_calls",
     "guard_agent",
     "guard_function_tool",
+    "guard_mcp_server",
+    "output_params",
     "policy_guardrail",
     "render",
     "response_calls",
@@ -57,7 +62,7 @@ __all__ = [
     "tool",
 ]
 
-_AGENTS = frozenset({"guard_agent", "guard_function_tool", "policy_guardrail"})
+_AGENTS = frozenset({"guard_agent", "guard_function_tool", "guard_mcp_server", "policy_guardrail"})
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError
 
@@ -30,8 +30,8 @@ from ._serialize import to_text
 from ._tools import Tool, tool
 
 if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionToolMessageParam
-    from openai.types.responses import ResponseInputItemParam
+    from openai.types.chat import ChatCompletionToolMessageParam, ChatCompletionToolUnionParam
+    from openai.types.responses import ResponseInputItemParam, ToolParam
 
 __all__ = ["ToolAnswer", "ToolCall", "ToolDispatcher", "render"]
 
@@ -196,13 +196,13 @@ class ToolDispatcher:
             self.tools[t.name] = t
 
     # -- schemas ----------------------------------------------------------------------
-    def chat_tools(self) -> list[dict[str, Any]]:
+    def chat_tools(self) -> list[ChatCompletionToolUnionParam]:
         """``tools=[...]`` for ``client.chat.completions.create``."""
-        return [t.chat_schema(strict=self.strict) for t in self.tools.values()]
+        return [cast(Any, t.chat_schema(strict=self.strict)) for t in self.tools.values()]
 
-    def responses_tools(self) -> list[dict[str, Any]]:
+    def responses_tools(self) -> list[ToolParam]:
         """``tools=[...]`` for ``client.responses.create``."""
-        return [t.responses_schema(strict=self.strict) for t in self.tools.values()]
+        return [cast(Any, t.responses_schema(strict=self.strict)) for t in self.tools.values()]
 
     # -- dispatching ------------------------------------------------------------------
     def chat(

@@ -31,6 +31,8 @@ __all__ = [
     "MaxTurnsExceeded",
     "arun_chat",
     "arun_responses",
+    "assistant_param",
+    "output_params",
     "run_chat",
     "run_responses",
 ]
@@ -83,6 +85,12 @@ def _assistant(
     completion: ChatCompletion,
 ) -> tuple[ChatCompletionAssistantMessageParam, ChatCompletionMessage]:
     msg = completion.choices[0].message
+    return assistant_param(msg), msg
+
+
+def assistant_param(msg: ChatCompletionMessage) -> ChatCompletionAssistantMessageParam:
+    """A reply's ``ChatCompletionMessage`` as the request param that goes back into
+    ``messages`` (typed: ``messages.append(assistant_param(message))``)."""
     out: ChatCompletionAssistantMessageParam = {"role": "assistant", "content": msg.content}
     if msg.refusal:
         out["refusal"] = msg.refusal
@@ -92,7 +100,7 @@ def _assistant(
         out["tool_calls"] = [
             cast(Any, tc.model_dump(mode="json", exclude_none=True)) for tc in msg.tool_calls
         ]
-    return out, msg
+    return out
 
 
 def _chat_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dict[str, Any]:
@@ -161,9 +169,10 @@ def _items(input: str | Iterable[ResponseInputItemParam]) -> list[ResponseInputI
     return list(input)
 
 
-def _output_items(response: Response) -> list[ResponseInputItemParam]:
-    # Output items go back as input items: the model needs its own calls (and reasoning)
-    # next to their outputs. by_alias: ``async_`` is sent as ``async``.
+def output_params(response: Response) -> list[ResponseInputItemParam]:
+    """A response's output items as input items for the next request: the model needs its
+    own calls (and reasoning) next to their outputs."""
+    # by_alias: ``async_`` is sent as ``async``.
     return [
         cast(Any, item.model_dump(mode="json", by_alias=True, exclude_none=True))
         for item in response.output
@@ -194,7 +203,7 @@ def run_responses(
     kwargs = _responses_kwargs(dispatcher, dict(create))
     for turn in range(1, max_turns + 1):
         response: Response = client.responses.create(input=transcript, **kwargs)
-        transcript.extend(_output_items(response))
+        transcript.extend(output_params(response))
         if not response_calls(response):
             return LoopResult(transcript, response, turn)
         transcript.extend(dispatcher.responses(response, scope=scope))
@@ -216,7 +225,7 @@ async def arun_responses(
     kwargs = _responses_kwargs(dispatcher, dict(create))
     for turn in range(1, max_turns + 1):
         response: Response = await client.responses.create(input=transcript, **kwargs)
-        transcript.extend(_output_items(response))
+        transcript.extend(output_params(response))
         if not response_calls(response):
             return LoopResult(transcript, response, turn)
         transcript.extend(await dispatcher.aresponses(response, scope=scope))

@@ -346,3 +346,41 @@ def test_replay_of_structured_result_is_byte_identical(guard: Guard) -> None:
     first = d.chat(message(("quote", {"sku": "s"}, "1")))[0]["content"]
     assert d.chat(message(("quote", {"sku": "s"}, "2")))[0]["content"] == first
     assert first == '{"tags":["a","b"],"total":"9.90"}'
+
+
+def test_responses_takes_a_single_item(guard: Guard, shop: Shop) -> None:
+    # One function_call item (a model object or a dict) is answered, not ignored ([] before).
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="one")
+    item = response(charge(4, "fc_1")).output[0]
+    [out] = d.responses(item)
+    assert out["call_id"] == "fc_1"  # type: ignore[typeddict-item]
+    [again] = d.responses(item.model_dump())
+    assert again == out and len(shop.charges) == 1
+
+
+def test_a_call_without_scope_warns_once(guard: Guard, caplog: pytest.LogCaptureFixture) -> None:
+    def ship(order_id: str) -> str:
+        return "shipped"
+
+    def quote(sku: str) -> str:
+        return "9.90"
+
+    d = ToolDispatcher([ship, tool(quote, read_only=True)], guard=guard)
+    with caplog.at_level("WARNING", logger="onceonly"):
+        d.chat(message(("quote", {"sku": "a"}, "1")))  # a read tool: no dedup, no warning
+        assert not caplog.records
+        d.chat(message(("ship", {"order_id": "o1"}, "2"), ("ship", {"order_id": "o2"}, "3")))
+    [warning] = caplog.records
+    assert "without a scope" in warning.getMessage()
+    scoped = ToolDispatcher([ship], guard=Guard("memory://", quiet=True), scope="conv-1")
+    with caplog.at_level("WARNING", logger="onceonly"):
+        scoped.chat(message(("ship", {"order_id": "o1"}, "4")))
+    assert len(caplog.records) == 1  # nothing new
+
+
+def test_scope_per_call_overrides_the_dispatcher(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="conv-1")
+    d.chat(message(charge(1, "a")))
+    d.chat(message(charge(1, "b")), scope="conv-2")
+    d.chat(message(charge(1, "c")), scope="conv-2")
+    assert len(shop.charges) == 2
