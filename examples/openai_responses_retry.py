@@ -1,5 +1,6 @@
 """The Responses API with ``AsyncOpenAI``: parallel tool calls, a dropped connection
-mid-loop, and a retried loop that charges nobody twice.
+mid-loop, a retried loop that charges nobody twice, and a streamed retry whose calls are
+accumulated with ``ToolCallStream`` before they run.
 
     python examples/openai_responses_retry.py
 """
@@ -15,8 +16,13 @@ import httpx2
 import openai
 
 from onceonly_core import Guard
-from onceonly_openai import ToolDispatcher, arun_responses
-from onceonly_openai.testing import ScriptedOpenAI, response_text, response_tool_calls
+from onceonly_openai import ToolCallStream, ToolDispatcher, arun_responses
+from onceonly_openai.testing import (
+    ScriptedOpenAI,
+    response_text,
+    response_tool_call_events,
+    response_tool_calls,
+)
 
 charges: list[tuple[str, float]] = []
 emails: list[str] = []
@@ -68,6 +74,21 @@ async def main() -> None:
         assert charges == [("cus_42", 99.99)] and emails == ["cus_42"], (charges, emails)
         # What the model saw on the retry: its calls and their (replayed) outputs.
         assert server.requests[1]["input"][-1]["call_id"] == "call_receipt_2"
+
+        # A third try, streamed: each call runs only once its arguments are complete.
+        calls = turn("3")["output"]
+        stream = ScriptedOpenAI(
+            [response_tool_call_events(*((c["name"], c["arguments"], c["call_id"]) for c in calls))]
+        )
+        pending = ToolCallStream()
+        events = await stream.async_client().responses.create(
+            model="gpt-4.1", input="Charge order 42", stream=True
+        )
+        async for event in events:
+            pending.add(event)
+        answers = await tools.adispatch(pending.calls)
+        assert [a.code for a in answers] == ["replayed", "replayed"]
+        assert len(charges) == 1 and len(emails) == 1
         guard.close()
         print(f"dropped connection, retry -> charged once, one receipt; {result.text!r}")
 
