@@ -16,6 +16,7 @@ own tools are guarded inside the nested run) and its MCP servers (every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import inspect
@@ -50,7 +51,14 @@ except ImportError as err:
 
 from ._tools import SpendFn
 
-__all__ = ["guard_agent", "guard_function_tool", "guard_mcp_server", "policy_guardrail"]
+__all__ = [
+    "MCPToolError",
+    "guard_agent",
+    "guard_function_tool",
+    "guard_mcp_server",
+    "outcome_of",
+    "policy_guardrail",
+]
 
 Invoke = Callable[[ToolContext[Any], str], Awaitable[Any]]
 Validate = Callable[[dict[str, Any]], dict[str, Any]]
@@ -152,6 +160,39 @@ def _install_failure_recorder(copied: FunctionTool, original: FunctionTool) -> N
     _sdk_tool.set_function_tool_failure_error_function(copied, recorder)
 
 
+_OUTCOME = "_onceonly_outcome"
+
+
+def _remember(ctx: Any, c: Classification) -> None:
+    # The invocation's ToolContext carries its classification to the custom data extractor.
+    with contextlib.suppress(AttributeError):  # a context without attributes: no outcome
+        setattr(ctx, _OUTCOME, c)
+
+
+def outcome_of(item: Any) -> dict[str, Any] | None:
+    """The contract outcome (``Classification.as_dict()``: ``code``, ``reason``...) of a
+    guarded tool's ``ToolCallOutputItem``, or None for an unguarded tool."""
+    data = getattr(item, "custom_data", None) or {}
+    found = data.get("onceonly")
+    return dict(found) if isinstance(found, Mapping) else None
+
+
+def _with_outcome(user: Any) -> Callable[[Any], Awaitable[Mapping[str, Any] | None]]:
+    """The SDK's custom data extractor: the tool output item gets the outcome under
+    ``custom_data["onceonly"]`` (not sent to the model), beside the tool's own data."""
+
+    async def extract(data: Any) -> Mapping[str, Any] | None:
+        own = user(data) if user is not None else None
+        if inspect.isawaitable(own):
+            own = await own
+        c = getattr(data.tool_context, _OUTCOME, None)
+        if not isinstance(c, Classification):
+            return own
+        return {**(own or {}), "onceonly": c.as_dict()}
+
+    return extract
+
+
 def guard_function_tool(
     tool: FunctionTool,
     *,
@@ -186,6 +227,7 @@ def guard_function_tool(
     async def on_invoke_tool(ctx: ToolContext[Any], input: str) -> Any:
         args = _parse(name, input, validate)
         if isinstance(args, Classification):
+            _remember(ctx, args)
             return args.text
         inv = _Invocation()
 
@@ -204,6 +246,7 @@ def guard_function_tool(
             )
         finally:
             _current.reset(token)
+        _remember(ctx, c)
         if _ok(c):
             return c.result
         unhandled = c.code == "failed" and c.reason == "tool_error" and inv.failure is None
@@ -212,6 +255,7 @@ def guard_function_tool(
         return c.text
 
     new.on_invoke_tool = on_invoke_tool
+    new.custom_data_extractor = _with_outcome(tool.custom_data_extractor)
     setattr(new, _GUARDED, True)
     if input_guardrail:
         new.tool_input_guardrails = [
@@ -236,7 +280,10 @@ class _GuardedMCPServer(MCPServer):
         self._call = call
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_inner"], name)
+        inner = self.__dict__.get("_inner")  # absent while copy/pickle rebuild the object
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
 
     @property
     def name(self) -> str:
@@ -279,7 +326,7 @@ class _GuardedMCPServer(MCPServer):
     async def call_tool(
         self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None
     ) -> Any:
-        from mcp.types import CallToolResult, TextContent
+        from mcp.types import CallToolResult
 
         args = dict(arguments or {})
 
@@ -296,7 +343,9 @@ class _GuardedMCPServer(MCPServer):
         c = await self._call.run(tool_name, args, run)
         if _ok(c):
             return CallToolResult.model_validate(c.result)
-        return CallToolResult(content=[TextContent(type="text", text=c.text)], is_error=True)
+        # By alias ("isError"): the same in mcp 1.x (camelCase fields) and 2.x (snake_case).
+        answer = {"content": [{"type": "text", "text": c.text}], "isError": True}
+        return CallToolResult.model_validate(answer)
 
 
 def _is_error(result: Any) -> bool:

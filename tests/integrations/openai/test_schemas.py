@@ -75,7 +75,7 @@ class Refund(BaseModel):
 
 
 def test_a_pydantic_model_class_is_refused_with_a_way_out() -> None:
-    with pytest.raises(ConfigError, match="pydantic model class, not a tool.*schema=Refund"):
+    with pytest.raises(ConfigError, match=r"pydantic model class, not a tool.*schema=Refund"):
         tool(Refund)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         ToolDispatcher([Refund])  # type: ignore[list-item]
