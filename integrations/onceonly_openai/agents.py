@@ -217,6 +217,9 @@ def guard_function_tool(
     """
     if not isinstance(tool, FunctionTool):
         raise TypeError(f"guard_function_tool takes a FunctionTool, not {type(tool).__name__}")
+    if getattr(tool, _GUARDED, False):
+        # Guarded twice, a call would wait on its own claim of the same key.
+        raise ConfigError(f"tool {tool.name!r} is already guarded")
     g = _default_guard(guard)
     new = copy.copy(tool)  # the SDK's copy rebinds the tool's own invoker to the copy
     _install_failure_recorder(new, tool)
@@ -382,8 +385,9 @@ class _Options:
         opts = self.for_tool(name)
         spend = opts.pop("spend_usd", self.spend_usd)
         spend = spend(args) if callable(spend) else spend
+        agent_id, scope = opts.pop("agent_id", self.agent_id), opts.pop("scope", self.scope)
         return await self.guard.arun_call_classified(
-            name, args, thunk, scope=self.scope, agent_id=self.agent_id, spend_usd=spend, **opts
+            name, args, thunk, scope=scope, agent_id=agent_id, spend_usd=spend, **opts
         )
 
 
@@ -413,17 +417,19 @@ class _AgentGuard:
 
     def __init__(self, call: _Options) -> None:
         self.call = call
-        self.agents: dict[int, Agent[Any]] = {}
-        self.servers: dict[int, MCPServer] = {}
+        # By id, with the original kept alive beside its clone: an id is only unique while
+        # its object lives (agents are unhashable dataclasses, so no weak mapping).
+        self.agents: dict[int, tuple[Agent[Any], Agent[Any]]] = {}
+        self.servers: dict[int, tuple[MCPServer, MCPServer]] = {}
 
     def agent(self, agent: Agent[Any]) -> Agent[Any]:
         if getattr(agent, _GUARDED, False):
             return agent
         done = self.agents.get(id(agent))
         if done is not None:
-            return done
+            return done[1]
         clone = agent.clone()
-        self.agents[id(agent)] = clone
+        self.agents[id(agent)] = (agent, clone)
         setattr(clone, _GUARDED, True)
         clone.tools = [self.tool(t) for t in agent.tools]
         clone.handoffs = [self.handoff(h) for h in agent.handoffs]
@@ -440,14 +446,14 @@ class _AgentGuard:
             # governed and audited, never replayed.
             defaults["read_only"] = True
         opts = self.call.for_tool(tool.name, **defaults)
-        spend = opts.pop("spend_usd", self.call.spend_usd)
+        # A tool's own entry in tool_options may name its agent, scope, spend or guardrail.
         return guard_function_tool(
             tool,
             guard=self.call.guard,
-            agent_id=self.call.agent_id,
-            scope=self.call.scope,
-            spend_usd=spend,
-            input_guardrail=self.call.input_guardrail,
+            agent_id=opts.pop("agent_id", self.call.agent_id),
+            scope=opts.pop("scope", self.call.scope),
+            spend_usd=opts.pop("spend_usd", self.call.spend_usd),
+            input_guardrail=opts.pop("input_guardrail", self.call.input_guardrail),
             **opts,
         )
 
@@ -501,8 +507,8 @@ class _AgentGuard:
             return server
         done = self.servers.get(id(server))
         if done is None:
-            done = self.servers[id(server)] = _GuardedMCPServer(server, self.call)
-        return done
+            done = self.servers[id(server)] = (server, _GuardedMCPServer(server, self.call))
+        return done[1]
 
 
 def guard_agent(

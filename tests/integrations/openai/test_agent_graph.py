@@ -238,3 +238,32 @@ def test_mcp_server_tools_go_through_the_guard(guard: Guard, tmp_path: Path) -> 
     blocked = text(asyncio.run(scenario("bot"))["m1"])
     assert blocked.startswith("Not allowed: charge was blocked by policy (tool_blocked)")
     assert ledger.read_text().splitlines().count("c 4.5") == 1
+
+
+def test_tool_options_per_tool_name(guard: Guard, charges: list[float]) -> None:
+    quotes: list[str] = []
+
+    @function_tool
+    def quote(sku: str) -> str:
+        """A price: reads only."""
+        quotes.append(sku)
+        return "9.90"
+
+    guard.gov.upsert_policy(Policy(agent_id="strict-bot", blocked_tools=["charge_card"]))
+    agent = guard_agent(
+        Agent(name="a", tools=[quote, charge_tool(charges)]),
+        guard=guard,
+        scope="s",
+        tool_options={"quote": {"read_only": True}, "charge_card": {"agent_id": "strict-bot"}},
+    )
+    agent.model = ScriptedModel(
+        [
+            [function_call("quote", {"sku": "x"}, call_id="1")],
+            [function_call("quote", {"sku": "x"}, call_id="2")],
+            [function_call("charge_card", {"customer": "c", "amount_usd": 1}, call_id="3")],
+            [assistant_message("done")],
+        ]
+    )
+    out = outputs(asyncio.run(Runner.run(agent, "go")))
+    assert quotes == ["x", "x"]  # read_only: never replayed
+    assert "(tool_blocked)" in out["3"] and charges == []  # its own agent's policy

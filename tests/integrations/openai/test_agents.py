@@ -10,6 +10,7 @@ from agents import Agent, FunctionTool, Runner, function_tool, set_tracing_disab
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from onceonly_core import Guard
+from onceonly_core.errors import ConfigError
 from onceonly_core.governance.models import Policy
 from onceonly_openai.agents import guard_agent, guard_function_tool, policy_guardrail
 
@@ -142,3 +143,12 @@ def test_raising_tool_without_failure_handler_fails_the_run(guard: Guard) -> Non
 def test_rejects_non_function_tools(guard: Guard) -> None:
     with pytest.raises(TypeError):
         guard_function_tool(lambda: None, guard=guard)  # type: ignore[arg-type]
+
+
+def test_a_guarded_tool_is_not_guarded_twice(guard: Guard, ledger: Any) -> None:
+    # Guarded twice, a call would wait on its own claim of its key (30 s, then in_progress).
+    once = guard_function_tool(make_tools(ledger)[0], guard=guard, scope="s")
+    with pytest.raises(ConfigError, match="already guarded"):
+        guard_function_tool(once, guard=guard)
+    agent = guard_agent(Agent(name="a", tools=[once]), guard=guard, scope="s")
+    assert agent.tools[0] is once
