@@ -15,12 +15,12 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from agents import Agent, Runner, function_tool, set_tracing_disabled
+from agents import Agent, Runner, ToolCallOutputItem, function_tool, set_tracing_disabled
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from onceonly_core import Guard
 from onceonly_core.governance.models import Policy
-from onceonly_openai.agents import guard_agent
+from onceonly_openai.agents import guard_agent, outcome_of
 
 charges: list[float] = []
 
@@ -63,10 +63,14 @@ async def main() -> None:
         )
         result = await Runner.run(agent, "Charge cus_42 $99.99, then delete them.")
         outputs = {
-            item.raw_item["call_id"]: item.raw_item["output"]
+            dict(item.raw_item)["call_id"]: str(item.output)
             for item in result.new_items
-            if item.type == "tool_call_output_item"
+            if isinstance(item, ToolCallOutputItem)
         }
+        # Beside each output, the core's classification (call_3 was refused by the input
+        # guardrail before the tool was invoked: it has the text, not an outcome item).
+        codes = [o["code"] for o in map(outcome_of, result.new_items) if o is not None]
+        assert codes == ["executed", "replayed"], codes
         assert outputs["call_1"] == outputs["call_2"] == "charged cus_42 $99.99 (ch_1)"
         assert outputs["call_3"].startswith("Not allowed: delete_customer was blocked by policy")
         assert "(tool_blocked)" in outputs["call_3"], outputs["call_3"]

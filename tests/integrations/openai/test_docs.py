@@ -27,7 +27,7 @@ def test_block_runs(name: str, code: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_the_page_type_checks_under_mypy_strict(tmp_path: Path) -> None:
+def test_the_page_and_examples_type_check_under_mypy_strict(tmp_path: Path) -> None:
     # The documented usage is what users copy: it must type-check with the SDK's types
     # (the dispatcher once returned list[dict], which gave 6 errors in these very blocks).
     pytest.importorskip("mypy", reason="mypy is in the typecheck dependency group")
@@ -40,6 +40,7 @@ def test_the_page_type_checks_under_mypy_strict(tmp_path: Path) -> None:
         path = tmp_path / f"openai_block_{i}.py"
         path.write_text(code)
         files.append(str(path))
+    files += sorted(str(p) for p in (ROOT / "examples").glob("openai_*.py"))  # examples too
     out = subprocess.run(
         [
             sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
