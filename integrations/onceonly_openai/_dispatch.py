@@ -116,9 +116,10 @@ def response_calls(source: Any) -> list[ToolCall]:
     items = source
     if isinstance(source, ToolCall):
         return [source]
-    if not isinstance(source, (list, tuple)):
-        # One item (a model object or a dict with a "type"), or a Response: its output.
-        single = _get(source, "type") is not None and not hasattr(source, "output")
+    if isinstance(source, Mapping):  # one item (it has a "type"), or a Response as a dict
+        items = [source] if "type" in source else source.get("output") or []
+    elif not isinstance(source, (list, tuple)):  # one item model, or a Response: its output
+        single = getattr(source, "type", None) is not None and not hasattr(source, "output")
         items = [source] if single else getattr(source, "output", None) or []
     out = []
     for item in items:

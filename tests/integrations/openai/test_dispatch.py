@@ -356,6 +356,8 @@ def test_responses_takes_a_single_item(guard: Guard, shop: Shop) -> None:
     assert out["call_id"] == "fc_1"  # type: ignore[typeddict-item]
     [again] = d.responses(item.model_dump())
     assert again == out and len(shop.charges) == 1
+    # A whole Response as a dict (stored, or from raw JSON) is read by its output.
+    assert d.responses(response_tool_calls(charge(4, "fc_2")))[0]["output"] == out["output"]
 
 
 def test_a_call_without_scope_warns_once(guard: Guard, caplog: pytest.LogCaptureFixture) -> None:
