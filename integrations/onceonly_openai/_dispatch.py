@@ -152,7 +152,7 @@ def _unique(calls: list[ToolCall]) -> list[ToolCall]:
     return out
 
 
-_RUN_KW = ("agent_id", "run_id")
+_RUN_KW = ("agent_id", "run_id", "scope")
 
 
 class ToolDispatcher:
@@ -311,7 +311,7 @@ class ToolDispatcher:
             "spend_usd": t.spend(args),
         }
         options = dict(t.options)
-        for name in _RUN_KW:  # a tool's own agent or run id wins over the dispatcher's
+        for name in _RUN_KW:  # a tool's own agent, run id or scope wins over the dispatcher's
             if name in options:
                 kw[name] = options.pop(name)
         return kw, options

@@ -8,6 +8,7 @@ of the ``tools=[...]`` schema sent to the API, so the two can never disagree.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import typing
@@ -18,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from onceonly_core.errors import ConfigError
+from onceonly_core.protocol import Options
 
 __all__ = ["Tool", "tool"]
 
@@ -25,6 +27,9 @@ __all__ = ["Tool", "tool"]
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 SpendFn = Callable[[Mapping[str, Any]], float]
+
+# The guard's per-call options, and the call's own agent, run id and dedup scope.
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(Options)) | {"agent_id", "run_id", "scope"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +145,18 @@ def tool(
     keywords (``fn(**fields)``). ``custom=True`` makes it a custom (free-text input)
     tool: the text goes to its first parameter. ``spend_usd`` (a number, or a function of
     the arguments) feeds the spend policies. Other keywords are guard options
-    (``read_only=True`` for a tool that only reads, ``key_args=``, ``ttl=``...).
+    (``read_only=True`` for a tool that only reads, ``key_args=``, ``ttl=``...), and this
+    tool's own ``agent_id=``, ``run_id=`` or ``scope=`` (e.g. ``scope=GLOBAL`` for a call
+    that is once per customer, whatever the conversation), which win over the dispatcher's.
 
     A pydantic model *class* is not a tool (it has no effect to run): passing one raises
     ConfigError; give the function that does the work, with ``schema=Model``.
     """
     if isinstance(fn, Tool):
         return fn
+    unknown = set(options) - _OPTIONS
+    if unknown:  # here, not as a guard_error answered to the model at its first call
+        raise ConfigError(f"unknown tool options: {', '.join(sorted(unknown))}")
     if isinstance(fn, type) and issubclass(fn, BaseModel):
         raise ConfigError(
             f"{fn.__name__} is a pydantic model class, not a tool: pass the function that "

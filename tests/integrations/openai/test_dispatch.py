@@ -12,7 +12,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessage
 from openai.types.responses import Response
 from pydantic import BaseModel, Field
 
-from onceonly_core import Guard
+from onceonly_core import GLOBAL, Guard
+from onceonly_core.errors import ConfigError
 from onceonly_core.governance.models import Policy
 from onceonly_openai import ToolDispatcher, chat_calls, to_text, tool
 from onceonly_openai.testing import chat_tool_calls, response_tool_calls
@@ -386,3 +387,20 @@ def test_scope_per_call_overrides_the_dispatcher(guard: Guard, shop: Shop) -> No
     d.chat(message(charge(1, "b")), scope="conv-2")
     d.chat(message(charge(1, "c")), scope="conv-2")
     assert len(shop.charges) == 2
+
+
+def test_a_tools_own_scope_wins(guard: Guard) -> None:
+    sent: list[str] = []
+
+    def send_welcome(customer: str) -> str:
+        sent.append(customer)
+        return "sent"
+
+    welcome = tool(send_welcome, scope=GLOBAL)  # once per customer, whatever the conversation
+    for conversation in ("conv-1", "conv-2"):
+        ToolDispatcher([welcome], guard=guard, scope=conversation).chat(
+            message(("send_welcome", {"customer": "c"}, "x"))
+        )
+    assert sent == ["c"]
+    with pytest.raises(ConfigError, match="unknown tool options: retries"):
+        tool(send_welcome, retries=3)
