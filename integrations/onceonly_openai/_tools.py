@@ -108,6 +108,14 @@ class Tool:
         }
 
 
+def check_options(options: Mapping[str, Any], allowed: frozenset[str] = _OPTIONS) -> None:
+    """Refuse unknown option names here, not as a guard_error answered to the model at the
+    tool's first call."""
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(f"unknown tool options: {', '.join(sorted(unknown))}")
+
+
 def _strict(node: Any) -> None:
     # Structured outputs: every object closed and every property required.
     if isinstance(node, dict):
@@ -154,9 +162,7 @@ def tool(
     """
     if isinstance(fn, Tool):
         return fn
-    unknown = set(options) - _OPTIONS
-    if unknown:  # here, not as a guard_error answered to the model at its first call
-        raise ConfigError(f"unknown tool options: {', '.join(sorted(unknown))}")
+    check_options(options)
     if isinstance(fn, type) and issubclass(fn, BaseModel):
         raise ConfigError(
             f"{fn.__name__} is a pydantic model class, not a tool: pass the function that "

@@ -49,7 +49,8 @@ except ImportError as err:
         "OnceOnly's OpenAI Agents SDK integration", "openai", "openai-agents"
     ) from err
 
-from ._tools import SpendFn
+from ._tools import _OPTIONS as _ALLOWED
+from ._tools import SpendFn, check_options
 
 __all__ = [
     "MCPToolError",
@@ -220,6 +221,7 @@ def guard_function_tool(
     if getattr(tool, _GUARDED, False):
         # Guarded twice, a call would wait on its own claim of the same key.
         raise ConfigError(f"tool {tool.name!r} is already guarded")
+    check_options(options)
     g = _default_guard(guard)
     new = copy.copy(tool)  # the SDK's copy rebinds the tool's own invoker to the copy
     _install_failure_recorder(new, tool)
@@ -359,6 +361,9 @@ def _text_of(result: Any) -> str:
     return " ".join(str(getattr(c, "text", "")) for c in getattr(result, "content", []) or [])
 
 
+_PER_TOOL = _ALLOWED | {"spend_usd", "input_guardrail"}
+
+
 class _Options:
     """One guard_agent call's settings: how each tool of the graph is guarded."""
 
@@ -372,6 +377,9 @@ class _Options:
         tool_options: Mapping[str, Mapping[str, Any]],
         options: Mapping[str, Any],
     ) -> None:
+        check_options(options)
+        for per_tool in tool_options.values():
+            check_options(per_tool, _PER_TOOL)
         self.guard, self.agent_id, self.scope = guard, agent_id, scope
         self.spend_usd, self.input_guardrail = spend_usd, input_guardrail
         self.tool_options, self.options = tool_options, options

@@ -152,3 +152,13 @@ def test_a_guarded_tool_is_not_guarded_twice(guard: Guard, ledger: Any) -> None:
         guard_function_tool(once, guard=guard)
     agent = guard_agent(Agent(name="a", tools=[once]), guard=guard, scope="s")
     assert agent.tools[0] is once
+
+
+def test_unknown_options_are_refused_when_guarding(guard: Guard, ledger: Any) -> None:
+    tools = make_tools(ledger)
+    with pytest.raises(ConfigError, match="retries"):
+        guard_function_tool(tools[0], guard=guard, retries=3)
+    with pytest.raises(ConfigError, match="retries"):
+        guard_agent(Agent(name="a", tools=tools), guard=guard, retries=3)
+    with pytest.raises(ConfigError, match="readonly"):
+        guard_agent(Agent(name="a", tools=tools), tool_options={"flaky": {"readonly": True}})
