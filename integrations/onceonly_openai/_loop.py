@@ -8,13 +8,13 @@ the stored results, so nothing runs twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from onceonly_core.errors import OnceOnlyError
 
-from ._dispatch import ToolDispatcher, response_calls
+from ._dispatch import ToolAnswer, ToolCall, ToolDispatcher, chat_calls, response_calls
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI, OpenAI
@@ -80,14 +80,71 @@ def _check(max_turns: int) -> None:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
 
 
+# -- the loop, once: a generator the sync and async drivers below run ------------------------
+class _Ask:
+    """The loop needs the model's next reply (to the transcript as it is now)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """The loop needs these calls answered."""
+
+    calls: list[ToolCall]
+
+
+Loop = Generator["_Ask | _Run", Any, LoopResult[R, M]]
+
+
+def _loop(
+    transcript: list[M],
+    max_turns: int,
+    reply: Callable[[R], tuple[list[M], list[ToolCall]]],
+    render: Callable[[ToolAnswer], M],
+) -> Loop[R, M]:
+    """Ask, answer every call, append, repeat: the decisions of every tool loop. ``reply``
+    turns a reply into the items it adds to the transcript and its tool calls; ``render``
+    turns an answer into a transcript item."""
+    _check(max_turns)
+    for turn in range(1, max_turns + 1):
+        response: R = yield _Ask()
+        items, calls = reply(response)
+        transcript.extend(items)
+        if not calls:
+            return LoopResult(transcript, response, turn)
+        answers: list[ToolAnswer] = yield _Run(calls)
+        transcript.extend(render(a) for a in answers)
+    raise MaxTurnsExceeded(max_turns, transcript, response)
+
+
+def _drive(
+    loop: Loop[R, M],
+    ask: Callable[[], R],
+    run: Callable[[list[ToolCall]], list[ToolAnswer]],
+) -> LoopResult[R, M]:
+    op = next(loop)
+    while True:
+        value = ask() if isinstance(op, _Ask) else run(op.calls)
+        try:
+            op = loop.send(value)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+async def _adrive(
+    loop: Loop[R, M],
+    ask: Callable[[], Awaitable[R]],
+    run: Callable[[list[ToolCall]], Awaitable[list[ToolAnswer]]],
+) -> LoopResult[R, M]:
+    op = next(loop)
+    while True:
+        value = await ask() if isinstance(op, _Ask) else await run(op.calls)
+        try:
+            op = loop.send(value)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
 # -- Chat Completions ----------------------------------------------------------------------
-def _assistant(
-    completion: ChatCompletion,
-) -> tuple[ChatCompletionAssistantMessageParam, ChatCompletionMessage]:
-    msg = completion.choices[0].message
-    return assistant_param(msg), msg
-
-
 def assistant_param(msg: ChatCompletionMessage) -> ChatCompletionAssistantMessageParam:
     """A reply's ``ChatCompletionMessage`` as the request param that goes back into
     ``messages`` (typed: ``messages.append(assistant_param(message))``)."""
@@ -101,6 +158,17 @@ def assistant_param(msg: ChatCompletionMessage) -> ChatCompletionAssistantMessag
             cast(Any, tc.model_dump(mode="json", exclude_none=True)) for tc in msg.tool_calls
         ]
     return out
+
+
+def _chat_reply(
+    completion: ChatCompletion,
+) -> tuple[list[ChatCompletionMessageParam], list[ToolCall]]:
+    msg = completion.choices[0].message
+    return [assistant_param(msg)], chat_calls(msg)
+
+
+def _chat_output(answer: ToolAnswer) -> ChatCompletionMessageParam:
+    return answer.chat_message()
 
 
 def _chat_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dict[str, Any]:
@@ -124,17 +192,13 @@ def run_chat(
     dispatcher's). ``create`` goes to every request (``model=``...); ``tools`` defaults
     to the dispatcher's schemas.
     """
-    _check(max_turns)
     transcript = list(messages)
     kwargs = _chat_kwargs(dispatcher, dict(create))
-    for turn in range(1, max_turns + 1):
-        completion: ChatCompletion = client.chat.completions.create(messages=transcript, **kwargs)
-        assistant, msg = _assistant(completion)
-        transcript.append(assistant)
-        if not msg.tool_calls:
-            return LoopResult(transcript, completion, turn)
-        transcript.extend(dispatcher.chat(msg, scope=scope))
-    raise MaxTurnsExceeded(max_turns, transcript, completion)
+    return _drive(
+        _loop(transcript, max_turns, _chat_reply, _chat_output),
+        lambda: client.chat.completions.create(messages=transcript, **kwargs),
+        lambda calls: dispatcher.dispatch(calls, scope=scope),
+    )
 
 
 async def arun_chat(
@@ -147,19 +211,13 @@ async def arun_chat(
     **create: Any,
 ) -> LoopResult[ChatCompletion, ChatCompletionMessageParam]:
     """:func:`run_chat` for ``AsyncOpenAI``: each turn's calls run concurrently."""
-    _check(max_turns)
     transcript = list(messages)
     kwargs = _chat_kwargs(dispatcher, dict(create))
-    for turn in range(1, max_turns + 1):
-        completion: ChatCompletion = await client.chat.completions.create(
-            messages=transcript, **kwargs
-        )
-        assistant, msg = _assistant(completion)
-        transcript.append(assistant)
-        if not msg.tool_calls:
-            return LoopResult(transcript, completion, turn)
-        transcript.extend(await dispatcher.achat(msg, scope=scope))
-    raise MaxTurnsExceeded(max_turns, transcript, completion)
+    return await _adrive(
+        _loop(transcript, max_turns, _chat_reply, _chat_output),
+        lambda: client.chat.completions.create(messages=transcript, **kwargs),
+        lambda calls: dispatcher.adispatch(calls, scope=scope),
+    )
 
 
 # -- Responses -----------------------------------------------------------------------------
@@ -177,6 +235,16 @@ def output_params(response: Response) -> list[ResponseInputItemParam]:
         cast(Any, item.model_dump(mode="json", by_alias=True, exclude_none=True))
         for item in response.output
     ]
+
+
+def _responses_reply(
+    response: Response,
+) -> tuple[list[ResponseInputItemParam], list[ToolCall]]:
+    return output_params(response), response_calls(response)
+
+
+def _responses_output(answer: ToolAnswer) -> ResponseInputItemParam:
+    return answer.response_item()
 
 
 def _responses_kwargs(dispatcher: ToolDispatcher, create: dict[str, Any]) -> dict[str, Any]:
@@ -198,16 +266,13 @@ def run_responses(
 
     ``scope``: the conversation id the calls are deduplicated in (default: the
     dispatcher's)."""
-    _check(max_turns)
     transcript = _items(input)
     kwargs = _responses_kwargs(dispatcher, dict(create))
-    for turn in range(1, max_turns + 1):
-        response: Response = client.responses.create(input=transcript, **kwargs)
-        transcript.extend(output_params(response))
-        if not response_calls(response):
-            return LoopResult(transcript, response, turn)
-        transcript.extend(dispatcher.responses(response, scope=scope))
-    raise MaxTurnsExceeded(max_turns, transcript, response)
+    return _drive(
+        _loop(transcript, max_turns, _responses_reply, _responses_output),
+        lambda: client.responses.create(input=transcript, **kwargs),
+        lambda calls: dispatcher.dispatch(calls, scope=scope),
+    )
 
 
 async def arun_responses(
@@ -220,13 +285,10 @@ async def arun_responses(
     **create: Any,
 ) -> LoopResult[Response, ResponseInputItemParam]:
     """:func:`run_responses` for ``AsyncOpenAI``: each turn's calls run concurrently."""
-    _check(max_turns)
     transcript = _items(input)
     kwargs = _responses_kwargs(dispatcher, dict(create))
-    for turn in range(1, max_turns + 1):
-        response: Response = await client.responses.create(input=transcript, **kwargs)
-        transcript.extend(output_params(response))
-        if not response_calls(response):
-            return LoopResult(transcript, response, turn)
-        transcript.extend(await dispatcher.aresponses(response, scope=scope))
-    raise MaxTurnsExceeded(max_turns, transcript, response)
+    return await _adrive(
+        _loop(transcript, max_turns, _responses_reply, _responses_output),
+        lambda: client.responses.create(input=transcript, **kwargs),
+        lambda calls: dispatcher.adispatch(calls, scope=scope),
+    )
