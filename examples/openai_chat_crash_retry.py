@@ -18,8 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
 from onceonly_core import Guard, current_call
-from onceonly_openai import ToolDispatcher, run_chat
+from onceonly_openai import LoopResult, ToolDispatcher, run_chat
 from onceonly_openai.testing import ScriptedOpenAI, chat_text, chat_tool_calls
 
 ARGS = {"customer": "cus_42", "amount_usd": 99.99}
@@ -35,7 +37,7 @@ def charge_card(customer: str, amount_usd: float) -> dict[str, Any]:
     return {"charge_id": "ch_1", "amount_usd": amount_usd, "key": call.idempotency_key}
 
 
-def attempt(db: str, *, crash: bool) -> Any:
+def attempt(db: str, *, crash: bool) -> LoopResult[ChatCompletion, ChatCompletionMessageParam]:
     guard = Guard(f"sqlite:///{db}", quiet=True)
 
     def next_reply(body: dict[str, Any]) -> dict[str, Any]:
@@ -47,7 +49,9 @@ def attempt(db: str, *, crash: bool) -> Any:
     call_id = "call_first" if crash else "call_retry"
     server = ScriptedOpenAI([chat_tool_calls(("charge_card", ARGS, call_id)), next_reply])
     dispatcher = ToolDispatcher({"charge_card": charge_card}, guard=guard, scope="order-42")
-    messages = [{"role": "user", "content": "Charge cus_42 $99.99 for order 42."}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Charge cus_42 $99.99 for order 42."}
+    ]
     result = run_chat(server.client(), dispatcher, messages, model="gpt-4.1")
     guard.close()
     return result
@@ -66,9 +70,9 @@ def main() -> None:
 
         os.environ["CHARGES_FILE"] = str(charges)
         result = attempt(db, crash=False)
-        tool_msg = next(m for m in result.transcript if m["role"] == "tool")
+        tool_msg = next(dict(m) for m in result.transcript if m["role"] == "tool")
         assert tool_msg["tool_call_id"] == "call_retry"  # answered under the new id
-        assert json.loads(tool_msg["content"])["charge_id"] == "ch_1"  # with the stored charge
+        assert json.loads(str(tool_msg["content"]))["charge_id"] == "ch_1"  # the stored charge
         assert len(charges.read_text().splitlines()) == 1, "charged twice"
         print(f"crash, retry -> charged once; model says: {result.text}")
 

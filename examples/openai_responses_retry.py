@@ -1,5 +1,6 @@
 """The Responses API with ``AsyncOpenAI``: parallel tool calls, a dropped connection
-mid-loop, and a retried loop that charges nobody twice.
+mid-loop, a retried loop that charges nobody twice, and a streamed retry whose calls are
+accumulated with ``ToolCallStream`` before they run.
 
     python examples/openai_responses_retry.py
 """
@@ -15,8 +16,13 @@ import httpx2
 import openai
 
 from onceonly_core import Guard
-from onceonly_openai import ToolDispatcher, arun_responses
-from onceonly_openai.testing import ScriptedOpenAI, response_text, response_tool_calls
+from onceonly_openai import ToolCallStream, ToolDispatcher, arun_responses
+from onceonly_openai.testing import (
+    ScriptedOpenAI,
+    response_text,
+    response_tool_call_events,
+    response_tool_calls,
+)
 
 charges: list[tuple[str, float]] = []
 emails: list[str] = []
@@ -62,12 +68,28 @@ async def main() -> None:
         result = await arun_responses(
             server.async_client(), tools, "Charge order 42", model="gpt-4.1"
         )
-        outputs = [i for i in result.transcript if i.get("type") == "function_call_output"]
+        items = [dict(i) for i in result.transcript]
+        outputs = [i for i in items if i.get("type") == "function_call_output"]
         assert [o["call_id"] for o in outputs] == ["call_charge_2", "call_receipt_2"]
-        assert '"charge_id":"ch_1"' in outputs[0]["output"]
+        assert '"charge_id":"ch_1"' in str(outputs[0]["output"])
         assert charges == [("cus_42", 99.99)] and emails == ["cus_42"], (charges, emails)
         # What the model saw on the retry: its calls and their (replayed) outputs.
         assert server.requests[1]["input"][-1]["call_id"] == "call_receipt_2"
+
+        # A third try, streamed: each call runs only once its arguments are complete.
+        calls = turn("3")["output"]
+        stream = ScriptedOpenAI(
+            [response_tool_call_events(*((c["name"], c["arguments"], c["call_id"]) for c in calls))]
+        )
+        pending = ToolCallStream()
+        events = await stream.async_client().responses.create(
+            model="gpt-4.1", input="Charge order 42", stream=True
+        )
+        async for event in events:
+            pending.add(event)
+        answers = await tools.adispatch(pending.calls)
+        assert [a.code for a in answers] == ["replayed", "replayed"]
+        assert len(charges) == 1 and len(emails) == 1
         guard.close()
         print(f"dropped connection, retry -> charged once, one receipt; {result.text!r}")
 

@@ -4,6 +4,10 @@ Responses API and the Agents SDK.
     dispatcher = ToolDispatcher({"charge_card": charge_card}, guard=guard, scope="order-42")
     messages += dispatcher.chat(completion.choices[0].message)   # one tool message per call
 
+Every call goes through ``guard.run_call_classified`` with the tool's name and its
+validated arguments; every outcome is rendered from the core's classification
+(docs/integrations/contract.md).
+
 The Agents SDK parts live in :mod:`onceonly_openai.agents` (imported on first use).
 """
 
@@ -18,30 +22,37 @@ try:
 except ImportError as err:
     raise MissingExtraError("OnceOnly's OpenAI integration", "openai", "openai") from err
 
-from ._dispatch import ToolCall, ToolDispatcher, chat_calls, render, response_calls
+from ._dispatch import ToolAnswer, ToolCall, ToolDispatcher, chat_calls, render, response_calls
 from ._loop import (
     LoopResult,
     MaxTurnsExceeded,
     arun_chat,
     arun_responses,
+    assistant_param,
+    output_params,
     run_chat,
     run_responses,
 )
-from ._serialize import error_text, to_text
+from ._serialize import to_text
+from ._stream import ToolCallStream
 from ._tools import Tool, tool
 
 __all__ = [
     "LoopResult",
     "MaxTurnsExceeded",
     "Tool",
+    "ToolAnswer",
     "ToolCall",
+    "ToolCallStream",
     "ToolDispatcher",
     "arun_chat",
     "arun_responses",
+    "assistant_param",
     "chat_calls",
-    "error_text",
     "guard_agent",
     "guard_function_tool",
+    "guard_mcp_server",
+    "output_params",
     "policy_guardrail",
     "render",
     "response_calls",
@@ -51,7 +62,7 @@ __all__ = [
     "tool",
 ]
 
-_AGENTS = frozenset({"guard_agent", "guard_function_tool", "policy_guardrail"})
+_AGENTS = frozenset({"guard_agent", "guard_function_tool", "guard_mcp_server", "policy_guardrail"})
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-__all__ = ["error_text", "to_text"]
+__all__ = ["to_text"]
 
 
 def _plain(value: Any) -> Any:
@@ -46,8 +46,3 @@ def to_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def error_text(code: str, message: str, **extra: Any) -> str:
-    """An error output the model can read (and code can parse): ``{"error": code, ...}``."""
-    return to_text({"error": code, "message": message, **extra})

@@ -1,12 +1,14 @@
 """Registered tools: a callable, its name, its argument model and its JSON schemas.
 
-One pydantic model per tool, built once from the signature, does two jobs: it
-validates the model's arguments before anything runs, and it is the source of the
-``tools=[...]`` schema sent to the API, so the two can never disagree.
+One pydantic model per tool — built once from the signature, or given as ``schema=`` —
+does two jobs: it validates the model's arguments before anything runs (the validated
+values are what the tool receives and what the call is keyed by), and it is the source
+of the ``tools=[...]`` schema sent to the API, so the two can never disagree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import typing
@@ -14,9 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from onceonly_core.errors import ConfigError
+from onceonly_core.protocol import Options
 
 __all__ = ["Tool", "tool"]
 
@@ -24,6 +27,9 @@ __all__ = ["Tool", "tool"]
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 SpendFn = Callable[[Mapping[str, Any]], float]
+
+# The guard's per-call options, and the call's own agent, run id and dedup scope.
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(Options)) | {"agent_id", "run_id", "scope"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +46,14 @@ class Tool:
     model: type[BaseModel] = field(repr=False)
     # Model field name -> parameter name. Fields are named p0, p1, ... with the
     # parameter name as alias, so a parameter called ``json`` or ``copy`` cannot shadow
-    # a BaseModel attribute.
+    # a BaseModel attribute. With ``schema=``: each field's own name, twice.
     params: tuple[tuple[str, str], ...] = field(repr=False)
     var_kw: bool = field(repr=False, default=False)
 
     def validate(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        """The arguments as the callable receives them; raises ValidationError."""
+        """The arguments as the callable receives them — defaults filled in,
+        ``default_factory`` run, values coerced: every parameter, by name. This mapping
+        is also what the call is keyed by. Raises ValidationError."""
         m = self.model.model_validate(raw)
         args = {param: getattr(m, f) for f, param in self.params}
         if self.var_kw and m.model_extra:
@@ -100,6 +108,14 @@ class Tool:
         }
 
 
+def check_options(options: Mapping[str, Any], allowed: frozenset[str] = _OPTIONS) -> None:
+    """Refuse unknown option names here, not as a guard_error answered to the model at the
+    tool's first call."""
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(f"unknown tool options: {', '.join(sorted(unknown))}")
+
+
 def _strict(node: Any) -> None:
     # Structured outputs: every object closed and every property required.
     if isinstance(node, dict):
@@ -127,16 +143,31 @@ def tool(
     description: str | None = None,
     custom: bool = False,
     spend_usd: float | SpendFn | None = None,
+    schema: type[BaseModel] | None = None,
     **options: Any,
 ) -> Tool:
     """Register ``fn`` as a tool.
 
-    ``custom=True`` makes it a custom (free-text input) tool: the text goes to its first
-    parameter. ``spend_usd`` (a number, or a function of the arguments) feeds the spend
-    policies. Other keywords are guard options (``key_args=``, ``ttl=``, ``unlimited=``...).
+    The arguments are described by ``fn``'s signature, or by ``schema=``, a pydantic
+    model: the model's JSON is validated by it and ``fn`` is called with its fields as
+    keywords (``fn(**fields)``). ``custom=True`` makes it a custom (free-text input)
+    tool: the text goes to its first parameter. ``spend_usd`` (a number, or a function of
+    the arguments) feeds the spend policies. Other keywords are guard options
+    (``read_only=True`` for a tool that only reads, ``key_args=``, ``ttl=``...), and this
+    tool's own ``agent_id=``, ``run_id=`` or ``scope=`` (e.g. ``scope=GLOBAL`` for a call
+    that is once per customer, whatever the conversation), which win over the dispatcher's.
+
+    A pydantic model *class* is not a tool (it has no effect to run): passing one raises
+    ConfigError; give the function that does the work, with ``schema=Model``.
     """
     if isinstance(fn, Tool):
         return fn
+    check_options(options)
+    if isinstance(fn, type) and issubclass(fn, BaseModel):
+        raise ConfigError(
+            f"{fn.__name__} is a pydantic model class, not a tool: pass the function that "
+            f"does the work, with schema={fn.__name__} to describe its arguments"
+        )
     if not callable(fn):
         raise ConfigError(f"a tool must be callable, got {type(fn).__name__}")
     tool_name = name or getattr(fn, "__name__", None) or type(fn).__name__
@@ -144,6 +175,8 @@ def tool(
         raise ConfigError(
             f"tool name {tool_name!r} must be 1-64 letters, digits, '_' or '-' (the API's rule)"
         )
+    if schema is not None:
+        return _from_schema(fn, tool_name, schema, description, custom, spend_usd, options)
     try:
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)
@@ -188,10 +221,30 @@ def tool(
     )
 
 
-def explain(err: ValidationError) -> str:
-    """A validation error in a few words per field, for the model to correct itself."""
-    parts = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(str(x) for x in e["loc"]) or "arguments"
-        parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
+def _from_schema(
+    fn: Callable[..., Any],
+    tool_name: str,
+    schema: type[BaseModel],
+    description: str | None,
+    custom: bool,
+    spend_usd: float | SpendFn | None,
+    options: Mapping[str, Any],
+) -> Tool:
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise ConfigError(f"tool {tool_name!r}: schema= takes a pydantic model class")
+    if custom:
+        raise ConfigError(f"custom tool {tool_name!r} takes free text: it has no schema=")
+    names = tuple((f, f) for f in schema.model_fields)
+    doc = description if description is not None else (inspect.getdoc(fn) or "")
+    return Tool(
+        fn=fn,
+        name=tool_name,
+        description=doc.strip().split("\n\n")[0].replace("\n", " ") if description is None else doc,
+        custom=False,
+        spend_usd=spend_usd,
+        options=options,
+        is_async=_is_async(fn),
+        model=schema,
+        params=names,
+        var_kw=schema.model_config.get("extra") == "allow",
+    )

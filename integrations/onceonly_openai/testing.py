@@ -22,13 +22,22 @@ import openai
 
 __all__ = [
     "ScriptedOpenAI",
+    "Streamed",
     "chat_text",
+    "chat_tool_call_chunks",
     "chat_tool_calls",
     "response_text",
+    "response_tool_call_events",
     "response_tool_calls",
 ]
 
-Reply = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | BaseException
+
+class Streamed(list[dict[str, Any]]):
+    """A streamed reply: these chunks / events, sent as server-sent events (the body of a
+    ``stream=True`` request)."""
+
+
+Reply = Mapping[str, Any] | Streamed | Callable[[dict[str, Any]], Mapping[str, Any]] | BaseException
 _ids = itertools.count(1)
 
 
@@ -53,6 +62,13 @@ class ScriptedOpenAI:
             reply = self.replies.pop(0)
         if isinstance(reply, BaseException):
             raise reply
+        if isinstance(reply, Streamed):
+            sse = "".join(f"data: {json.dumps(event)}\n\n" for event in reply)
+            return httpx2.Response(
+                200,
+                content=(sse + "data: [DONE]\n\n").encode(),
+                headers={"content-type": "text/event-stream"},
+            )
         data = reply(body) if callable(reply) else reply
         return httpx2.Response(200, json=dict(data))
 
@@ -98,6 +114,38 @@ def chat_tool_calls(*calls: tuple[str, str | Mapping[str, Any], str]) -> dict[st
     return _completion(message, "tool_calls")
 
 
+def _pieces(text: str, n: int) -> list[str]:
+    size = max(1, -(-len(text) // n))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+def chat_tool_call_chunks(
+    *calls: tuple[str, str | Mapping[str, Any], str], pieces: int = 3
+) -> Streamed:
+    """The chunks (``ChatCompletionChunk``) of a streamed reply asking for ``(name, arguments,
+    call_id)`` calls: each call's arguments arrive in ``pieces`` fragments, as the API
+    streams them (the id and name in the call's first delta only)."""
+    ident = f"chatcmpl-{next(_ids)}"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "gpt-scripted",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    out = Streamed([chunk({"role": "assistant", "content": None})])
+    for index, (name, args, call_id) in enumerate(calls):
+        head = {"index": index, "id": call_id, "type": "function"}
+        out.append(chunk({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]}))
+        for part in _pieces(_args(args), pieces):
+            out.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]}))
+    out.append(chunk({}, "tool_calls"))
+    return out
+
+
 def chat_text(text: str) -> dict[str, Any]:
     """A chat completion answering with text."""
     return _completion({"role": "assistant", "content": text}, "stop")
@@ -140,6 +188,57 @@ def response_tool_calls(*calls: tuple[str, str | Mapping[str, Any], str]) -> dic
                 }
             )
     return _response(items)
+
+
+def response_tool_call_events(
+    *calls: tuple[str, str | Mapping[str, Any], str], pieces: int = 3
+) -> Streamed:
+    """The events of a streamed Responses API reply with ``function_call`` items: each
+    item added, its arguments in ``pieces`` deltas, ``...arguments.done``, the item done,
+    then ``response.completed``."""
+    final = response_tool_calls(*calls)
+    seq = itertools.count()
+    base = {**final, "status": "in_progress", "output": []}
+    out = Streamed([{"type": "response.created", "sequence_number": next(seq), "response": base}])
+    for index, item in enumerate(final["output"]):
+        empty = {**item, "arguments": "", "status": "in_progress"}
+        where = {"output_index": index, "item_id": item["id"]}
+        out.append(
+            {
+                "type": "response.output_item.added",
+                "sequence_number": next(seq),
+                "output_index": index,
+                "item": empty,
+            }
+        )
+        for part in _pieces(item["arguments"], pieces):
+            out.append(
+                {
+                    "type": "response.function_call_arguments.delta",
+                    "sequence_number": next(seq),
+                    "delta": part,
+                    **where,
+                }
+            )
+        out.append(
+            {
+                "type": "response.function_call_arguments.done",
+                "sequence_number": next(seq),
+                "arguments": item["arguments"],
+                "name": item["name"],
+                **where,
+            }
+        )
+        out.append(
+            {
+                "type": "response.output_item.done",
+                "sequence_number": next(seq),
+                "output_index": index,
+                "item": item,
+            }
+        )
+    out.append({"type": "response.completed", "sequence_number": next(seq), "response": final})
+    return out
 
 
 def response_text(text: str) -> dict[str, Any]:

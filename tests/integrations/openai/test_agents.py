@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -11,6 +10,7 @@ from agents import Agent, FunctionTool, Runner, function_tool, set_tracing_disab
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from onceonly_core import Guard
+from onceonly_core.errors import ConfigError
 from onceonly_core.governance.models import Policy
 from onceonly_openai.agents import guard_agent, guard_function_tool, policy_guardrail
 
@@ -83,10 +83,14 @@ def test_replay_across_call_ids_failure_not_cached_blocked(guard: Guard, ledger:
     out = outputs(res)
     assert res.final_output == "done"
     assert out["a1"] == out["b1"] == "ch_1" and ledger["charges"] == [5.0]
-    assert "error" in out["a2"].lower() and out["b2"] == "ok" and ledger["flaky"] == [1, 1]
-    blocked = json.loads(out["a3"])
-    assert blocked["error"] == "blocked" and blocked["reason"] == "tool_blocked"
-    assert json.loads(out["a4"])["error"] == "invalid_json"
+    # The contract's sentences (docs/integrations/contract.md), not the SDK's wording.
+    assert out["a2"].startswith("Failed: flaky raised RuntimeError: transient;")
+    assert out["b2"] == "ok" and ledger["flaky"] == [1, 1]  # a failure is not stored
+    assert out["a3"] == (
+        "Not allowed: delete_user was blocked by policy (tool_blocked); do not retry this "
+        "call; tell the user or do something else."
+    )
+    assert out["a4"].startswith("Invalid arguments: charge_card was not run because its ")
     assert set(out) == {"a1", "a2", "a3", "a4", "b1", "b2"}  # one output per call id
 
 
@@ -139,3 +143,22 @@ def test_raising_tool_without_failure_handler_fails_the_run(guard: Guard) -> Non
 def test_rejects_non_function_tools(guard: Guard) -> None:
     with pytest.raises(TypeError):
         guard_function_tool(lambda: None, guard=guard)  # type: ignore[arg-type]
+
+
+def test_a_guarded_tool_is_not_guarded_twice(guard: Guard, ledger: Any) -> None:
+    # Guarded twice, a call would wait on its own claim of its key (30 s, then in_progress).
+    once = guard_function_tool(make_tools(ledger)[0], guard=guard, scope="s")
+    with pytest.raises(ConfigError, match="already guarded"):
+        guard_function_tool(once, guard=guard)
+    agent = guard_agent(Agent(name="a", tools=[once]), guard=guard, scope="s")
+    assert agent.tools[0] is once
+
+
+def test_unknown_options_are_refused_when_guarding(guard: Guard, ledger: Any) -> None:
+    tools = make_tools(ledger)
+    with pytest.raises(ConfigError, match="retries"):
+        guard_function_tool(tools[0], guard=guard, retries=3)
+    with pytest.raises(ConfigError, match="retries"):
+        guard_agent(Agent(name="a", tools=tools), guard=guard, retries=3)
+    with pytest.raises(ConfigError, match="readonly"):
+        guard_agent(Agent(name="a", tools=tools), tool_options={"flaky": {"readonly": True}})

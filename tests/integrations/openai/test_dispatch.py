@@ -12,9 +12,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessage
 from openai.types.responses import Response
 from pydantic import BaseModel, Field
 
-from onceonly_core import Guard
+from onceonly_core import GLOBAL, Guard
+from onceonly_core.errors import ConfigError
 from onceonly_core.governance.models import Policy
-from onceonly_openai import ToolDispatcher, to_text, tool
+from onceonly_openai import ToolDispatcher, chat_calls, to_text, tool
 from onceonly_openai.testing import chat_tool_calls, response_tool_calls
 
 
@@ -91,7 +92,7 @@ def test_responses_items(guard: Guard, shop: Shop) -> None:
 
 
 def test_bad_calls_get_error_outputs_and_nothing_runs(guard: Guard, shop: Shop) -> None:
-    d = ToolDispatcher(shop.tools(), guard=guard)
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="s")
     msg = message(
         ("charge_card", '{"customer": "c", "amount_usd": 5', "bad_json"),
         ("charge_card", "[1, 2]", "not_object"),
@@ -100,22 +101,35 @@ def test_bad_calls_get_error_outputs_and_nothing_runs(guard: Guard, shop: Shop) 
         ("charge_card", {"customer": "c", "amount_usd": 1, "tip": 5}, "hallucinated"),
         ("charge_card", {"customer": "c"}, "missing"),
         ("custom:charge_card", "five dollars", "custom_for_function"),
+        ("charge_card", '{"customer": "c", "amount_usd": NaN}', "nan"),
+        ("charge_card", '{"customer": "c", "amount_usd": Infinity}', "inf"),
     )
-    out = d.chat(msg)
-    assert [o["tool_call_id"] for o in out] == [
+    answers = d.dispatch(chat_calls(msg))
+    assert [a.call.call_id for a in answers] == [
         "bad_json", "not_object", "unknown", "invalid", "hallucinated", "missing",
-        "custom_for_function",
+        "custom_for_function", "nan", "inf",
     ]  # fmt: skip
-    errors = [json.loads(o["content"]) for o in out]
-    assert [e["error"] for e in errors] == [
-        "invalid_json", "invalid_arguments", "unknown_tool", "invalid_arguments",
-        "invalid_arguments", "invalid_arguments", "invalid_arguments",
-    ]  # fmt: skip
-    assert "not valid JSON" in errors[0]["message"]
-    assert "charge_card, run_sql" in errors[2]["message"]  # tells the model what exists
-    assert "amount_usd" in errors[3]["message"] and "greater than 0" in errors[3]["message"]
-    assert "tip" in errors[4]["message"]
-    assert "amount_usd" in errors[5]["message"]
+    assert [(a.code, a.outcome.reason) for a in answers] == [
+        ("invalid_arguments", "invalid_json"),
+        ("invalid_arguments", "invalid_json"),
+        ("blocked", "tool_not_found"),
+        ("invalid_arguments", "validation"),
+        ("invalid_arguments", "validation"),
+        ("invalid_arguments", "validation"),
+        ("invalid_arguments", "validation"),
+        # NaN fails amount_usd's gt=0; Infinity passes it, and cannot be keyed (it was a
+        # guard_error before the contract)
+        ("invalid_arguments", "validation"),
+        ("invalid_arguments", "invalid_value"),
+    ]
+    out = [a.output for a in answers]
+    assert all(o == a.outcome.text for o, a in zip(out, answers, strict=True))  # no wording
+    assert "not valid JSON (Expecting ',' delimiter" in out[0]
+    assert "charge_card, run_sql" in out[2]  # tells the model what exists
+    assert "amount_usd" in out[3] and "greater than 0" in out[3]
+    assert "tip" in out[4]
+    assert "amount_usd" in out[5]
+    assert "inf is not a finite number" in out[8]
     assert shop.charges == []
 
 
@@ -129,9 +143,9 @@ def test_tool_failure_is_an_output_and_is_not_cached(guard: Guard) -> None:
         return "sent"
 
     d = ToolDispatcher({"send_email": send_email}, guard=guard, scope="s")
-    first = json.loads(d.chat(message(("send_email", {"to": "a@b"}, "c1")))[0]["content"])
-    assert first["error"] == "tool_error" and "smtp down" in first["message"]
-    assert first["error_type"] == "ConnectionError"
+    [first] = d.dispatch(chat_calls(message(("send_email", {"to": "a@b"}, "c1"))))
+    assert (first.code, first.outcome.error_type) == ("failed", "ConnectionError")
+    assert first.output.startswith("Failed: send_email raised ConnectionError: smtp down;")
     assert d.chat(message(("send_email", {"to": "a@b"}, "c2")))[0]["content"] == "sent"
     assert len(attempts) == 2
 
@@ -160,18 +174,41 @@ def test_blocked_and_pending_approval(guard: Guard) -> None:
         ("refund", {"order_id": "o1"}, "c2"),
         ("lookup", {"order_id": "o1"}, "c3"),
     )
-    out = [
-        json.loads(o["content"]) if o["content"].startswith("{") else o["content"]
-        for o in d.chat(msg)
-    ]
-    assert out[0]["error"] == "blocked" and out[0]["reason"] == "tool_blocked"
-    assert out[1]["error"] == "pending_approval" and out[1]["approval_id"]
-    assert "approval" in out[1]["message"]
-    assert out[2] == "shipped"
+    blocked, pending, looked = d.dispatch(chat_calls(msg))
+    assert (blocked.code, blocked.outcome.reason) == ("blocked", "tool_blocked")
+    assert pending.code == "pending_approval" and pending.outcome.approval_id
+    assert pending.output.startswith(f"Waiting for human approval {pending.outcome.approval_id}")
+    assert looked.output == "shipped"
     assert ran == ["lookup"]
     guard.gov.disable_agent("bot", "incident")
-    killed = json.loads(d.chat(message(("lookup", {"order_id": "o2"}, "c4")))[0]["content"])
-    assert killed["reason"] == "agent_disabled" and ran == ["lookup"]
+    [killed] = d.dispatch(chat_calls(message(("lookup", {"order_id": "o2"}, "c4"))))
+    assert killed.outcome.reason == "agent_disabled" and ran == ["lookup"]
+    assert killed.output.startswith("Not allowed: this agent is disabled")
+
+
+def test_an_unrecorded_completion_says_the_tool_ran(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ledger fails the write that records the charge: it happened, and the model must
+    # hear so (the old dispatcher answered guard_error, inviting a second charge).
+    from onceonly_core.errors import StoreError
+
+    def lost(*a: Any, **k: Any) -> Any:
+        raise StoreError("server closed the connection")
+
+    monkeypatch.setattr("onceonly_core.protocol.FINISH_RETRIES", (0.01,))
+    monkeypatch.setattr(guard.store, "finish", lost)
+    charges: list[float] = []
+
+    def charge_card(amount_usd: float) -> str:
+        charges.append(amount_usd)
+        return "ch_1"
+
+    d = ToolDispatcher([charge_card], guard=guard, scope="cnr")
+    [a] = d.dispatch(chat_calls(message(("charge_card", {"amount_usd": 5}, "c1"))))
+    assert (a.code, a.outcome.reason) == ("executed", "completion_not_recorded")
+    assert "do not call it again" in a.output and a.output.endswith("ch_1")
+    assert charges == [5.0]
 
 
 def test_exactly_one_output_per_call_id(guard: Guard, shop: Shop) -> None:
@@ -254,7 +291,7 @@ async def _mixed(guard: Guard, shop: Shop) -> None:
     d = ToolDispatcher(shop.tools(), guard=guard, scope="m")
     out = await d.achat(message(charge(2, "a"), ("nope", {}, "b"), ("custom:run_sql", "q", "c")))
     assert [o["tool_call_id"] for o in out] == ["a", "b", "c"]
-    assert json.loads(out[1]["content"])["error"] == "unknown_tool"
+    assert str(out[1]["content"]).startswith("Not allowed: there is no tool named nope")
     assert shop.charges == [("cus_42", 2.0)] and shop.sql == ["q"]
 
 
@@ -283,10 +320,10 @@ def test_in_progress_is_an_output(guard: Guard) -> None:
     t = threading.Thread(target=lambda: d.chat(message(("slow", {"x": 1}, "a"))))
     t.start()
     assert running.wait(5)
-    out = json.loads(d.chat(message(("slow", {"x": 1}, "b")))[0]["content"])
+    [out] = d.dispatch(chat_calls(message(("slow", {"x": 1}, "b"))))
     release.set()
     t.join()
-    assert out["error"] == "in_progress"
+    assert out.code == "in_progress" and out.output.startswith("Already running: the same slow")
 
 
 class Receipt(BaseModel):
@@ -310,3 +347,60 @@ def test_replay_of_structured_result_is_byte_identical(guard: Guard) -> None:
     first = d.chat(message(("quote", {"sku": "s"}, "1")))[0]["content"]
     assert d.chat(message(("quote", {"sku": "s"}, "2")))[0]["content"] == first
     assert first == '{"tags":["a","b"],"total":"9.90"}'
+
+
+def test_responses_takes_a_single_item(guard: Guard, shop: Shop) -> None:
+    # One function_call item (a model object or a dict) is answered, not ignored ([] before).
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="one")
+    item = response(charge(4, "fc_1")).output[0]
+    [out] = d.responses(item)
+    assert out["call_id"] == "fc_1"  # type: ignore[typeddict-item]
+    [again] = d.responses(item.model_dump())
+    assert again == out and len(shop.charges) == 1
+    # A whole Response as a dict (stored, or from raw JSON) is read by its output.
+    assert d.responses(response_tool_calls(charge(4, "fc_2")))[0]["output"] == out["output"]
+
+
+def test_a_call_without_scope_warns_once(guard: Guard, caplog: pytest.LogCaptureFixture) -> None:
+    def ship(order_id: str) -> str:
+        return "shipped"
+
+    def quote(sku: str) -> str:
+        return "9.90"
+
+    d = ToolDispatcher([ship, tool(quote, read_only=True)], guard=guard)
+    with caplog.at_level("WARNING", logger="onceonly"):
+        d.chat(message(("quote", {"sku": "a"}, "1")))  # a read tool: no dedup, no warning
+        assert not caplog.records
+        d.chat(message(("ship", {"order_id": "o1"}, "2"), ("ship", {"order_id": "o2"}, "3")))
+    [warning] = caplog.records
+    assert "without a scope" in warning.getMessage()
+    scoped = ToolDispatcher([ship], guard=Guard("memory://", quiet=True), scope="conv-1")
+    with caplog.at_level("WARNING", logger="onceonly"):
+        scoped.chat(message(("ship", {"order_id": "o1"}, "4")))
+    assert len(caplog.records) == 1  # nothing new
+
+
+def test_scope_per_call_overrides_the_dispatcher(guard: Guard, shop: Shop) -> None:
+    d = ToolDispatcher(shop.tools(), guard=guard, scope="conv-1")
+    d.chat(message(charge(1, "a")))
+    d.chat(message(charge(1, "b")), scope="conv-2")
+    d.chat(message(charge(1, "c")), scope="conv-2")
+    assert len(shop.charges) == 2
+
+
+def test_a_tools_own_scope_wins(guard: Guard) -> None:
+    sent: list[str] = []
+
+    def send_welcome(customer: str) -> str:
+        sent.append(customer)
+        return "sent"
+
+    welcome = tool(send_welcome, scope=GLOBAL)  # once per customer, whatever the conversation
+    for conversation in ("conv-1", "conv-2"):
+        ToolDispatcher([welcome], guard=guard, scope=conversation).chat(
+            message(("send_welcome", {"customer": "c"}, "x"))
+        )
+    assert sent == ["c"]
+    with pytest.raises(ConfigError, match="unknown tool options: retries"):
+        tool(send_welcome, retries=3)

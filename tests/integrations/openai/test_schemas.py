@@ -66,3 +66,37 @@ def test_registration_errors() -> None:
     with pytest.raises(ConfigError):
         tool(lambda: 1, name="nothing", custom=True)
     assert isinstance(tool(tool(ship)), Tool)
+
+
+class Refund(BaseModel):
+    order_id: str
+    amount_usd: float
+    reason: str = "customer request"
+
+
+def test_a_pydantic_model_class_is_refused_with_a_way_out() -> None:
+    with pytest.raises(ConfigError, match=r"pydantic model class, not a tool.*schema=Refund"):
+        tool(Refund)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        ToolDispatcher([Refund])  # type: ignore[list-item]
+
+
+def test_schema_describes_and_validates_the_arguments() -> None:
+    seen: list[dict[str, object]] = []
+
+    def refund(**fields: object) -> str:
+        """Refund an order."""
+        seen.append(fields)
+        return "refunded"
+
+    t = tool(refund, schema=Refund)
+    assert t.parameters()["required"] == ["order_id", "amount_usd"]
+    assert t.responses_schema()["description"] == "Refund an order."
+    # Coerced and completed by the model: what the function receives, and the key.
+    assert t.validate({"order_id": "o1", "amount_usd": "25.00"}) == {
+        "order_id": "o1",
+        "amount_usd": 25.0,
+        "reason": "customer request",
+    }
+    with pytest.raises(ConfigError):
+        tool(refund, schema=dict)  # type: ignore[arg-type]
