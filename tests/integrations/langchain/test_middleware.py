@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Annotated, Any
 
@@ -9,7 +10,7 @@ import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import AIMessage, ToolMessage
-from langchain_core.tools import tool
+from langchain_core.tools import StructuredTool, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.prebuilt import InjectedState
 from pydantic import BaseModel, Field, field_validator
@@ -647,3 +648,40 @@ def test_the_tools_own_validators_run_before_the_key_even_with_injected_state(
     assert sent == ["ann@example.com"]
     assert msgs["s2"].response_metadata["onceonly"]["code"] == "replayed"
     assert msgs["s2"].content == "sent to ann@example.com after 2 messages"
+
+
+def test_a_tool_with_a_json_schema_is_guarded_like_any(guard: Guard) -> None:
+    """The shape langchain-mcp-adapters gives an MCP server's tool: a JSON-schema
+    args_schema, async only, content and artifact. Keyed on its arguments as given (what
+    the tool receives: LangChain does not validate a JSON schema)."""
+    calls: list[dict[str, Any]] = []
+
+    async def call_server(**arguments: Any) -> tuple[str, dict[str, Any]]:
+        calls.append(arguments)
+        return f"ticket {arguments['title']} opened", {"id": len(calls)}
+
+    open_ticket = StructuredTool(
+        name="open_ticket",
+        description="Open a ticket (an MCP tool).",
+        args_schema={
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "urgent": {"type": "boolean"}},
+            "required": ["title"],
+        },
+        coroutine=call_server,
+        response_format="content_and_artifact",
+    )
+    script = [
+        AIMessage("", tool_calls=[tool_call("open_ticket", f"m{i}", title="disk full")])
+        for i in range(2)
+    ]
+    agent = create_agent(
+        ScriptedChatModel(script=script),
+        [open_ticket],
+        middleware=[OnceOnlyMiddleware(guard, tools=[open_ticket])],
+    )
+    out = asyncio.run(agent.ainvoke({"messages": [("user", "x")]}, CFG))
+    msgs = tool_messages(out)
+    assert calls == [{"title": "disk full"}]
+    assert msgs["m1"].content == "ticket disk full opened" and msgs["m1"].artifact == {"id": 1}
+    assert msgs["m1"].response_metadata["onceonly"]["code"] == "replayed"
