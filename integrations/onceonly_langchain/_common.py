@@ -10,7 +10,7 @@ Both do the same four things for a tool call, and only the first differs:
    the message it produced;
 3. let the core decide (``onceonly_core.contract``);
 4. render the :class:`~onceonly_core.Classification` as one ``ToolMessage`` for the call
-   id (:func:`render`), adding no wording of its own.
+   id (:meth:`Call.render`), adding no wording of its own.
 
 The thunk returns the *stored form* of the tool's message (:func:`encode_output`): a string
 for a plain message, so the ledger and a model text show the tool's own words, else a small
@@ -29,7 +29,7 @@ from typing import Any, TypeAlias
 
 from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import BaseTool
+from langchain_core.tools import BaseTool, ToolException
 from langchain_core.tools.base import FILTERED_ARGS
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from pydantic import BaseModel, create_model
@@ -47,7 +47,6 @@ __all__ = [
     "decode_output",
     "encode_output",
     "hidden_arguments",
-    "key_arguments",
     "thread_run_id",
     "validated_arguments",
 ]
@@ -65,7 +64,7 @@ THREAD: Any = object()  # the default scope: the LangGraph thread id
 _serde = JsonPlusSerializer()
 
 
-class GuardRefused(OnceOnlyError):
+class GuardRefused(OnceOnlyError, ToolException):
     """A tool called directly (no tool call id, so no ``ToolMessage`` to answer with) that
     OnceOnly did not run: blocked, pending approval, in progress, invalid arguments...
 
@@ -186,9 +185,9 @@ def validated_arguments(
     ``default_factory``, coercion), so ``{"amount": 1.5}`` and ``{"amount": "1.5"}`` are
     one call. Raises pydantic's ``ValidationError`` for arguments the schema rejects.
 
-    ``tool_input`` may hold the injected arguments (a tool's own ``run``) or not (what a
-    model sent, in the middleware): without them, the model-facing ``tool_call_schema``
-    validates, with every field-level rule of the full schema.
+    ``tool_input`` may hold the injected arguments (a tool's own ``run``: the tool's own
+    parser runs) or not (what a model sent, seen by the middleware: the tool's schema runs
+    with the injected fields optional). Injected arguments are never in the result.
     """
     if isinstance(tool_input, str):
         tool._parse_input(tool_input, call_id)  # validates a one-field schema
@@ -224,9 +223,9 @@ def validated_arguments(
 def _model_facing(full: type[BaseModel], injected: frozenset[str]) -> type[BaseModel]:
     """``full`` with its ``injected`` fields optional: a subclass, so every validator of
     the tool's schema still runs (LangChain's ``tool_call_schema`` copies the fields but
-    drops the ``@field_validator`` decorators). Built once per schema and kept on the schema class
-    itself, so it lives exactly as long as the tool's schema does (a per-request tool's
-    schema is freed with it; a module-level cache would pin it)."""
+    drops the ``@field_validator`` decorators). Built once per schema and kept on the
+    schema class itself, so it lives exactly as long as the tool's schema does (a
+    per-request tool's schema is freed with it; a module-level cache would pin it)."""
     cache: dict[frozenset[str], type[BaseModel]] | None = full.__dict__.get(_FACING)
     if cache is None:
         cache = {}
@@ -240,14 +239,6 @@ def _model_facing(full: type[BaseModel], injected: frozenset[str]) -> type[BaseM
 
 
 _FACING = "__onceonly_model_facing__"
-
-
-def key_arguments(tool: BaseTool, tool_input: str | Mapping[str, Any]) -> dict[str, Any]:
-    """The model's arguments as given, without injected ones (when they cannot be validated)."""
-    if isinstance(tool_input, str):
-        return {"tool_input": tool_input}
-    hidden = hidden_arguments(tool)
-    return {k: v for k, v in tool_input.items() if k not in hidden}
 
 
 # -- the stored form of a tool's message -----------------------------------------------------
