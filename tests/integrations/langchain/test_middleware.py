@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Annotated, Any
 
 import pytest
@@ -685,3 +686,53 @@ def test_a_tool_with_a_json_schema_is_guarded_like_any(guard: Guard) -> None:
     assert calls == [{"title": "disk full"}]
     assert msgs["m1"].content == "ticket disk full opened" and msgs["m1"].artifact == {"id": 1}
     assert msgs["m1"].response_metadata["onceonly"]["code"] == "replayed"
+
+
+def test_the_call_path_on_every_sql_ledger(db_url: str, invoke: Any, transcript_ok: Any) -> None:
+    """Parallel calls in one batch (one coerced), governance, and an interrupt resumed, on
+    SQLite, PostgreSQL and MariaDB (the server ledgers are shared: a namespace of its own)."""
+    from langgraph.types import Command, interrupt
+
+    server = {} if db_url.startswith("sqlite") else {"store_options": {"auto_migrate": True}}
+    namespace = f"lc-{uuid.uuid4().hex[:10]}"
+    guard = Guard(db_url, namespace=namespace, quiet=True, wait=10.0, **server)
+    effects: list[dict[str, Any]] = []
+    pay = payments(effects)
+    approved: list[str] = []
+
+    @tool
+    def wire(to: str) -> str:
+        """Wire money once a person approves."""
+        answer = interrupt(f"wire to {to}?")
+        approved.append(to)
+        return f"wired to {to}: {answer}"
+
+    guard.gov.upsert_policy(Policy(agent_id="bot", blocked_tools=["delete_*"]))
+    batch = [
+        tool_call("pay", "p1", customer="c1", amount=1.5),
+        tool_call("pay", "p2", customer="c1", amount="1.5"),  # the same call, coerced
+        tool_call("delete_user", "p3", user="u"),
+        tool_call("wire", "p4", to="acct-9"),
+    ]
+    world = World()
+    agent = create_agent(
+        ScriptedChatModel(script=[AIMessage("", tool_calls=batch)]),
+        [pay, wire, world.tools()[2]],
+        middleware=[OnceOnlyMiddleware(guard, agent_id="bot")],
+        checkpointer=InMemorySaver(),
+    )
+    try:
+        paused = invoke(agent, {"messages": [("user", "go")]}, CFG)
+        assert paused["__interrupt__"] and approved == []
+        out = invoke(agent, Command(resume="ok"), CFG)
+        msgs = tool_messages(out)
+        codes = {i: msgs[i].response_metadata["onceonly"]["code"] for i in ("p1", "p2", "p3")}
+        assert sorted([codes["p1"], codes["p2"]]) == ["executed", "replayed"]
+        assert codes["p3"] == "blocked" and world.deleted == []
+        assert effects == [{"customer": "c1", "amount": 1.5, "currency": "usd"}]
+        assert approved == ["acct-9"] and msgs["p4"].content == "wired to acct-9: ok"
+        decisions = sorted(a.decision for a in guard.gov.agent_logs("bot"))
+        assert decisions == ["blocked", "dedup", "executed", "executed"]  # no "failed"
+        transcript_ok(out["messages"])
+    finally:
+        guard.close()
