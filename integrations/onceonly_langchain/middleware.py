@@ -98,7 +98,8 @@ class OnceOnlyMiddleware(AgentMiddleware[AgentState[Any], Any]):
             return call.render(args)  # type: ignore[no-any-return]
         guard = self.settings.guard
         run = partial(_run, call, handler, request)
-        return call.render(guard.run_call_classified(call.name, call.args, run, **args))  # type: ignore[no-any-return]
+        c = guard.run_call_classified(call.name, call.args, run, **args)
+        return call.render(c)  # type: ignore[no-any-return]
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[Any]]
