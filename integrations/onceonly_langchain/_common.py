@@ -350,8 +350,8 @@ class Call:
         (and the ``artifact`` of a message the adapter wrote)."""
         meta = c.as_dict()
         plain = (c.code, c.reason) in (("executed", "ok"), ("replayed", "dedup"))
-        if plain and c.code == "executed" and self.live:
-            out = self.live[-1]
+        if c.code == "executed" and self.live and (plain or self.direct):
+            out = self.live[-1]  # a direct caller gets the value even if unrecorded
         elif plain and c.result is not None:
             out = decode_output(c.result, self.call_id, self.name)
         elif c.code == "failed" and isinstance(c.exception, ToolErrorMessage):
@@ -359,8 +359,6 @@ class Call:
         elif self.direct:
             if c.code == "failed" and c.exception is not None:
                 raise c.exception  # the tool's own exception, for a direct caller
-            if c.ok:
-                return c.text
             raise GuardRefused(c)
         else:
             return ToolMessage(

@@ -306,3 +306,36 @@ def test_a_guarded_tool_is_not_guarded_twice(guard: Guard) -> None:
 
     with pytest.raises(TypeError, match="already guarded"):
         guard_tool(guard_tool(ping, guard), guard)
+
+
+def test_called_directly_a_guarded_tool_answers_as_the_tool_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No tool call id, no ToolMessage: the value (also replayed, also when its completion
+    was not recorded), the tool's own exception, or GuardRefused."""
+    from contract_suite import FlakyStore
+
+    import onceonly_core.protocol
+
+    monkeypatch.setattr(onceonly_core.protocol, "FINISH_RETRIES", (0.01,))
+    store = FlakyStore()
+    g = Guard(store=store, quiet=True)
+    runs: list[float] = []
+
+    @tool
+    def charge(amount: float) -> str:
+        """Charge."""
+        if amount < 0:
+            raise ValueError("negative amount")
+        runs.append(amount)
+        return f"charged {amount}"
+
+    t = guard_tool(charge, g, scope="order-1")
+    assert t.invoke({"amount": 1}) == "charged 1.0"
+    assert t.invoke({"amount": "1"}) == "charged 1.0"  # replayed: the stored value
+    store.fail_finish = 2
+    assert t.invoke({"amount": 2}) == "charged 2.0"  # ran, not recorded: still its value
+    with pytest.raises(ValueError, match="negative amount"):
+        t.invoke({"amount": -1})
+    assert runs == [1.0, 2.0]
+    g.close()
