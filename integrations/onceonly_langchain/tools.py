@@ -17,7 +17,6 @@ tool's own exception propagates.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -110,21 +109,19 @@ async def _arun(
     return call.settle(await arun(tool_input, *args, **kwargs))
 
 
-_classes: dict[type[BaseTool], type[_Guarded]] = {}
-_classes_lock = threading.Lock()
+_GUARDED = "__onceonly_guarded__"
 
 
 def _class(cls: type[BaseTool]) -> type[_Guarded]:
-    """``Guarded<Tool>``: the tool's class with the guarded run/arun first in its MRO (one
-    class per tool class, kept for the process: classes are few, tools may be many)."""
-    sub = _classes.get(cls)
+    """``Guarded<Tool>``: the tool's class with the guarded run/arun first in its MRO. One
+    per tool class, kept on that class, so it lives as long as the class does (a tool
+    class defined per request is not pinned by a module-level cache)."""
+    sub: type[_Guarded] | None = cls.__dict__.get(_GUARDED)
     if sub is None:
-        with _classes_lock:
-            sub = _classes.get(cls)
-            if sub is None:
-                ns = {"__module__": __name__, "__qualname__": f"Guarded{cls.__name__}"}
-                sub = cast(type[_Guarded], type(f"Guarded{cls.__name__}", (_Guarded, cls), ns))
-                _classes[cls] = sub
+        ns = {"__module__": __name__, "__qualname__": f"Guarded{cls.__name__}"}
+        sub = cast(type[_Guarded], type(f"Guarded{cls.__name__}", (_Guarded, cls), ns))
+        # Two threads may both build one: either is right, the last one is kept.
+        type.__setattr__(cls, _GUARDED, sub)
     return sub
 
 

@@ -51,3 +51,22 @@ def test_a_thousand_per_request_tools_are_freed(guard: Guard) -> None:
     gc.collect()
     alive = sum(r() is not None for r in refs)
     assert alive == 0, f"{alive} of {len(refs)} per-request objects are still alive"
+
+
+def test_per_request_tool_classes_are_freed(guard: Guard) -> None:
+    refs: list[weakref.ref[Any]] = []
+    for i in range(200):
+
+        class Lookup(BaseTool):  # a class per request (a factory of tools, say)
+            name: str = "lookup"
+            description: str = "Look a record up."
+
+            def _run(self, query: str) -> str:
+                return f"found {query}"
+
+        guarded = guard_tool(Lookup(), guard, scope=f"req-{i}")
+        assert guarded.invoke({"query": "a"}) == "found a"
+        refs += [weakref.ref(Lookup), weakref.ref(type(guarded))]
+        del Lookup, guarded
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
