@@ -13,12 +13,14 @@ The same suite runs a second time over ``guard_tool``: the guarded tools in a pl
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from contract_suite import ContractSuite, Rendered
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
@@ -121,8 +123,6 @@ class LangChainDriver:
 
 
 def make_tool(name: str, fn: Callable[..., Any], schema: type[BaseModel]) -> BaseTool:
-    import inspect
-
     is_async = inspect.iscoroutinefunction(fn)
     return StructuredTool.from_function(
         func=None if is_async else fn,
@@ -172,8 +172,6 @@ class GuardToolDriver(LangChainDriver):
         if not any(isinstance(m, ToolMessage) for m in out["messages"]):
             # A plain graph has no middleware to answer a call LangChain could not parse:
             # guard_tool never sees it. The contract's answer comes from the middleware.
-            import pytest
-
             pytest.skip("malformed tool calls never reach a tool: answered by the middleware")
         return read(out, call_id)
 
