@@ -57,11 +57,12 @@ model = ScriptedChatModel(
         AIMessage(
             "", tool_calls=[tool_call("charge_card", "call_1", customer="cus_42", amount_usd=99.99)]
         ),
-        # The model is unsure the charge went through and retries it (a new call id).
+        # The model is unsure the charge went through and retries it (a new call id, and
+        # the amount as a string this time: the tool's schema makes it 99.99 again).
         AIMessage(
             "",
             tool_calls=[
-                tool_call("charge_card", "call_2", customer="cus_42", amount_usd=99.99),
+                tool_call("charge_card", "call_2", customer="cus_42", amount_usd="99.99"),
                 tool_call("send_email", "call_3", to="cus_42@example.com", subject="Receipt"),
             ],
         ),
@@ -87,11 +88,13 @@ with tempfile.TemporaryDirectory() as tmp:
 
 for m in out["messages"]:
     if isinstance(m, ToolMessage):
-        print(f"  {m.tool_call_id}: {m.content}  [{m.response_metadata['onceonly']['decision']}]")
+        print(f"  {m.tool_call_id}: {m.content}  [{m.response_metadata['onceonly']['code']}]")
 print(out["messages"][-1].content)
 print("charges:", charges)
 
 assert len(charges) == 1, charges  # once, across the crash, the resume and the retry
 assert emails == ["cus_42@example.com"]
-answers = [m.tool_call_id for m in out["messages"] if isinstance(m, ToolMessage)]
-assert answers == ["call_1", "call_2", "call_3"]  # one result per call id
+answers = {m.tool_call_id: m for m in out["messages"] if isinstance(m, ToolMessage)}
+assert list(answers) == ["call_1", "call_2", "call_3"]  # one result per call id
+codes = [m.response_metadata["onceonly"]["code"] for m in answers.values()]
+assert codes == ["replayed", "replayed", "executed"], codes  # call_1 replayed on resume

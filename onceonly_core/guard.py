@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
+from .contract import is_interrupt
 from .errors import ConfigError, OnceOnlyError
 from .keyhealth import KeyHealth
 from .limits import check_text
@@ -1425,6 +1426,11 @@ class Guard:
         return outcome.value  # for "blocked": blocked_return, BLOCKED unless the tool set one
 
     def _after_error(self, call: Call, err: BaseException) -> None:
+        if is_interrupt(err):
+            # Control flow (cancellation, a graph's interrupt()), not a failure: no
+            # on_failure hook. The flow has already given the key back.
+            self._count("attempts")
+            return
         self._count("attempts", "failed")
         self._emit("failed", Outcome("failed", call.tool, call.namespace, call.key, error=err))
 
@@ -1537,7 +1543,11 @@ def _option_key(value: Any) -> Any:
 
 def _failure(err: Exception, call: Call | None, seen: list[BaseException]) -> tuple[str, Exception]:
     """The tool's own exception is a ``failed`` decision; ours (InProgress, KeyReuseError,
-    StoreError, ...) is raised after the governed flow gave its reservation back."""
+    StoreError, ...) is raised after the governed flow gave its reservation back, and so
+    is an interruption (a graph's interrupt() inside the tool): control flow, neither
+    audited as a failure nor notified as ``tool_failed``."""
+    if is_interrupt(err):
+        return ("raise", err)
     if call is None or any(err is e for e in seen):
         return ("error", err)
     return ("raise", err)

@@ -20,10 +20,10 @@ except ImportError as err:
     dist = {"langchain_core": "langchain-core"}.get(err.name or "", err.name or "langchain-core")
     raise MissingExtraError("OnceOnly's LangChain integration", "langchain", dist) from err
 
-from ._common import thread_run_id
+from ._common import GuardRefused, thread_run_id
 from .callbacks import AsyncOnceOnlyCallbackHandler, OnceOnlyCallbackHandler, ToolCallBlocked
 from .middleware import OnceOnlyMiddleware
-from .tools import GuardRefused, guard_tool, wrap_tools
+from .tools import guard_tool, wrap_tools
 
 __all__ = [
     "AsyncOnceOnlyCallbackHandler",

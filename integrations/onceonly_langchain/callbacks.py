@@ -10,45 +10,52 @@ these handlers never deduplicate. ``enforce=True`` raises :class:`ToolCallBlocke
 allowed tool, approval required); that stops the tool, and with it the run unless the
 ``ToolNode`` handles the error. Caps and budgets are not enforced here (they need the
 call to go through the guard). Use ``OnceOnlyMiddleware`` or ``guard_tool`` to enforce.
+
+A LangGraph ``interrupt()`` is not a failure: the tool and the run are recorded as
+``interrupted``, with no failed audit row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 
-from onceonly_core import Guard
+from onceonly_core import Classification, Guard, classify
 from onceonly_core import guard as default_guard
-from onceonly_core.errors import ConfigError, OnceOnlyError
+from onceonly_core.contract import is_interrupt, preview
+from onceonly_core.errors import ConfigError, PolicyBlocked
 
 __all__ = ["AsyncOnceOnlyCallbackHandler", "OnceOnlyCallbackHandler", "ToolCallBlocked"]
 
 _PREVIEW = 500
 
 
-class ToolCallBlocked(OnceOnlyError):
-    """Raised by an enforcing callback handler for a tool call the policy refuses."""
+class ToolCallBlocked(PolicyBlocked):
+    """Raised by an enforcing callback handler for a tool call the policy refuses.
 
-    def __init__(self, agent_id: str, tool: str, reason: str) -> None:
-        self.agent_id = agent_id
-        self.tool = tool
-        self.reason = reason
-        super().__init__(f"Tool {tool!r} was blocked by policy: {reason}.")
+    ``classification`` is the core's answer (code ``blocked``); the message is its text."""
+
+    def __init__(self, agent_id: str, tool: str, reason: str, detail: str = "") -> None:
+        super().__init__(agent_id, tool, reason, detail)
+        self.classification: Classification = classify(
+            PolicyBlocked(agent_id, tool, reason, detail), tool=tool
+        )
+        self.args = (self.classification.text,)
 
 
 def _preview(value: Any) -> str:
     content = getattr(value, "content", value)  # a ToolMessage: its content
-    text = content if isinstance(content, str) else repr(content)
-    return text[:_PREVIEW]
+    return preview(content, _PREVIEW)
 
 
 class _Recorder:
-    """The handlers' shared, synchronous core (the async handler runs it in a thread)."""
+    """The handlers' one core: LangChain's callback events, turned into timeline events and
+    audit rows. Synchronous; the async handler runs it in a worker thread."""
 
     def __init__(self, guard: Guard, agent_id: str | None, run_id: str | None, enforce: bool):
         if enforce and agent_id is None:
@@ -62,6 +69,73 @@ class _Recorder:
         self.last_run_id: str | None = None
         self.lock = threading.Lock()
 
+    # -- LangChain's events (the handlers' methods, by name) -----------------------------
+    def on_chain_start(
+        self,
+        serialized: Mapping[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        **kw: Any,
+    ) -> None:
+        timeline = self._timeline(run_id, parent_run_id)
+        with self.lock:
+            self.runs[run_id] = (timeline, None)
+        if parent_run_id is None:
+            self.last_run_id = timeline
+            name = _name(serialized, kw)
+            self.post(timeline, "run_started", status="running", data={"name": name})
+
+    def on_chain_end(
+        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        self._chain_end(run_id, parent_run_id, None)
+
+    def on_chain_error(
+        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
+    ) -> None:
+        self._chain_end(run_id, parent_run_id, error)
+
+    def on_tool_start(
+        self,
+        serialized: Mapping[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        tool = _name(serialized, kw) or "tool"
+        timeline = self._timeline(run_id, parent_run_id)
+        with self.lock:
+            self.runs[run_id] = (timeline, tool)
+        data = {
+            "lc_run_id": str(run_id),
+            "tool_call_id": kw.get("tool_call_id"),
+            "args": dict(inputs) if inputs is not None else input_str[:_PREVIEW],
+        }
+        if self.enforce:
+            assert self.agent_id is not None
+            refused = self.refusal(tool)
+            if refused is not None:
+                with self.lock:
+                    self.runs.pop(run_id, None)
+                reason, detail = refused
+                blocked = {**data, "reason": reason}
+                self.post(timeline, "blocked", tool=tool, status="blocked", data=blocked)
+                self.audit(tool, data["args"], "blocked", reason, timeline)
+                raise ToolCallBlocked(self.agent_id, tool, reason, detail)
+        self.post(timeline, "tool_call", tool=tool, status="started", data=data)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
+        self._tool_end(run_id, output, None)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
+        self._tool_end(run_id, None, error)
+
+    # -- what they record ----------------------------------------------------------------
     def _timeline(self, run_id: UUID, parent: UUID | None) -> str:
         if self.run_id is not None:
             return self.run_id
@@ -71,60 +145,17 @@ class _Recorder:
         # Not seen (the handler was attached below the root): the parent's id, else ours.
         return str(parent or run_id)
 
-    def chain_start(self, run_id: UUID, parent: UUID | None, name: str | None) -> None:
-        timeline = self._timeline(run_id, parent)
-        with self.lock:
-            self.runs[run_id] = (timeline, None)
-        if parent is None:
-            self.last_run_id = timeline
-            self.post(timeline, "run_started", status="running", data={"name": name})
-
-    def chain_end(self, run_id: UUID, parent: UUID | None, error: BaseException | None) -> None:
+    def _chain_end(self, run_id: UUID, parent: UUID | None, error: BaseException | None) -> None:
         with self.lock:
             entry = self.runs.pop(run_id, None)
         if entry is not None and parent is None:
             data = None if error is None else {"error": f"{type(error).__name__}: {error}"}
             status = "ok" if error is None else "failed"
-            # An interrupt (human in the loop) is not a failure: the run pauses.
-            if error is not None and type(error).__name__ == "GraphInterrupt":
-                status = "interrupted"
+            if is_interrupt(error):
+                status = "interrupted"  # a human in the loop: the run pauses, it did not fail
             self.post(entry[0], "run_finished", status=status, data=data)
 
-    def tool_start(
-        self,
-        run_id: UUID,
-        parent: UUID | None,
-        tool: str,
-        inputs: Mapping[str, Any] | None,
-        input_str: str,
-        tool_call_id: str | None,
-    ) -> None:
-        timeline = self._timeline(run_id, parent)
-        with self.lock:
-            self.runs[run_id] = (timeline, tool)
-        data = {
-            "lc_run_id": str(run_id),
-            "tool_call_id": tool_call_id,
-            "args": dict(inputs) if inputs is not None else input_str[:_PREVIEW],
-        }
-        if self.enforce:
-            assert self.agent_id is not None
-            reason = self.refusal(tool)
-            if reason is not None:
-                with self.lock:
-                    self.runs.pop(run_id, None)
-                self.post(
-                    timeline,
-                    "blocked",
-                    tool=tool,
-                    status="blocked",
-                    data={**data, "reason": reason},
-                )
-                self.audit(tool, data["args"], "blocked", reason, timeline)
-                raise ToolCallBlocked(self.agent_id, tool, reason)
-        self.post(timeline, "tool_call", tool=tool, status="started", data=data)
-
-    def tool_end(self, run_id: UUID, output: Any, error: BaseException | None) -> None:
+    def _tool_end(self, run_id: UUID, output: Any, error: BaseException | None) -> None:
         with self.lock:
             entry = self.runs.pop(run_id, None)
         if entry is None:
@@ -136,21 +167,22 @@ class _Recorder:
             status = "error" if getattr(output, "status", None) == "error" else "executed"
         else:
             data["error"] = f"{type(error).__name__}: {str(error)[:_PREVIEW]}"
-            status = "failed"
+            status = "interrupted" if is_interrupt(error) else "failed"
         self.post(timeline, "tool_result", tool=tool, status=status, data=data)
+        if status == "interrupted":
+            return  # control flow, not an outcome: nothing to audit
         decision = "executed" if status == "executed" else "failed"
-        self.audit(
-            tool or "", None, decision, "ok" if decision == "executed" else "tool_error", timeline
-        )
+        reason = "ok" if decision == "executed" else "tool_error"
+        self.audit(tool or "", None, decision, reason, timeline)
 
-    # -- writes ---------------------------------------------------------------------------
-    def refusal(self, tool: str) -> str | None:
+    def refusal(self, tool: str) -> tuple[str, str] | None:
+        """(reason, detail) when the agent's policy refuses ``tool`` now, else None."""
         assert self.agent_id is not None
         verdict = self.guard.gov.check(self.agent_id, tool)
         if not verdict["allowed"]:
-            return str(verdict["reason"])
+            return str(verdict["reason"]), str(verdict.get("detail") or "")
         # A callback cannot wait for a human: a tool that needs approval is refused here.
-        return "approval_required" if verdict["needs_approval"] else None
+        return ("approval_required", "") if verdict["needs_approval"] else None
 
     def post(
         self,
@@ -183,13 +215,28 @@ def _name(serialized: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> st
     return None
 
 
-class OnceOnlyCallbackHandler(BaseCallbackHandler):
-    """Record tool calls on the OnceOnly run timeline (and audit log, with ``agent_id``).
+def _sync(event: str) -> Callable[..., None]:
+    def handle(self: OnceOnlyCallbackHandler, *args: Any, **kwargs: Any) -> None:
+        getattr(self.recorder, event)(*args, **kwargs)
 
-    ``run_id``: one timeline for everything (default: the root LangChain run's id).
-    ``enforce=True`` (needs ``agent_id``) refuses blocked tools by raising
-    :class:`ToolCallBlocked`; it sets ``raise_error`` so LangChain does not swallow it.
-    """
+    handle.__name__ = handle.__qualname__ = event
+    return handle
+
+
+def _async(event: str) -> Callable[..., Any]:
+    async def handle(self: AsyncOnceOnlyCallbackHandler, *args: Any, **kwargs: Any) -> None:
+        method = getattr(self.recorder, event)
+        if self.recorder.guard.gov.store.kind == "memory":
+            method(*args, **kwargs)
+        else:
+            await asyncio.to_thread(method, *args, **kwargs)  # the event loop never waits
+
+    handle.__name__ = handle.__qualname__ = event
+    return handle
+
+
+class _Handler:
+    """What both handlers share: the recorder, its options, ``last_run_id``."""
 
     def __init__(
         self,
@@ -200,6 +247,7 @@ class OnceOnlyCallbackHandler(BaseCallbackHandler):
         enforce: bool = False,
     ) -> None:
         self.recorder = _Recorder(guard or default_guard, agent_id, run_id, enforce)
+        # LangChain swallows a handler's errors unless it says otherwise.
         self.raise_error = enforce
 
     @property
@@ -207,54 +255,24 @@ class OnceOnlyCallbackHandler(BaseCallbackHandler):
         """The timeline id of the latest root run this handler saw."""
         return self.recorder.last_run_id
 
-    def on_chain_start(
-        self,
-        serialized: dict[str, Any] | None,
-        inputs: Any,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kw: Any,
-    ) -> None:
-        self.recorder.chain_start(run_id, parent_run_id, _name(serialized, kw))
 
-    def on_chain_end(
-        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
-    ) -> None:
-        self.recorder.chain_end(run_id, parent_run_id, None)
+class OnceOnlyCallbackHandler(_Handler, BaseCallbackHandler):
+    """Record tool calls on the OnceOnly run timeline (and audit log, with ``agent_id``).
 
-    def on_chain_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
-    ) -> None:
-        self.recorder.chain_end(run_id, parent_run_id, error)
+    ``run_id``: one timeline for everything (default: the root LangChain run's id).
+    ``enforce=True`` (needs ``agent_id``) refuses blocked tools by raising
+    :class:`ToolCallBlocked`; it sets ``raise_error`` so LangChain does not swallow it.
+    """
 
-    def on_tool_start(
-        self,
-        serialized: dict[str, Any],
-        input_str: str,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        inputs: dict[str, Any] | None = None,
-        **kw: Any,
-    ) -> None:
-        self.recorder.tool_start(
-            run_id,
-            parent_run_id,
-            _name(serialized, kw) or "tool",
-            inputs,
-            input_str,
-            kw.get("tool_call_id"),
-        )
-
-    def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
-        self.recorder.tool_end(run_id, output, None)
-
-    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
-        self.recorder.tool_end(run_id, None, error)
+    on_chain_start = _sync("on_chain_start")
+    on_chain_end = _sync("on_chain_end")
+    on_chain_error = _sync("on_chain_error")
+    on_tool_start = _sync("on_tool_start")
+    on_tool_end = _sync("on_tool_end")
+    on_tool_error = _sync("on_tool_error")
 
 
-class AsyncOnceOnlyCallbackHandler(AsyncCallbackHandler):
+class AsyncOnceOnlyCallbackHandler(_Handler, AsyncCallbackHandler):
     """:class:`OnceOnlyCallbackHandler` for async runs: the database writes run in a
     worker thread, so the event loop never waits on the ledger.
 
@@ -264,66 +282,9 @@ class AsyncOnceOnlyCallbackHandler(AsyncCallbackHandler):
     enforces in sync and async runs alike.
     """
 
-    def __init__(
-        self,
-        guard: Guard | None = None,
-        *,
-        agent_id: str | None = None,
-        run_id: str | None = None,
-        enforce: bool = False,
-    ) -> None:
-        self.recorder = _Recorder(guard or default_guard, agent_id, run_id, enforce)
-        self.raise_error = enforce
-
-    async def _do(self, fn: Any, *args: Any) -> None:
-        if self.recorder.guard.gov.store.kind == "memory":
-            fn(*args)
-        else:
-            await asyncio.to_thread(fn, *args)
-
-    async def on_chain_start(
-        self,
-        serialized: dict[str, Any] | None,
-        inputs: Any,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kw: Any,
-    ) -> None:
-        await self._do(self.recorder.chain_start, run_id, parent_run_id, _name(serialized, kw))
-
-    async def on_chain_end(
-        self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
-    ) -> None:
-        await self._do(self.recorder.chain_end, run_id, parent_run_id, None)
-
-    async def on_chain_error(
-        self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kw: Any
-    ) -> None:
-        await self._do(self.recorder.chain_end, run_id, parent_run_id, error)
-
-    async def on_tool_start(
-        self,
-        serialized: dict[str, Any],
-        input_str: str,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        inputs: dict[str, Any] | None = None,
-        **kw: Any,
-    ) -> None:
-        await self._do(
-            self.recorder.tool_start,
-            run_id,
-            parent_run_id,
-            _name(serialized, kw) or "tool",
-            inputs,
-            input_str,
-            kw.get("tool_call_id"),
-        )
-
-    async def on_tool_end(self, output: Any, *, run_id: UUID, **kw: Any) -> None:
-        await self._do(self.recorder.tool_end, run_id, output, None)
-
-    async def on_tool_error(self, error: BaseException, *, run_id: UUID, **kw: Any) -> None:
-        await self._do(self.recorder.tool_end, run_id, None, error)
+    on_chain_start = _async("on_chain_start")
+    on_chain_end = _async("on_chain_end")
+    on_chain_error = _async("on_chain_error")
+    on_tool_start = _async("on_tool_start")
+    on_tool_end = _async("on_tool_end")
+    on_tool_error = _async("on_tool_error")

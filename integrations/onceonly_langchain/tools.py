@@ -1,83 +1,128 @@
 """Guarded LangChain tools: ``guard_tool(tool, guard)`` and ``wrap_tools([...], guard)``.
 
-The guarded tool is the same tool — name, description, ``args_schema``,
-``return_direct``, ``response_format`` (including ``content_and_artifact``), sync and
-async — whose function runs through ``guard.call_tool``. Injected arguments
-(``InjectedToolCallId``, ``InjectedState``, ``InjectedStore``, ``ToolRuntime``) and the
-``RunnableConfig`` / ``callbacks`` parameters are excluded from the fingerprint: they
-change on every turn while the call stays the same.
+The guarded tool is the same tool — an instance of a subclass of the tool's own class with
+every field of the original: name, description, ``args_schema``, ``return_direct``,
+``response_format``, ``func`` / ``coroutine``, so LangGraph injects ``InjectedState``,
+``InjectedStore``, ``ToolRuntime`` and ``InjectedToolCallId`` exactly as before. Only its
+``run`` / ``arun`` differ: they take the call through ``guard.run_call_classified`` with the
+tool's name and its validated arguments (the tool's own parsing: defaults,
+``default_factory``, coercion; injected arguments left out of the key), with the tool's
+original ``run`` as the thunk, and answer with the core's classification rendered as one
+``ToolMessage`` for the call id (the same rendering as :class:`OnceOnlyMiddleware`).
 
-A call that a policy blocks, that waits for approval, or that the ledger cannot take
-becomes an error ``ToolMessage`` (``status="error"``) telling the model why; the tool's
-own exceptions propagate exactly as before.
+Called directly, without a tool call id, the guarded tool returns what the tool returns;
+a call it did not run raises :class:`GuardRefused` (with the classification), and the
+tool's own exception propagates.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from langchain_core.runnables.config import ensure_config
-from langchain_core.tools import BaseTool, StructuredTool, Tool, ToolException
+from langchain_core.tools import BaseTool, StructuredTool
+from pydantic import PrivateAttr, ValidationError
 
-# How LangChain itself finds a tool function's RunnableConfig parameter (private, stable
-# through 1.x): that parameter carries the call's config, never part of its identity.
-from langchain_core.tools.base import _get_runnable_config_param
-
-from onceonly_core import Guard
+from onceonly_core import Classification, Guard, classify
 from onceonly_core import guard as default_guard
-from onceonly_core.errors import OnceOnlyError
-from onceonly_core.governance.models import ToolResult
 
-from ._common import (
-    _THREAD,
-    Resolver,
-    Settings,
-    SpendRule,
-    infra_text,
-    ran_anyway,
-    reraise_config,
-    scoped,
-)
+from ._common import THREAD, Call, GuardRefused, Resolver, Settings, SpendRule, validated_arguments
 
 __all__ = ["GuardRefused", "guard_tool", "wrap_tools"]
 
 T = TypeVar("T", bound=BaseTool)
-_ALWAYS_EXCLUDED = frozenset({"callbacks", "run_manager"})
+# A direct call (no tool call id) still runs as a tool call inside, so that the tool's
+# handled error comes back marked status="error" (a failure, not a result to replay).
+_DIRECT = "onceonly-direct-call"
 
 
-class GuardRefused(ToolException):
-    """A call OnceOnly did not run (blocked, pending approval, ledger unavailable).
+class _Guarded(BaseTool):
+    """The guarded ``run`` / ``arun``; mixed in before a tool's own class (see ``_class``)."""
 
-    Raised inside the tool and turned into an error ``ToolMessage`` by the tool itself;
-    ``result`` is the :class:`ToolResult` (None when the ledger failed)."""
+    _onceonly: Settings | None = PrivateAttr(default=None)
 
-    def __init__(self, message: str, result: ToolResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
+    def run(self, tool_input: Any, *args: Any, **kwargs: Any) -> Any:
+        plan = self._plan(tool_input, kwargs)
+        if plan is None:
+            return super().run(tool_input, *args, **kwargs)
+        call, opts = plan
+        if isinstance(opts, Classification):
+            return call.render(opts)
+        s = self._settings
+        run = partial(_run, call, super().run, tool_input, args, kwargs)
+        return call.render(s.guard.run_call_classified(call.name, call.args, run, **opts))
+
+    async def arun(self, tool_input: Any, *args: Any, **kwargs: Any) -> Any:
+        plan = self._plan(tool_input, kwargs)
+        if plan is None:
+            return await super().arun(tool_input, *args, **kwargs)
+        call, opts = plan
+        if isinstance(opts, Classification):
+            return call.render(opts)
+        s = self._settings
+        run = partial(_arun, call, super().arun, tool_input, args, kwargs)
+        return call.render(await s.guard.arun_call_classified(call.name, call.args, run, **opts))
+
+    @property
+    def _settings(self) -> Settings:
+        assert self._onceonly is not None, "a guarded tool is made by guard_tool()"
+        return self._onceonly
+
+    def _plan(
+        self, tool_input: Any, kwargs: dict[str, Any]
+    ) -> tuple[Call, dict[str, Any] | Classification] | None:
+        """What run and arun do before the call: None (arguments the tool itself rejects,
+        called directly: it answers as it would), an answer without calling, or the call."""
+        call_id = kwargs.get("tool_call_id")
+        try:
+            if call_id is None:
+                # Raises for a tool that needs its call id (InjectedToolCallId), as it would.
+                self._parse_input(_copy(tool_input), None)
+            args = validated_arguments(self, tool_input, call_id)
+        except ValidationError as err:
+            if call_id is None:
+                return None
+            return Call(self.name, {}, call_id), classify(err, tool=self.name)
+        except ValueError:
+            return None  # e.g. an InjectedToolCallId tool called without a call: as before
+        call = Call(self.name, args, call_id or _DIRECT, direct=call_id is None)
+        kwargs["tool_call_id"] = call.call_id
+        config = kwargs.get("config") or ensure_config()
+        return call, self._settings.call_options(self.name, args, config)
 
 
-class _RefusalAware:
-    """``handle_tool_error`` of a guarded tool: refusals become the error message; any
-    other ToolException is handled exactly as the original setting says."""
+def _copy(tool_input: Any) -> Any:
+    return dict(tool_input) if isinstance(tool_input, Mapping) else tool_input
 
-    def __init__(self, original: Any) -> None:
-        self.original = original
 
-    def __call__(self, err: ToolException) -> Any:
-        if isinstance(err, GuardRefused):
-            return str(err)
-        flag = self.original
-        if not flag:
-            raise err  # the original tool re-raised it
-        if isinstance(flag, bool):
-            return err.args[0] if err.args else "Tool execution error"
-        if isinstance(flag, str):
-            return flag
-        return flag(err)
+def _run(
+    call: Call, run: Callable[..., Any], tool_input: Any, args: Any, kwargs: dict[str, Any]
+) -> Any:
+    return call.settle(run(tool_input, *args, **kwargs))
+
+
+async def _arun(
+    call: Call, arun: Callable[..., Any], tool_input: Any, args: Any, kwargs: dict[str, Any]
+) -> Any:
+    return call.settle(await arun(tool_input, *args, **kwargs))
+
+
+_GUARDED = "__onceonly_guarded__"
+
+
+def _class(cls: type[BaseTool]) -> type[_Guarded]:
+    """``Guarded<Tool>``: the tool's class with the guarded run/arun first in its MRO. One
+    per tool class, kept on that class, so it lives as long as the class does (a tool
+    class defined per request is not pinned by a module-level cache)."""
+    sub: type[_Guarded] | None = cls.__dict__.get(_GUARDED)
+    if sub is None:
+        ns = {"__module__": __name__, "__qualname__": f"Guarded{cls.__name__}"}
+        sub = cast(type[_Guarded], type(f"Guarded{cls.__name__}", (_Guarded, cls), ns))
+        # Two threads may both build one: either is right, the last one is kept.
+        type.__setattr__(cls, _GUARDED, sub)
+    return sub
 
 
 def guard_tool(
@@ -85,58 +130,36 @@ def guard_tool(
     guard: Guard | None = None,
     *,
     agent_id: str | None = None,
-    scope: Resolver | object = _THREAD,
+    scope: Resolver | object = THREAD,
     run_id: Resolver = None,
     spend_usd: float | SpendRule = None,
     **options: Any,
 ) -> T:
     """A guarded copy of ``tool`` (a ``BaseTool``, or a function: it is made a tool first).
 
-    Options as for :class:`OnceOnlyMiddleware` (``scope``, ``run_id``, ``agent_id``),
-    plus guard options for this tool (``key_args=``, ``exclude=``, ``ttl=``, ...).
+    Options as for :class:`OnceOnlyMiddleware` (``scope``, ``run_id``, ``agent_id``), plus
+    guard options for this tool (``read_only=True``, ``key_args=``, ``ttl=``, ...).
     ``spend_usd`` may be a number for this tool.
     """
-    if not isinstance(tool, BaseTool):
-        tool = StructuredTool.from_function(tool)  # type: ignore[assignment]
-    assert isinstance(tool, BaseTool)
+    base: BaseTool = tool if isinstance(tool, BaseTool) else StructuredTool.from_function(tool)
+    if isinstance(base, _Guarded):
+        raise TypeError(f"{base.name} is already guarded")
     if isinstance(spend_usd, (int, float)) and not isinstance(spend_usd, bool):
-        spend_usd = {tool.name: float(spend_usd)}
+        spend_usd = {base.name: float(spend_usd)}
     settings = Settings(
         guard or default_guard,
         agent_id=agent_id,
         scope=scope,
         run_id=run_id,
-        spend_usd=spend_usd,  # type: ignore[arg-type]
+        spend_usd=cast(SpendRule, spend_usd),
         options=options,
     )
-    name = sys.intern(tool.name)
-    injected = _injected(tool)
-    aware = _RefusalAware(tool.handle_tool_error)
-    pair = tool.response_format == "content_and_artifact"
-    if isinstance(tool, (StructuredTool, Tool)):
-        update: dict[str, Any] = {"handle_tool_error": aware}
-        if tool.func is not None:
-            update["func"] = _sync(tool.func, settings, name, injected, pair)
-        if tool.coroutine is not None:
-            update["coroutine"] = _async(tool.coroutine, settings, name, injected, pair)
-        return cast(T, tool.model_copy(update=update))
-    return _DelegatingTool(  # type: ignore[return-value]
-        name=tool.name,
-        description=tool.description,
-        args_schema=tool.args_schema,
-        return_direct=tool.return_direct,
-        response_format=tool.response_format,
-        handle_tool_error=aware,
-        handle_validation_error=tool.handle_validation_error,
-        verbose=tool.verbose,
-        callbacks=tool.callbacks,
-        tags=tool.tags,
-        metadata=tool.metadata,
-        extras=tool.extras,
-        inner=tool,
-        sync_fn=_sync(tool._run, settings, name, injected, pair),
-        async_fn=_async(tool._arun, settings, name, injected, pair),
-    )
+    cls = _class(type(base))
+    # Every field as the original has it (no validation re-run: it was valid).
+    values = {k: base.__dict__[k] for k in type(base).model_fields if k in base.__dict__}
+    guarded = cls.model_construct(_fields_set=set(base.model_fields_set), **values)
+    guarded._onceonly = settings
+    return cast(T, guarded)
 
 
 def wrap_tools(
@@ -148,7 +171,7 @@ def wrap_tools(
     **common: Any,
 ) -> list[BaseTool]:
     """Guard a list of tools. ``only``: guard just these names (others are returned as
-    they are); ``tool_options``: per-tool options, e.g. ``{"search": {"unlimited": True}}``."""
+    they are); ``tool_options``: per-tool options, e.g. ``{"search": {"read_only": True}}``."""
     out: list[BaseTool] = []
     for t in tools:
         base = t if isinstance(t, BaseTool) else StructuredTool.from_function(t)
@@ -158,192 +181,3 @@ def wrap_tools(
         per_tool = dict((tool_options or {}).get(base.name, {}))
         out.append(guard_tool(base, guard, **{**common, **per_tool}))
     return out
-
-
-# -- the guarded functions -------------------------------------------------------------
-
-
-def _injected(tool: BaseTool) -> frozenset[str]:
-    """Arguments LangChain or LangGraph supply at call time (not the model)."""
-    names: set[str] = set(getattr(tool, "_injected_args_keys", ()) or ())
-    own = [getattr(tool, "func", None), getattr(tool, "coroutine", None)]
-    if not isinstance(tool, (StructuredTool, Tool)):
-        own = [tool._run, tool._arun]  # a subclass: its own methods get the config
-    for fn in own:
-        if fn is not None and (param := _get_runnable_config_param(fn)):
-            names.add(param)
-    visible: set[str]
-    schema = tool.tool_call_schema
-    if isinstance(schema, dict):
-        visible = set((schema.get("properties") or {}).keys())
-    else:
-        visible = set(getattr(schema, "model_fields", {}) or {})
-    full = tool.args_schema
-    if full is not None:
-        if isinstance(full, dict):
-            names |= set((full.get("properties") or {}).keys()) - visible
-        else:
-            names |= set(getattr(full, "model_fields", {}) or {}) - visible
-    return frozenset(names | _ALWAYS_EXCLUDED)
-
-
-def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional arguments by their parameter names (the core calls ``fn(**args)``)."""
-    if not args:
-        return kwargs
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
-    return dict(bound.arguments)
-
-
-class _Options:
-    """The options of one guarded tool per set of injected arguments present, built once:
-    the core caches its prepared tools by the identity of option values."""
-
-    def __init__(self, settings: Settings, name: str, injected: frozenset[str]) -> None:
-        self.settings, self.name, self.injected = settings, name, injected
-        self.by_skip: dict[tuple[str, ...], dict[str, Any]] = {}
-
-    def __call__(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
-        skip = tuple(k for k in mapping if k in self.injected)
-        opts = self.by_skip.get(skip)
-        if opts is None:
-            opts = self.settings.options_for(self.name)
-            if skip:
-                opts["exclude"] = (*tuple(opts.get("exclude") or ()), *skip)
-            if len(self.by_skip) < 64:
-                self.by_skip[skip] = opts
-        return opts
-
-
-def _result(res: ToolResult, pair: bool) -> Any:
-    if res.decision in ("executed", "dedup"):
-        value = res.result
-        if pair and isinstance(value, list) and len(value) == 2:
-            return tuple(value)  # content_and_artifact needs a 2-tuple; storage made it a list
-        return value
-    if res.decision == "failed":
-        err = res.exception
-        if isinstance(err, BaseException):
-            raise err  # the tool's own exception, unchanged (GraphInterrupt included)
-        raise ToolException(res.message)
-    raise GuardRefused(res.message, res)
-
-
-def _infra(name: str, err: OnceOnlyError, pair: bool) -> Any:
-    reraise_config(err)
-    ran, value = ran_anyway(err)
-    if ran:
-        return tuple(value) if pair and isinstance(value, list) else value
-    raise GuardRefused(infra_text(name, err)) from err
-
-
-def _sync(
-    fn: Callable[..., Any],
-    settings: Settings,
-    name: str,
-    injected: frozenset[str],
-    pair: bool,
-) -> Callable[..., Any]:
-    options_for = _Options(settings, name, injected)
-
-    @functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        config = ensure_config()
-        mapping = _bind(fn, args, kwargs)
-        with scoped(settings.guard, settings.scope_for(config)):
-            try:
-                res = settings.guard.call_tool(
-                    fn,
-                    mapping,
-                    tool=name,
-                    agent_id=settings.agent_id,
-                    spend_usd=settings.spend_for(name, mapping),
-                    run_id=settings.run_for(config),
-                    **options_for(mapping),
-                )
-            except OnceOnlyError as err:
-                return _infra(name, err, pair)
-        return _result(res, pair)
-
-    return guarded
-
-
-def _async(
-    fn: Callable[..., Any],
-    settings: Settings,
-    name: str,
-    injected: frozenset[str],
-    pair: bool,
-) -> Callable[..., Any]:
-    options_for = _Options(settings, name, injected)
-
-    @functools.wraps(fn)
-    async def guarded(*args: Any, **kwargs: Any) -> Any:
-        config = ensure_config()
-        mapping = _bind(fn, args, kwargs)
-        with scoped(settings.guard, settings.scope_for(config)):
-            try:
-                res = await settings.guard.acall_tool(
-                    fn,
-                    mapping,
-                    tool=name,
-                    agent_id=settings.agent_id,
-                    spend_usd=settings.spend_for(name, mapping),
-                    run_id=settings.run_for(config),
-                    **options_for(mapping),
-                )
-            except OnceOnlyError as err:
-                return _infra(name, err, pair)
-        return _result(res, pair)
-
-    return guarded
-
-
-class _DelegatingTool(BaseTool):
-    """A guarded stand-in for a ``BaseTool`` subclass (one without ``func``): runs the
-    original's ``_run`` / ``_arun`` through the guard."""
-
-    inner: BaseTool
-    sync_fn: Callable[..., Any]
-    async_fn: Callable[..., Any]
-
-    @functools.cached_property
-    def _injected_args_keys(self) -> frozenset[str]:
-        return frozenset(getattr(self.inner, "_injected_args_keys", ()) or ())
-
-    def _run(self, *args: Any, run_manager: Any = None, **kwargs: Any) -> Any:
-        if run_manager is not None and "run_manager" in _params(self.inner._run):
-            kwargs["run_manager"] = run_manager
-        if param := _get_runnable_config_param(self.inner._run):
-            kwargs[param] = ensure_config()
-        return self.sync_fn(*args, **kwargs)
-
-    async def _arun(self, *args: Any, run_manager: Any = None, **kwargs: Any) -> Any:
-        inner = self.inner
-        overridden = type(inner)._arun is not BaseTool._arun
-        if not overridden:
-            # The original runs _run in a thread; so do we, guarded, with a sync manager.
-            if run_manager is not None and "run_manager" in _params(inner._run):
-                kwargs["run_manager"] = run_manager.get_sync()
-            if param := _get_runnable_config_param(inner._run):
-                kwargs[param] = ensure_config()
-            return await _to_thread(self.sync_fn, *args, **kwargs)
-        if run_manager is not None and "run_manager" in _params(inner._arun):
-            kwargs["run_manager"] = run_manager
-        if param := _get_runnable_config_param(inner._arun):
-            kwargs[param] = ensure_config()
-        return await self.async_fn(*args, **kwargs)
-
-
-def _params(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
-    return inspect.signature(fn).parameters
-
-
-async def _to_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    import asyncio
-    import contextvars
-
-    ctx = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(ctx.run, fn, *args, **kwargs)
-    )

@@ -141,3 +141,34 @@ def test_enforce_lets_allowed_tools_run(guard: Guard) -> None:
 def test_enforce_needs_an_agent(guard: Guard) -> None:
     with pytest.raises(ConfigError):
         OnceOnlyCallbackHandler(guard, enforce=True)
+
+
+def test_the_async_handler_names_its_last_run_too(guard: Guard) -> None:
+    handler = AsyncOnceOnlyCallbackHandler(guard, agent_id="bot")
+    assert handler.last_run_id is None
+    asyncio.run(
+        make_agent(tool_call("lookup", "l1", q="z")).ainvoke(
+            {"messages": [("user", "q")]}, {"callbacks": [handler]}
+        )
+    )
+    assert handler.last_run_id is not None
+    kinds = [e.type for e in guard.gov.get_run_timeline(handler.last_run_id)]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and "tool_call" in kinds
+
+
+def test_a_refusal_says_it_in_the_contracts_words(guard: Guard) -> None:
+    guard.gov.disable_agent("bot", "incident 7")
+    handler = OnceOnlyCallbackHandler(guard, agent_id="bot", enforce=True)
+    with pytest.raises(ToolCallBlocked) as refused:
+        make_agent(tool_call("lookup", "l1", q="y")).invoke(
+            {"messages": [("user", "q")]}, {"callbacks": [handler]}
+        )
+    c = refused.value.classification
+    assert (c.code, c.reason) == ("blocked", "agent_disabled")
+    assert (
+        str(refused.value)
+        == c.text
+        == (
+            "Not allowed: this agent is disabled: incident 7; stop calling tools and tell the user."
+        )
+    )

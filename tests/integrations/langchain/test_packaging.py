@@ -70,3 +70,10 @@ def test_example_runs_offline(example: str) -> None:
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_adapter_forges_no_signatures() -> None:
+    """Calls are keyed by tool name and validated arguments (Guard.run_call): no runner with
+    a made-up ``__signature__`` stands in for the tool."""
+    package = ROOT / "integrations" / "onceonly_langchain"
+    assert not [p.name for p in package.glob("*.py") if "__signature__ =" in p.read_text()]

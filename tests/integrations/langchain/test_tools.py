@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 import pytest
 from langchain_core.messages import AIMessage, ToolMessage
-from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool, tool
+from langchain_core.tools import BaseTool, InjectedToolCallId, StructuredTool, ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.prebuilt import InjectedState, ToolNode, tools_condition
 from pydantic import BaseModel
 
 from onceonly_core import Guard
@@ -231,8 +231,6 @@ def test_blocked_tool_in_a_toolnode_is_an_error_message(
     @tool
     def strict(x: int) -> str:
         """Raises a ToolException the original tool does not handle."""
-        from langchain_core.tools import ToolException
-
         raise ToolException("nope")
 
     guard.gov.upsert_policy(Policy(agent_id="bot", blocked_tools=["delete_*"]))
@@ -241,11 +239,18 @@ def test_blocked_tool_in_a_toolnode_is_an_error_message(
     out = invoke(node, ai(tool_call("delete_user", "b1", user="u")))
     msg = by_id(out)["b1"]
     assert deleted == [] and msg.status == "error" and "tool_blocked" in str(msg.content)
-    # The tool's own ToolException is handled exactly as before (re-raised: handle_tool_error
-    # is False on the original).
-    with pytest.raises(Exception, match="nope"):
-        invoke(node, ai(tool_call("strict", "b2", x=1)))
-    assert isinstance(GuardRefused("x"), Exception)
+    assert msg.response_metadata["onceonly"]["code"] == "blocked"
+    # The tool's own exception is the model's to read, in the contract's words.
+    out = invoke(node, ai(tool_call("strict", "b2", x=1)))
+    failed = by_id(out)["b2"]
+    assert failed.status == "error" and failed.response_metadata["onceonly"]["code"] == "failed"
+    assert failed.content.startswith("Failed: strict raised ToolException: nope;")
+    # Called directly (no tool call id: no message to answer with), a refusal raises.
+    with pytest.raises(GuardRefused, match="tool_blocked") as refused:
+        tools[0].invoke({"user": "u"})
+    assert refused.value.classification.code == "blocked" and deleted == []
+    with pytest.raises(ToolException, match="nope"):
+        tools[1].invoke({"x": 1})  # and the tool's own exception propagates
 
 
 def test_async_tool_in_a_toolnode(guard: Guard, transcript_ok: Any) -> None:
@@ -263,3 +268,74 @@ def test_async_tool_in_a_toolnode(guard: Guard, transcript_ok: Any) -> None:
     out = asyncio.run(node.ainvoke(ai(*calls)))
     assert sorted(runs) == [0, 1]
     transcript_ok(out["messages"])
+
+
+def test_injected_state_is_left_out_and_the_rest_is_validated(
+    guard: Guard, invoke: Any, transcript_ok: Any
+) -> None:
+    """The state LangGraph injects grows every turn; the model's amount comes as 1.5 then
+    "1.5": one call, validated as the tool validates it."""
+    charges: list[float] = []
+
+    @tool
+    def charge(
+        customer: str, amount: float, state: Annotated[dict[str, Any], InjectedState]
+    ) -> str:
+        """Charge a customer."""
+        charges.append(amount)
+        return f"charged {amount} ({len(state['messages'])} messages so far)"
+
+    script = [
+        AIMessage("", tool_calls=[tool_call("charge", "c1", customer="a", amount=1.5)]),
+        AIMessage("", tool_calls=[tool_call("charge", "c2", customer="a", amount="1.5")]),
+    ]
+    app = graph(wrap_tools([charge], guard), script)
+    out = invoke(app, {"messages": [("user", "go")]}, {"configurable": {"thread_id": "t-1"}})
+    msgs = by_id(out)
+    assert charges == [1.5]
+    assert msgs["c2"].content == msgs["c1"].content == "charged 1.5 (2 messages so far)"
+    assert msgs["c2"].response_metadata["onceonly"]["code"] == "replayed"
+    transcript_ok(out["messages"])
+
+
+def test_a_guarded_tool_is_not_guarded_twice(guard: Guard) -> None:
+    @tool
+    def ping(x: int) -> str:
+        """Ping."""
+        return "pong"
+
+    with pytest.raises(TypeError, match="already guarded"):
+        guard_tool(guard_tool(ping, guard), guard)
+
+
+def test_called_directly_a_guarded_tool_answers_as_the_tool_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No tool call id, no ToolMessage: the value (also replayed, also when its completion
+    was not recorded), the tool's own exception, or GuardRefused."""
+    from contract_suite import FlakyStore
+
+    import onceonly_core.protocol
+
+    monkeypatch.setattr(onceonly_core.protocol, "FINISH_RETRIES", (0.01,))
+    store = FlakyStore()
+    g = Guard(store=store, quiet=True)
+    runs: list[float] = []
+
+    @tool
+    def charge(amount: float) -> str:
+        """Charge."""
+        if amount < 0:
+            raise ValueError("negative amount")
+        runs.append(amount)
+        return f"charged {amount}"
+
+    t = guard_tool(charge, g, scope="order-1")
+    assert t.invoke({"amount": 1}) == "charged 1.0"
+    assert t.invoke({"amount": "1"}) == "charged 1.0"  # replayed: the stored value
+    store.fail_finish = 2
+    assert t.invoke({"amount": 2}) == "charged 2.0"  # ran, not recorded: still its value
+    with pytest.raises(ValueError, match="negative amount"):
+        t.invoke({"amount": -1})
+    assert runs == [1.0, 2.0]
+    g.close()
