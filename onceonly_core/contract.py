@@ -69,6 +69,7 @@ __all__ = [
     "Code",
     "classify",
     "invalid_arguments",
+    "invalid_json",
     "is_interrupt",
     "preview",
     "register_interrupt",
@@ -547,6 +548,21 @@ def invalid_arguments(
     """Arguments the adapter rejected before calling (bad JSON, not an object, schema
     errors): ``detail`` completes "<tool> was not run because ..."."""
     return _make("invalid_arguments", tool, reason=reason, detail=detail, err=error)
+
+
+def invalid_json(tool: str, error: BaseException | None = None) -> Classification:
+    """The model's argument text is not a JSON object (malformed JSON, or another JSON
+    value such as a list): ``invalid_arguments`` / ``invalid_json``, worded here so every
+    adapter answers it with the same sentence. ``error``: what ``json.loads`` raised, if
+    it raised (its position goes into the text, so the model can find the fault)."""
+    if isinstance(error, json.JSONDecodeError):
+        detail = (
+            f"its arguments are not valid JSON ({error.msg} at line {error.lineno} "
+            f"column {error.colno})"
+        )
+    else:
+        detail = "its arguments are not a JSON object"
+    return _make("invalid_arguments", tool, reason="invalid_json", detail=detail, err=error)
 
 
 def unknown_tool(tool: str, available: Iterable[str] = ()) -> Classification:
