@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.tools import FunctionTool
 from llama_index.core.tools.types import AsyncBaseTool, BaseTool, ToolMetadata, ToolOutput
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from onceonly_core import Classification, ConfigError, Guard, Options, classify, current_run_id
 from onceonly_core import guard as default_guard
-from onceonly_core.contract import register_interrupt
+from onceonly_core.contract import invalid_json, register_interrupt
 
 from ._events import emit
 
@@ -336,7 +337,46 @@ def _marked(out: ToolOutput, c: Classification) -> GuardedToolOutput:
 
 
 # -- the wrappers --------------------------------------------------------------------------
-class GuardedFunctionTool(FunctionTool):
+def _parse(name: str, raw_args: str) -> dict[str, Any] | Classification:
+    """The model's argument text as keywords, or the contract's invalid_json answer."""
+    try:
+        data = json.loads(raw_args) if raw_args.strip() else {}
+    except ValueError as err:
+        return invalid_json(name, err)
+    return data if isinstance(data, dict) else invalid_json(name)
+
+
+class _ModelText:
+    """``call_json`` / ``acall_json``: a call from the model's raw argument text, for an
+    agent loop that has the text rather than LlamaIndex's parsed ``tool_kwargs``."""
+
+    if TYPE_CHECKING:
+
+        @property
+        def metadata(self) -> ToolMetadata: ...
+        def call(self, *args: Any, **kwargs: Any) -> ToolOutput: ...
+        async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput: ...
+
+    def _refused(self, raw_args: str) -> tuple[dict[str, Any], ToolOutput | None]:
+        parsed = _parse(self.metadata.get_name(), raw_args)
+        if isinstance(parsed, dict):
+            return parsed, None
+        emit(parsed)
+        return {}, _rendered(parsed, {"raw_args": raw_args})
+
+    def call_json(self, raw_args: str) -> ToolOutput:
+        """Run the tool for the model's JSON argument text (as it appears in a tool
+        call); text that is not a JSON object is answered ``invalid_arguments``."""
+        kwargs, refused = self._refused(raw_args)
+        return refused if refused is not None else self.call(**kwargs)
+
+    async def acall_json(self, raw_args: str) -> ToolOutput:
+        """:meth:`call_json`, async."""
+        kwargs, refused = self._refused(raw_args)
+        return refused if refused is not None else await self.acall(**kwargs)
+
+
+class GuardedFunctionTool(_ModelText, FunctionTool):
     """A ``FunctionTool`` whose ``call`` / ``acall`` run at most once per key.
 
     It is still a ``FunctionTool`` (same ``ToolMetadata``, callbacks, ``partial_params``),
@@ -446,7 +486,7 @@ async def _achecked(run: Callable[..., Any], args: Mapping[str, Any]) -> ToolOut
     return out
 
 
-class GuardedTool(AsyncBaseTool):
+class GuardedTool(_ModelText, AsyncBaseTool):
     """Any ``BaseTool`` / ``AsyncBaseTool``, run at most once per key.
 
     The stored result is the tool's ``ToolOutput``; a replay returns it. An output with
