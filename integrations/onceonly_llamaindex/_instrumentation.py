@@ -47,7 +47,7 @@ _STOP = object()
 
 # The handlers of the `instrument(...)` blocks this code runs inside. Context-local: an
 # asyncio task (and every workflow step it starts) sees only its own blocks.
-_claimed: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+_claimed: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
     "onceonly_llamaindex_instrument", default=frozenset()
 )
 
@@ -76,6 +76,9 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
     _thread: threading.Thread | None = PrivateAttr(default=None)
     _start_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _scoped: bool = PrivateAttr(default=False)
+    # What an `instrument` block puts in _claimed: a token of its own, never an id() that
+    # a later handler could reuse while a task of the old block still runs.
+    _claim: object = PrivateAttr(default_factory=object)
 
     def __init__(
         self,
@@ -107,7 +110,7 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
     ) -> SimpleSpan | None:
         if not isinstance(instance, BaseTool):
             return None
-        if self._scoped and id(self) not in _claimed.get():
+        if self._scoped and self._claim not in _claimed.get():
             return None  # another block's run (or none): not ours to record
         parent = self._tools.get(parent_span_id) if parent_span_id else None
         # One span per logical call: FunctionTool.__call__ -> call, a sync tool's async
@@ -253,7 +256,7 @@ def instrument(
     """
     handler = OnceOnlySpanHandler(guard, run_id=run_id, agent_id=agent_id, scoped=True)
     root = get_dispatcher()
-    token = _claimed.set(_claimed.get() | {id(handler)})
+    token = _claimed.set(_claimed.get() | {handler._claim})
     root.add_span_handler(handler)
     try:
         yield handler

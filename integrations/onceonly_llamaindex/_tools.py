@@ -299,15 +299,12 @@ def _plain_result(c: Classification) -> bool:
 
 
 def _rendered(c: Classification, raw_input: dict[str, Any]) -> GuardedToolOutput:
-    """Every other outcome: the contract's sentence for the model."""
-    if c.ok:  # ran but not recorded, or a replay whose result was not stored
-        return GuardedToolOutput(
-            content=c.text,
-            tool_name=c.tool,
-            raw_input=raw_input,
-            raw_output=c.result,
-            classification=c.as_dict(),
-        )
+    """Every other outcome: the contract's sentence for the model.
+
+    A call that ran but was not recorded, or a replay whose result was not stored, is not
+    an error and keeps its result; anything else is ``is_error`` with the classification,
+    JSON-safe, as ``raw_output`` (a workflow Context holding the output still serialises).
+    """
     err = c.exception
     if isinstance(err, ToolError):  # the tool's own error output: its exception, if any
         err = err.output.exception or err
@@ -315,10 +312,9 @@ def _rendered(c: Classification, raw_input: dict[str, Any]) -> GuardedToolOutput
         content=c.text,
         tool_name=c.tool,
         raw_input=raw_input,
-        # JSON-safe, so a workflow Context holding this output still serialises.
-        raw_output=c.as_dict(),
-        is_error=True,
-        exception=err if isinstance(err, Exception) else None,
+        raw_output=c.result if c.ok else c.as_dict(),
+        is_error=not c.ok,
+        exception=err if isinstance(err, Exception) and not c.ok else None,
         classification=c.as_dict(),
     )
 
