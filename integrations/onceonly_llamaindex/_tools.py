@@ -100,6 +100,8 @@ def _has_timelines(guard: Guard) -> bool:
             guard.gov.store  # noqa: B018 - a ledger without governance refuses here
         except ConfigError:
             ok = False
+        except Exception:  # the ledger is down: not cached; the call answers guard_error
+            return True
         else:
             ok = True
         _timelines[guard] = ok

@@ -150,6 +150,29 @@ async def test_concurrent_runs_each_carry_their_own_run_id(
         assert (kinds.count("tool_result"), kinds.count("dedup")) == (1, 1)
 
 
+class NoGovernance(Guard):
+    """A ledger without governance (as Redis is): ``guard.gov`` refuses."""
+
+    @property
+    def gov(self) -> Any:
+        raise ConfigError("governance is not available on this ledger")
+
+
+async def test_a_ledger_without_timelines_still_runs_inside_a_run(scripted: Scripted) -> None:
+    guard = NoGovernance("memory://", quiet=True)
+
+    def pay(order_id: str) -> str:
+        """Take a payment."""
+        return f"paid {order_id}"
+
+    call = ("pay", {"order_id": "o-1"})
+    _, results = await run_agent(
+        FunctionAgent(tools=guard_tools([pay], guard), llm=scripted([call, call]))
+    )
+    assert sorted(codes(results)) == ["executed", "replayed"]  # deduplicated in the run's scope
+    assert {r.tool_output.classification["run_id"] for r in results} == {None}
+
+
 async def test_concurrent_instrument_blocks_never_mix_their_spans(
     guard: Guard, scripted: Scripted
 ) -> None:
