@@ -28,6 +28,7 @@ from ._events import DISPATCHER_NAME, GuardDecisionEvent
 from ._instrumentation import EVENT_TYPE, OnceOnlySpanHandler, instrument
 from ._spec import GuardedSpec, GuardedToolSpec, guard_spec
 from ._tools import (
+    AgentTools,
     GuardedFunctionTool,
     GuardedTool,
     GuardedToolOutput,
@@ -43,6 +44,7 @@ from ._tools import (
 __all__ = [
     "DISPATCHER_NAME",
     "EVENT_TYPE",
+    "AgentTools",
     "GuardDecisionEvent",
     "GuardedFunctionTool",
     "GuardedSpec",

@@ -38,6 +38,7 @@ from ._events import emit
 
 __all__ = [
     "RUN_ID_TAG",
+    "AgentTools",
     "GuardedFunctionTool",
     "GuardedTool",
     "GuardedToolOutput",
@@ -56,6 +57,11 @@ SpendUSD = float | Callable[[Mapping[str, Any]], float | None] | None
 Scope = str | Callable[[], str | None] | None
 #: A run id, or a function returning the current one (``None`` from it: no run id).
 RunId = str | Callable[[], str | None] | None
+
+#: The list type LlamaIndex agents take (``FunctionAgent(tools=...)``, ``ReActAgent``):
+#: ``list`` is invariant, so :func:`guard_tools` returns exactly this type and the
+#: documented ``FunctionAgent(tools=guard_tools(...))`` type-checks.
+AgentTools = list[BaseTool | Callable[..., Any]]
 
 #: The instrumentation tag under which LlamaIndex workflows publish their run id.
 RUN_ID_TAG = "llamaindex.run_id"
@@ -554,7 +560,7 @@ def guard_tool(
     run_id: RunId = None,
     scope: Scope = None,
     **options: Any,
-) -> AsyncBaseTool:
+) -> GuardedFunctionTool | GuardedTool:
     """Guard one tool: a ``FunctionTool``, any ``BaseTool``, or a plain function.
 
     ``guard`` defaults to ``onceonly_core.guard``. ``agent_id`` turns governance on
@@ -599,11 +605,11 @@ def guard_tools(
     scope: Scope = None,
     tool_options: Mapping[str, Mapping[str, Any]] | None = None,
     **options: Any,
-) -> list[AsyncBaseTool]:
+) -> AgentTools:
     """Guard a list of tools; ``tool_options={"pay": {"spend_usd": 5.0}}`` per tool name
     (``{"weather": {"read_only": True}}`` for a read tool)."""
     per_tool = dict(tool_options or {})
-    out: list[AsyncBaseTool] = []
+    out: AgentTools = []
     for t in tools:
         name = t.metadata.name if isinstance(t, BaseTool) else getattr(t, "__name__", None)
         extra = dict(per_tool.pop(name, {})) if name is not None else {}

@@ -385,7 +385,7 @@ def test_a_pydantic_model_class_is_not_a_tool(guard: Guard) -> None:
         order_id: str
 
     with pytest.raises(ConfigError, match="pydantic model class"):
-        guard_tool(Order, guard)  # type: ignore[arg-type]
+        guard_tool(Order, guard)
 
 
 # -- per-request tools ---------------------------------------------------------------------

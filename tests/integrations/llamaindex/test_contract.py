@@ -17,10 +17,10 @@ pytest.importorskip("llama_index.core")
 
 from contract_suite import ContractSuite, Rendered
 from llama_index.core.tools import FunctionTool
-from llama_index.core.tools.types import AsyncBaseTool, ToolOutput
+from llama_index.core.tools.types import ToolOutput
 
 from onceonly_core import Guard
-from onceonly_llamaindex import GuardedToolOutput, guard_tool
+from onceonly_llamaindex import GuardedFunctionTool, GuardedTool, GuardedToolOutput, guard_tool
 
 # The conversation the model is in: the tools' scope, set per call by the driver.
 _thread: contextvars.ContextVar[str | None] = contextvars.ContextVar("thread", default=None)
@@ -42,7 +42,7 @@ class LlamaIndexDriver:
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
-        self.tools: dict[str, AsyncBaseTool] = {}
+        self.tools: dict[str, GuardedFunctionTool | GuardedTool] = {}
 
     def add_tool(
         self, name: str, fn: Callable[..., Any], schema: type[BaseModel], **options: Any
@@ -56,14 +56,14 @@ class LlamaIndexDriver:
     def call(self, name: str, raw_args: str, *, scope: str) -> Rendered:
         token = _thread.set(scope)
         try:
-            return _rendered(self.tools[name].call_json(raw_args))  # type: ignore[attr-defined]
+            return _rendered(self.tools[name].call_json(raw_args))
         finally:
             _thread.reset(token)
 
     async def acall(self, name: str, raw_args: str, *, scope: str) -> Rendered:
         token = _thread.set(scope)
         try:
-            out = await self.tools[name].acall_json(raw_args)  # type: ignore[attr-defined]
+            out = await self.tools[name].acall_json(raw_args)
         finally:
             _thread.reset(token)
         return _rendered(out)
