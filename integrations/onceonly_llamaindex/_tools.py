@@ -17,6 +17,7 @@ steps are :func:`_prepare` (arguments, scope, run id) and the ``_answer`` render
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -511,9 +512,17 @@ class GuardedTool(_ModelText, AsyncBaseTool):
         return self._tool
 
     def _answer(self, c: Classification, p: _Prepared) -> ToolOutput:
+        out = c.result
+        if isinstance(out, ToolOutput) and not _plain_result(c) and c.exception is not None:
+            # It ran but was not recorded (CompletionNotRecorded, LeaseLost: both carry the
+            # result): the contract's sentence quotes the content the model would have
+            # read, not the ToolOutput object around it.
+            err = copy.copy(c.exception)
+            err.result = out.content  # type: ignore[attr-defined]
+            c = classify(err, tool=c.tool)
         emit(c)
-        if _plain_result(c) and isinstance(c.result, ToolOutput):
-            return _marked(c.result, c)
+        if _plain_result(c) and isinstance(out, ToolOutput):
+            return _marked(out, c)
         return _rendered(c, p.raw_input)
 
     def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
