@@ -47,18 +47,11 @@ class GuardDecisionEvent(BaseEvent):
         return "OnceOnlyGuardDecision"
 
 
+# The classification's fields an event carries at the top level, for filtering.
+_FIELDS = ("code", "tool", "reason", "ran", "key", "run_id", "agent_id", "approval_id")
+
+
 def emit(c: Classification) -> None:
     """Dispatch the decision (LlamaIndex swallows a failing handler: observe only)."""
-    _dispatcher.event(
-        GuardDecisionEvent(
-            code=c.code,
-            tool=c.tool,
-            reason=c.reason,
-            ran=c.ran,
-            key=c.key,
-            run_id=c.run_id,
-            agent_id=c.agent_id,
-            approval_id=c.approval_id,
-            classification=c.as_dict(),
-        )
-    )
+    d = c.as_dict()
+    _dispatcher.event(GuardDecisionEvent(**{k: d[k] for k in _FIELDS}, classification=d))
