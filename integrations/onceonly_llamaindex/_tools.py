@@ -359,23 +359,23 @@ class _ModelText:
 
         @property
         def metadata(self) -> ToolMetadata: ...
-        def call(self, *args: Any, **kwargs: Any) -> ToolOutput: ...
-        async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput: ...
+        def call(self, *args: Any, **kwargs: Any) -> GuardedToolOutput: ...
+        async def acall(self, *args: Any, **kwargs: Any) -> GuardedToolOutput: ...
 
-    def _refused(self, raw_args: str) -> tuple[dict[str, Any], ToolOutput | None]:
+    def _refused(self, raw_args: str) -> tuple[dict[str, Any], GuardedToolOutput | None]:
         parsed = _parse(self.metadata.get_name(), raw_args)
         if isinstance(parsed, dict):
             return parsed, None
         emit(parsed)
         return {}, _rendered(parsed, {"raw_args": raw_args})
 
-    def call_json(self, raw_args: str) -> ToolOutput:
+    def call_json(self, raw_args: str) -> GuardedToolOutput:
         """Run the tool for the model's JSON argument text (as it appears in a tool
         call); text that is not a JSON object is answered ``invalid_arguments``."""
         kwargs, refused = self._refused(raw_args)
         return refused if refused is not None else self.call(**kwargs)
 
-    async def acall_json(self, raw_args: str) -> ToolOutput:
+    async def acall_json(self, raw_args: str) -> GuardedToolOutput:
         """:meth:`call_json`, async."""
         kwargs, refused = self._refused(raw_args)
         return refused if refused is not None else await self.acall(**kwargs)
@@ -422,7 +422,7 @@ class GuardedFunctionTool(_ModelText, FunctionTool):
         hidden = {k: all_kwargs.pop(k) for k in self._onceonly_hidden if k in all_kwargs}
         return _prepare(self.metadata, self._onceonly, args, all_kwargs, hidden, raw_input)
 
-    def _answer(self, c: Classification, p: _Prepared, override: Any) -> ToolOutput:
+    def _answer(self, c: Classification, p: _Prepared, override: Any) -> GuardedToolOutput:
         emit(c)
         if not _plain_result(c):
             return _rendered(c, p.raw_input)
@@ -439,14 +439,14 @@ class GuardedFunctionTool(_ModelText, FunctionTool):
             classification=c.as_dict(),
         )
 
-    def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
+    def call(self, *args: Any, **kwargs: Any) -> GuardedToolOutput:
         """Run the tool at most once per key (sync)."""
         p = self._prepare(args, kwargs)
         run = functools.partial(self.fn, **p.args, **p.hidden)
         c = p.early or p.guard.run_call_classified(p.name, p.args, run, **p.kw)
         return self._answer(c, p, self._run_sync_callback(c.result) if _plain_result(c) else None)
 
-    async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
+    async def acall(self, *args: Any, **kwargs: Any) -> GuardedToolOutput:
         """Run the tool at most once per key (async; the ledger never blocks the loop)."""
         p = self._prepare(args, kwargs)
         run = functools.partial(self.async_fn, **p.args, **p.hidden)
@@ -511,7 +511,7 @@ class GuardedTool(_ModelText, AsyncBaseTool):
         """The unguarded tool this one wraps."""
         return self._tool
 
-    def _answer(self, c: Classification, p: _Prepared) -> ToolOutput:
+    def _answer(self, c: Classification, p: _Prepared) -> GuardedToolOutput:
         out = c.result
         if isinstance(out, ToolOutput) and not _plain_result(c) and c.exception is not None:
             # It ran but was not recorded (CompletionNotRecorded, LeaseLost: both carry the
@@ -525,7 +525,7 @@ class GuardedTool(_ModelText, AsyncBaseTool):
             return _marked(out, c)
         return _rendered(c, p.raw_input)
 
-    def call(self, *args: Any, **kwargs: Any) -> ToolOutput:
+    def call(self, *args: Any, **kwargs: Any) -> GuardedToolOutput:
         """Run the tool at most once per key (sync)."""
         p = _prepare(self.metadata, self._onceonly, args, kwargs, {}, None)
         tool = self._tool
@@ -534,7 +534,7 @@ class GuardedTool(_ModelText, AsyncBaseTool):
         c = p.early or p.guard.run_call_classified(p.name, p.args, run, **p.kw)
         return self._answer(c, p)
 
-    async def acall(self, *args: Any, **kwargs: Any) -> ToolOutput:
+    async def acall(self, *args: Any, **kwargs: Any) -> GuardedToolOutput:
         """Run the tool at most once per key (async; a sync-only tool in a worker thread,
         as ``adapt_to_async_tool`` does)."""
         p = _prepare(self.metadata, self._onceonly, args, kwargs, {}, None)
