@@ -267,11 +267,11 @@ def test_explicit_scope_wins_and_an_unscoped_call_warns_once(
     conv = {"id": "conv-1"}
     scoped = guard_tool(send, guard, scope=lambda: conv["id"])
     with guard.workflow("a"):
-        assert scoped.call(to="x").code == "executed"  # type: ignore[attr-defined]
+        assert scoped.call(to="x").code == "executed"
     with guard.workflow("b"):
-        assert scoped.call(to="x").code == "replayed"  # type: ignore[attr-defined]
+        assert scoped.call(to="x").code == "replayed"
     conv["id"] = "conv-2"
-    assert scoped.call(to="x").code == "executed"  # type: ignore[attr-defined]
+    assert scoped.call(to="x").code == "executed"
     assert ran == ["x", "x"]
 
     bare = guard_tool(send, guard)
