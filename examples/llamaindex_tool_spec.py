@@ -6,8 +6,10 @@
 ``BillingSpec`` subclasses ``GuardedToolSpec``: ``to_tool_list()`` hands the agent guarded
 tools. The agent's policy blocks ``delete_*`` and requires approval for refunds; the
 blocked and waiting calls reach the model as error outputs and never run. An existing
-spec (``WeatherSpec``) is guarded with ``guard_spec``. ``instrument`` records each tool
-span on the run timeline, next to the guard's own decisions.
+spec (``WeatherSpec``) is guarded with ``guard_spec``, its forecast as a read tool
+(``read_only=True``: never deduplicated, still governed). ``instrument`` records each tool
+span on the timeline of the LlamaIndex run it belongs to (``handler.run_id``), next to
+the guard's own decisions for that run.
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ async def main() -> None:
         BillingSpec.onceonly_guard = guard
         tools = [
             *BillingSpec().to_tool_list(),
-            *guard_spec(WeatherSpec(), guard, agent_id="billing-bot").to_tool_list(),
+            *guard_spec(
+                WeatherSpec(),
+                guard,
+                agent_id="billing-bot",
+                tool_options={"forecast": {"read_only": True}},
+            ).to_tool_list(),
         ]
         calls = [
             ("charge", {"customer": "cus_1", "amount_usd": 20.0}),
@@ -99,18 +106,20 @@ async def main() -> None:
             ("refund", {"customer": "cus_2", "amount_usd": 5.0}),  # needs approval
             ("delete_customer", {"customer": "cus_3"}),  # blocked by policy
             ("forecast", {"city": "Oslo"}),
+            ("forecast", {"city": "Oslo"}),  # a read: asked again, it runs again
         ]
         agent = FunctionAgent(tools=tools, llm=scripted_model(calls))
-        with guard.run("run-1"), guard.workflow("invoice-7"), instrument(guard, run_id="run-1"):
+        # The dedup scope is the invoice; the timeline is this LlamaIndex run's own.
+        with guard.workflow("invoice-7"), instrument(guard):
             handler = agent.run(user_msg="Bill cus_1, refund cus_2, delete cus_3")
             results = [e async for e in handler.stream_events() if isinstance(e, ToolCallResult)]
             await handler
 
         for r in results:
-            mark = "error" if r.tool_output.is_error else "ok"
-            print(f"{r.tool_name:<16} {mark:<6} {r.tool_output.content}")
-        print("timeline:")
-        timeline = guard.gov.get_run_timeline("run-1")
+            code = getattr(r.tool_output, "code", None)
+            print(f"{r.tool_name:<16} {code:<17} {r.tool_output.content}")
+        print(f"timeline of run {handler.run_id}:")
+        timeline = guard.gov.get_run_timeline(handler.run_id)
         for ev in timeline:
             print(f"  {ev.type:<12} {ev.tool or '':<16} {ev.status or ''}")
         guard.close()
@@ -118,10 +127,12 @@ async def main() -> None:
     outputs = {r.tool_name: r.tool_output for r in results}
     assert effects.count("charged cus_1 $20.0") == 1, effects  # the duplicate was replayed
     assert not any(e.startswith(("refunded", "deleted")) for e in effects), effects
+    assert effects.count("forecast Oslo") == 2, effects  # a read runs every time
     assert outputs["refund"].is_error and "approval" in outputs["refund"].content
     assert (
         outputs["delete_customer"].is_error and "tool_blocked" in outputs["delete_customer"].content
     )
+    assert getattr(outputs["delete_customer"], "code", None) == "blocked"
     assert outputs["forecast"].content == "sunny in Oslo"
     spans = [ev for ev in timeline if ev.type == "tool_span"]
     assert sorted(ev.tool or "" for ev in spans) == sorted(name for name, _ in calls)

@@ -4,11 +4,18 @@ Observe only: LlamaIndex's instrumentation cannot veto a call (the guarded tools
 that). The handler records every tool span — guarded or not — as one ``tool_span``
 event on the OnceOnly run timeline, so a user sees all of an agent's tools in one place,
 next to the decisions the guard records for the governed ones.
+
+Which run a span belongs to is read from the span's own context, never from shared
+state: ``instrument(...)`` claims only the spans started inside its block (a context
+variable, so two concurrent ``with instrument(...)`` blocks never record each other's
+spans), and without an explicit ``run_id`` a span goes to ``with guard.run(...)``'s run,
+else to the LlamaIndex workflow run it was started in (``llamaindex.run_id``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import queue
@@ -23,10 +30,10 @@ from llama_index.core.tools.types import BaseTool, ToolOutput
 from llama_index_instrumentation import get_dispatcher  # llama-index-core re-exports it
 from pydantic import PrivateAttr
 
-from onceonly_core import Guard
+from onceonly_core import Guard, current_run_id
 from onceonly_core import guard as default_guard
 
-from ._tools import GuardedFunctionTool, GuardedTool
+from ._tools import RUN_ID_TAG, GuardedFunctionTool, GuardedTool, GuardedToolOutput
 
 __all__ = ["EVENT_TYPE", "OnceOnlySpanHandler", "instrument"]
 
@@ -38,6 +45,12 @@ EVENT_TYPE = "tool_span"
 RunId = str | Callable[[], str | None] | None
 _STOP = object()
 
+# The handlers of the `instrument(...)` blocks this code runs inside. Context-local: an
+# asyncio task (and every workflow step it starts) sees only its own blocks.
+_claimed: contextvars.ContextVar[frozenset[object]] = contextvars.ContextVar(
+    "onceonly_llamaindex_instrument", default=frozenset()
+)
+
 
 def _inner(tool: Any) -> Any:
     return tool.inner if isinstance(tool, (GuardedFunctionTool, GuardedTool)) else None
@@ -47,9 +60,12 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
     """Records tool spans (``call`` / ``acall`` / ``__call__`` of any ``BaseTool``).
 
     ``run_id`` is the timeline to write to: a string, or a function returning the current
-    one (``None``: skip the span). Events are written by a background thread so a span
-    never waits on the database; :meth:`flush` waits for them. A failed write is logged,
-    never raised into the agent.
+    one (it returns ``None``: skip the span). Without one, each span goes to the run it
+    was started in: ``with guard.run(...)``, else its LlamaIndex workflow run (no run:
+    skipped). Events are written by a background thread so a span never waits on the
+    database; :meth:`flush` waits for them. A failed write is logged, never raised into
+    the agent. ``scoped=True`` (what :func:`instrument` sets) records only the spans
+    started inside the ``instrument`` block that owns the handler.
     """
 
     _guard: Guard | None = PrivateAttr(default=None)
@@ -59,6 +75,10 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
     _queue: queue.Queue[Any] = PrivateAttr(default_factory=queue.Queue)
     _thread: threading.Thread | None = PrivateAttr(default=None)
     _start_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _scoped: bool = PrivateAttr(default=False)
+    # What an `instrument` block puts in _claimed: a token of its own, never an id() that
+    # a later handler could reuse while a task of the old block still runs.
+    _claim: object = PrivateAttr(default_factory=object)
 
     def __init__(
         self,
@@ -66,11 +86,13 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
         *,
         run_id: RunId = None,
         agent_id: str | None = None,
+        scoped: bool = False,
     ) -> None:
         super().__init__(open_spans={}, completed_spans=[], dropped_spans=[], current_span_ids={})
         self._guard = guard
         self._run_id = run_id
         self._agent_id = agent_id
+        self._scoped = scoped
 
     @classmethod
     def class_name(cls) -> str:
@@ -88,6 +110,8 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
     ) -> SimpleSpan | None:
         if not isinstance(instance, BaseTool):
             return None
+        if self._scoped and self._claim not in _claimed.get():
+            return None  # another block's run (or none): not ours to record
         parent = self._tools.get(parent_span_id) if parent_span_id else None
         # One span per logical call: FunctionTool.__call__ -> call, a sync tool's async
         # adapter, and a guarded wrapper -> its inner tool are the same call.
@@ -97,7 +121,7 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
                 return None
             if getattr(outer, "base_tool", None) is instance:  # BaseToolAsyncAdapter
                 return None
-        run_id = self._resolve_run_id()
+        run_id = self._resolve_run_id(tags)
         if run_id is None:
             return None
         self._tools[id_] = (instance, time.perf_counter(), run_id)
@@ -117,10 +141,8 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
             return None
         is_error = isinstance(result, ToolOutput) and result.is_error
         data: dict[str, Any] = {"is_error": is_error}
-        if isinstance(result, ToolOutput) and isinstance(result.raw_output, dict) and is_error:
-            decision = result.raw_output.get("decision")
-            if isinstance(decision, str):  # a guarded tool's refusal (see _tools._refusal)
-                data["decision"] = decision
+        if isinstance(result, GuardedToolOutput) and result.code is not None:
+            data["code"] = result.code  # what the guard decided (the contract code)
         self._record(entry, id_, span, "error" if is_error else "ok", data)
         return span
 
@@ -141,8 +163,11 @@ class OnceOnlySpanHandler(BaseSpanHandler[SimpleSpan]):
         return span
 
     # -- writing ----------------------------------------------------------------------
-    def _resolve_run_id(self) -> str | None:
+    def _resolve_run_id(self, tags: dict[str, Any] | None) -> str | None:
         rid = self._run_id
+        if rid is None:
+            live = (tags or {}).get(RUN_ID_TAG)
+            return current_run_id() or (live if isinstance(live, str) and live else None)
         if callable(rid):
             try:
                 return rid()
@@ -221,17 +246,22 @@ def instrument(
     run_id: RunId = None,
     agent_id: str | None = None,
 ) -> Iterator[OnceOnlySpanHandler]:
-    """Record tool spans on the run timeline while the block runs; flush at the end.
+    """Record the tool spans started inside the block on the run timeline; flush at the end.
 
-    ``with instrument(guard, run_id="run-7"): await agent.run(...)``. For an app-wide
-    handler, ``get_dispatcher().add_span_handler(OnceOnlySpanHandler(guard, run_id=fn))``.
+    ``with instrument(guard, run_id="run-7"): await agent.run(...)``; without ``run_id``,
+    each span goes to its own run (``guard.run(...)``, else the LlamaIndex run it belongs
+    to). Only spans started inside this block (this thread or task, and the workflow steps
+    it starts) are recorded, so concurrent blocks never mix their runs. For an app-wide
+    handler, ``get_dispatcher().add_span_handler(OnceOnlySpanHandler(guard))``.
     """
-    handler = OnceOnlySpanHandler(guard, run_id=run_id, agent_id=agent_id)
+    handler = OnceOnlySpanHandler(guard, run_id=run_id, agent_id=agent_id, scoped=True)
     root = get_dispatcher()
+    token = _claimed.set(_claimed.get() | {handler._claim})
     root.add_span_handler(handler)
     try:
         yield handler
     finally:
+        _claimed.reset(token)
         # A plain list on the root dispatcher; LlamaIndex has no remove_span_handler.
         with contextlib.suppress(ValueError):
             root.span_handlers.remove(handler)

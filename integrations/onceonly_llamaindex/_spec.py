@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from llama_index.core.tools import FunctionTool
 from llama_index.core.tools.tool_spec.base import SPEC_FUNCTION_TYPE, BaseToolSpec
-from llama_index.core.tools.types import ToolMetadata
+from llama_index.core.tools.types import BaseTool, ToolMetadata
 
 from onceonly_core import Guard
 from onceonly_core.errors import ConfigError
@@ -29,13 +29,16 @@ def _guarded(
     guarded = guard_tools(tools, guard, tool_options=chosen, **options)
     # guard_tools turns a FunctionTool into a GuardedFunctionTool (a FunctionTool), unless
     # a subclass overrides call/acall; to_tool_list promises FunctionTools, so say so.
+    out: list[FunctionTool] = []
     for t in guarded:
         if not isinstance(t, FunctionTool):
+            name = t.metadata.name if isinstance(t, BaseTool) else t
             raise ConfigError(
-                f"tool {t.metadata.name!r} overrides FunctionTool.call/acall; guard it "
+                f"tool {name!r} overrides FunctionTool.call/acall; guard it "
                 "with guard_tool() and use it as a BaseTool"
             )
-    return [t for t in guarded if isinstance(t, FunctionTool)]
+        out.append(t)
+    return out
 
 
 class GuardedToolSpec(BaseToolSpec):

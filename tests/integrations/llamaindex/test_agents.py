@@ -123,14 +123,14 @@ async def test_blocked_and_pending_calls_are_error_outputs_the_model_sees(
     assert ran == []
     by_name = {r.tool_name: r.tool_output for r in results}
     assert by_name["delete_account"].is_error
-    assert "blocked by policy: tool_blocked" in by_name["delete_account"].content
-    assert by_name["delete_account"].raw_output["decision"] == "blocked"
+    assert "was blocked by policy (tool_blocked" in by_name["delete_account"].content
+    assert by_name["delete_account"].raw_output["code"] == "blocked"
     assert by_name["refund"].is_error
-    assert by_name["refund"].raw_output["decision"] == "pending_approval"
-    assert "needs human approval" in by_name["refund"].content
+    assert by_name["refund"].raw_output["code"] == "pending_approval"
+    assert by_name["refund"].content.startswith("Waiting for human approval apr")
     assert not by_name["pay"].is_error
     # The model's next turn was shown the reasons (one tool message per call).
-    assert "tool_blocked" in answer and "needs human approval" in answer
+    assert "tool_blocked" in answer and "Waiting for human approval" in answer
 
 
 async def test_disabled_agent_runs_nothing(guard: Guard, scripted: Scripted) -> None:
@@ -140,7 +140,8 @@ async def test_disabled_agent_runs_nothing(guard: Guard, scripted: Scripted) -> 
     _, results = await run_agent(agent)
     assert charges == []
     assert results[0].tool_output.is_error
-    assert "agent_disabled" in results[0].tool_output.content
+    assert results[0].tool_output.raw_output["reason"] == "agent_disabled"
+    assert "this agent is disabled: incident 42" in results[0].tool_output.content
 
 
 async def test_tool_error_is_an_error_output_and_not_cached(

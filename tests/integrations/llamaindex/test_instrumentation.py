@@ -69,7 +69,7 @@ def test_agent_run_puts_every_tool_on_one_timeline(guard: Guard, scripted: Any) 
     by_tool = {e.tool: e.data for e in recorded}
     assert by_tool["weather"]["governed"] is False
     assert by_tool["pay"]["governed"] is True and by_tool["pay"]["method"] == "acall"
-    assert by_tool["wipe"]["decision"] == "blocked"
+    assert by_tool["wipe"]["code"] == "blocked"
     assert all(e.data["framework"] == "llamaindex" for e in recorded)
     # The guard's own decisions are on the same timeline.
     types = [e.type for e in guard.gov.get_run_timeline("run-1")]
@@ -82,16 +82,19 @@ def test_sync_calls_exceptions_and_nesting(guard: Guard) -> None:
     with instrument(guard, run_id=lambda: "run-2") as handler:
         bare("Rome")  # __call__ -> call: one span
         bare.call(city="Rome")
-        with pytest.raises(ValueError):
-            boom.call(x=1)
+        assert boom.call(x=1).is_error  # the tool's failure is an answer, not a raise
+        with pytest.raises(TypeError):
+            bare.call(city="Rome", country="IT")  # an exception out of a tool: "exception"
         handler.flush()
     recorded = spans(guard, "run-2")
     assert [(e.tool, e.status, e.data["method"]) for e in recorded] == [
         ("weather", "ok", "__call__"),
         ("weather", "ok", "call"),
-        ("explode", "exception", "call"),
+        ("explode", "error", "call"),
+        ("weather", "exception", "call"),
     ]
-    assert recorded[2].data["error_type"] == "ValueError"
+    assert recorded[2].data["code"] == "failed"
+    assert recorded[3].data["error_type"] == "TypeError"
 
 
 def test_no_run_id_records_nothing(guard: Guard) -> None:

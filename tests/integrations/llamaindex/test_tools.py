@@ -18,7 +18,13 @@ from pydantic import BaseModel, Field
 
 from onceonly_core import ConfigError, FingerprintError, Guard, InProgress
 from onceonly_core.governance.models import Policy
-from onceonly_llamaindex import GuardedFunctionTool, GuardedTool, guard_tool, guard_tools
+from onceonly_llamaindex import (
+    GuardedFunctionTool,
+    GuardedTool,
+    GuardedToolOutput,
+    guard_tool,
+    guard_tools,
+)
 
 
 class Receipt(BaseModel):
@@ -211,7 +217,7 @@ def test_content_blocks_are_stored_and_replayed(guard: Guard) -> None:
     assert calls == [2]
 
 
-def test_tool_exception_propagates_and_is_not_cached(guard: Guard) -> None:
+def test_tool_exception_is_a_failed_output_and_not_cached(guard: Guard) -> None:
     attempts: list[int] = []
 
     def flaky(x: int) -> int:
@@ -221,8 +227,11 @@ def test_tool_exception_propagates_and_is_not_cached(guard: Guard) -> None:
         return x
 
     tool = guard_tool(flaky, guard)
-    with pytest.raises(TimeoutError, match="gateway timeout"):
-        tool.call(x=1)  # like the bare FunctionTool: the agent makes it an error output
+    failed = tool.call(x=1)  # an answer the model reads, with the tool's own exception
+    assert isinstance(failed, GuardedToolOutput) and failed.is_error
+    assert failed.code == "failed" and failed.raw_output["error_type"] == "TimeoutError"
+    assert failed.content.startswith("Failed: flaky raised TimeoutError: gateway timeout;")
+    assert isinstance(failed.exception, TimeoutError)
     assert tool.call(x=1).content == "1"
     assert tool.call(x=1).content == "1"
     assert attempts == [1, 1]
@@ -237,12 +246,13 @@ def test_blocked_call_never_runs(guard: Guard) -> None:
         asyncio.run(tool.acall(customer="c", amount_usd=1.0)),
     ):
         assert out.is_error and out.tool_name == "charge"
-        assert out.content == "Tool 'charge' was blocked by policy: tool_not_in_allowed_list."
-        assert out.raw_output == {
-            "decision": "blocked",
-            "policy_reason": "tool_not_in_allowed_list",
-            "approval_id": None,
-        }
+        assert out.content == (
+            "Not allowed: charge was blocked by policy (tool_not_in_allowed_list); do not "
+            "retry this call; tell the user or do something else."
+        )
+        assert out.raw_output["code"] == "blocked"
+        assert out.raw_output["reason"] == "tool_not_in_allowed_list"
+        assert out.raw_output == out.classification and out.raw_output["text"] == out.content
     assert calls == []
 
 
@@ -251,7 +261,7 @@ def test_pending_approval_then_approved(guard: Guard) -> None:
     charge, calls = counting()
     tool = guard_tool(charge, guard, agent_id="bot")
     out = tool.call(customer="c", amount_usd=1.0)
-    assert out.is_error and out.raw_output["decision"] == "pending_approval"
+    assert out.is_error and out.raw_output["code"] == "pending_approval"
     approval_id = out.raw_output["approval_id"]
     assert approval_id and approval_id in out.content
     assert calls == []
@@ -269,17 +279,22 @@ def test_spend_is_charged_per_execution(guard: Guard) -> None:
     assert not tool.call(customer="a", amount_usd=6.0).is_error
     assert not tool.call(customer="a", amount_usd=6.0).is_error  # a replay costs nothing
     over = tool.call(customer="b", amount_usd=6.0)
-    assert over.is_error and over.raw_output["policy_reason"] == "daily_spend_exceeded"
+    assert over.is_error and over.raw_output["reason"] == "daily_spend_exceeded"
     assert len(calls) == 1
 
 
-def test_unfingerprintable_argument_raises(guard: Guard) -> None:
+def test_unfingerprintable_argument_is_invalid_arguments(guard: Guard) -> None:
+    ran: list[Any] = []
+
     def f(x: Any) -> str:
+        ran.append(x)
         return "ran"
 
     tool = guard_tool(f, guard)
-    with pytest.raises(FingerprintError, match="'x'"):
-        tool.call(x=object())
+    out = tool.call(x=object())
+    assert out.is_error and out.raw_output["code"] == "invalid_arguments"
+    assert out.raw_output["reason"] == "invalid_value" and "x" in out.content
+    assert isinstance(out.exception, FingerprintError) and ran == []
 
 
 def test_options_pass_through(guard: Guard) -> None:
@@ -295,7 +310,7 @@ def test_options_pass_through(guard: Guard) -> None:
     assert calls == ["damaged"]
 
 
-def test_in_progress_is_raised_after_wait(guard: Guard) -> None:
+def test_in_progress_is_answered_after_wait(guard: Guard) -> None:
     gate = threading.Event()
 
     def hold(x: int) -> int:
@@ -309,8 +324,9 @@ def test_in_progress_is_raised_after_wait(guard: Guard) -> None:
             if guard.history():
                 break
             threading.Event().wait(0.02)
-        with pytest.raises(InProgress):
-            tool.call(x=1)
+        busy = tool.call(x=1)
+        assert busy.is_error and busy.raw_output["code"] == "in_progress"
+        assert isinstance(busy.exception, InProgress)
         gate.set()
         assert first.result(10).content == "1"
 
@@ -337,9 +353,7 @@ def test_tool_options_per_tool(guard: Guard) -> None:
         return x
 
     ta, tb = guard_tools([a, b], guard, agent_id="bot", tool_options={"charge": {"spend_usd": 5}})
-    assert ta.call(customer="c", amount_usd=1.0).raw_output["policy_reason"] == (
-        "daily_spend_exceeded"
-    )
+    assert ta.call(customer="c", amount_usd=1.0).raw_output["reason"] == ("daily_spend_exceeded")
     assert tb.call(x=1).content == "1"
     assert a_calls == []
 
