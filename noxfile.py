@@ -96,10 +96,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package (configured in pyproject.toml)."""
+    """mypy --strict on the core and the integration packages (configured in pyproject.toml)."""
     # pytest: onceonly_core.testing (the store contract kit) is typed against it.
     # mcp: onceonly_core/mcp type-checks against the MCP SDK it imports.
-    session.install("-e", f".[{SERVER_EXTRAS},mcp]", *TYPECHECK_DEPS, *TEST_DEPS)
+    # The frameworks: each integration package type-checks against the framework it adapts.
+    extras = f"{SERVER_EXTRAS},mcp,{','.join(INTEGRATIONS)}"
+    session.install("-e", f".[{extras}]", *TYPECHECK_DEPS, *TEST_DEPS)
     session.run("mypy", *session.posargs)
 
 
