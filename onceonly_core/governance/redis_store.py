@@ -111,7 +111,8 @@ local function fmt(x) return string.format('%.0f', x) end
 # KEYS: holds zset, hold hash, then one key per distinct counter.
 # ARGV: rid, lease_us, n_counters, then per counter its expire-at (s),
 #       n_wants, then per want: counter index, amount, cap ('' = none),
-#       then agent_id, namespace, idem_key, amounts JSON, audit JSON ('' = none).
+#       then agent_id, namespace, idem_key, amounts JSON, audit JSON ('' = none), and
+#       the hold keys' prefix.
 _RESERVE = """
 local now = now_us()
 local lease = tonumber(ARGV[2])
@@ -120,9 +121,17 @@ local used = {}
 for i = 1, nc do used[i] = tonumber(redis.call('GET', KEYS[2 + i]) or '0') end
 local nw = tonumber(ARGV[4 + nc])
 local base = 4 + nc
--- Any expired hold in the tenant? The caller sweeps it after this (sweeping changes no
+local h = base + 3 * nw
+-- Has this agent an expired hold? The caller sweeps it after this (sweeping changes no
 -- counter: an expired hold stays counted, so the check below sees the same numbers).
-local expired = #redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. fmt(now), 'LIMIT', 0, 1)
+local expired = 0
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. fmt(now),
+    'LIMIT', 0, 32)) do
+  if redis.call('HGET', ARGV[h + 6] .. rid, 'agent_id') == ARGV[h + 1] then
+    expired = 1
+    break
+  end
+end
 local function out(ok, failed)
   local r = {ok, fmt(now), failed, expired}
   for i = 1, nc do r[#r + 1] = used[i] end
@@ -146,11 +155,10 @@ for w = 1, nw do
 end
 for c in pairs(touched) do
   -- Kept past its window and the longest hold on it: a late release still finds it.
-  local at = tonumber(ARGV[4 + c])
+  local at = tonumber(ARGV[3 + c])
   local ttl = redis.call('TTL', KEYS[2 + c])
   if ttl < at - math.floor(now / 1000000) then redis.call('EXPIREAT', KEYS[2 + c], at) end
 end
-local h = base + 3 * nw
 local sets = {'agent_id', ARGV[h + 1], 'namespace', ARGV[h + 2], 'idem_key', ARGV[h + 3],
   'amounts', ARGV[h + 4], 'lease_until', fmt(now + lease), 'created_at', fmt(now)}
 if ARGV[h + 5] ~= '' then sets[#sets + 1] = 'audit'; sets[#sets + 1] = ARGV[h + 5] end
@@ -588,6 +596,7 @@ class RedisGovernanceStore(GovernanceStore):
             args.append("" if w.cap is None else int(w.cap))
         amounts = json.dumps([[w.metric, w.window, w.amount] for w in wants])
         args += [agent_id, namespace, key, amounts, "" if audit is None else json.dumps(audit)]
+        args.append(self._k(tenant, "h", ""))
         got = self._run("reserve", keys, args)
         ok, now, failed, expired = int(got[0]), int(got[1]) / _US, int(got[2]), int(got[3])
         used = {k: int(v) for k, v in zip(counters, got[4:], strict=True)}

@@ -6,6 +6,9 @@ one approval re-asked by eight processes — with ``db_url`` a Redis URL."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
+import time
 from collections.abc import Iterator
 from uuid import uuid4
 
@@ -20,6 +23,10 @@ from governance.test_races import (  # the same tests, on Redis (db_url below)
     test_disable_agent_from_another_process_stops_the_very_next_call,
     test_racing_processes_never_exceed_a_cap,
 )
+from onceonly_core.governance.base import Want
+from onceonly_core.governance.engine import DAY
+from onceonly_core.governance.redis_store import RedisGovernanceStore
+from onceonly_core.stores.redis import RedisStore
 
 __all__ = [
     "guard",
@@ -39,3 +46,155 @@ def db_url(redis_url: str) -> Iterator[str]:
     yield f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"
     with contextlib.suppress(redis.ConnectionError):
         redis_drop_prefix(redis_url, prefix)
+
+
+# -- the store's primitives, directly --------------------------------------------------
+ENTRY = {
+    "agent_id": "a",
+    "tool": "pay",
+    "args_digest": None,
+    "args": "{}",
+    "decision": "unknown",
+    "reason": "lease_expired",
+    "risk_level": "low",
+    "spend_micros": 600_000,
+    "run_id": None,
+    "token": None,
+    "idem_key": "k1",
+}
+
+
+@pytest.fixture
+def gov(db_url: str) -> Iterator[RedisGovernanceStore]:
+    ledger = RedisStore(db_url, durability_check=False)
+    store = ledger.governance_store()
+    assert isinstance(store, RedisGovernanceStore)
+    yield store
+    ledger.close()
+
+
+def _day(store: RedisGovernanceStore) -> int:
+    return int(store.now() // DAY) * DAY
+
+
+def test_a_swept_hold_stays_counted_and_is_audited_once(gov: RedisGovernanceStore) -> None:
+    """A holder that outlived its lease: the next reservation's sweep keeps the spend
+    counted and writes the call's audit row; the late settle and release change nothing."""
+    day = _day(gov)
+    wants = [Want("spend", day, 600_000, 1_000_000, "daily_spend_exceeded")]
+    held = gov.reserve("t", "a", "ns", "k1", wants, lease=0.2, audit=ENTRY)
+    assert held.ok and held.id is not None
+    assert gov.holds("t", "a") == 1
+    time.sleep(0.4)
+    other = gov.reserve("t", "a", "ns", "k2", wants, lease=5.0)
+    assert not other.ok and other.failed == wants[0] and other.used == 600_000
+    assert gov.counter("t", "a", "spend", day) == 600_000
+    assert gov.holds("t", "a") == 0
+    rows = gov.audit_rows("t", agent_id="a")
+    assert [(r["decision"], r["reason"], r["idem_key"]) for r in rows] == [
+        ("unknown", "lease_expired", "k1")
+    ]
+    late = {**ENTRY, "decision": "executed", "reason": "ok", "token": 1}
+    assert gov.settle("t", "a", held.id, [["spend", day, 600_000]], late) is False
+    assert gov.release("t", "a", held.id) is False  # it may have run: nothing given back
+    assert gov.extend(held.id, 10.0) is False  # and a deleted hold is not brought back
+    assert gov.pending_holds("t") == []
+    assert gov.counter("t", "a", "spend", day) == 600_000
+    assert len(gov.audit_rows("t", agent_id="a")) == 1
+    assert gov.verify_audit("t") == []
+
+
+def test_release_gives_back_at_most_once_and_a_failed_cap_writes_nothing(
+    gov: RedisGovernanceStore,
+) -> None:
+    day = _day(gov)
+    wants = [
+        Want("actions", day, 1, 5, "max_actions_per_hour_exceeded"),
+        Want("spend", day, 400_000, 1_000_000, "daily_spend_exceeded"),
+    ]
+    one = gov.reserve("t", "a", "ns", "k1", wants, lease=30)
+    two = gov.reserve("t", "a", "ns", "k2", wants, lease=30)
+    three = gov.reserve("t", "a", "ns", "k3", wants, lease=30)
+    assert one.ok and two.ok and one.id and two.id
+    assert not three.ok and three.failed == wants[1]  # 1.2 > 1.0
+    # The failed reservation wrote nothing: not even the action count that did fit.
+    assert gov.counter("t", "a", "actions", day) == 2
+    assert gov.holds("t", "a") == 2
+    audit = {**ENTRY, "decision": "failed", "reason": "tool_error", "idem_key": "k1"}
+    assert gov.release("t", "a", one.id, audit) is True
+    assert gov.release("t", "a", one.id, audit) is False
+    assert gov.counter("t", "a", "spend", day) == 400_000
+    assert gov.counter("t", "a", "actions", day) == 1
+    assert gov.settle("t", "a", two.id, [], {**ENTRY, "decision": "executed"}) is True
+    assert gov.settle("t", "a", two.id, [], {**ENTRY, "decision": "executed"}) is False
+    assert [r["decision"] for r in gov.audit_rows("t", newest_first=False)] == [
+        "failed",
+        "executed",
+    ]
+    key = gov._counter_key("t", "a", "spend", day)
+    assert DAY < gov.client.ttl(key) <= day + 2 * DAY + 31 - int(gov.now())  # expires, later
+
+
+def test_extend_moves_the_lease_of_a_live_hold(gov: RedisGovernanceStore) -> None:
+    wants = [Want("actions", _day(gov), 1, None, "")]
+    held = gov.reserve("t", "a", "ns", "k", wants, lease=0.3, audit=ENTRY)
+    assert held.id is not None
+    assert gov.extend(held.id, 30.0) is True
+    time.sleep(0.5)
+    assert gov.sweep("t") == 0  # not expired any more
+    (pending,) = gov.pending_holds("t")
+    assert pending["id"] == held.id and not pending["expired"]
+
+
+def test_an_approval_authorises_one_execution(gov: RedisGovernanceStore) -> None:
+    ask = functools.partial(gov.approval_for, "t", "a", "refund", "ns", "k", '{"o": 1}')
+    first = ask()
+    assert first["state"] == "pending" and ask()["id"] == first["id"]
+    denied = gov.decide_approval("t", first["id"], "denied", "ops", "no")
+    assert denied is not None and denied["changed"] and denied["state"] == "denied"
+    again = gov.decide_approval("t", first["id"], "approved", "ops", None)
+    assert again is not None and not again["changed"] and again["state"] == "denied"
+    assert gov.decide_approval("t", "apr_missing", "approved", None, None) is None
+    # Another call: approved, taken once, restored once, taken again, then closed.
+    other = functools.partial(gov.approval_for, "t", "a", "refund", "ns", "k2", "{}")
+    req = other()
+    gov.decide_approval("t", req["id"], "approved", "ops", None)
+    taken = other()
+    assert (taken["id"], taken["state"]) == (req["id"], "approved")
+    assert other(in_flight_for=60)["state"] == "consumed"  # in flight: wait for it
+    assert gov.restore_approval("t", req["id"]) is True
+    assert gov.restore_approval("t", req["id"]) is False
+    assert other()["state"] == "approved"
+    nxt = other()  # consumed: never authorises again, a new round opens
+    assert nxt["state"] == "pending" and nxt["id"] != req["id"] and nxt["round"] == 1
+    states = [(r["id"], r["state"]) for r in gov.list_approvals("t")]
+    assert states == [(first["id"], "denied"), (req["id"], "consumed"), (nxt["id"], "pending")]
+
+
+def test_concurrent_appends_keep_one_verifying_chain(gov: RedisGovernanceStore) -> None:
+    """Threads append to one agent's chain at once: the head compare-and-set makes the
+    losers hash again, so the chain has every row once, in order."""
+    errors: list[BaseException] = []
+
+    def append(i: int) -> None:
+        try:
+            for j in range(20):
+                gov.append_audit("t", {**ENTRY, "decision": "executed", "idem_key": f"{i}-{j}"})
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    rows = gov.audit_rows("t", agent_id="a", limit=1000, newest_first=False)
+    assert [r["seq"] for r in rows] == list(range(1, 161))
+    assert len({r["idem_key"] for r in rows}) == 160
+    assert gov.verify_audit() == [] and gov.chain_count() == 1
+    cut = rows[99]["created_at"] + 1e-6
+    assert gov.purge_audit("t", cut) >= 100
+    assert gov.verify_audit() == []
+    gov.append_audit("t", {**ENTRY, "decision": "executed"})
+    assert gov.verify_audit() == []
