@@ -65,8 +65,10 @@ Layout (``P`` the ledger's prefix, ``T`` the tenant, percent-encoded like a name
     P:gov:{T}:wh             HASH   webhook id -> row (JSON)
     P:gov:tenants            SET    every tenant used (listings across tenants)
 
-``approval_for`` reads the request the index names, a key built inside the script: it is
-in the tenant's slot by construction, which Redis Cluster serves.
+Three scripts read keys they build themselves: ``approval_for`` the request the index
+names, ``reserve`` and the sweep's listing the holds of expired entries. Each such key has
+the tenant's hash tag, so it is in the slot of the script's declared keys, which Redis
+Cluster serves.
 
 A write whose reply is lost (a dropped connection) is not re-sent: it raises StoreError.
 A reservation whose reply was lost stays held until its lease runs out and is then
@@ -201,9 +203,12 @@ if mode ~= 'none' then
   redis.call('ZREM', KEYS[8], ARGV[2])
   if mode == 'release' then
     -- The tool did not run: give the amounts back (never below zero, as in SQL).
+    -- A counter already gone (its window long past) stays gone: no key without a TTL.
     for i = 9, #KEYS do
-      local left = redis.call('DECRBY', KEYS[i], ARGV[i - 1])
-      if left < 0 then redis.call('INCRBY', KEYS[i], -left) end
+      if redis.call('EXISTS', KEYS[i]) == 1 then
+        local left = redis.call('DECRBY', KEYS[i], ARGV[i - 1])
+        if left < 0 then redis.call('INCRBY', KEYS[i], -left) end
+      end
     end
   end
 end
@@ -463,6 +468,10 @@ class RedisGovernanceStore(GovernanceStore):
         try:
             return self._scripts[name](keys=keys, args=args)
         except redis.RedisError as err:
+            if isinstance(err, redis.ConnectionError):
+                # The server may have restarted without its data: register tenants again.
+                with self._lock:
+                    self._known.clear()
             raise StoreError(f"Redis governance store: {name} failed: {err}") from err
 
     def _read(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:

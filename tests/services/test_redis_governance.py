@@ -198,3 +198,15 @@ def test_concurrent_appends_keep_one_verifying_chain(gov: RedisGovernanceStore) 
     assert gov.verify_audit() == []
     gov.append_audit("t", {**ENTRY, "decision": "executed"})
     assert gov.verify_audit() == []
+
+
+def test_a_release_after_the_counter_expired_creates_no_immortal_key(
+    gov: RedisGovernanceStore,
+) -> None:
+    day = _day(gov)
+    held = gov.reserve("t", "a", "ns", "k", [Want("spend", day, 5, 10, "")], lease=30)
+    assert held.id is not None
+    key = gov._counter_key("t", "a", "spend", day)
+    gov.client.delete(key)  # what Redis does two days after the window
+    assert gov.release("t", "a", held.id) is True
+    assert gov.client.exists(key) == 0
