@@ -23,12 +23,16 @@ from governance.test_races import (  # the same tests, on Redis (db_url below)
     test_disable_agent_from_another_process_stops_the_very_next_call,
     test_racing_processes_never_exceed_a_cap,
 )
+from onceonly_core import Guard
+from onceonly_core.governance import Policy
 from onceonly_core.governance.base import Want
 from onceonly_core.governance.engine import DAY
 from onceonly_core.governance.redis_store import RedisGovernanceStore
 from onceonly_core.stores.redis import RedisStore
+from services.test_redis import cluster_url
 
 __all__ = [
+    "cluster_url",
     "guard",
     "test_a_killed_worker_reservation_is_swept_as_spent_and_audited",
     "test_an_approval_is_consumed_once_when_eight_processes_reask",
@@ -210,3 +214,39 @@ def test_a_release_after_the_counter_expired_creates_no_immortal_key(
     gov.client.delete(key)  # what Redis does two days after the window
     assert gov.release("t", "a", held.id) is True
     assert gov.client.exists(key) == 0
+
+
+def test_governance_on_a_redis_cluster(cluster_url: str) -> None:
+    """Every governance script on a real three-node cluster: its keys (declared or built
+    in the script) are in the tenant's slot, or the cluster refuses it (CROSSSLOT)."""
+    ran: list[str] = []
+
+    def refund(order: str) -> str:
+        ran.append(order)
+        return order
+
+    for tenant in ("tenant-a", "tenant-{b}"):  # two tenants, two slots
+        g = Guard(cluster_url, namespace=tenant, quiet=True)
+        try:
+            gov = g.gov
+            gov.upsert_policy(
+                Policy(agent_id="s", require_approval=["refund"], max_actions_per_hour=2)
+            )
+            with g.run("run-1"):
+                first = g.call_tool(refund, {"order": "o1"}, agent_id="s")
+                assert first.decision == "pending_approval" and first.approval_id
+                gov.approve(first.approval_id, by="ops")
+                assert g.call_tool(refund, {"order": "o1"}, agent_id="s").decision == "executed"
+                assert g.call_tool(refund, {"order": "o1"}, agent_id="s").decision == "dedup"
+            gov.disable_agent("s", "stop")
+            assert g.call_tool(refund, {"order": "o2"}, agent_id="s").policy_reason == (
+                "agent_disabled"
+            )
+            assert [a.state for a in gov.list_approvals(state=None)] == ["consumed"]
+            assert gov.get_run_timeline("run-1")
+            assert gov.verify_audit() == []
+            assert gov.purge_audit(before=gov.store.now() + 1) >= 3
+            assert gov.verify_audit() == []
+        finally:
+            g.close()
+    assert ran == ["o1", "o1"]
