@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
 import redis
 
 from _services import redis_drop_prefix
+from governance.test_db_restart import (
+    test_a_server_restart_under_a_spend_cap_overshoots_nothing_and_audits_every_run,
+)
 from governance.test_races import (  # the same tests, on Redis (db_url below)
     guard,
     test_a_killed_worker_reservation_is_swept_as_spent_and_audited,
@@ -29,12 +37,13 @@ from onceonly_core.governance.base import Want
 from onceonly_core.governance.engine import DAY
 from onceonly_core.governance.redis_store import RedisGovernanceStore
 from onceonly_core.stores.redis import RedisStore
-from services.test_redis import cluster_url
+from services.test_redis import _free_port, cluster_url
 
 __all__ = [
     "cluster_url",
     "guard",
     "test_a_killed_worker_reservation_is_swept_as_spent_and_audited",
+    "test_a_server_restart_under_a_spend_cap_overshoots_nothing_and_audits_every_run",
     "test_an_approval_is_consumed_once_when_eight_processes_reask",
     "test_disable_agent_from_another_process_stops_the_very_next_call",
     "test_racing_processes_never_exceed_a_cap",
@@ -50,6 +59,52 @@ def db_url(redis_url: str) -> Iterator[str]:
     yield f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"
     with contextlib.suppress(redis.ConnectionError):
         redis_drop_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, tuple[Callable[[], None], Callable[[], None]]]]:
+    """A Redis server of our own (``appendonly yes``, ``appendfsync always``, in tmp_path)
+    that the imported restart test kills (SIGKILL: a crash) and starts again: the shared
+    server is never touched."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes"]
+    args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+    args += ["--dir", str(tmp_path), "--logfile", str(tmp_path / "redis.log")]
+    args += ["--pidfile", str(tmp_path / "redis.pid")]
+    client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def start() -> None:
+        if up():
+            return
+        subprocess.run(args, check=True, timeout=30, capture_output=True)
+        deadline = time.monotonic() + 30
+        while not up():
+            assert time.monotonic() < deadline, "Redis did not start"
+            time.sleep(0.05)
+
+    def stop() -> None:
+        pid = int((tmp_path / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # a crash: no shutdown, no save
+        deadline = time.monotonic() + 30
+        while up():
+            assert time.monotonic() < deadline, "Redis survived SIGKILL"
+            time.sleep(0.02)
+
+    start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", (stop, start)
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            client.shutdown(nosave=True)
+        client.close()
 
 
 # -- the store's primitives, directly --------------------------------------------------
