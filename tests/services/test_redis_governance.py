@@ -305,3 +305,36 @@ def test_governance_on_a_redis_cluster(cluster_url: str) -> None:
         finally:
             g.close()
     assert ran == ["o1", "o1"]
+
+
+def test_the_dashboard_reads_governance_from_redis(db_url: str) -> None:
+    """The dashboard's agents, approvals and run pages over a Redis ledger."""
+    from fastapi.testclient import TestClient
+
+    from onceonly_core.dashboard import create_dashboard
+
+    g = Guard(db_url, namespace="acme", quiet=True)
+    try:
+        g.gov.upsert_policy(
+            Policy(agent_id="bot", max_spend_usd_per_day=10, require_approval=["refund"])
+        )
+
+        def refund(order: str) -> str:
+            return order
+
+        def pay(order: str) -> str:
+            return order
+
+        with g.run("run-9"):
+            g.call_tool(pay, {"order": "o1"}, agent_id="bot", spend_usd=2.5)
+            g.call_tool(refund, {"order": "o2"}, agent_id="bot")
+        with TestClient(create_dashboard(guard=g), base_url="http://127.0.0.1") as c:
+            agents = c.get("/agents")
+            assert agents.status_code == 200 and "bot" in agents.text
+            assert "2.5" in c.get("/api/agents").text
+            approvals = c.get("/api/approvals")
+            assert approvals.status_code == 200 and "refund" in approvals.text
+            run = c.get("/api/run", params={"id": "run-9"})
+            assert run.status_code == 200 and "tool_result" in run.text
+    finally:
+        g.close()
