@@ -37,6 +37,7 @@ from onceonly_core.governance.base import Want
 from onceonly_core.governance.engine import DAY
 from onceonly_core.governance.redis_store import RedisGovernanceStore
 from onceonly_core.stores.redis import RedisStore
+from onceonly_core.testing import GovernanceContract
 from services.test_redis import _free_port, cluster_url
 
 __all__ = [
@@ -338,3 +339,13 @@ def test_the_dashboard_reads_governance_from_redis(db_url: str) -> None:
             assert run.status_code == 200 and "tool_result" in run.text
     finally:
         g.close()
+
+
+class TestRedisClusterGovernanceContract(GovernanceContract):
+    """The governance contract kit on a real three-node Redis Cluster."""
+
+    @pytest.fixture
+    def ledger(self, cluster_url: str) -> Iterator[RedisStore]:
+        s = RedisStore(cluster_url, durability_check=False)
+        yield s
+        s.close()
