@@ -90,29 +90,18 @@ def open_store(url: str, **options: Any) -> Store:
 def governance_unsupported(ledger: str | Store | None) -> str | None:
     """Why governance cannot run on this ledger (a URL or a store), or None if it can.
 
-    A ledger offers governance through ``Store.governance_store()``; the Redis store does
-    not implement it yet. Guard(agent_id=...) and guard.gov ask here first, so a Redis
-    ledger fails at construction — before its URL is even opened — with this reason
-    instead of half-working.
-    """
-    redis_ledger = (
-        ledger.startswith(REDIS_SCHEMES)
-        if isinstance(ledger, str)
-        else type(ledger).__module__ == f"{__name__}.redis"
-    )
-    if not redis_ledger:
-        if isinstance(ledger, Store) and type(ledger).governance_store is Store.governance_store:
-            return (
-                f"{type(ledger).__name__} provides no governance (agent_id, policies, caps, "
-                "approvals, audit): implement its governance_store() to return a "
-                "onceonly_core.governance.base.GovernanceStore, or use a SQL or memory ledger"
-            )
+    Every ledger this package opens by URL (memory, SQL, Redis) offers governance through
+    ``Store.governance_store()``; a custom store given to the Guard that leaves the hook
+    alone is refused here, at construction, with what to implement."""
+    if ledger is None or isinstance(ledger, str):
+        return None
+    hook = getattr(type(ledger), "governance_store", None)
+    if hook is not None and hook is not Store.governance_store:
         return None
     return (
-        "governance (agent_id, policies, caps, approvals, audit) is not available on the Redis "
-        "ledger yet: RedisStore does not implement governance_store() (a "
-        "onceonly_core.governance.base.GovernanceStore) in this version. Use a SQL ledger "
-        "(sqlite://, postgresql://, mysql://) or memory:// for governed calls"
+        f"{type(ledger).__name__} provides no governance: policies, caps, approvals and the "
+        "audit log need its governance_store() to return a "
+        "onceonly_core.governance.base.GovernanceStore (docs/custom-store.md)"
     )
 
 

@@ -39,11 +39,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigError, MissingExtraError, StoreError
 from .base import RUNNING, NewClaim, Record, Store
+
+if TYPE_CHECKING:
+    from ..governance.base import GovernanceStore
 
 try:
     import redis
@@ -711,6 +714,13 @@ class RedisStore(Store):
                     out.append(r)
         out.sort(key=lambda r: (r.updated_at, r.key), reverse=True)
         return out[:limit]
+
+    def governance_store(self) -> GovernanceStore:
+        """Policies, caps, approvals, the kill switch and the audit chain in this Redis,
+        each primitive one script (onceonly_core.governance.redis_store)."""
+        from ..governance.redis_store import RedisGovernanceStore
+
+        return RedisGovernanceStore(self)
 
     def close(self) -> None:
         self.client.close()

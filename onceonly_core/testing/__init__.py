@@ -20,6 +20,10 @@ raced by threads and by processes. Subclass it in a test module and give it your
         def store_factory(self):  # optional: enables the cross-process races
             return functools.partial(MyStore, "...")
 
+``GovernanceContract`` (:mod:`onceonly_core.testing.governance_contract`) does the same for
+a ledger's ``governance_store()``: caps and holds under concurrency, settle/release/sweep at
+most once, approvals used once, the audit chain. Give it a ``ledger`` fixture.
+
 See docs/custom-store.md. ``MemoryStore`` (``onceonly_core.MemoryStore``) is the in-process
 test double for code that uses a Guard.
 """
@@ -29,21 +33,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .governance_contract import GovernanceContract
     from .store_contract import StoreContract
 
-__all__ = ["StoreContract"]
+__all__ = ["GovernanceContract", "StoreContract"]
+
+_KITS = {
+    "StoreContract": "store_contract",
+    "GovernanceContract": "governance_contract",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "StoreContract":  # imports pytest only when the kit is used
+    if name in _KITS:  # imports pytest only when the kit is used
+        import importlib
+
         try:
-            from .store_contract import StoreContract
+            module = importlib.import_module(f".{_KITS[name]}", __name__)
         except ImportError as err:
             if err.name != "pytest":
                 raise
             raise ImportError(
-                "onceonly_core.testing.StoreContract is a pytest class: pip install pytest",
+                f"onceonly_core.testing.{name} is a pytest class: pip install pytest",
                 name="pytest",
             ) from err
-        return StoreContract
+        return getattr(module, name)
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""Governance behaviour on every ledger (memory, SQLite, PostgreSQL, MariaDB): the §5
+"""Governance behaviour on every ledger (memory, SQLite, PostgreSQL, MariaDB, Redis): the §5
 order and reason codes, templates, spend accounting, the registry and its secrets,
 remote tools, approvals, the hash-chained audit log and tampering, redaction, metrics,
 timelines and notifications."""
@@ -26,11 +26,11 @@ SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLWxvb3BiYWNr"
 
 
 @pytest.fixture
-def guard(any_url: str, namespace: str) -> Iterator[Guard]:
-    if any_url.startswith(("postgresql", "mysql")):
-        with SQLStore(any_url) as store:
+def guard(store_url: str, namespace: str) -> Iterator[Guard]:
+    if store_url.startswith(("postgresql", "mysql")):
+        with SQLStore(store_url) as store:
             store.migrate()
-    g = Guard(any_url, namespace=namespace, quiet=True)
+    g = Guard(store_url, namespace=namespace, quiet=True)
     yield g
     g.close()
 
@@ -315,24 +315,58 @@ def _fill(guard: Guard, n: int = 6) -> list[int]:
     return [r["id"] for r in rows]
 
 
-@pytest.mark.parametrize("tamper", ["value", "order", "delete_middle", "delete_last"])
-def test_tampering_is_detected_and_located(guard: Guard, tamper: str) -> None:
-    ids = _fill(guard)
+class _RedisAudit:
+    """The Redis store's audit rows (id -> JSON), edited behind the store's back."""
+
+    def __init__(self, guard: Guard) -> None:
+        store = guard.gov.store
+        self.client = store.client
+        self.key = store._k(guard.namespace, "au")
+
+    def edit(self, rid: int, **values: Any) -> None:
+        row = json.loads(self.client.hget(self.key, rid))
+        self.client.hset(self.key, rid, json.dumps({**row, **values}))
+
+    def delete(self, rid: int) -> None:
+        self.client.hdel(self.key, rid)
+
+
+def _tamper(guard: Guard, tamper: str, ids: list[int]) -> None:
+    if guard.gov.store.kind == "redis":
+        rows = _RedisAudit(guard)
+        if tamper == "value":
+            rows.edit(ids[3], decision="executed")
+        elif tamper == "order":  # swap the contents of rows 2 and 3 (hashes and all)
+            rows.edit(ids[1], seq=3)
+            rows.edit(ids[2], seq=2)
+        else:
+            rows.delete(ids[2] if tamper == "delete_middle" else ids[5])
+        return
     t = S.audit.name
     if tamper == "value":
         _audit_sql(guard, f"UPDATE {t} SET decision = 'executed' WHERE id = :id", id=ids[3])
-        expect = (4, ids[3])
-    elif tamper == "order":  # swap the contents of rows 2 and 3 (hashes and all)
+    elif tamper == "order":
         _audit_sql(guard, f"UPDATE {t} SET seq = -1 WHERE id = :id", id=ids[1])
         _audit_sql(guard, f"UPDATE {t} SET seq = 2 WHERE id = :id", id=ids[2])
         _audit_sql(guard, f"UPDATE {t} SET seq = 3 WHERE id = :id", id=ids[1])
-        expect = (2, ids[2])
-    elif tamper == "delete_middle":
-        _audit_sql(guard, f"DELETE FROM {t} WHERE id = :id", id=ids[2])
-        expect = (3, ids[3])
     else:
-        _audit_sql(guard, f"DELETE FROM {t} WHERE id = :id", id=ids[5])
-        expect = (6, None)
+        _audit_sql(
+            guard,
+            f"DELETE FROM {t} WHERE id = :id",
+            id=ids[2] if tamper == "delete_middle" else ids[5],
+        )
+
+
+@pytest.mark.parametrize("tamper", ["value", "order", "delete_middle", "delete_last"])
+def test_tampering_is_detected_and_located(guard: Guard, tamper: str) -> None:
+    ids = _fill(guard)
+    _tamper(guard, tamper, ids)
+    expect = {
+        "value": (4, ids[3]),
+        "order": (2, ids[2]),
+        "delete_middle": (3, ids[3]),
+        "delete_last": (6, None),
+    }[tamper]
     (problem,) = guard.gov.verify_audit()
     assert (problem["agent_id"], problem["seq"], problem["id"]) == ("aud", *expect)
 
@@ -379,11 +413,22 @@ def test_seeded_secrets_never_reach_any_table(guard: Guard, capsys: Any) -> None
     guard.call_tool(refund_with, {"token": secrets["api_key"]}, agent_id="leaky", run_id="r2")
     guard.gov.post_event("run-secret", "custom", data={"password": "hunter2-hunter2"})
     dump = []
-    with guard.gov.store.engine.connect() as conn:
-        for table in S.metadata.tables.values():
-            if table.name == "onceonly_ledger" and guard.gov.store.kind == "memory":
-                continue  # the memory ledger is a dict, not a table (it stores no arguments)
-            dump.append(repr(conn.execute(sa.select(table)).all()))
+    if guard.gov.store.kind == "redis":
+        client = guard.gov.store.client
+        for key in client.scan_iter(f"{guard.gov.store.prefix}:*"):
+            kind = client.type(key)
+            if kind == b"hash":
+                dump.append(repr(client.hgetall(key)))
+            elif kind == b"list":
+                dump.append(repr(client.lrange(key, 0, -1)))
+            elif kind == b"string":
+                dump.append(repr(client.get(key)))
+    else:
+        with guard.gov.store.engine.connect() as conn:
+            for table in S.metadata.tables.values():
+                if table.name == "onceonly_ledger" and guard.gov.store.kind == "memory":
+                    continue  # the memory ledger is a dict, not a table (it stores no arguments)
+                dump.append(repr(conn.execute(sa.select(table)).all()))
     text = "\n".join(dump) + capsys.readouterr().err
     for value in [*secrets.values(), "hunter2-hunter2", "4242424242424242"]:
         assert value not in text

@@ -1,5 +1,5 @@
 """Every executed dollar counted, every execution audited once, every approval used once
-(issue 13, items 3-5), on every ledger (memory, SQLite, PostgreSQL, MariaDB).
+(issue 13, items 3-5), on every ledger (memory, SQLite, PostgreSQL, MariaDB, Redis).
 
 The rule under test: spend of a call that may have executed stays counted until it is
 shown not to have executed. Faults are injected deterministically here (an interrupt or a
@@ -32,11 +32,11 @@ PRICE = 4.0
 
 
 @pytest.fixture
-def guard(any_url: str, namespace: str) -> Iterator[Guard]:
-    if any_url.startswith(("postgresql", "mysql")):
-        with SQLStore(any_url) as store:
+def guard(store_url: str, namespace: str) -> Iterator[Guard]:
+    if store_url.startswith(("postgresql", "mysql")):
+        with SQLStore(store_url) as store:
             store.migrate()
-    g = Guard(any_url, namespace=namespace, quiet=True)
+    g = Guard(store_url, namespace=namespace, quiet=True)
     yield g
     g.close()
 
@@ -217,12 +217,12 @@ def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(guard: Gua
 
 
 def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
-    guard: Guard, any_url: str
+    guard: Guard, store_url: str
 ) -> None:
     """Every connection of the governance pool is cut (server side) while the tool runs:
     the settle fails on its dead connection, runs again on a fresh one, and commits
     once. (SQLite has no connection to cut: the file is always there.)"""
-    if not any_url.startswith(("postgresql", "mysql")):
+    if not store_url.startswith(("postgresql", "mysql")):
         pytest.skip("a file database has no server connection to lose")
     capped(guard)
     store = guard.gov.store
@@ -230,9 +230,9 @@ def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
     guard.call_tool(lambda q: q, {"q": "warm"}, tool="warm", agent_id="payer")  # pool in use
 
     def cut() -> None:
-        eng = sa.create_engine(any_url, poolclass=sa.NullPool)
+        eng = sa.create_engine(store_url, poolclass=sa.NullPool)
         with eng.connect() as conn:
-            if any_url.startswith("postgresql"):
+            if store_url.startswith("postgresql"):
                 conn.execute(
                     sa.text(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -290,6 +290,12 @@ def test_verify_reports_a_deleted_audit_row_of_an_execution(guard: Guard) -> Non
         guard.call_tool(lambda to: to, {"to": to}, tool="pay", agent_id="payer")
     assert guard.gov.verify_audit() == []
     store = guard.gov.store
+    if store.kind == "redis":
+        rows = store._k(guard.namespace, "au")
+        store.client.hdel(rows, min(int(i) for i in store.client.hkeys(rows)))
+        problems = guard.gov.verify_audit()
+        assert problems and "missing" in problems[0]["problem"]
+        return
     assert isinstance(store, GovStore)
     with store.engine.begin() as conn:
         victim = conn.execute(
@@ -466,14 +472,20 @@ def test_audit_entries_of_holds_are_json(guard: Guard) -> None:
     """The hold carries the audit entry its sweeper writes (redacted arguments)."""
     capped(guard)
     store = guard.gov.store
-    assert isinstance(store, GovStore)
+
+    def held_audit() -> str:
+        if store.kind == "redis":  # the hold's hash carries it
+            (hold,) = store.pending_holds(guard.namespace)
+            key = store._hold_key(guard.namespace, hold["id"])
+            return str(store.client.hget(key, "audit").decode())
+        assert isinstance(store, GovStore)
+        with store.engine.connect() as conn:
+            r = S.reservations  # this test's hold (the server databases are shared)
+            held = sa.select(r.c.audit).where(r.c.tenant == guard.namespace)
+            return str(conn.execute(held).scalar_one())
 
     def pay(api_key: str) -> str:
-        with store.engine.connect() as conn:
-            r = S.reservations
-            held = conn.execute(
-                sa.select(r.c.audit).where(r.c.tenant == guard.namespace)
-            ).scalar_one()
+        held = held_audit()
         entry = json.loads(held)
         assert entry["decision"] == "unknown" and entry["tool"] == "pay"
         assert "sk_live" not in held

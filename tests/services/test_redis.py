@@ -94,15 +94,50 @@ def db_url(redis_url: str) -> Iterator[str]:
 
 
 # -- governance -------------------------------------------------------------------------
-def test_governance_is_refused_at_construction(db_url: str) -> None:
-    with pytest.raises(ConfigError, match=r"governance .* not available on the Redis ledger"):
-        Guard(db_url, agent_id="agent-1")
-    s = open_store(db_url)
+def test_governance_runs_on_the_redis_ledger(db_url: str) -> None:
+    """Guard(url="redis://…", agent_id=…) governs: the policy blocks, the cap holds, and
+    the decisions are in a verifying audit chain, all in this Redis."""
+    from onceonly_core.governance import Policy
+    from onceonly_core.governance.redis_store import RedisGovernanceStore
+
+    g = Guard(db_url, namespace="ns", agent_id="agent-1", quiet=True)
     try:
-        with pytest.raises(ConfigError, match=r"does not implement governance_store\(\)"):
+        assert isinstance(g.gov.store, RedisGovernanceStore)
+        g.gov.upsert_policy(Policy(agent_id="agent-1", max_actions_per_hour=1))
+        ran: list[int] = []
+
+        def tool(x: int) -> int:
+            ran.append(x)
+            return x * 2
+
+        assert g.call_tool(tool, {"x": 1}).decision == "executed"
+        second = g.call_tool(tool, {"x": 2})
+        assert (second.decision, second.policy_reason) == (
+            "blocked",
+            "max_actions_per_hour_exceeded",
+        )
+        assert ran == [1]
+        assert [e.decision for e in g.gov.agent_logs("agent-1")] == ["blocked", "executed"]
+        assert g.gov.verify_audit() == []
+    finally:
+        g.close()
+
+
+def test_a_custom_store_without_governance_is_refused_at_construction(db_url: str) -> None:
+    """The seam: a store that leaves governance_store() alone is refused when an agent is
+    given, before anything runs; ungoverned calls still work on it."""
+    from onceonly_core.stores.base import Store
+    from onceonly_core.stores.redis import RedisStore
+
+    class Plain(RedisStore):
+        governance_store = Store.governance_store  # type: ignore[assignment]
+
+    s = Plain(db_url)
+    try:
+        with pytest.raises(ConfigError, match=r"Plain provides no governance.*governance_store"):
             Guard(store=s, agent_id="agent-1")
         g = Guard(store=s, namespace="ns", quiet=True)
-        with pytest.raises(ConfigError, match="Redis ledger"):
+        with pytest.raises(ConfigError, match="governance_store"):
             g.gov  # noqa: B018 - the property is the check
         ran: list[int] = []
 
@@ -110,9 +145,7 @@ def test_governance_is_refused_at_construction(db_url: str) -> None:
             ran.append(x)
             return x * 2
 
-        with g.agent("agent-1"), pytest.raises(ConfigError, match="Redis ledger"):
-            g(tool, 1)
-        with pytest.raises(ConfigError, match="Redis ledger"):
+        with pytest.raises(ConfigError, match="governance_store"):
             g.call_tool(tool, {"x": 2}, agent_id="agent-1")
         assert ran == []  # refused before anything ran or was claimed
         assert s.list(namespace="ns") == []
