@@ -35,7 +35,7 @@ from ..guard import Guard
 from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
 from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
 from ..redact import default_redactor
-from ..stores import FAILED, RUNNING, SUCCEEDED, NewClaim, Record, open_store
+from ..stores import FAILED, REDIS_SCHEMES, RUNNING, SUCCEEDED, NewClaim, Record, open_store
 from ..stores.sql import SQLStore
 from .db import ServerDB
 
@@ -192,10 +192,16 @@ class ControlPlane:
         egress_allow: str | list[str] | None = None,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
-        if url.startswith("memory:"):
-            raise ConfigError("the server needs a SQL ledger (sqlite:///file.db or PostgreSQL)")
+        if url.startswith("memory:") or url.startswith(REDIS_SCHEMES):
+            # Tenants, API keys and jobs live in SQL tables beside the ledger.
+            raise ConfigError(
+                "the server needs a SQL ledger (sqlite:///file.db, PostgreSQL or MariaDB), "
+                f"not {url.split(':', 1)[0]}://"
+            )
         store = open_store(url)
-        assert isinstance(store, SQLStore)
+        if not isinstance(store, SQLStore):
+            store.close()
+            raise ConfigError(f"the server needs a SQL ledger, not {type(store).__name__}")
         self.ledger: SQLStore = store
         if migrate:
             self.ledger.migrate()

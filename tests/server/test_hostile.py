@@ -414,3 +414,14 @@ def test_tool_results_no_backend_can_hold_never_get_a_5xx(hostile_srv: tuple[Run
             assert r.status_code == 409, r.text
             assert r.json()["detail"]["error"] == "result_not_stored"
     assert runs == ["nan", "big"]
+
+
+def test_the_server_refuses_a_ledger_it_cannot_serve_with_a_clear_error() -> None:
+    # Tenants, keys and jobs live in SQL tables: memory and Redis ledgers are refused at
+    # construction with a ConfigError (an operator error), never an assertion.
+    from onceonly_core.errors import ConfigError
+    from onceonly_core.server.control import ControlPlane
+
+    for url in ("memory://", "redis://127.0.0.1:6379/0"):
+        with pytest.raises(ConfigError, match="needs a SQL ledger"):
+            ControlPlane(url)
