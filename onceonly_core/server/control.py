@@ -192,7 +192,7 @@ class ControlPlane:
         egress_allow: str | list[str] | None = None,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
-        if url.startswith("memory:") or url.startswith(REDIS_SCHEMES):
+        if url.startswith(("memory:", *REDIS_SCHEMES)):
             # Tenants, API keys and jobs live in SQL tables beside the ledger.
             raise ConfigError(
                 "the server needs a SQL ledger (sqlite:///file.db, PostgreSQL or MariaDB), "
