@@ -125,8 +125,8 @@ class Settings:
         }
         values.update(overrides)
         s = cls(**values)
-        if s.max_attempts < 1 or s.backoff_base < 0 or s.lease <= 0 or s.timeout <= 0:
-            raise ConfigError("notify settings need max_attempts >= 1, backoff >= 0, lease > 0")
+        if s.max_attempts < 1 or s.backoff_base < 0 or s.lease < 1 or s.timeout <= 0:
+            raise ConfigError("notify settings need max_attempts >= 1, backoff >= 0, lease >= 1")
         return s
 
     def destinations(self) -> list[str]:
@@ -314,10 +314,13 @@ class Deliverer:
                 dead = error.final or c.attempts >= s.max_attempts
                 # Exponential backoff with "equal jitter": at least half the step, so the
                 # schedule grows, and spread so replicas' retries do not line up.
+                # At least a second apart: every attempt is signed with a new (whole
+                # second) timestamp, so a receiver's replay cache accepts the resend.
                 step = min(s.backoff_max, s.backoff_base * 2 ** (c.attempts - 1))
+                delay = max(1.0, step / 2 + random.uniform(0, step / 2))
                 values = {
                     "state": "dead" if dead else "pending",
-                    "next_attempt_at": now + step / 2 + random.uniform(0, step / 2),
+                    "next_attempt_at": now + delay,
                     "lease_token": None,
                     "last_error": safe_str(error)[:500],
                 }
@@ -541,14 +544,16 @@ class Deliverer:
         return self.store._tx(run, read=True)
 
     def retry(self, row_id: str) -> bool:
-        """A dead (or pending) row: due now with a fresh attempt budget. False if unknown
-        or delivered."""
+        """A dead (or pending) row: due again with a fresh attempt budget. False if
+        unknown or delivered."""
 
         def run(conn: sa.Connection, now: float) -> bool:
             res = conn.execute(
                 sa.update(_O)
                 .where(_O.c.id == row_id, _O.c.state.in_(("dead", "pending")), self._scope())
-                .values(state="pending", attempts=0, next_attempt_at=now, lease_token=None)
+                # Due in a second, not now: the resend is signed with a newer whole-second
+                # timestamp than the last attempt, which a receiver's replay cache accepts.
+                .values(state="pending", attempts=0, next_attempt_at=now + 1.0, lease_token=None)
             )
             return bool(res.rowcount)
 

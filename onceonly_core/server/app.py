@@ -388,11 +388,18 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from ..governance.outbox import Deliverer, Settings
+
         cp.keys.ensure()
         cp.jobs.start()
+        # Notifications of every tenant, in the background: rows left by a restart (or
+        # by agents that do not deliver in-process) go out here; replicas share the work.
+        notifier = Deliverer(cp.gov_store, Settings.from_env(egress_allow=cp.egress_allow))
+        notifier.start()
         try:
             yield
         finally:
+            notifier.close()
             if control is None:
                 cp.close()
             else:

@@ -222,8 +222,17 @@ def test_every_receiver_gets_every_event_once_across_deliverer_kills(
 
 # -- retries, backoff, dead letters, retry --------------------------------------------------
 def test_500s_are_retried_with_backoff_then_dead_then_retried_by_the_cli(
-    guard: Guard, db_url: str
+    guard: Guard, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from onceonly_core.governance import outbox
+
+    jitter: list[tuple[float, float]] = []
+
+    def top(a: float, b: float) -> float:  # the jitter's range, recorded; its top, used
+        jitter.append((a, b))
+        return b
+
+    monkeypatch.setattr(outbox.random, "uniform", top)
     failing = {"on": True}
 
     def receiver(req: Request) -> Reply:
@@ -251,8 +260,9 @@ def test_500s_are_retried_with_backoff_then_dead_then_retried_by_the_cli(
         assert row["state"] == "dead" and row["attempts"] == 3
         assert row["last_error"].endswith("HTTP 500")
         assert "SECRET-RECEIVER-DETAIL" not in json.dumps(row)  # the body is never kept
-        # Backoff: the second wait (step 4 s, at least 2) is longer than the first (1..2 s).
-        assert 0.5 < schedule[0][1] <= 2.1 < schedule[1][1] <= 4.1
+        # Backoff: steps of 2 s then 4 s (base 2, doubling), each jittered over its upper half.
+        assert jitter == [(0, 1.0), (0, 2.0), (0, 4.0)]
+        assert 1.5 < schedule[0][1] <= 2.0 and 3.5 < schedule[1][1] <= 4.0
         assert len(hook.requests) == 3
         assert len({r.headers["webhook-id"] for r in hook.requests}) == 1
         assert d.deliver_due() == 0  # dead rows are never claimed
@@ -302,3 +312,54 @@ def test_two_deliverers_never_claim_the_same_row(
         t.join(60)
     both = claimed[0] + claimed[1]
     assert len(both) == 40 and len(set(both)) == 40
+
+
+# -- the server delivers, across its own restart ---------------------------------------------
+def test_the_server_delivers_across_a_restart_mid_delivery(
+    guard: Guard, db_url: str, tmp_path: Path
+) -> None:
+    pytest.importorskip("fastapi")
+    if db_url.startswith("mysql"):
+        pytest.skip("onceonly serve runs on SQLite and PostgreSQL")
+    procs: list[subprocess.Popen[bytes]] = []
+    killed: list[str] = []
+
+    def receiver(req: Request) -> Reply:
+        if not killed:  # the first delivery: the server dies before it can mark the row
+            killed.append(req.headers["webhook-id"])
+            os.kill(procs[-1].pid, signal.SIGKILL)
+            procs[-1].wait()
+        return Reply(204, b"")
+
+    child = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'integrations'}",
+        "ONCEONLY_NOTIFY_LEASE": "1",
+    }
+
+    def serve() -> None:
+        command = [sys.executable, "-m", "onceonly_core.cli", "serve", "--url", db_url]
+        command += ["--port", str(free_port())]
+        procs.append(subprocess.Popen(command, env=child, cwd=tmp_path))
+
+    with loopback(verifying(SECRET, ReplayCache(), receiver)) as hook:
+        guard.gov.add_webhook(hook.url, SECRET, events=["tool_failed"])
+        guard.call_tool(flaky, {"token": "t1"}, agent_id="bot")  # written; nobody delivers yet
+        try:
+            serve()
+            deadline = time.monotonic() + 60
+            while not killed:
+                assert time.monotonic() < deadline, "the server never delivered"
+                time.sleep(0.05)
+            assert rows(guard)[0]["state"] == "pending"  # sent, never marked
+            serve()
+            while rows(guard)[0]["state"] != "delivered":
+                assert time.monotonic() < deadline, "the restarted server never delivered"
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                p.wait(30)
+    ids = [r.headers["webhook-id"] for r in hook.requests]
+    assert ids == [killed[0], killed[0]] and all(r.verified for r in hook.requests)
