@@ -68,6 +68,19 @@ __all__ = ["STATES", "Deliverer", "Settings", "add", "make_event"]
 log = logging.getLogger("onceonly.governance.outbox")
 
 STATES = ("pending", "delivered", "dead")
+
+#: Set by ``onceonly serve``: a tenant's stored notification preferences (``POST
+#: /v1/me/notifications``), read on the decision's own connection; ``None`` (embedded
+#: use, or a tenant the server does not know): no preferences, every channel is used.
+#: They choose the e-mails: ``email_notifications_enabled``, and per event
+#: ``tool_error_notifications_enabled`` (tool_failed) and
+#: ``run_failure_notifications_enabled`` (run_failed). Webhooks and Slack are chosen
+#: by configuring them.
+preferences: Callable[[sa.Connection, str], Mapping[str, Any] | None] | None = None
+_PREF_OF = {
+    "tool_failed": "tool_error_notifications_enabled",
+    "run_failed": "run_failure_notifications_enabled",
+}
 _RETRY_STATUSES = frozenset({408, 429})
 _O = S.outbox
 
@@ -161,6 +174,13 @@ def _wants(row: Mapping[str, Any], event: Mapping[str, Any]) -> bool:
     return True
 
 
+def _mails_wanted(prefs: Mapping[str, Any], event_type: str) -> bool:
+    if not prefs.get("email_notifications_enabled"):
+        return False
+    name = _PREF_OF.get(event_type)
+    return name is None or bool(prefs.get(name))
+
+
 def add(
     conn: sa.Connection,
     now: float,
@@ -180,6 +200,9 @@ def add(
         0.8,
     ):
         dests += settings.destinations()
+    prefs = preferences(conn, tenant) if preferences is not None else None
+    if prefs is not None and not _mails_wanted(prefs, str(ev.get("type"))):
+        dests = [d for d in dests if not d.startswith("email:")]
     if not dests:
         return 0
     body = json.dumps(ev, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

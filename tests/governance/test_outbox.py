@@ -363,3 +363,58 @@ def test_the_server_delivers_across_a_restart_mid_delivery(
                 p.wait(30)
     ids = [r.headers["webhook-id"] for r in hook.requests]
     assert ids == [killed[0], killed[0]] and all(r.verified for r in hook.requests)
+
+
+# -- the server's stored preferences choose the e-mails ----------------------------------------
+def test_stored_preferences_choose_which_events_are_mailed(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("fastapi")
+    if db_url.startswith("mysql"):
+        pytest.skip("onceonly serve runs on SQLite and PostgreSQL")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*httpx2.*")
+        from fastapi.testclient import TestClient
+
+    from onceonly_core.server import create_app
+    from onceonly_core.server.control import ControlPlane
+
+    monkeypatch.setenv("ONCEONLY_NOTIFY_IN_PROCESS", "0")
+    monkeypatch.setenv("ONCEONLY_NOTIFY_EMAIL_TO", "ops@example.com")
+    tenant = f"t{time.time_ns()}"
+    cp = ControlPlane(db_url, job_workers=0, migrate=True)
+    key = cp.keys.create_key(tenant)
+    try:
+        with TestClient(create_app(control=cp)) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            gov = cp.guard(tenant).gov
+
+            def mailed() -> list[str]:
+                return sorted(
+                    r["event_type"]
+                    for r in gov.deliverer().list()
+                    if r["destination"] == "email:ops@example.com"
+                )
+
+            gov.post_event("r1", "run_finished", status="failed")
+            assert mailed() == []  # e-mail off by default (the stored preference)
+            r = http.post(
+                "/v1/me/notifications",
+                json={
+                    "email_notifications_enabled": True,
+                    "tool_error_notifications_enabled": True,
+                },
+                headers=auth,
+            )
+            assert r.status_code == 200, r.text
+            gov.post_event("r2", "run_finished", status="failed")  # run failures stay off
+            gov.upsert_policy(Policy(agent_id="bot"))
+            cp.guard(tenant).call_tool(flaky, {"token": "t"}, agent_id="bot")
+            assert mailed() == ["tool_failed"]
+        from onceonly_core.governance import outbox
+
+        assert outbox.preferences is None  # the server's hook ends with the server
+    finally:
+        cp.close()
