@@ -195,10 +195,10 @@ def add(
     w = S.webhooks
     hooks = conn.execute(sa.select(w).where(w.c.tenant == tenant)).all()
     dests = [f"webhook:{r.id}" for r in hooks if _wants(r._asdict(), ev)]
-    if str(ev.get("type")) != "budget_threshold" or (ev.get("data") or {}).get("threshold") in (
-        None,
-        0.8,
-    ):
+    threshold = (
+        (ev.get("data") or {}).get("threshold") if ev.get("type") == "budget_threshold" else None
+    )
+    if threshold in (None, 0.8):  # Slack and e-mail hear the default 80 % crossing only
         dests += settings.destinations()
     prefs = preferences(conn, tenant) if preferences is not None else None
     if prefs is not None and not _mails_wanted(prefs, str(ev.get("type"))):
