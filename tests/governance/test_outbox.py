@@ -319,8 +319,6 @@ def test_the_server_delivers_across_a_restart_mid_delivery(
     guard: Guard, db_url: str, tmp_path: Path
 ) -> None:
     pytest.importorskip("fastapi")
-    if db_url.startswith("mysql"):
-        pytest.skip("onceonly serve runs on SQLite and PostgreSQL")
     procs: list[subprocess.Popen[bytes]] = []
     killed: list[str] = []
 
@@ -370,8 +368,6 @@ def test_stored_preferences_choose_which_events_are_mailed(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("fastapi")
-    if db_url.startswith("mysql"):
-        pytest.skip("onceonly serve runs on SQLite and PostgreSQL")
     import warnings
 
     with warnings.catch_warnings():
