@@ -268,6 +268,8 @@ class Deliverer:
         self.tenant = tenant
         self._allow = egress.Egress.of(self.settings.egress_allow)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a row was written here: look again now
+        self._kick_lock = threading.Lock()
         self._on_sent = on_sent  # tests: a hook between send and mark
         self._client: Any = None
         self._thread: threading.Thread | None = None
@@ -400,6 +402,7 @@ class Deliverer:
         """Deliver until nothing is pending (True) or ``timeout`` seconds pass (False)."""
         deadline = time.monotonic() + max(0.0, timeout)
         while not self._stop.is_set():
+            self._wake.clear()
             if self.deliver_due():
                 continue
             count, wait = self.pending()
@@ -408,7 +411,9 @@ class Deliverer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self._stop.wait(min(left, max(0.01, wait or 0.0), 1.0))
+            # Asleep until the next row is due, or a new one is written here (kick), or
+            # stop; rows written by other processes are seen within 5 s.
+            self._wake.wait(min(left, max(0.01, wait or 0.0), 5.0))
         return False
 
     def run(self, poll: float = 1.0) -> None:
@@ -424,22 +429,31 @@ class Deliverer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def kick(self) -> None:
         """Drain in a daemon thread (started if none runs): in-process delivery for an
         embedded guard. Rows left at exit stay pending for the next deliverer."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._thread = threading.Thread(
-            target=self._drain_quietly, name="onceonly-notify", daemon=True
-        )
-        self._thread.start()
+        with self._kick_lock:
+            self._wake.set()
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(
+                target=self._drain_quietly, name="onceonly-notify", daemon=True
+            )
+            self._thread.start()
 
     def _drain_quietly(self) -> None:
-        try:
-            self.drain(timeout=self.settings.backoff_max)
-        except Exception:
-            log.exception("notification deliverer: drain failed")
+        while True:
+            try:
+                self.drain(timeout=self.settings.backoff_max)
+            except Exception:
+                log.exception("notification deliverer: drain failed")
+            with self._kick_lock:
+                # A kick that came while we were deciding to stop: drain again, or the
+                # row it announced would wait for the next process.
+                if self._stop.is_set() or not self._wake.is_set():
+                    return
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop, and wait for the current send (up to ``timeout``) before the store goes."""

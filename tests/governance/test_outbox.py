@@ -414,3 +414,21 @@ def test_stored_preferences_choose_which_events_are_mailed(
         assert outbox.preferences is None  # the server's hook ends with the server
     finally:
         cp.close()
+
+
+# -- in-process delivery (the default for an embedded guard) ---------------------------------
+def test_an_embedded_guard_delivers_by_itself_and_retries_without_a_flush(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ONCEONLY_NOTIFY_IN_PROCESS", "1")
+    monkeypatch.setenv("ONCEONLY_NOTIFY_BACKOFF", "0.1")
+    replies = iter([Reply(503, b""), Reply(204, b"")])
+
+    with loopback(verifying(SECRET, ReplayCache(), lambda req: next(replies))) as hook:
+        guard.gov.add_webhook(hook.url, SECRET, events=["blocked"])
+        guard.call_tool(delete_user, {"user": "u1"}, agent_id="bot")
+        deadline = time.monotonic() + 20
+        while not (rows(guard) and rows(guard)[0]["state"] == "delivered"):
+            assert time.monotonic() < deadline, rows(guard)
+            time.sleep(0.05)
+    assert [r.verified for r in hook.requests] == [rows(guard)[0]["event_id"]] * 2
