@@ -449,6 +449,7 @@ LOGGERS: tuple[str, ...] = (
     "onceonly.governance",
     "onceonly.governance.remote",
     "onceonly.governance.webhooks",
+    "onceonly.governance.outbox",
     "onceonly.dashboard",
     "onceonly.egress",
     "onceonly.keyhealth",

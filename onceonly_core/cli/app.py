@@ -730,6 +730,11 @@ from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)
 
 del _gov
 
+# -- notifications: notify list | retry | deliver (cli/notify.py) --------------------------
+from . import notify as _notify  # noqa: E402  (it registers its commands on `app`)
+
+del _notify
+
 # -- the server: serve, worker, server/keys create|list|revoke (server/cli.py) -------------
 from ..server.cli import register as _register_server  # noqa: E402
 

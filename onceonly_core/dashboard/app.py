@@ -69,6 +69,7 @@ NOTICES = {
     "all_enabled": "Global kill switch off.",
     "approved": "Approved: the call runs once when the agent asks again.",
     "denied": "Denied: the agent's next ask is refused (approval_denied).",
+    "notification_retried": "Notification queued again: the deliverer sends it within seconds.",
 }
 FEED_COLUMNS = (
     "time",
@@ -648,12 +649,75 @@ def build_app(
     def run_api(request: Request) -> Response:
         return SafeJSON(run_view(request.query_params))
 
+    # -- notifications: the outbox's dead letters ----------------------------------------
+    def notification_rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "cls": "d-" + ("failed" if n["state"] == "dead" else n["state"]),
+                "cells": [
+                    {"t": when(n["created_at"])},
+                    {"t": n["event_type"]},
+                    {"t": n["destination"]},
+                    {"t": str(n["attempts"])},
+                    {"t": n["last_error"] or ""},
+                    {
+                        "t": n["state"],
+                        "forms": [
+                            {
+                                "action": "/actions/retry_notification",
+                                "label": "Retry",
+                                "cls": "go",
+                                "fields": {"notification": n["id"]},
+                            }
+                        ]
+                        if n["state"] == "dead"
+                        else [],
+                    },
+                    {"t": n["event_id"]},
+                ],
+            }
+            for n in items
+        ]
+
+    notification_columns = ("created", "event", "destination", "tries", "last error", "state", "id")
+
+    @app.get("/notifications", response_class=HTMLResponse)
+    def notifications_page(request: Request) -> Response:
+        n = data.notifications(guard)
+        recent = "".join(
+            "<tr>" + "".join(f"<td>{esc(c.get('t', ''))}</td>" for c in r["cells"]) + "</tr>"
+            for r in notification_rows(n["recent"])
+        )
+        body = (
+            "<h2>Dead letters</h2>"
+            + live_html(
+                "/api/notifications",
+                "table",
+                notification_rows(n["dead"]),
+                request.state.csrf,
+                next_of(request),
+                notification_columns,
+            )
+            + "<h2>Latest</h2><table><thead><tr>"
+            + "".join(f"<th>{esc(c)}</th>" for c in notification_columns)
+            + f"</tr></thead><tbody>{recent}</tbody></table>"
+        )
+        return html_page(request, "Notifications", "/notifications", body)
+
+    def notifications_view(q: Mapping[str, str]) -> dict[str, Any]:
+        return live(notification_rows(data.notifications(guard)["dead"]))
+
+    @app.get("/api/notifications")
+    def notifications_api(request: Request) -> Response:
+        return SafeJSON(notifications_view(request.query_params))
+
     # -- live updates: server-sent events ----------------------------------------------
     views: dict[str, Callable[[Mapping[str, str]], dict[str, Any]]] = {
         "feed": feed_view,
         "agents": agents_view,
         "approvals": approvals_view,
         "run": run_view,
+        "notifications": notifications_view,
     }
 
     @app.get("/api/stream/{view}")

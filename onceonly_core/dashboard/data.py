@@ -408,7 +408,15 @@ def record_detail(guard: Guard, key: str, namespace: str | None = None) -> dict[
 
 
 # -- actions (POST only, after the CSRF check) ----------------------------------------------
-ACTIONS = ("disable", "enable", "disable_all", "enable_all", "approve", "deny")
+ACTIONS = (
+    "disable",
+    "enable",
+    "disable_all",
+    "enable_all",
+    "approve",
+    "deny",
+    "retry_notification",
+)
 
 
 def act(guard: Guard, action: str, form: Mapping[str, str], by: str = "dashboard") -> str:
@@ -441,7 +449,18 @@ def act(guard: Guard, action: str, form: Mapping[str, str], by: str = "dashboard
             return "approved"
         gov.deny(aid, by=by, reason=reason)
         return "denied"
+    if action == "retry_notification":
+        nid = form.get("notification", "").strip()
+        if not nid or not gov.deliverer().retry(nid):
+            raise ConfigError(f"no dead or pending notification {nid!r}")
+        return "notification_retried"
     raise ConfigError(f"unknown action {action!r}")
+
+
+def notifications(guard: Guard, limit: int = 100) -> dict[str, list[dict[str, Any]]]:
+    """The outbox's dead letters and its latest rows (payloads are redacted when stored)."""
+    d = guard.gov.deliverer()
+    return {"dead": d.list("dead", limit), "recent": d.list(None, 20)}
 
 
 def stamp() -> float:

@@ -125,7 +125,13 @@ def live_html(
     )
 
 
-NAV = (("/", "Live feed"), ("/agents", "Agents"), ("/approvals", "Approvals"), ("/runs", "Runs"))
+NAV = (
+    ("/", "Live feed"),
+    ("/agents", "Agents"),
+    ("/approvals", "Approvals"),
+    ("/runs", "Runs"),
+    ("/notifications", "Notifications"),
+)
 
 
 def page(

@@ -316,6 +316,10 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         result.spend_usd = 0.0
         result.policy_reason = "reconciled"
     entry = _audit_entry(req, result, v)
+    note = _note(req, result)
+    if note is not None:
+        entry["notify"] = note  # written with the audit row, in its transaction
+    wrote: Any = None
     if result.decision == "executed" and not reconciled:
         if rid is not None:
             # Settle and audit in one transaction (retried on a fresh connection by the
@@ -337,12 +341,13 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         # not run here, so the hold is given back, with the audit row in the same
         # transaction; the approval is not used up either.
         if rid is not None:
-            yield G("release", (tenant, agent, rid, entry), quiet=True)
+            wrote = yield G("release", (tenant, agent, rid, entry), quiet=True)
         else:
-            yield G("append_audit", (tenant, entry), quiet=True)
+            wrote = yield G("append_audit", (tenant, entry), quiet=True)
         if taken:
             yield G("restore_approval", (tenant, approval_id), quiet=True)
-    yield from _record(gov, req, result, v, audited=True)
+    # release() is False when a sweep audited the hold instead: then no row carried it.
+    yield from _record(gov, req, result, v, audited=True, note=note, enqueued=_wrote(wrote))
     if res is not None and result.decision == "executed" and v.policy is not None and v.spend:
         cap = v.policy.max_spend_usd_per_day
         spend = next((w for w in v.wants if w.metric == "spend"), None)
@@ -468,13 +473,52 @@ def _text(err: BaseException) -> str:
     return safe_str(err)[:2000] or type(err).__name__  # redacted: events, hooks, the model
 
 
+def _note(req: Request, result: ToolResult) -> dict[str, Any] | None:
+    """The notification a decision raises, if any (blocked, tool_failed)."""
+    if result.decision == "blocked" and result.policy_reason != "dedup":
+        kind = "blocked"
+    elif result.decision == "failed":
+        kind = "tool_failed"
+    else:
+        return None
+    from .outbox import make_event
+
+    return make_event(
+        {
+            "type": kind,
+            "agent_id": req.agent_id,
+            "tool": req.tool,
+            "reason": result.policy_reason,
+            "data": {"error": result.error},
+        }
+    )
+
+
+def _wrote(done: Any) -> bool:
+    return done is not None and done is not False and done is not _QUIET_FAIL
+
+
 def _record(
-    gov: Governance, req: Request, result: ToolResult, v: Verdict | None, *, audited: bool = False
+    gov: Governance,
+    req: Request,
+    result: ToolResult,
+    v: Verdict | None,
+    *,
+    audited: bool = False,
+    note: dict[str, Any] | None = None,
+    enqueued: bool = False,
 ) -> Generator[Any, Any, None]:
-    """Audit row, timeline event, notifications: after the decision, never raising."""
+    """Audit row, timeline event, notifications: after the decision, never raising.
+    The notification rides on the audit row (the outbox, same transaction) when there
+    is one; otherwise it is written on its own (:meth:`Governance.notify`)."""
     tenant = gov.tenant
+    if not audited:
+        note = _note(req, result)
     if req.agent_id is not None and not audited:
-        yield G("append_audit", (tenant, _audit_entry(req, result)), quiet=True)
+        entry = _audit_entry(req, result)
+        if note is not None:
+            entry["notify"] = note
+        enqueued = _wrote((yield G("append_audit", (tenant, entry), quiet=True)))
     if req.run_id:
         kind = {"executed": "tool_result", "failed": "tool_result", "dedup": "dedup"}.get(
             result.decision, "blocked"
@@ -487,21 +531,8 @@ def _record(
             (tenant, gov.event(req, kind, status=result.decision, data=data)),
             quiet=True,
         )
-    note = None
-    if result.decision == "blocked" and result.policy_reason != "dedup":
-        note = "blocked"
-    elif result.decision == "failed":
-        note = "tool_failed"
     if note is not None:
-        gov.notify(
-            {
-                "type": note,
-                "agent_id": req.agent_id,
-                "tool": req.tool,
-                "reason": result.policy_reason,
-                "data": {"error": result.error},
-            }
-        )
+        gov.notify(note, enqueued=enqueued and bool(getattr(gov.store, "outbox", False)))
 
 
 # -- drivers ------------------------------------------------------------------------------
@@ -630,6 +661,9 @@ class Governance:
         return self._guard.namespace
 
     def close(self) -> None:
+        d = self.__dict__.pop("_deliverer", None)
+        if d is not None:
+            d.close()
         if self._store is not None and self._owns_store:
             self._store.close()
         self._store = None
@@ -1189,44 +1223,60 @@ class Governance:
                     threshold=t,
                 )
 
-    def notify(self, event: dict[str, Any], *, threshold: float | None = None) -> None:
-        import time
+    def notify(
+        self, event: dict[str, Any], *, threshold: float | None = None, enqueued: bool = False
+    ) -> None:
+        """Call the hooks, and write the event to the outbox unless ``enqueued`` (it rode
+        on its decision's audit row). Delivery: :mod:`~onceonly_core.governance.outbox`."""
+        from .outbox import make_event
 
-        event = self.redactor.redact({**event, "ts": time.time()})  # hooks see no secret
+        event = self.redactor.redact(make_event(event))  # hooks see no secret
         for hook, kinds in self._hooks:
             if kinds is None or event["type"] in kinds:
                 try:
                     hook(event)
                 except Exception:
                     log.exception("notification hook %r failed", hook)
-        try:
-            sinks = self._webhooks()
-        except Exception:
-            log.exception("reading webhooks failed")
-            return
-        for s in sinks:
-            kinds = json.loads(s["events"])
-            if not s["enabled"] or (kinds and event["type"] not in kinds):
-                continue
-            if event["type"] == "budget_threshold" and (s["budget_threshold"] or 0.8) != (
-                threshold or 0.8
-            ):
-                continue
-            self._sink(s).deliver(event)
+        if not enqueued:
+            write = getattr(self.store, "enqueue_notification", None)
+            if write is None:
+                return
+            try:
+                enqueued = bool(write(self.tenant, event))
+            except Exception:
+                log.exception("writing a %s notification to the outbox failed", event["type"])
+                return
+        if enqueued:
+            self._kick()
 
-    def _sink(self, row: Mapping[str, Any]) -> Any:
-        from .webhooks import WebhookSink
+    def deliverer(self) -> Any:
+        """This tenant's outbox :class:`~onceonly_core.governance.outbox.Deliverer`."""
+        from .outbox import Deliverer, Settings
 
-        cache: dict[str, Any] = self.__dict__.setdefault("_sinks", {})
-        sink = cache.get(row["id"])
-        if sink is None:
-            sink = cache[row["id"]] = WebhookSink.stored(
-                row["url"], row["secret"], egress_allow=self.egress_allow
+        d = self.__dict__.get("_deliverer")
+        if d is None:
+            settings = Settings.from_env(egress_allow=self.egress_allow)
+            d = self.__dict__["_deliverer"] = Deliverer(
+                self.store,  # type: ignore[arg-type]
+                settings,
+                tenant=self.tenant,
             )
-        return sink
+        return d
+
+    def _kick(self) -> None:
+        try:
+            d = self.deliverer()
+            if d.settings.in_process:
+                d.kick()  # in-process delivery; off: a server or `onceonly notify deliver`
+        except Exception:
+            log.exception("starting the notification deliverer failed")
 
     def flush_notifications(self, timeout: float = 5.0) -> bool:
-        return all(s.flush(timeout) for s in self.__dict__.get("_sinks", {}).values())
+        """Deliver this tenant's pending notifications now; False if some are still
+        pending after ``timeout`` seconds (retrying, or their receiver is down)."""
+        if not getattr(self.store, "outbox", False):
+            return True
+        return bool(self.deliverer().drain(timeout))
 
 
 def _supports_governance(ledger: Any) -> None:

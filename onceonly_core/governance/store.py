@@ -74,6 +74,7 @@ _GOV_TABLES = (
     S.audit_heads,
     S.events,
     S.webhooks,
+    S.outbox,
 )
 #: How long a primitive keeps retrying on a fresh connection when the database is
 #: unreachable (a restart, a failover): long enough for a restart, short enough that a
@@ -843,6 +844,13 @@ class GovStore(GovernanceStore):
         digest = chain_hash(head.hash, fields)
         conn.execute(_AUDIT, {**fields, "prev_hash": head.hash, "hash": digest})
         conn.execute(_MOVE_HEAD, {"t": tenant, "a": agent_id, "seq": seq, "hash": digest})
+        if entry.get("notify"):
+            # The decision's notification, in the decision's transaction: both commit or
+            # neither. A rerun after a lost reply returned above if the row is in; an
+            # untokened rerun writes rows with the same event id, which receivers dedupe.
+            from . import outbox
+
+            outbox.add(conn, now, tenant, entry["notify"])
         return seq, digest
 
     def audit_rows(
@@ -1128,6 +1136,16 @@ class GovStore(GovernanceStore):
             return bool(res.rowcount)
 
         return self._tx(run)
+
+    # -- notifications (the outbox; see governance/outbox.py) -----------------------------
+    outbox = True  # the engine's notifications are written here, in the decision's transaction
+
+    def enqueue_notification(self, tenant: str, event: dict[str, Any]) -> int:
+        """Write ``event``'s outbox rows in their own transaction (events not tied to a
+        decision's audit row: run_failed, budget_threshold)."""
+        from . import outbox
+
+        return self._tx(lambda conn, now: outbox.add(conn, now, tenant, event), again=False)
 
     def close(self) -> None:
         self.engine.dispose()

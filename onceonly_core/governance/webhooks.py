@@ -1,5 +1,6 @@
 """A signed webhook sink for governance notifications (tool and run failures, blocks,
-budget thresholds).
+budget thresholds), in memory: a standalone building block. ``guard.gov`` no longer uses
+it: its notifications go through the durable outbox (:mod:`.outbox`).
 
 :meth:`WebhookSink.deliver` never blocks the governed call and never raises: it redacts
 the event (:data:`~onceonly_core.governance.redact.default_redactor`), encodes it as

@@ -388,11 +388,21 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from ..governance import outbox
+        from ..governance.outbox import Deliverer, Settings
+
         cp.keys.ensure()
         cp.jobs.start()
+        # Notifications of every tenant, in the background: rows left by a restart (or
+        # by agents that do not deliver in-process) go out here; replicas share the work.
+        notifier = Deliverer(cp.gov_store, Settings.from_env(egress_allow=cp.egress_allow))
+        notifier.start()
+        outbox.preferences = _stored_prefs  # the tenants' /v1/me/notifications choices
         try:
             yield
         finally:
+            outbox.preferences = None
+            notifier.close()
             if control is None:
                 cp.close()
             else:
@@ -1055,3 +1065,17 @@ def _recent_events(
         r["data"] = json.loads(r["data"]) if r.get("data") else None
         out.append(_event_json(r))
     return out, total
+
+
+def _stored_prefs(conn: Any, tenant: str) -> dict[str, Any] | None:
+    """A tenant's notification preferences, read on the deciding transaction's connection
+    (the server's tables live in the same database); None for a tenant we do not serve."""
+    import sqlalchemy as sa
+
+    from .db import tenants
+
+    row = conn.execute(sa.select(tenants.c.prefs).where(tenants.c.tenant == tenant)).first()
+    if row is None:
+        return None
+    prefs: dict[str, Any] = json.loads(row.prefs or "{}")
+    return prefs

@@ -18,13 +18,14 @@ __all__ = [
     "events",
     "ledger",
     "metadata",
+    "outbox",
     "reservations",
     "tools",
     "webhooks",
 ]
 
 #: The Alembic revision this code expects; tests check it equals the scripts' head.
-HEAD = "0003"
+HEAD = "0004"
 #: Our own version table, so a user's Alembic setup in the same database is untouched.
 VERSION_TABLE = "onceonly_alembic_version"
 
@@ -243,4 +244,24 @@ webhooks = sa.Table(
     sa.Column("budget_threshold", sa.Double),
     sa.Column("enabled", sa.Boolean, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
+)
+
+outbox = sa.Table(
+    "onceonly_outbox",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", _ident(255), nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),  # the webhook-id receivers dedupe on
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("payload", _text(), nullable=False),  # redacted canonical JSON
+    sa.Column("destination", sa.String(64), nullable=False),  # webhook:<id> | slack | email
+    sa.Column("state", sa.String(16), nullable=False),  # pending | delivered | dead
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", sa.Double, nullable=False),
+    sa.Column("lease_token", sa.String(32)),
+    sa.Column("last_error", _text()),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("delivered_at", sa.Double),
+    sa.Index("ix_onceonly_outbox_due", "state", "next_attempt_at"),
+    sa.Index("ix_onceonly_outbox_tenant", "tenant", "state", "created_at"),
 )
