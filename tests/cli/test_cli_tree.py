@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
 ROOT_COMMAND = typer.main.get_command(build_app())
 # Commands that run until stopped (or play a story) print no state to parse.
-NO_JSON = {"serve", "worker", "dashboard", "demo"}
+NO_JSON = {"serve", "worker", "dashboard", "demo", "mcp-proxy"}
 
 
 # typer vendors its own click: the tree is walked by shape, not by class.
