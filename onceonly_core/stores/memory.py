@@ -17,7 +17,7 @@ from .base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 __all__ = ["MemoryStore"]
 
 if TYPE_CHECKING:
-    from ..governance.base import GovernanceStore
+    from .governance import GovernanceStore
 
 
 class MemoryStore(Store):
@@ -185,6 +185,6 @@ class MemoryStore(Store):
         return rows[:limit]
 
     def governance_store(self) -> GovernanceStore:
-        from ..governance.store import GovStore
+        from .govsql import GovStore
 
         return GovStore(self)

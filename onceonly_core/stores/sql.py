@@ -51,7 +51,7 @@ from .base import CLEARED, RUNNING, NewClaim, Record, Store
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
-    from ..governance.base import GovernanceStore
+    from .governance import GovernanceStore
 
 __all__ = ["SQLStore"]
 
@@ -665,7 +665,7 @@ class SQLStore(Store):
         return out
 
     def governance_store(self) -> GovernanceStore:
-        from ..governance.store import GovStore
+        from .govsql import GovStore
 
         return GovStore(self)
 

@@ -24,7 +24,7 @@ from onceonly_core import Guard
 from onceonly_core.errors import CompletionNotRecorded, ConfigError, StoreError
 from onceonly_core.governance import Policy
 from onceonly_core.governance.engine import DAY
-from onceonly_core.governance.store import GovStore
+from onceonly_core.stores.govsql import GovStore
 from onceonly_core.stores import schema as S
 from onceonly_core.stores.sql import SQLStore
 

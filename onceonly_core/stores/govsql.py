@@ -52,9 +52,9 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from ..errors import ConfigError, StoreError
-from ..stores import schema as S
-from ..stores.base import Store
-from .base import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
+from . import schema as S
+from .base import Store
+from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
@@ -160,7 +160,7 @@ class GovStore(GovernanceStore):
     """Governance primitives over the ledger's database (see the module docstring)."""
 
     def __init__(self, ledger: Store) -> None:
-        from ..stores.memory import MemoryStore
+        from .memory import MemoryStore
 
         self._lock: threading.RLock | None = None
         self._clock: Callable[[], float] | None = None
@@ -180,7 +180,7 @@ class GovStore(GovernanceStore):
             S.metadata.create_all(self.engine, tables=list(_GOV_TABLES))
             self._pid = os.getpid()
             return
-        from ..stores.sql import SQLStore
+        from .sql import SQLStore
 
         if not isinstance(ledger, SQLStore):
             raise ConfigError(
