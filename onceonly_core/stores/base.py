@@ -101,6 +101,9 @@ class Store(abc.ABC):
     #: them in a worker thread instead of on the event loop.
     blocking: bool = True
 
+    #: The backend's name: ``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``.
+    kind: str = "custom"
+
     @abc.abstractmethod
     def get(self, namespace: str, key: str) -> Record | None: ...
 

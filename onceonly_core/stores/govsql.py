@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import sqlalchemy as sa
 
@@ -156,18 +156,35 @@ _MOVE_HEAD = (
 )
 
 
+class SQLLedger(Protocol):
+    """A SQL ledger as GovStore sees it (``stores/sql.py``'s SQLStore): an interface, so
+    the ledgers' modules import this one and never the other way round."""
+
+    kind: str
+    url: sa.URL
+    synchronous: str  # SQLite
+    connect_args: dict[str, Any]  # PostgreSQL, MySQL
+
+    @property
+    def busy_timeout(self) -> float: ...
+
+    def ensure_schema(self) -> None: ...
+
+
+def _sql_ledger(ledger: Store) -> TypeGuard[SQLLedger]:
+    return ledger.kind in ("sqlite", "postgresql", "mysql")
+
+
 class GovStore(GovernanceStore):
     """Governance primitives over the ledger's database (see the module docstring)."""
 
     def __init__(self, ledger: Store) -> None:
-        from .memory import MemoryStore
-
         self._lock: threading.RLock | None = None
         self._clock: Callable[[], float] | None = None
         self._local = threading.local()
         self._reader: sa.Engine | None = None
         self._snap: Any = None
-        if isinstance(ledger, MemoryStore):
+        if ledger.kind == "memory":
             self.kind = "memory"
             self.engine = sa.create_engine(
                 "sqlite://",
@@ -180,9 +197,7 @@ class GovStore(GovernanceStore):
             S.metadata.create_all(self.engine, tables=list(_GOV_TABLES))
             self._pid = os.getpid()
             return
-        from .sql import SQLStore
-
-        if not isinstance(ledger, SQLStore):
+        if not _sql_ledger(ledger):
             raise ConfigError(
                 f"governance needs a SQL or memory ledger, not {type(ledger).__name__}"
             )

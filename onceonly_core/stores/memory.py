@@ -24,6 +24,7 @@ class MemoryStore(Store):
     """Every primitive runs under one lock, so each is atomic like a SQL statement."""
 
     blocking = False
+    kind = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._rows: dict[tuple[str, str], Record] = {}
