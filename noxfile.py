@@ -1,7 +1,8 @@
 """Developer and CI tasks. `python -m nox` runs lint, typecheck, core, integration, tests and
 docs, in that order.
 
-* ``lint``: ruff check and ruff format --check.
+* ``lint``: ruff check and ruff format --check; import-linter's contracts (the layers read
+  top-down, no import cycles, each framework and extra imported in its one place).
 * ``typecheck``: mypy --strict on the onceonly_core package.
 * ``core``: the core install alone (no extras); proves no optional dependency leaks in,
   then runs tests/core on the memory and SQLite ledgers.
@@ -86,12 +87,16 @@ def _passthrough_env() -> dict[str, str]:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff check + ruff format --check."""
+    """ruff check + ruff format --check + import-linter (pyproject's [tool.importlinter])."""
     session.install(*LINT_DEPS)
     # Empty folders are not in a git checkout; ruff refuses paths that do not exist.
     paths = [path for path in LINT_PATHS if (ROOT / path).exists()]
     session.run("ruff", "check", *paths)
     session.run("ruff", "format", "--check", *paths)
+    # Reads the sources, imports nothing: no extra is installed. The checkout is on the
+    # path (lint-imports adds the working directory), the integration packages through
+    # PYTHONPATH, as in a wheel where they are top-level packages.
+    session.run("lint-imports", env={"PYTHONPATH": str(ROOT / "integrations")})
 
 
 @nox.session(python=PYTHON)

@@ -29,9 +29,9 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from .contract import Classification
     from .governance.engine import Governance, Request
     from .governance.models import ToolResult
-    from .telemetry import Observer
 
 __all__ = [
     "BLOCKED",
@@ -97,6 +96,26 @@ def current_call() -> CallContext | None:
 def current_run_id() -> str | None:
     """The run id set by ``with guard.run(...)`` in this thread/task, or None."""
     return _run_id.get()
+
+
+_T = TypeVar("_T")
+
+
+class CallObserver(Protocol):
+    """Wraps each call the guard makes: a ledger ``Call`` or a governance ``Request``,
+    and a function doing it. :func:`onceonly_core.telemetry.instrument` installs one
+    (``telemetry.Observer``); it is defined here and implemented above, so the guard never
+    imports telemetry."""
+
+    @property
+    def logs(self) -> bool:
+        """True when the observer writes the per-call decision records itself."""
+
+    def run(self, subject: Call | Request, fn: Callable[..., _T], *args: Any) -> _T: ...
+
+    async def arun(
+        self, subject: Call | Request, fn: Callable[..., Awaitable[_T]], *args: Any
+    ) -> _T: ...
 
 
 @dataclass(slots=True)
@@ -300,7 +319,7 @@ class Guard:
         self._heartbeats = _Heartbeats(self)
         # Set by onceonly_core.telemetry.instrument(): wraps each call in a span (and a
         # log record). None, the default, costs one attribute read per call.
-        self._observer: Observer | None = None
+        self._observer: CallObserver | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # Warns (once) when a tool's arguments never repeat; None: ONCEONLY_KEY_HEALTH at
         # first use (docs/keys.md, "Keys that never repeat").
@@ -391,7 +410,7 @@ class Guard:
             self._check_governance(self._store or self._url or os.environ.get("ONCEONLY_DB_URL"))
             with self._config_lock:
                 if self._gov is None:
-                    self._gov = Governance(self)
+                    self._gov = Governance(_GovernancePort(self))
         return self._gov  # type: ignore[no-any-return]
 
     @staticmethod
@@ -1491,6 +1510,82 @@ def _mapping(tool: str, args: Any) -> dict[str, Any]:
         if type(k) is not str:
             raise ConfigError(f"{tool}: argument names must be strings, got {k!r}")
     return out
+
+
+class _GovernancePort:
+    """The guard as governance sees it (:class:`onceonly_core.governance.engine.Facade`).
+
+    Governance sits below the facade and never imports it: ``Guard.gov`` hands it this,
+    so the engine reaches the guard through a typed interface, never its privates."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+
+    @property
+    def namespace(self) -> str:
+        return self._guard.namespace
+
+    @property
+    def given_ledger(self) -> Store | None:
+        return self._guard._store
+
+    @property
+    def ledger(self) -> Store:
+        return self._guard.store
+
+    def current_call(self) -> CallContext | None:
+        return _current.get()
+
+    def run_by_name(
+        self,
+        fn: Callable[..., Any],
+        args: Mapping[str, Any] | None,
+        *,
+        tool: str,
+        agent_id: str,
+        spend_usd: float | None,
+        run_id: str | None,
+        **options: Any,
+    ) -> ToolResult:
+        return self._guard.call_tool(
+            fn,
+            args,
+            tool=tool,
+            agent_id=agent_id,
+            spend_usd=spend_usd,
+            run_id=run_id,
+            _by_name=True,
+            **options,
+        )
+
+    async def arun_by_name(
+        self,
+        fn: Callable[..., Any],
+        args: Mapping[str, Any] | None,
+        *,
+        tool: str,
+        agent_id: str,
+        spend_usd: float | None,
+        run_id: str | None,
+        **options: Any,
+    ) -> ToolResult:
+        return await self._guard.acall_tool(
+            fn,
+            args,
+            tool=tool,
+            agent_id=agent_id,
+            spend_usd=spend_usd,
+            run_id=run_id,
+            _by_name=True,
+            **options,
+        )
+
+    def not_found(
+        self, tool: str, agent_id: str, args: Mapping[str, Any] | None, run_id: str | None
+    ) -> ToolResult:
+        return self._guard._not_found(tool, agent_id, args, run_id)
 
 
 class _Scope:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .codec import ResultCodec
@@ -136,11 +136,81 @@ class Outcome:
 
 
 # -- ops yielded by flow(), carried out by a driver ------------------------------------
-@dataclass(slots=True)
+# One class per store primitive, so mypy checks the arguments of every store call; the
+# driver calls ``op.run(store)``. Plain slotted dataclasses, not frozen: a frozen
+# dataclass's __init__ sets each field through object.__setattr__, several times the cost
+# of these on the hot path (two ops per call), and nothing keeps an op after its run.
 class StoreOp:
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    """A store primitive the flow needs done (see :class:`~onceonly_core.stores.base.Store`)."""
+
+    __slots__ = ()
+
+    def run(self, store: Store) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class Claim(StoreOp):
+    namespace: str
+    key: str
+    new: NewClaim
+
+    def run(self, store: Store) -> Record:
+        return store.claim(self.namespace, self.key, self.new)
+
+
+@dataclass(slots=True)
+class TakeOver(StoreOp):
+    namespace: str
+    key: str
+    seen: Record
+    new: NewClaim
+    force: bool = False
+
+    def run(self, store: Store) -> Record | None:
+        return store.take_over(self.namespace, self.key, self.seen, self.new, force=self.force)
+
+
+@dataclass(slots=True)
+class Get(StoreOp):
+    namespace: str
+    key: str
+
+    def run(self, store: Store) -> Record | None:
+        return store.get(self.namespace, self.key)
+
+
+@dataclass(slots=True)
+class Heartbeat(StoreOp):
+    namespace: str
+    key: str
+    token: int
+    lease: float  # < 0: give the key back at once
+
+    def run(self, store: Store) -> bool:
+        return store.heartbeat(self.namespace, self.key, self.token, self.lease)
+
+
+@dataclass(slots=True)
+class Finish(StoreOp):
+    namespace: str
+    key: str
+    token: int
+    ok: bool
+    result: str | None = None
+    error: str | None = None
+    ttl: float | None = None
+
+    def run(self, store: Store) -> bool:
+        return store.finish(
+            self.namespace,
+            self.key,
+            self.token,
+            ok=self.ok,
+            result=self.result,
+            error=self.error,
+            ttl=self.ttl,
+        )
 
 
 @dataclass(slots=True)
@@ -253,17 +323,17 @@ Op = StoreOp | Sleep | Execute | Reconcile
 
 def flow(call: Call) -> Generator[Op, Any, Outcome]:
     ns, key, opts = call.namespace, call.key, call.opts
-    rec: Record | None = yield StoreOp("claim", (ns, key, call.new))
+    rec: Record | None = yield Claim(ns, key, call.new)
     deadline: float | None = None
     delay = 0.002
     while True:
         if rec is None:  # purged while we looked: claim afresh
-            rec = yield StoreOp("claim", (ns, key, call.new))
+            rec = yield Claim(ns, key, call.new)
             continue
         if call.force and not rec.mine:
-            taken = yield StoreOp("take_over", (ns, key, rec, call.new), {"force": True})
+            taken = yield TakeOver(ns, key, rec, call.new, force=True)
             if taken is None:
-                rec = yield StoreOp("get", (ns, key))
+                rec = yield Get(ns, key)
                 continue
             rec = taken
             break
@@ -296,15 +366,15 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
                 raise InProgress(ns, key, rec.owner)
             yield Sleep(min(delay, deadline - now))
             delay = min(delay * 2, 0.25)
-            rec = yield StoreOp("get", (ns, key))
+            rec = yield Get(ns, key)
             continue
         if d == UNKNOWN and opts.on_unknown == "raise":
             raise UnknownOutcome(ns, key, rec.owner, rec.token)
         # TAKE_OVER, or UNKNOWN with retry/reconcile: fence first (token + 1), so that
         # exactly one caller proceeds and the old owner can no longer complete.
-        taken = yield StoreOp("take_over", (ns, key, rec, call.new))
+        taken = yield TakeOver(ns, key, rec, call.new)
         if taken is None:
-            rec = yield StoreOp("get", (ns, key))
+            rec = yield Get(ns, key)
             continue
         if d == UNKNOWN and callable(opts.on_unknown):
             ctx = _context(call, taken)
@@ -313,7 +383,7 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
             except BaseException:
                 # The reconciler failed: give the key back at once, outcome still unknown.
                 with contextlib.suppress(StoreError):
-                    yield StoreOp("heartbeat", (ns, key, taken.token, -1.0))
+                    yield Heartbeat(ns, key, taken.token, -1.0)
                 raise
             if verdict is not NOT_DONE:
                 yield from _record_success(call, taken, verdict)
@@ -348,15 +418,13 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
         # The tool failed: release the key (a failure is not a result) so a retry runs.
         # If this write fails the lease expires on its own; the tool's error matters more.
         with contextlib.suppress(StoreError):
-            yield StoreOp(
-                "finish", (ns, key, rec.token), {"ok": False, "error": error_text(ran.error)}
-            )
+            yield Finish(ns, key, rec.token, ok=False, error=error_text(ran.error))
     else:
         # Interrupted (cancelled task, KeyboardInterrupt, SystemExit): whether the effect
         # happened is unknown. Expire the lease now, so the next caller applies the
         # unknown-outcome policy at once instead of waiting out the lease.
         with contextlib.suppress(StoreError):
-            yield StoreOp("heartbeat", (ns, key, rec.token, -1.0))
+            yield Heartbeat(ns, key, rec.token, -1.0)
     raise ran.error
 
 
@@ -423,10 +491,14 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
         if pause:
             yield Sleep(pause)
         try:
-            done = yield StoreOp(
-                "finish",
-                (call.namespace, call.key, rec.token),
-                {"ok": True, "result": text, "error": note, "ttl": call.opts.ttl},
+            done = yield Finish(
+                call.namespace,
+                call.key,
+                rec.token,
+                ok=True,
+                result=text,
+                error=note,
+                ttl=call.opts.ttl,
             )
         except StoreError as err:
             if i == len(FINISH_RETRIES):
@@ -443,7 +515,7 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
                 # An earlier attempt may have committed and lost only its reply (connection
                 # dropped): a succeeded record still carrying our token was written by us.
                 try:
-                    now = yield StoreOp("get", (call.namespace, call.key))
+                    now = yield Get(call.namespace, call.key)
                 except StoreError:
                     now = None
                 if now is not None and now.token == rec.token and now.state == SUCCEEDED:
@@ -469,8 +541,8 @@ def run_sync(
         error = None
         send = None
         try:
-            if type(op) is StoreOp:
-                send = getattr(store, op.method)(*op.args, **op.kwargs)
+            if isinstance(op, StoreOp):
+                send = op.run(store)
             elif type(op) is Sleep:
                 time.sleep(op.seconds)
             elif type(op) is Execute:
@@ -501,10 +573,9 @@ async def run_async(
         error = None
         send = None
         try:
-            if type(op) is StoreOp:
-                method = getattr(store, op.method)
-                if store.blocking and not (op.method == "heartbeat" and op.args[-1] < 0):
-                    task = asyncio.ensure_future(asyncio.to_thread(method, *op.args, **op.kwargs))
+            if isinstance(op, StoreOp):
+                if store.blocking and not (type(op) is Heartbeat and op.lease < 0):
+                    task = asyncio.ensure_future(asyncio.to_thread(op.run, store))
                     try:
                         send = await asyncio.shield(task)
                     except asyncio.CancelledError:
@@ -518,7 +589,7 @@ async def run_async(
                 else:
                     # Releasing a lease runs inline: it must happen even when the task
                     # has just been cancelled, and awaiting again could be cancelled too.
-                    send = method(*op.args, **op.kwargs)
+                    send = op.run(store)
             elif type(op) is Sleep:
                 await asyncio.sleep(op.seconds)
             elif type(op) is Execute:

@@ -107,7 +107,8 @@ class _Instruments:
 
 
 class Observer:
-    """What :func:`instrument` installs on a Guard (``guard._observer``).
+    """What :func:`instrument` installs on a Guard (``guard._observer``): an
+    implementation of :class:`onceonly_core.guard.CallObserver`.
 
     The Guard calls :meth:`run` (or :meth:`arun`) with the call it is about to make — a
     ledger ``Call`` or a governance ``Request`` — and a function doing it.

@@ -1,19 +1,15 @@
 """The typer application behind ``onceonly`` (imported only when typer and rich exist)."""
 
-import contextlib
 import json
-import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from enum import Enum
 from typing import Annotated, Any, NoReturn
 
 import sqlalchemy as sa
 import typer
-from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -28,38 +24,40 @@ from ..stores import (
     RUNNING,
     STATES,
     SUCCEEDED,
-    MemoryStore,
     Record,
     Store,
     check_url,
-    open_store,
 )
-
-DEFAULT_URL = "sqlite:///onceonly.db"
-URL_ENV = "ONCEONLY_DB_URL"
-NAMESPACE_ENV = "ONCEONLY_NAMESPACE"
+from ._common import (
+    DEFAULT_URL,
+    NAMESPACE_ENV,
+    URL_ENV,
+    CliError,
+    JsonOpt,
+    UrlOpt,
+    _busy,
+    _console,
+    _emit_json,
+    _interactive,
+    _note,
+    _open,
+    _session,
+    _short_key,
+    _shown,
+    _table,
+    _when,
+)
+from .dashboard import register as _register_dashboard
+from .doctor import doctor as _doctor
+from .gov import register as _register_gov
+from .mcp import register as _register_mcp
+from .notify import register as _register_notify
+from .server import register as _register_server
 
 STATE_STYLES = {RUNNING: "yellow", SUCCEEDED: "green", FAILED: "red", CLEARED: "dim"}
 
 
-class CliError(OnceOnlyError):
-    """A problem the user can fix, reported as one message and exit status 1."""
-
-
 # -- errors: one message, exit status 1, no traceback --------------------------------------
-@dataclass
-class _Session:
-    url: str = DEFAULT_URL
-
-
-_session = _Session()
-
-
-def _shown(url: str) -> str:
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
 
 
 def _fail(message: str) -> NoReturn:
@@ -99,20 +97,8 @@ class _Group(TyperGroup):
 
 
 # -- options shared by the commands ------------------------------------------------------
-def _url_callback(value: str) -> str:
-    _session.url = value
-    return value
 
 
-UrlOpt = Annotated[
-    str,
-    typer.Option(
-        "--url",
-        envvar=URL_ENV,
-        help="Ledger URL: sqlite:///file.db, postgresql+psycopg://..., mysql+pymysql://...",
-        callback=_url_callback,
-    ),
-]
 ReadNamespaceOpt = Annotated[
     str | None,
     typer.Option(
@@ -133,7 +119,6 @@ WriteNamespaceOpt = Annotated[
         show_default=False,
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 ResultsOpt = Annotated[
     bool,
     typer.Option("--results", help="Also show stored results (they may hold secrets)."),
@@ -185,55 +170,6 @@ def _root(
 
 
 # -- helpers -----------------------------------------------------------------------------
-@contextlib.contextmanager
-def _open(url: str, *, create: bool = False) -> Iterator[Store]:
-    """The ledger at ``url``. Reading never creates a ledger or its schema."""
-    _session.url = url
-    check_url(url)  # "ledger.db" gets "did you mean sqlite:///ledger.db"
-    store: Store
-    if url.startswith("memory:"):
-        _note("memory:// lives inside one process: this ledger starts empty")
-        store = MemoryStore()
-    elif url.startswith(REDIS_SCHEMES):
-        store = open_store(url)  # nothing to create: Redis has no schema
-    else:
-        from ..stores.sql import SQLStore
-
-        sql = SQLStore(url, auto_migrate=create)
-        if sql.kind == "sqlite" and not create and not sql.path.exists():
-            raise CliError(
-                f"no ledger at {sql.path.resolve()}: nothing has run with this URL yet. "
-                f"Point --url (or {URL_ENV}) at your ledger, or make one: onceonly demo"
-            )
-        store = sql
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def _console() -> Console:
-    """stdout; wide when it is not a terminal, so piped tables are not cut."""
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, width=200)
-    return console
-
-
-def _busy(message: str, as_json: bool = False) -> contextlib.AbstractContextManager[Any]:
-    """A spinner on stderr for operations that may take a while (migrate, verify, purge),
-    only for a person at a terminal: scripts (``--json``, pipes) see nothing extra."""
-    if as_json or not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    return Console(stderr=True).status(message)
-
-
-def _note(text: str) -> None:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text(text, style="dim"))
-
-
-def _emit_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _decode_result(text: str | None) -> Any:
@@ -270,17 +206,6 @@ def _record_json(r: Record, results: bool) -> dict[str, Any]:
     return out
 
 
-def _short_key(key: str) -> str:
-    return key if len(key) <= 14 else key[:10] + "…"
-
-
-def _when(ts: float) -> str:
-    t = time.localtime(ts)
-    if time.strftime("%Y-%m-%d", t) == time.strftime("%Y-%m-%d"):
-        return time.strftime("%H:%M:%S", t)
-    return time.strftime("%Y-%m-%d %H:%M", t)
-
-
 def _error_summary(error: str | None, width: int = 60) -> str:
     if not error:
         return ""
@@ -293,19 +218,6 @@ def _error_summary(error: str | None, width: int = 60) -> str:
 
 def _state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
-
-
-def _table(title: str | None = None) -> Table:
-    return Table(
-        title=title,
-        title_justify="left",
-        title_style="bold",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
 
 
 def _records_table(
@@ -384,10 +296,6 @@ def _empty(store: Store, namespace: str | None, what: str = "records") -> str:
             recent.append(r.namespace)
     hint = f" Recent namespaces: {', '.join(recent[:6])}." if recent else " The ledger is empty."
     return f"No {what} in namespace {namespace!r} (or its workflows {namespace}/...).{hint}"
-
-
-def _interactive() -> bool:
-    return sys.stdin.isatty()
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -719,36 +627,10 @@ def demo(
         raise typer.Exit(1)
 
 
-# -- onceonly doctor (cli/doctor.py) ---------------------------------------------------------
-from .doctor import doctor as _doctor  # noqa: E402
-
+# -- the other modules' commands, in the order help lists them -----------------------------
 app.command("doctor")(_doctor)
-del _doctor
-
-# -- governance: policy, agent, tools, approvals, audit, timeline (cli/gov.py) ------------
-from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)
-
-del _gov
-
-# -- notifications: notify list | retry | deliver (cli/notify.py) --------------------------
-from . import notify as _notify  # noqa: E402  (it registers its commands on `app`)
-
-del _notify
-
-# -- the server: serve, worker, server/keys create|list|revoke (server/cli.py) -------------
-from ..server.cli import register as _register_server  # noqa: E402
-
-_register_server(app)
-del _register_server
-
-# -- the dashboard: onceonly dashboard (dashboard/cli.py) -----------------------------------
-from ..dashboard.cli import register as _register_dashboard  # noqa: E402
-
-_register_dashboard(app)
-del _register_dashboard
-
-# -- the MCP guard: onceonly mcp-proxy (mcp/cli.py) -----------------------------------------
-from ..mcp.cli import register as _register_mcp  # noqa: E402
-
-_register_mcp(app)
-del _register_mcp
+_register_gov(app)  # policy, agent, tools, approvals, audit, timeline (cli/gov.py)
+_register_notify(app)  # notify list | retry | deliver (cli/notify.py)
+_register_server(app)  # serve, worker, keys create|list|revoke, server ... (cli/server.py)
+_register_dashboard(app)  # dashboard (cli/dashboard.py)
+_register_mcp(app)  # mcp-proxy (cli/mcp.py)

@@ -28,7 +28,16 @@ from rich.text import Text
 
 from ..errors import ConfigError, MissingExtraError, OnceOnlyError, StoreError
 from ..stores import check_url
-from .app import DEFAULT_URL, NAMESPACE_ENV, URL_ENV, JsonOpt, _console, _emit_json, _shown, _table
+from ._common import (
+    DEFAULT_URL,
+    NAMESPACE_ENV,
+    URL_ENV,
+    JsonOpt,
+    _console,
+    _emit_json,
+    _shown,
+    _table,
+)
 
 OK, WARN, FAIL, OFF = "ok", "warn", "fail", "off"
 MARKS = {OK: ("✓", "green"), WARN: ("!", "yellow"), FAIL: ("✗", "bold red"), OFF: ("·", "dim")}

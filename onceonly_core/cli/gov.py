@@ -7,8 +7,7 @@ ledger at ``--url``, through the Python API (``guard.gov``). Reads never create 
 writes to a SQLite URL create the file like the first guarded call would, and a server
 database needs ``onceonly migrate`` first.
 
-Importing this module registers its commands on the ``onceonly`` app (``app.py`` imports
-it at its end).
+``app.py`` registers these commands on the ``onceonly`` app (:func:`register`).
 """
 
 import contextlib
@@ -31,7 +30,7 @@ from rich.text import Text
 from ..governance.models import Policy
 from ..governance.templates import TEMPLATES, template
 from ..guard import Guard
-from .app import (
+from ._common import (
     DEFAULT_URL,
     NAMESPACE_ENV,
     CliError,
@@ -46,7 +45,6 @@ from .app import (
     _short_key,
     _table,
     _when,
-    app,
 )
 
 if TYPE_CHECKING:
@@ -1125,9 +1123,11 @@ def timeline(
 
 
 # -- registration ------------------------------------------------------------------------
-app.add_typer(policy_app, name="policy")
-app.add_typer(agent_app, name="agent")
-app.add_typer(tools_app, name="tools")
-app.add_typer(approvals_app, name="approvals")
-app.add_typer(audit_app, name="audit")
-app.command("timeline")(timeline)
+def register(app: typer.Typer) -> None:
+    """Add the governance commands to the ``onceonly`` app."""
+    app.add_typer(policy_app, name="policy")
+    app.add_typer(agent_app, name="agent")
+    app.add_typer(tools_app, name="tools")
+    app.add_typer(approvals_app, name="approvals")
+    app.add_typer(audit_app, name="audit")
+    app.command("timeline")(timeline)

@@ -1,7 +1,7 @@
 """Notifications from the shell: ``onceonly notify list | retry | deliver`` (the outbox's
 dead-letter view and its deliverer; ``docs/notifications.md``).
 
-Importing this module registers ``notify`` on the ``onceonly`` app (``app.py`` imports it).
+``register(app)`` adds ``notify`` to the ``onceonly`` app (``app.py`` calls it).
 """
 
 import contextlib
@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from ..governance.outbox import Deliverer, Settings
-from .app import (
+from ._common import (
     DEFAULT_URL,
     CliError,
     JsonOpt,
@@ -23,7 +23,6 @@ from .app import (
     _note,
     _table,
     _when,
-    app,
 )
 from .gov import DEFAULT_NAMESPACE, NamespaceOpt, _governance
 
@@ -135,4 +134,6 @@ def notify_deliver(
             _note("every notification is delivered or dead (see: onceonly notify list)")
 
 
-app.add_typer(notify_app, name="notify")
+def register(app: typer.Typer) -> None:
+    """Add ``onceonly notify list | retry | deliver`` to the ``onceonly`` app."""
+    app.add_typer(notify_app, name="notify")

@@ -23,12 +23,12 @@ import logging
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..egress import check_url
 from ..errors import ConfigError, OnceOnlyError
 from ..protocol import safe_str
-from .base import GovernanceStore, Reservation, Want
+from ..stores.governance import GovernanceStore, Reservation, Want
 from .models import (
     AgentMetrics,
     Approval,
@@ -43,8 +43,8 @@ from .models import (
 from .templates import template
 
 if TYPE_CHECKING:
-    from ..guard import Guard
-    from ..protocol import Outcome
+    from ..protocol import CallContext, Outcome
+    from ..stores.base import Store
 
 __all__ = ["Governance", "Verdict", "evaluate"]
 
@@ -618,17 +618,72 @@ def _g(gov: Governance, op: G) -> Any:
 
 
 # -- the API ------------------------------------------------------------------------------
+class Facade(Protocol):
+    """The guard facade as governance sees it.
+
+    The guard sits above governance and imports it; governance never imports the guard.
+    ``Guard.gov`` hands :class:`Governance` an implementation of this (guard.py's
+    ``_GovernancePort``): the ledger, the tenant, and the call path to run a registered
+    tool by name."""
+
+    @property
+    def namespace(self) -> str:
+        """The tenant."""
+
+    @property
+    def given_ledger(self) -> Store | None:
+        """The store handed to the Guard, if any (checked at once; a URL opens later)."""
+
+    @property
+    def ledger(self) -> Store:
+        """The guard's ledger, opened at first use."""
+
+    def current_call(self) -> CallContext | None:
+        """The context of the guarded call running in this thread/task."""
+
+    def run_by_name(
+        self,
+        fn: Callable[..., Any],
+        args: Mapping[str, Any] | None,
+        *,
+        tool: str,
+        agent_id: str,
+        spend_usd: float | None,
+        run_id: str | None,
+        **options: Any,
+    ) -> ToolResult:
+        """Run a registered tool by name on the call path, governed (tenant-wide scope)."""
+
+    async def arun_by_name(
+        self,
+        fn: Callable[..., Any],
+        args: Mapping[str, Any] | None,
+        *,
+        tool: str,
+        agent_id: str,
+        spend_usd: float | None,
+        run_id: str | None,
+        **options: Any,
+    ) -> ToolResult:
+        """:meth:`run_by_name` for async code."""
+
+    def not_found(
+        self, tool: str, agent_id: str, args: Mapping[str, Any] | None, run_id: str | None
+    ) -> ToolResult:
+        """A tool nobody registered, run by name: blocked, audited, on the timeline."""
+
+
 class Governance:
     """Policies, kill switch, tools registry, approvals, audit, metrics and timelines,
     in the guard's ledger database, scoped to the guard's namespace (the tenant).
 
     Reached as ``guard.gov``. Names follow the OnceOnly SDK."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Facade) -> None:
         from .redact import default_redactor
 
         self._guard = guard
-        ledger = getattr(guard, "_store", None)  # a store given to the Guard: check it now
+        ledger = guard.given_ledger  # a store given to the Guard: check it now
         if ledger is not None:
             _supports_governance(ledger)
         self._store: GovernanceStore | None = None
@@ -643,7 +698,7 @@ class Governance:
     @property
     def store(self) -> GovernanceStore:
         if self._store is None:
-            ledger = self._guard.store
+            ledger = self._guard.ledger
             _supports_governance(ledger)
             self._store = ledger.governance_store()
             self._owns_store = True
@@ -875,10 +930,9 @@ class Governance:
         secret = row.get("secret")
 
         def remote(**args: Any) -> Any:
-            from ..guard import current_call
             from .remote import call_http_tool
 
-            ctx = current_call()
+            ctx = self._guard.current_call()
             key = ctx.idempotency_key if ctx else ""
             payload = {"tool": name, "args": args, "agent_id": agent_id}
             return call_http_tool(
@@ -901,16 +955,9 @@ class Governance:
         """Run a registered tool by name, governed and exactly once per (tool, args)."""
         fn = self._resolve(tool, agent_id)
         if fn is None:
-            return self._guard._not_found(tool, agent_id, args, run_id)
-        return self._guard.call_tool(
-            fn,
-            args,
-            tool=tool,
-            agent_id=agent_id,
-            spend_usd=spend_usd,
-            run_id=run_id,
-            _by_name=True,
-            **options,
+            return self._guard.not_found(tool, agent_id, args, run_id)
+        return self._guard.run_by_name(
+            fn, args, tool=tool, agent_id=agent_id, spend_usd=spend_usd, run_id=run_id, **options
         )
 
     async def arun_tool(
@@ -925,16 +972,9 @@ class Governance:
     ) -> ToolResult:
         fn = await asyncio.to_thread(self._resolve, tool, agent_id)
         if fn is None:
-            return await asyncio.to_thread(self._guard._not_found, tool, agent_id, args, run_id)
-        return await self._guard.acall_tool(
-            fn,
-            args,
-            tool=tool,
-            agent_id=agent_id,
-            spend_usd=spend_usd,
-            run_id=run_id,
-            _by_name=True,
-            **options,
+            return await asyncio.to_thread(self._guard.not_found, tool, agent_id, args, run_id)
+        return await self._guard.arun_by_name(
+            fn, args, tool=tool, agent_id=agent_id, spend_usd=spend_usd, run_id=run_id, **options
         )
 
     # -- approvals ------------------------------------------------------------------------
@@ -1007,7 +1047,7 @@ class Governance:
         live = {(h["namespace"], h["idem_key"]) for h in store.pending_holds(scope)}
         known: dict[str, dict[str, set[int | None]]] = {}
         checked = ungoverned = 0
-        for rec in self._guard.store.iter_all(scope):
+        for rec in self._guard.ledger.iter_all(scope):
             if rec.state != "succeeded" or not rec.executions:
                 continue
             if scope is None:

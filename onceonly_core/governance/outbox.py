@@ -2,7 +2,7 @@
 
 A governance decision that notifies (a call blocked, a tool failed) writes its outbox rows
 in the *same transaction* as its audit row (:meth:`GovStore._append
-<onceonly_core.governance.store.GovStore>`): the decision and its notification commit
+<onceonly_core.stores.govsql.GovStore>`): the decision and its notification commit
 together or not at all. ``run_failed`` and ``budget_threshold`` are written in their own
 transaction right after the event that raised them. One row per destination:
 
@@ -55,13 +55,14 @@ import sqlalchemy as sa
 from .. import egress
 from ..errors import ConfigError
 from ..protocol import safe_str
+from ..stores import govsql as _govsql
 from ..stores import schema as S
 from .redact import default_redactor
 from .remote import _safe_url
 from .signing import _ID, sign
 
 if TYPE_CHECKING:
-    from .store import GovStore
+    from ..stores.govsql import GovStore
 
 __all__ = ["STATES", "Deliverer", "Settings", "add", "make_event"]
 
@@ -636,3 +637,8 @@ def _mail(c: _Claim, sender: str, to: str) -> EmailMessage:
     msg["Message-ID"] = f"<{c.event_id}@onceonly>"
     msg.set_content(text + "\n\n" + json.dumps(ev, indent=2, sort_keys=True) + "\n")
     return msg
+
+
+# The SQL governance store writes a decision's notification in the decision's transaction
+# through this hook (the stores layer never imports governance).
+_govsql.notification_writer = add

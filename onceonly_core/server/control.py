@@ -228,7 +228,7 @@ class ControlPlane:
     def gov_store(self) -> Any:
         """One governance store (one pool) shared by every tenant's Governance."""
         if self._gov_store is None:
-            from ..governance.store import GovStore
+            from ..stores.govsql import GovStore
 
             with self._guards_lock:
                 if self._gov_store is None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..governance.base import GovernanceStore
+    from .governance import GovernanceStore
 
 __all__ = [
     "CLEARED",
@@ -100,6 +100,9 @@ class Store(abc.ABC):
     #: True when primitives may block (network, disk locks): async callers then run
     #: them in a worker thread instead of on the event loop.
     blocking: bool = True
+
+    #: The backend's name: ``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``.
+    kind: str = "custom"
 
     @abc.abstractmethod
     def get(self, namespace: str, key: str) -> Record | None: ...

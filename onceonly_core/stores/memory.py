@@ -17,13 +17,14 @@ from .base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 __all__ = ["MemoryStore"]
 
 if TYPE_CHECKING:
-    from ..governance.base import GovernanceStore
+    from .governance import GovernanceStore
 
 
 class MemoryStore(Store):
     """Every primitive runs under one lock, so each is atomic like a SQL statement."""
 
     blocking = False
+    kind = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._rows: dict[tuple[str, str], Record] = {}
@@ -185,6 +186,6 @@ class MemoryStore(Store):
         return rows[:limit]
 
     def governance_store(self) -> GovernanceStore:
-        from ..governance.store import GovStore
+        from .govsql import GovStore
 
         return GovStore(self)

@@ -46,7 +46,7 @@ from ..errors import ConfigError, MissingExtraError, StoreError
 from .base import RUNNING, NewClaim, Record, Store
 
 if TYPE_CHECKING:
-    from ..governance.base import GovernanceStore
+    from .governance import GovernanceStore
 
 try:
     import redis
@@ -717,8 +717,8 @@ class RedisStore(Store):
 
     def governance_store(self) -> GovernanceStore:
         """Policies, caps, approvals, the kill switch and the audit chain in this Redis,
-        each primitive one script (onceonly_core.governance.redis_store)."""
-        from ..governance.redis_store import RedisGovernanceStore
+        each primitive one script (onceonly_core.stores.redisgov)."""
+        from .redisgov import RedisGovernanceStore
 
         return RedisGovernanceStore(self)
 

@@ -51,9 +51,9 @@ from .base import CLEARED, RUNNING, NewClaim, Record, Store
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
-    from ..governance.base import GovernanceStore
+    from .governance import GovernanceStore
 
-__all__ = ["SQLStore"]
+__all__ = ["MySQLStore", "PostgresStore", "SQLStore", "SQLiteStore"]
 
 _COLS = (
     "namespace, idem_key, tool, state, token, owner, attempt, executions, lease_until, "
@@ -138,10 +138,6 @@ _NOW = {
 }
 
 _BACKENDS = {"sqlite": "sqlite", "postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
-_DRIVERS = {
-    "postgresql": ("psycopg", "postgres", "psycopg"),
-    "mysql": ("pymysql", "mysql", "PyMySQL"),
-}
 
 
 def _render(sql: str, kind: str) -> str:
@@ -190,10 +186,30 @@ class SQLStore(Store):
     ``sqlite:///path.db`` (``?synchronous=normal`` trades power-loss durability for
     speed), ``postgresql+psycopg://…``, ``mysql+pymysql://…`` / ``mariadb+pymysql://…``.
 
+    ``SQLStore(url)`` returns the dialect's subclass — :class:`SQLiteStore`,
+    :class:`PostgresStore` or :class:`MySQLStore` — each holding what its dialect does
+    differently (connections, the claim, the clock); the statements are shared (``_SQL``,
+    rendered per dialect) and everything else is here.
+
     ``auto_migrate``: create or upgrade the schema on first use. Defaults to True for
     SQLite (the embedded default creates itself) and False for servers, where
     ``onceonly migrate`` owns the schema.
     """
+
+    #: The claim statement before rendering.
+    _CLAIM: str = _SQL["insert"]
+    #: Whether the schema is created on first use unless ``auto_migrate`` says otherwise.
+    _MIGRATES_ITSELF = False
+
+    # Set by one dialect only.
+    path: Path  # SQLite: the database file
+    synchronous: str  # SQLite: FULL, NORMAL or EXTRA
+    connect_args: dict[str, Any]  # servers: what each new connection is given
+
+    def __new__(cls, url: str | sa.URL, **options: Any) -> SQLStore:
+        if cls is SQLStore:  # SQLStore(url): the dialect's class
+            cls = _DIALECTS[_backend(_parse(url))]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -204,135 +220,56 @@ class SQLStore(Store):
         busy_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        try:
-            self.url = sa.make_url(url)
-        except sa.exc.ArgumentError as err:
-            raise ConfigError(f"not a database URL: {url!r} ({err})") from None
-        backend = self.url.get_backend_name()
-        if backend not in _BACKENDS:
+        self.url = _parse(url)
+        backend = _backend(self.url)
+        if backend != self.kind:
             raise ConfigError(
-                f"unsupported database {backend!r} in {self.url.render_as_string()}: use "
-                "sqlite:///file.db, postgresql+psycopg://..., mysql+pymysql://... or memory://"
+                f"{type(self).__name__} is the {self.kind} ledger, not {backend}: "
+                "SQLStore(url) picks the class from the URL"
             )
-        self.kind = _BACKENDS[backend]
-        self.auto_migrate = (self.kind == "sqlite") if auto_migrate is None else auto_migrate
+        self.auto_migrate = self._MIGRATES_ITSELF if auto_migrate is None else auto_migrate
         self._busy = busy_timeout
         self._pid = os.getpid()
         self._ready = False
         self._ready_lock = threading.Lock()
         self._sql = {name: _render(text, self.kind) for name, text in _SQL.items()}
+        self._claim_sql = _render(self._CLAIM, self.kind)
         self._engine: sa.Engine | None = None
-        if self.kind == "sqlite":
-            self._init_sqlite()
-        else:
-            module, extra, dist = _DRIVERS[self.kind]
-            try:
-                __import__(module)
-            except ImportError:
-                raise MissingExtraError(f"the {self.kind} store", extra, dist) from None
-            if self.url.drivername in ("postgresql", "postgres"):
-                self.url = self.url.set(drivername="postgresql+psycopg")
-            if self.url.drivername in ("mysql", "mariadb"):
-                self.url = self.url.set(drivername=f"{self.url.drivername}+pymysql")
-            connect_args: dict[str, Any] = {"connect_timeout": int(connect_timeout)}
-            if self.kind == "mysql":
-                # NOW(6) is read in the session time zone: pin it to UTC, so
-                # UNIX_TIMESTAMP(NOW(6)) never meets a daylight-saving gap or overlap.
-                connect_args["init_command"] = "SET time_zone = '+00:00'"
-            self.connect_args = connect_args
-            self._engine = sa.create_engine(
-                self.url,
-                isolation_level="AUTOCOMMIT",
-                pool_size=pool_size,
-                max_overflow=pool_size * 2,
-                pool_reset_on_return=None,  # autocommit: there is never a transaction to end
-                connect_args=connect_args,
-            )
-            self._claim_sql = _render(
-                _PG_CLAIM if self.kind == "postgresql" else _SQL["insert"], self.kind
-            )
-            self._dbapi_error: type[BaseException] = self._engine.dialect.loaded_dbapi.Error
-            self._integrity: type[BaseException] = self._engine.dialect.loaded_dbapi.IntegrityError
+        self._open(pool_size, connect_timeout)
 
-    # -- connections ------------------------------------------------------------------
-    def _init_sqlite(self) -> None:
-        db = self.url.database
-        if not db or db == ":memory:" or db.startswith("file:"):
-            raise ConfigError(
-                "an in-memory SQLite database is private to one connection; "
-                "use memory:// for an in-process ledger or a file path"
-            )
-        self.path = Path(db)
-        query = {k.lower(): str(v).lower() for k, v in self.url.query.items()}
-        sync = query.pop("synchronous", "full")
-        if sync not in ("full", "normal", "extra"):
-            raise ConfigError(f"synchronous must be full, normal or extra, not {sync!r}")
-        if query:
-            raise ConfigError(f"unknown SQLite URL options: {', '.join(sorted(query))}")
-        self.synchronous = sync.upper()
-        self._local = threading.local()
-        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._claim_sql = _render(_SQLITE_INSERT, "sqlite")
-        self._dbapi_error = sqlite3.Error
-        self._integrity = sqlite3.IntegrityError
+    # -- connections (a database server; SQLiteStore overrides) -------------------------
+    #: (module, extra, distribution) of the DBAPI driver.
+    _DRIVER: tuple[str, str, str] = ("", "", "")
 
-    def _sqlite_conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            if not self.path.parent.exists():
-                raise ConfigError(f"the directory of the SQLite ledger does not exist: {self.path}")
-            # One connection per thread (sqlite3 connections are not thread-safe), in
-            # autocommit mode: each statement is its own transaction.
-            try:
-                conn = sqlite3.connect(
-                    str(self.path),
-                    timeout=self._busy,
-                    isolation_level=None,
-                    check_same_thread=True,
-                    factory=_Conn,
-                )
-            except sqlite3.Error as err:
-                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
-            try:
-                self._enable_wal(conn)
-                conn.execute(f"PRAGMA synchronous={self.synchronous}")
-                conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
-            except sqlite3.Error as err:  # e.g. "file is not a database"
-                conn.close()
-                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
-            self._local.conn = conn
-            self._local.pid = os.getpid()
-            self._conns.add(conn)
-        return conn
+    def _open(self, pool_size: int, connect_timeout: float) -> None:
+        module, extra, dist = self._DRIVER
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingExtraError(f"the {self.kind} store", extra, dist) from None
+        self.url = self._with_driver(self.url)
+        self.connect_args = self._connect_args(connect_timeout)
+        self._engine = sa.create_engine(
+            self.url,
+            isolation_level="AUTOCOMMIT",
+            pool_size=pool_size,
+            max_overflow=pool_size * 2,
+            pool_reset_on_return=None,  # autocommit: there is never a transaction to end
+            connect_args=self.connect_args,
+        )
+        self._dbapi_error: type[BaseException] = self._engine.dialect.loaded_dbapi.Error
+        self._integrity: type[BaseException] = self._engine.dialect.loaded_dbapi.IntegrityError
 
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        # Switching a new file to WAL takes an exclusive lock, and SQLite answers a
-        # concurrent switch with SQLITE_BUSY without calling the busy handler; several
-        # processes opening a fresh ledger at once would fail. Retry within busy_timeout.
-        deadline = _monotonic() + self._busy
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as err:
-                if "locked" not in str(err) and "busy" not in str(err):
-                    raise
-                if _monotonic() >= deadline:
-                    raise
-                _sleep(0.005)
+    def _with_driver(self, url: sa.URL) -> sa.URL:
+        """The URL with our driver when it names none."""
+        return url
+
+    def _connect_args(self, connect_timeout: float) -> dict[str, Any]:
+        return {"connect_timeout": int(connect_timeout)}
 
     def engine(self) -> sa.Engine:
-        """The SQLAlchemy engine for operator queries and migrations (created lazily)."""
-        if self._engine is None:
-            # Only SQLite gets here. Its URL options (synchronous=) are ours, applied per
-            # connection in _sqlite_conn; pysqlite would warn about them and ignore them.
-            eng = sa.create_engine(self.url.set(query={}), poolclass=sa.NullPool)
-
-            @sa.event.listens_for(eng, "connect")
-            def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
-                dbapi_conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
-
-            self._engine = eng
+        """The SQLAlchemy engine for operator queries and migrations."""
+        assert self._engine is not None
         if self._pid != os.getpid():
             self._engine.dispose(close=False)  # never reuse a parent's sockets after fork
             self._pid = os.getpid()
@@ -342,15 +279,6 @@ class SQLStore(Store):
         """Execute one statement; return the first row (fetch) or the rowcount."""
         if not self._ready:
             self._ensure_schema()
-        if self.kind == "sqlite":
-            params["now"] = time.time()
-            try:
-                cur = self._sqlite_conn().execute(sql, params)
-                return cur.fetchone() if fetch else cur.rowcount
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.Error as err:
-                raise StoreError(f"SQLite ledger {self.path}: {name} failed: {err}") from err
         conn = self._checkout()
         try:
             cur = conn.cursor()
@@ -395,50 +323,20 @@ class SQLStore(Store):
         with self._ready_lock:
             if self._ready:
                 return
-            if self.kind == "sqlite":
-                self._ensure_sqlite_schema()
-            else:
-                version = self._schema_version()
-                if version != HEAD:
-                    if not self.auto_migrate:
-                        shown = self.url.render_as_string(hide_password=True)
-                        raise SchemaError(
-                            f"the ledger schema in {shown} is "
-                            f"{'missing' if version is None else 'at revision ' + version}; "
-                            f"run: onceonly migrate --url '{shown}'"
-                        )
-                    self.migrate()
+            self._check_schema()
             self._ready = True
 
-    def _ensure_sqlite_schema(self) -> None:
-        conn = self._sqlite_conn()
-        if self._sqlite_version(conn) == HEAD:
-            return
-        if not self.auto_migrate:
-            raise SchemaError(f"the ledger schema in {self.path} is missing; run onceonly migrate")
-        # Several processes may open a new ledger at once: serialise creation with an
-        # flock on a *separate* lock file. Never open and close the database file itself
-        # outside SQLite: closing any descriptor of a file drops every POSIX lock the
-        # process holds on it, including the shared lock by which SQLite's WAL mode knows
-        # a connection is still open — the last other process to close would then
-        # checkpoint and delete the WAL under us (lost commits, "disk image is malformed").
-        lock = self.path.with_name(self.path.name + ".migrate.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if self._sqlite_version(conn) != HEAD:
-                self.migrate()
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    @staticmethod
-    def _sqlite_version(conn: sqlite3.Connection) -> str | None:
-        try:
-            row = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
-        except sqlite3.OperationalError:
-            return None
-        return None if row is None else str(row[0])
+    def _check_schema(self) -> None:
+        version = self._schema_version()
+        if version != HEAD:
+            if not self.auto_migrate:
+                shown = self.url.render_as_string(hide_password=True)
+                raise SchemaError(
+                    f"the ledger schema in {shown} is "
+                    f"{'missing' if version is None else 'at revision ' + version}; "
+                    f"run: onceonly migrate --url '{shown}'"
+                )
+            self.migrate()
 
     def _schema_version(self) -> str | None:
         try:
@@ -473,7 +371,19 @@ class SQLStore(Store):
         return None if row is None else _record(row)
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
-        params: dict[str, Any] = {
+        """The portable claim (MySQL's): insert; a duplicate key means someone holds it,
+        read theirs. The other dialects do better in their own way."""
+        params = self._claim_params(namespace, key, new)
+        try:
+            self._run("claim", self._claim_sql, params, False)
+            return self._mine(namespace, key, new, time.time())
+        except self._integrity:
+            pass  # duplicate key: someone holds it; read it below
+        return self._held(namespace, key)
+
+    @staticmethod
+    def _claim_params(namespace: str, key: str, new: NewClaim) -> dict[str, Any]:
+        return {
             "ns": namespace,
             "k": key,
             "tool": new.tool[:512],
@@ -483,33 +393,9 @@ class SQLStore(Store):
             "run": new.run_id,
             "caller": new.caller,
         }
-        if self.kind == "postgresql":
-            for _ in range(3):
-                row = self._run("claim", self._claim_sql, params, True)
-                if row is not None:
-                    return _record(row[1:], mine=bool(row[0]))
-            # Fell between a concurrent insert and our snapshot three times in a row:
-            # the row exists now, so a plain read finds it.
-            found = self.get(namespace, key)
-            if found is None:
-                raise StoreError(f"claim of {key!r} neither inserted nor found a record")
-            return found
-        if self.kind == "sqlite":
-            found = self.get(namespace, key)
-            if found is not None:
-                return found
-            try:
-                inserted = self._run("claim", self._claim_sql, params, False)
-            except sqlite3.IntegrityError as err:  # pragma: no cover - ON CONFLICT handles it
-                raise StoreError(str(err)) from err
-            if inserted == 1:
-                return self._mine(namespace, key, new, float(params["now"]))
-        else:
-            try:
-                self._run("claim", self._claim_sql, params, False)
-                return self._mine(namespace, key, new, time.time())
-            except self._integrity:
-                pass  # duplicate key: someone holds it; read it below
+
+    def _held(self, namespace: str, key: str) -> Record:
+        """The record a claim lost to (read after the insert found the key taken)."""
         found = self.get(namespace, key)
         if found is None:  # cleared rows are kept, so a vanished row means a purge
             raise StoreError(f"record {key!r} disappeared during the claim; call again")
@@ -618,8 +504,6 @@ class SQLStore(Store):
         return int(self._run("clear", self._sql["clear_ns"], {"ns": namespace}, False))
 
     def now(self) -> float:
-        if self.kind == "sqlite":
-            return time.time()
         try:
             with self.engine().connect() as conn:
                 return float(conn.execute(sa.text("SELECT " + _NOW[self.kind])).scalar_one())
@@ -665,16 +549,236 @@ class SQLStore(Store):
         return out
 
     def governance_store(self) -> GovernanceStore:
-        from ..governance.store import GovStore
+        from .govsql import GovStore
 
         return GovStore(self)
 
     def close(self) -> None:
-        if self.kind == "sqlite":
-            for conn in list(self._conns):
-                # A connection owned by another thread refuses; it closes with its thread.
-                with contextlib.suppress(sqlite3.ProgrammingError):
-                    conn.close()
-            self._local = threading.local()
         if self._engine is not None:
             self._engine.dispose()
+
+
+class SQLiteStore(SQLStore):
+    """The embedded ledger: one file, one connection per thread, the host's clock.
+
+    Reads first (a local read costs microseconds and keeps replays off the write lock)."""
+
+    kind = "sqlite"
+    _CLAIM = _SQLITE_INSERT
+    _MIGRATES_ITSELF = True
+
+    def _open(self, pool_size: int, connect_timeout: float) -> None:
+        db = self.url.database
+        if not db or db == ":memory:" or db.startswith("file:"):
+            raise ConfigError(
+                "an in-memory SQLite database is private to one connection; "
+                "use memory:// for an in-process ledger or a file path"
+            )
+        self.path = Path(db)
+        query = {k.lower(): str(v).lower() for k, v in self.url.query.items()}
+        sync = query.pop("synchronous", "full")
+        if sync not in ("full", "normal", "extra"):
+            raise ConfigError(f"synchronous must be full, normal or extra, not {sync!r}")
+        if query:
+            raise ConfigError(f"unknown SQLite URL options: {', '.join(sorted(query))}")
+        self.synchronous = sync.upper()
+        self._local = threading.local()
+        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._dbapi_error = sqlite3.Error
+        self._integrity = sqlite3.IntegrityError
+
+    def _sqlite_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            if not self.path.parent.exists():
+                raise ConfigError(f"the directory of the SQLite ledger does not exist: {self.path}")
+            # One connection per thread (sqlite3 connections are not thread-safe), in
+            # autocommit mode: each statement is its own transaction.
+            try:
+                conn = sqlite3.connect(
+                    str(self.path),
+                    timeout=self._busy,
+                    isolation_level=None,
+                    check_same_thread=True,
+                    factory=_Conn,
+                )
+            except sqlite3.Error as err:
+                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
+            try:
+                self._enable_wal(conn)
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
+            except sqlite3.Error as err:  # e.g. "file is not a database"
+                conn.close()
+                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+            self._conns.add(conn)
+        return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL takes an exclusive lock, and SQLite answers a
+        # concurrent switch with SQLITE_BUSY without calling the busy handler; several
+        # processes opening a fresh ledger at once would fail. Retry within busy_timeout.
+        deadline = _monotonic() + self._busy
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                if _monotonic() >= deadline:
+                    raise
+                _sleep(0.005)
+
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine for operator queries and migrations (created lazily)."""
+        if self._engine is None:
+            # The URL options (synchronous=) are ours, applied per connection in
+            # _sqlite_conn; pysqlite would warn about them and ignore them.
+            eng = sa.create_engine(self.url.set(query={}), poolclass=sa.NullPool)
+
+            @sa.event.listens_for(eng, "connect")
+            def _pragmas(dbapi_conn: Any, _rec: Any) -> None:
+                dbapi_conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
+
+            self._engine = eng
+        return super().engine()
+
+    def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
+        if not self._ready:
+            self._ensure_schema()
+        params["now"] = time.time()
+        try:
+            cur = self._sqlite_conn().execute(sql, params)
+            return cur.fetchone() if fetch else cur.rowcount
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as err:
+            raise StoreError(f"SQLite ledger {self.path}: {name} failed: {err}") from err
+
+    def _check_schema(self) -> None:
+        conn = self._sqlite_conn()
+        if self._sqlite_version(conn) == HEAD:
+            return
+        if not self.auto_migrate:
+            raise SchemaError(f"the ledger schema in {self.path} is missing; run onceonly migrate")
+        # Several processes may open a new ledger at once: serialise creation with an
+        # flock on a *separate* lock file. Never open and close the database file itself
+        # outside SQLite: closing any descriptor of a file drops every POSIX lock the
+        # process holds on it, including the shared lock by which SQLite's WAL mode knows
+        # a connection is still open — the last other process to close would then
+        # checkpoint and delete the WAL under us (lost commits, "disk image is malformed").
+        lock = self.path.with_name(self.path.name + ".migrate.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._sqlite_version(conn) != HEAD:
+                self.migrate()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @staticmethod
+    def _sqlite_version(conn: sqlite3.Connection) -> str | None:
+        try:
+            row = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return None if row is None else str(row[0])
+
+    def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
+        found = self.get(namespace, key)
+        if found is not None:
+            return found
+        params = self._claim_params(namespace, key, new)
+        try:
+            inserted = self._run("claim", self._claim_sql, params, False)
+        except sqlite3.IntegrityError as err:  # pragma: no cover - ON CONFLICT handles it
+            raise StoreError(str(err)) from err
+        if inserted == 1:
+            return self._mine(namespace, key, new, float(params["now"]))
+        return self._held(namespace, key)
+
+    def now(self) -> float:
+        return time.time()
+
+    def close(self) -> None:
+        for conn in list(self._conns):
+            # A connection owned by another thread refuses; it closes with its thread.
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                conn.close()
+        self._local = threading.local()
+        super().close()
+
+
+class PostgresStore(SQLStore):
+    """PostgreSQL (psycopg 3): the claim and the read of a conflicting row are one
+    statement (a CTE), one round trip; the server's clock."""
+
+    kind = "postgresql"
+    _CLAIM = _PG_CLAIM
+    _DRIVER = ("psycopg", "postgres", "psycopg")
+
+    def _with_driver(self, url: sa.URL) -> sa.URL:
+        if url.drivername in ("postgresql", "postgres"):
+            return url.set(drivername="postgresql+psycopg")
+        return url
+
+    def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
+        params = self._claim_params(namespace, key, new)
+        for _ in range(3):
+            row = self._run("claim", self._claim_sql, params, True)
+            if row is not None:
+                return _record(row[1:], mine=bool(row[0]))
+        # Fell between a concurrent insert and our snapshot three times in a row:
+        # the row exists now, so a plain read finds it.
+        found = self.get(namespace, key)
+        if found is None:
+            raise StoreError(f"claim of {key!r} neither inserted nor found a record")
+        return found
+
+
+class MySQLStore(SQLStore):
+    """MySQL and MariaDB (PyMySQL): insert first; a duplicate key costs a second SELECT.
+    The server's clock, read in UTC."""
+
+    kind = "mysql"
+    _DRIVER = ("pymysql", "mysql", "PyMySQL")
+
+    def _with_driver(self, url: sa.URL) -> sa.URL:
+        if url.drivername in ("mysql", "mariadb"):
+            return url.set(drivername=f"{url.drivername}+pymysql")
+        return url
+
+    def _connect_args(self, connect_timeout: float) -> dict[str, Any]:
+        args = super()._connect_args(connect_timeout)
+        # NOW(6) is read in the session time zone: pin it to UTC, so
+        # UNIX_TIMESTAMP(NOW(6)) never meets a daylight-saving gap or overlap.
+        args["init_command"] = "SET time_zone = '+00:00'"
+        return args
+
+
+_DIALECTS: dict[str, type[SQLStore]] = {
+    "sqlite": SQLiteStore,
+    "postgresql": PostgresStore,
+    "mysql": MySQLStore,
+}
+
+
+def _parse(url: str | sa.URL) -> sa.URL:
+    try:
+        return sa.make_url(url)
+    except sa.exc.ArgumentError as err:
+        raise ConfigError(f"not a database URL: {url!r} ({err})") from None
+
+
+def _backend(url: sa.URL) -> str:
+    backend = url.get_backend_name()
+    if backend not in _BACKENDS:
+        raise ConfigError(
+            f"unsupported database {backend!r} in {url.render_as_string()}: use "
+            "sqlite:///file.db, postgresql+psycopg://..., mysql+pymysql://... or memory://"
+        )
+    return _BACKENDS[backend]

@@ -341,7 +341,7 @@ def test_cli_command_registers() -> None:
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from onceonly_core.dashboard.cli import register
+    from onceonly_core.cli.dashboard import register
 
     app = typer.Typer()
     register(app)

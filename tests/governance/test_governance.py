@@ -527,7 +527,7 @@ def test_a_hold_swept_while_its_tool_still_ran_stays_counted_and_is_audited_once
     caller: the tool may have run, so the sweep keeps the spend counted and writes the
     call's audit row; the late settle then counts nothing twice and writes no second row."""
     from onceonly_core import MemoryStore
-    from onceonly_core.governance.store import GovStore, Want
+    from onceonly_core.stores.govsql import GovStore, Want
 
     clock = [1_000_000.0]
     store = GovStore(MemoryStore(clock=lambda: clock[0]))

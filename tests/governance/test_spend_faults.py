@@ -24,8 +24,8 @@ from onceonly_core import Guard
 from onceonly_core.errors import CompletionNotRecorded, ConfigError, StoreError
 from onceonly_core.governance import Policy
 from onceonly_core.governance.engine import DAY
-from onceonly_core.governance.store import GovStore
 from onceonly_core.stores import schema as S
+from onceonly_core.stores.govsql import GovStore
 from onceonly_core.stores.sql import SQLStore
 
 PRICE = 4.0

@@ -15,7 +15,7 @@ import pytest
 typer = pytest.importorskip("typer")
 from typer.testing import CliRunner  # noqa: E402
 
-from onceonly_core.server.cli import register  # noqa: E402
+from onceonly_core.cli.server import register  # noqa: E402
 from onceonly_core.server.control import ControlPlane  # noqa: E402
 from onceonly_core.server.db import KEY_PREFIX, hash_key  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_serve_command_end_to_end(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = (
-        "import typer; from onceonly_core.server.cli import register; "
+        "import typer; from onceonly_core.cli.server import register; "
         "app = typer.Typer(); register(app); app()"
     )
     proc = subprocess.Popen(
@@ -131,7 +131,7 @@ def test_serve_also_serves_a_tenant_s_dashboard(tmp_path: Path) -> None:
     key = create_key(url, "acme")
     api, dash = _free_port(), _free_port()
     script = (
-        "import typer; from onceonly_core.server.cli import register; "
+        "import typer; from onceonly_core.cli.server import register; "
         "app = typer.Typer(); register(app); app()"
     )
     proc = subprocess.Popen(

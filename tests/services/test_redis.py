@@ -98,7 +98,7 @@ def test_governance_runs_on_the_redis_ledger(db_url: str) -> None:
     """Guard(url="redis://…", agent_id=…) governs: the policy blocks, the cap holds, and
     the decisions are in a verifying audit chain, all in this Redis."""
     from onceonly_core.governance import Policy
-    from onceonly_core.governance.redis_store import RedisGovernanceStore
+    from onceonly_core.stores.redisgov import RedisGovernanceStore
 
     g = Guard(db_url, namespace="ns", agent_id="agent-1", quiet=True)
     try:

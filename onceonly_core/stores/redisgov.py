@@ -27,7 +27,7 @@ primitive          what is atomic (one script)
                    next round after a consumed one
 =================  ==============================================================
 
-Two things differ in *form* from :class:`~onceonly_core.governance.store.GovStore`,
+Two things differ in *form* from :class:`~onceonly_core.stores.govsql.GovStore`,
 not in outcome:
 
 * **Hashes are computed in Python.** Redis's Lua has no SHA-256, so an append reads the
@@ -81,15 +81,26 @@ import json
 import threading
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import redis
 
 from ..errors import StoreError
-from .base import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
+from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
 
-if TYPE_CHECKING:
-    from ..stores.redis import RedisStore
+
+class RedisLedger(Protocol):
+    """What this store reads of the Redis ledger it sits beside (``stores.redis.RedisStore``;
+    a protocol, so the two modules do not import each other)."""
+
+    client: Any
+    prefix: str
+    _ready: bool
+
+    def _first_use(self) -> None: ...
+
+    def now(self) -> float: ...
+
 
 __all__ = ["RedisGovernanceStore"]
 
@@ -446,7 +457,7 @@ class RedisGovernanceStore(GovernanceStore):
 
     kind = "redis"
 
-    def __init__(self, ledger: RedisStore) -> None:
+    def __init__(self, ledger: RedisLedger) -> None:
         self.ledger = ledger
         self.client = ledger.client
         self.prefix = f"{ledger.prefix}:gov"

@@ -5,9 +5,7 @@ Each command has one home. The older spellings ``onceonly server create-key|list
 revoke-key|serve|worker`` still work as hidden aliases of the same functions (scripts keep
 running), but help and the docs only show the home.
 
-Register them on the main app with one line in ``onceonly_core/cli/app.py``::
-
-    from onceonly_core.server.cli import register; register(app)
+``app.py`` registers them on the main app (:func:`register`).
 """
 
 from __future__ import annotations
@@ -104,7 +102,7 @@ def create_key(
     as_json: JsonOpt = False,
 ) -> None:
     """Create an API key and print it. It is shown this once: only its SHA-256 is stored."""
-    from . import create_key as make
+    from ..server import create_key as make
 
     key = make(
         _url(url),
@@ -124,7 +122,7 @@ def list_keys(
     as_json: JsonOpt = False,
 ) -> None:
     """List keys (id, tenant, prefix, limits; never the key itself)."""
-    from .control import ControlPlane
+    from ..server.control import ControlPlane
 
     cp = ControlPlane(_url(url))
     try:
@@ -140,7 +138,7 @@ def list_keys(
         raise typer.Exit(1)
     if as_json or not rows:
         return
-    from ..cli.app import _console, _table, _when
+    from ._common import _console, _table, _when
 
     def cell(row: dict[str, Any], column: str) -> str:
         value = row.get(column)
@@ -163,7 +161,7 @@ def revoke_key(
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a key by id (replicas stop accepting it within 5 seconds)."""
-    from .control import ControlPlane
+    from ..server.control import ControlPlane
 
     cp = ControlPlane(_url(url))
     try:
@@ -196,14 +194,14 @@ def serve(
     dashboard_port: Annotated[int, typer.Option(help="The dashboard's port.")] = 8765,
 ) -> None:
     """Serve the OnceOnly /v1 API (point onceonly-sdk at http://HOST:PORT/v1)."""
-    from . import _require
+    from ..server import _require
 
     _require()
     import uvicorn
 
     _cwd_importable()
 
-    from .control import ControlPlane
+    from ..server.control import ControlPlane
 
     db = _url(url)
     if migrate:
@@ -214,7 +212,7 @@ def serve(
     os.environ["ONCEONLY_SERVER_JOB_WORKERS"] = str(job_workers)
     os.environ["ONCEONLY_SERVER_HANDLERS"] = json.dumps(handler or [])
     uvicorn.run(
-        "onceonly_core.server.cli:_factory",
+        "onceonly_core.cli.server:_factory",
         factory=True,
         host=host,
         port=port,
@@ -240,7 +238,7 @@ def _dashboard_thread(db: str, tenant: str, port: int) -> None:
 
 def _factory() -> Any:
     """The app for uvicorn's worker processes (settings come through the environment)."""
-    from . import create_app
+    from ..server import create_app
 
     app = create_app(
         os.environ.get(URL_ENV),
@@ -257,7 +255,7 @@ def worker(
     handler: HandlerOpt = None,
 ) -> None:
     """Run key-mode job workers (any number, any machine, one database)."""
-    from .control import ControlPlane
+    from ..server.control import ControlPlane
 
     _cwd_importable()
     cp = ControlPlane(_url(url), job_workers=threads)

@@ -121,12 +121,12 @@ def mcp_proxy(
 
     onceonly mcp-proxy --agent support-bot --url sqlite:////abs/ledger.db -- npx -y some-mcp-server
     """
-    from . import require
+    from ..mcp import require
 
     require()  # MissingExtraError (the pip command) without the SDK
     import anyio
 
-    from .proxy import ProxyConfig, serve_http, serve_stdio
+    from ..mcp.proxy import ProxyConfig, serve_http, serve_stdio
 
     # stdout is the MCP channel in stdio mode: diagnostics go to stderr only.
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")

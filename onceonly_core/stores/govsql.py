@@ -46,15 +46,15 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import sqlalchemy as sa
 
 from ..errors import ConfigError, StoreError
-from ..stores import schema as S
-from ..stores.base import Store
-from .base import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
+from . import schema as S
+from .base import Store
+from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
@@ -157,19 +157,51 @@ _MOVE_HEAD = (
 )
 
 
+class SQLLedger(Protocol):
+    """A SQL ledger as GovStore sees it (``stores/sql.py``'s SQLStore): an interface, so
+    the ledgers' modules import this one and never the other way round."""
+
+    kind: str
+    url: sa.URL
+    synchronous: str  # SQLite
+    connect_args: dict[str, Any]  # PostgreSQL, MySQL
+
+    @property
+    def busy_timeout(self) -> float: ...
+
+    def ensure_schema(self) -> None: ...
+
+
+def _sql_ledger(ledger: Store) -> TypeGuard[SQLLedger]:
+    return ledger.kind in ("sqlite", "postgresql", "mysql")
+
+
+#: Writes a notification's outbox rows on the caller's connection, inside its transaction.
+#: Installed by :mod:`onceonly_core.governance.outbox` when it is imported (the engine
+#: imports it before it builds a notification): the stores never import governance.
+NotificationWriter = Callable[[sa.Connection, float, str, Mapping[str, Any]], int]
+notification_writer: NotificationWriter | None = None
+
+
+def _write_notification(
+    conn: sa.Connection, now: float, tenant: str, event: Mapping[str, Any]
+) -> int:
+    if notification_writer is None:  # pragma: no cover - the engine imports the outbox first
+        raise RuntimeError("onceonly_core.governance.outbox was not imported")
+    return notification_writer(conn, now, tenant, event)
+
+
 class GovStore(GovernanceStore):
     """Governance primitives over the ledger's database (see the module docstring)."""
 
     def __init__(self, ledger: Store) -> None:
-        from ..stores.memory import MemoryStore
-
         self._lock: threading.RLock | None = None
         self._clock: Callable[[], float] | None = None
         self._local = threading.local()
         self._reader: sa.Engine | None = None
         self._snap: Any = None
         self._head_now: Any = None
-        if isinstance(ledger, MemoryStore):
+        if ledger.kind == "memory":
             self.kind = "memory"
             self.engine = sa.create_engine(
                 "sqlite://",
@@ -182,9 +214,7 @@ class GovStore(GovernanceStore):
             S.metadata.create_all(self.engine, tables=list(_GOV_TABLES))
             self._pid = os.getpid()
             return
-        from ..stores.sql import SQLStore
-
-        if not isinstance(ledger, SQLStore):
+        if not _sql_ledger(ledger):
             raise ConfigError(
                 f"governance needs a SQL or memory ledger, not {type(ledger).__name__}"
             )
@@ -848,9 +878,7 @@ class GovStore(GovernanceStore):
             # The decision's notification, in the decision's transaction: both commit or
             # neither. A rerun after a lost reply returned above if the row is in; an
             # untokened rerun writes rows with the same event id, which receivers dedupe.
-            from . import outbox
-
-            outbox.add(conn, now, tenant, entry["notify"])
+            _write_notification(conn, now, tenant, entry["notify"])
         return seq, digest
 
     def audit_rows(
@@ -1143,9 +1171,9 @@ class GovStore(GovernanceStore):
     def enqueue_notification(self, tenant: str, event: dict[str, Any]) -> int:
         """Write ``event``'s outbox rows in their own transaction (events not tied to a
         decision's audit row: run_failed, budget_threshold)."""
-        from . import outbox
-
-        return self._tx(lambda conn, now: outbox.add(conn, now, tenant, event), again=False)
+        return self._tx(
+            lambda conn, now: _write_notification(conn, now, tenant, event), again=False
+        )
 
     def close(self) -> None:
         self.engine.dispose()

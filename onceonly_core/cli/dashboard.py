@@ -1,8 +1,6 @@
 """``onceonly dashboard``: serve the dashboard on 127.0.0.1.
 
-Register it on the main app with one line in ``onceonly_core/cli/app.py``::
-
-    from onceonly_core.dashboard.cli import register as _dash; _dash(app)
+``app.py`` registers it on the main app (:func:`register`).
 """
 
 from __future__ import annotations
@@ -47,8 +45,8 @@ def dashboard(
     ] = None,
 ) -> None:
     """Live calls, agents' spend and caps, run timelines, approvals and the kill switch."""
+    from ..dashboard import _require, create_dashboard, is_loopback
     from ..errors import ConfigError, MissingExtraError
-    from . import _require, create_dashboard, is_loopback
 
     if token == "auto":
         token = secrets.token_urlsafe(24)

@@ -1,0 +1,326 @@
+"""The governance store seam: what a backend must provide for policies, budgets,
+approvals and the audit log (DESIGN §5).
+
+A ledger :class:`~onceonly_core.stores.base.Store` offers governance through its
+``governance_store()`` hook, which returns a :class:`GovernanceStore`. The SQL and
+memory ledgers return :class:`~onceonly_core.stores.govsql.GovStore`; a custom
+ledger (Redis, ...) implements this ABC, or leaves the hook alone and gets a
+:class:`~onceonly_core.errors.ConfigError` the first time governance is used.
+
+Rows are plain dicts keyed by the column names of ``stores/schema.py`` (the server,
+the dashboard and the CLI read them). Times are float seconds from the store's clock.
+Amounts are integer micro-dollars (or plain counts). Every primitive states what must
+be atomic: a backend that cannot give that atomicity cannot enforce the caps.
+
+The spend rule every backend keeps: *spend of a call that may have executed stays
+counted until it is shown not to have executed*. So a hold is given back only by
+:meth:`GovernanceStore.release` (the caller showed the tool did not run); a hold whose
+lease expired is swept *as spent*, with an audit row saying the outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "GENESIS",
+    "GovernanceStore",
+    "Reservation",
+    "Want",
+    "audit_fields",
+    "chain_hash",
+]
+
+#: The previous hash of an agent's first audit row.
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """One amount a call needs from one counter window; ``cap`` None: count only."""
+
+    metric: str
+    window: int
+    amount: int
+    cap: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ok: bool
+    id: str | None
+    failed: Want | None
+    used: int = 0
+    now: float = 0.0
+    #: Every counter involved, after this reservation (what a threshold check needs).
+    after: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+def chain_hash(prev: str, fields: dict[str, Any]) -> str:
+    """sha256 over the previous hash and the row's canonical JSON."""
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
+
+
+def audit_fields(row: Any) -> dict[str, Any]:
+    """The hashed part of an audit row (everything but id, prev_hash and hash).
+
+    ``row`` has attribute access (a SQLAlchemy row, or any object with these names)."""
+    return {
+        "tenant": row.tenant,
+        "agent_id": row.agent_id,
+        "seq": int(row.seq),
+        "tool": row.tool,
+        "args_digest": row.args_digest,
+        "args": row.args,
+        "decision": row.decision,
+        "reason": row.reason,
+        "risk_level": row.risk_level,
+        "spend_micros": int(row.spend_micros),
+        "run_id": row.run_id,
+        "token": None if row.token is None else int(row.token),
+        "idem_key": row.idem_key,
+        "created_at": float(row.created_at),
+    }
+
+
+class GovernanceStore(abc.ABC):
+    """Governance state of one ledger database, shared by every tenant in it.
+
+    Subclass it to put governance on another backend. ``kind`` names the backend
+    ("memory" makes the async driver call primitives inline instead of in a thread).
+    """
+
+    kind: str = "custom"
+
+    # -- clock ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The store's clock (the database server's where there is one): windows and
+        leases are read from one clock shared by every process."""
+
+    # -- agents, policies, kill switch --------------------------------------------------
+    @abc.abstractmethod
+    def snapshot(self, tenant: str, agent_id: str, tool: str) -> dict[str, Any]:
+        """``{"now", "agent", "global", "tool"}``: the agent's row, the global switch row
+        (agent ``"*"``), the tool's registration (an ``agent:<id>`` scope over
+        ``global``), each None when absent. One consistent read, never cached: a kill
+        switch flipped in another process stops the very next call."""
+
+    @abc.abstractmethod
+    def put_agent(
+        self,
+        tenant: str,
+        agent_id: str,
+        *,
+        policy: Any = ...,
+        disabled: bool | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Create or update the agent's row (``...``/None: leave that field). Atomic
+        per row: two writers never lose each other's other field."""
+
+    @abc.abstractmethod
+    def get_agent(self, tenant: str, agent_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def list_agents(self, tenant: str) -> list[dict[str, Any]]:
+        """Every agent row of the tenant but the global switch, by agent id."""
+
+    # -- budgets ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def reserve(
+        self,
+        tenant: str,
+        agent_id: str,
+        namespace: str,
+        key: str,
+        wants: Sequence[Want],
+        lease: float,
+        audit: dict[str, Any] | None = None,
+    ) -> Reservation:
+        """Check every cap and hold every amount, or hold nothing.
+
+        Atomic: sweep the agent's expired holds (see :meth:`sweep`), then read every
+        counter involved, check each ``want`` in order against counted + held amounts,
+        and on success add every amount and insert one hold (lease ``lease`` seconds),
+        all under one lock of those counters: two concurrent reservations never both
+        pass a cap that only one fits. ``audit``: the audit entry to write if the hold
+        is swept unresolved (decision rewritten to ``unknown``)."""
+
+    @abc.abstractmethod
+    def settle(
+        self,
+        tenant: str,
+        agent_id: str,
+        rid: str,
+        amounts: list[Any],
+        audit: dict[str, Any] | None = None,
+    ) -> bool:
+        """The tool ran: delete the hold, its amounts stay counted, and append ``audit``
+        — all in one transaction. Idempotent: if the hold is gone (an earlier attempt
+        committed and lost its reply, or a sweep settled it and wrote its audit row),
+        nothing is written and False is returned. Safe to retry."""
+
+    @abc.abstractmethod
+    def release(
+        self, tenant: str, agent_id: str, rid: str, audit: dict[str, Any] | None = None
+    ) -> bool:
+        """The tool is shown not to have run: delete the hold, give its amounts back,
+        and append ``audit``, in one transaction, at most once (False if the hold is
+        gone: a sweep counted it as spent and audited it, and that stands)."""
+
+    @abc.abstractmethod
+    def extend(self, rid: str, lease: float) -> bool:
+        """Move the hold's lease to now + ``lease`` (False if it is gone)."""
+
+    @abc.abstractmethod
+    def sweep(self, tenant: str, agent_id: str | None = None) -> int:
+        """Settle every hold whose lease expired *as spent* (the tool may have run),
+        appending its stored audit entry with decision ``unknown``; returns how many.
+        Atomic per hold: the delete and its audit row commit together."""
+
+    @abc.abstractmethod
+    def pending_holds(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Holds not yet settled or released (``expired`` says whether the lease ran
+        out): calls whose outcome is not audited yet. Their spend is counted."""
+
+    @abc.abstractmethod
+    def counter(self, tenant: str, agent_id: str, metric: str, window: int) -> int: ...
+
+    @abc.abstractmethod
+    def holds(self, tenant: str, agent_id: str) -> int:
+        """How many holds the agent has (live or expired)."""
+
+    # -- approvals ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def approval_for(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        namespace: str,
+        key: str,
+        args: str,
+        in_flight_for: float = 0.0,
+    ) -> dict[str, Any]:
+        """The open approval request of this call, created pending if there is none.
+
+        Atomic: concurrent asks of one call share one request. A ``consumed`` request
+        is closed forever: the next ask opens a new pending one. An ``approved``
+        request is *taken* here (approved → consumed in the same transaction) and
+        returned with ``state == "approved"``: exactly one caller gets to run on it;
+        give it back with :meth:`restore_approval` if the tool then did not run. A
+        request consumed less than ``in_flight_for`` seconds ago is returned as it is
+        (``state == "consumed"``): its execution may not have reached the ledger yet,
+        and the caller waits for it instead of opening a new request."""
+
+    @abc.abstractmethod
+    def restore_approval(self, tenant: str, approval_id: str) -> bool:
+        """consumed → approved, for a call that took the approval but was shown not to
+        have run (a replay, a refusal, the tool's own exception)."""
+
+    @abc.abstractmethod
+    def decide_approval(
+        self, tenant: str, approval_id: str, state: str, by: str | None, reason: str | None
+    ) -> dict[str, Any] | None:
+        """pending → ``state`` (approved | denied), only from pending: a decision is final.
+        Returns the row as it is after the attempt, plus ``"changed"``: whether this
+        call made the decision (None: no such request). Atomic: a conditional update."""
+
+    @abc.abstractmethod
+    def consume_approval(self, tenant: str, approval_id: str) -> None:
+        """approved → consumed (no-op in any other state)."""
+
+    @abc.abstractmethod
+    def list_approvals(self, tenant: str, state: str | None = None) -> list[dict[str, Any]]:
+        """The tenant's requests, oldest first (``state`` filters)."""
+
+    # -- audit --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def append_audit(self, tenant: str, entry: dict[str, Any]) -> tuple[int, str]:
+        """Append one row to the agent's hash chain; returns (seq, hash).
+
+        Atomic: lock the agent's chain head, insert the row hashed (:func:`chain_hash`)
+        over the previous hash, move the head. One chain per agent."""
+
+    @abc.abstractmethod
+    def audit_rows(
+        self,
+        tenant: str,
+        *,
+        agent_id: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def audited_calls(self, tenant: str) -> dict[str, set[int | None]]:
+        """Every idempotency key the tenant's audit log mentions, with the tokens of its
+        rows that record a run (decision executed or unknown). What
+        ``audit verify`` cross-checks the ledger's executions against."""
+
+    @abc.abstractmethod
+    def verify_audit(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Walk every chain (of ``tenant``, or all); one problem per broken chain:
+        ``{"tenant", "agent_id", "seq", "id", "problem"}``."""
+
+    @abc.abstractmethod
+    def chain_count(self, tenant: str | None = None) -> int:
+        """How many chains (agents with an audit head) there are."""
+
+    @abc.abstractmethod
+    def purge_audit(self, tenant: str, before: float) -> int:
+        """Delete rows older than ``before``, moving each chain's base so it keeps
+        verifying from the cut. Atomic per tenant."""
+
+    @abc.abstractmethod
+    def metrics(self, tenant: str, agent_id: str, since: float) -> dict[str, Any]:
+        """``{"by_decision": {decision: count}, "spend_micros", "top_tools"}`` from the
+        audit rows since ``since``."""
+
+    # -- timeline -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def post_event(self, tenant: str, event: dict[str, Any]) -> int:
+        """Append a timeline event; returns its id (increasing per store)."""
+
+    @abc.abstractmethod
+    def timeline(
+        self, tenant: str, run_id: str, limit: int, offset: int
+    ) -> list[dict[str, Any]]: ...
+
+    # -- tools registry -----------------------------------------------------------------
+    @abc.abstractmethod
+    def put_tool(self, tenant: str, values: dict[str, Any]) -> None:
+        """Create or replace one (scope_id, name) registration."""
+
+    @abc.abstractmethod
+    def get_tools(
+        self, tenant: str, name: str | None = None, scope_id: str | None = None
+    ) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def set_tool_enabled(self, tenant: str, name: str, scope_id: str, enabled: bool) -> bool: ...
+
+    @abc.abstractmethod
+    def delete_tool(self, tenant: str, name: str, scope_id: str) -> bool: ...
+
+    # -- webhooks -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_webhook(self, tenant: str, values: dict[str, Any]) -> str: ...
+
+    @abc.abstractmethod
+    def list_webhooks(self, tenant: str) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def delete_webhook(self, tenant: str, webhook_id: str) -> bool: ...
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections."""
