@@ -35,8 +35,8 @@ from onceonly_core import Guard
 from onceonly_core.governance import Policy
 from onceonly_core.governance.base import Want
 from onceonly_core.governance.engine import DAY
-from onceonly_core.stores.redisgov import RedisGovernanceStore
 from onceonly_core.stores.redis import RedisStore
+from onceonly_core.stores.redisgov import RedisGovernanceStore
 from onceonly_core.testing import GovernanceContract
 from services.test_redis import _free_port, cluster_url
 
