@@ -730,6 +730,11 @@ from . import gov as _gov  # noqa: E402  (it registers its commands on `app`)
 
 del _gov
 
+# -- retention: onceonly retention (cli/retention.py) ---------------------------------------
+from . import retention as _retention  # noqa: E402  (it registers its command on `app`)
+
+del _retention
+
 # -- the server: serve, worker, server/keys create|list|revoke (server/cli.py) -------------
 from ..server.cli import register as _register_server  # noqa: E402
 
