@@ -553,7 +553,7 @@ def sizes(t: Target, settings: Settings, progress: Callable[[str], None]) -> lis
     s = settings
     if not s.wants_group("pg.size"):
         return []
-    sizes = {"1k": 1_000, "1m": 1_000_000}
+    sizes = {"1k": 1_000, "1m": s.size(1_000_000)}
     figures: dict[str, list[float]] = {}
     if t.own_db:
         live = {"1k": t, "1m": _second_db(t, progress)}
