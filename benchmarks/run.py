@@ -319,6 +319,11 @@ def core_floor_rows(results: list[Result]) -> list[dict[str, Any]]:
         if e is None:
             continue
         a, b = by_name[num], by_name[den]
+        raw_1m, raw_1k = by_name.get(num.split(".size.")[0] + ".size.1m.raw"), None
+        if ".size." in num and raw_1m is not None:
+            raw_1k = by_name.get(num.split(".size.")[0] + ".size.1k.raw")
+        if raw_1m is not None and raw_1k is not None:
+            bound += f"; here the raw floor itself grew {raw_1m.median / raw_1k.median:.2f}x"
         rows.append(
             {
                 "figure": figure,
@@ -382,6 +387,15 @@ def floor_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _stamp(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    return (
+        f"`nox -s bench`, finished {doc['generated']} in {doc['seconds']:.0f} s; load average "
+        f"{m['loadavg_at_start']} at the start, {m['loadavg_at_end']} at the end "
+        f"(2 cores, shared: see the load next to each reading)."
+    )
+
+
 README_START = "<!-- floor-table: start (written by benchmarks/run.py) -->"
 README_END = "<!-- floor-table: end -->"
 
@@ -427,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the results (default: benchmarks/results.json)",
     )
     ap.add_argument(
+        "--floor-table",
+        metavar="JSON",
+        help="print the floor table of a run (its results.json) as Markdown; with "
+        "--write-readme also put it into benchmarks/README.md",
+    )
+    ap.add_argument("--write-readme", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
         "--markdown",
         metavar="JSON",
         help="print the results in JSON (from an earlier run) as Markdown tables and exit",
@@ -434,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if args.floor_table:
+        doc = json.loads(Path(args.floor_table).read_text())
+        table_md = floor_markdown(doc["floor_table"])
+        print(table_md)
+        if args.write_readme:
+            write_readme_table(table_md, _stamp(doc))
         return 0
     settings = Settings(quick=args.quick or args.short, only=args.only, short=args.short)
     if args.short and args.json == str(HERE / "results.json"):
@@ -520,11 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.json}")
     if not (args.short or args.quick or args.only or args.core_only):
-        stamp = (
-            f"`nox -s bench`, finished {doc['generated']}; load average "
-            f"{info['loadavg_at_start']} at the start, {info['loadavg_at_end']} at the end."
-        )
-        write_readme_table(table_md, stamp)
+        write_readme_table(table_md, _stamp(doc))
         print("wrote the floor table into benchmarks/README.md")
     return 1 if failed else 0
 
