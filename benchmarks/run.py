@@ -177,6 +177,16 @@ FLOORS = [
         "decision, decoding the stored result, the log record; the SELECT itself is ~9 us",
     ),
     (
+        "replay, PostgreSQL",
+        "pg.size.1k.dup",
+        "raw primary-key SELECT round trip",
+        "pg.size.1k.read",
+        "<=",
+        1.2,
+        "a replay is one SELECT too, plus the guard's Python (key, decision, decode) and a "
+        "pool checkout per statement",
+    ),
+    (
         "first call, SQLite FULL",
         "sqlite.full.first",
         "raw INSERT + UPDATE, FULL",
