@@ -162,21 +162,25 @@ def _batches(
                 ).scalar()
                 if first is not None and float(first) >= cut:  # a whole batch at one time
                     cut = min(before, math.nextafter(cut, math.inf))
-            last = (
-                sa.select(au.c.agent_id, sa.func.max(au.c.seq).label("m"))
+            # Per agent, its rows up to the last one before the cut: one range of the
+            # chain's unique index each (the rows below were purged by earlier batches),
+            # so a batch costs its own rows, not the table's.
+            last = conn.execute(
+                sa.select(au.c.agent_id, sa.func.max(au.c.seq))
                 .where(au.c.tenant == tenant, au.c.created_at < cut)
                 .group_by(au.c.agent_id)
-                .subquery()
-            )
-            rows = [
-                r._asdict()
-                for r in conn.execute(
-                    sa.select(au)
-                    .join(last, sa.and_(au.c.agent_id == last.c.agent_id, au.c.seq <= last.c.m))
-                    .where(au.c.tenant == tenant)
-                    .order_by(au.c.created_at, au.c.id)
-                ).all()
-            ]
+            ).all()
+            rows = []
+            for agent, top in last:
+                rows += [
+                    r._asdict()
+                    for r in conn.execute(
+                        sa.select(au).where(
+                            au.c.tenant == tenant, au.c.agent_id == agent, au.c.seq <= top
+                        )
+                    ).all()
+                ]
+            rows.sort(key=lambda r: (r["created_at"], r["id"]))
         if not rows:
             return
         yield cut, rows
