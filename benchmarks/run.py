@@ -378,11 +378,13 @@ def _ratio(v: float) -> str:
     return f"{v:.2f}x"
 
 
-def floor_markdown(rows: list[dict[str, Any]]) -> str:
-    """The one table: figure, floor, ratio, target, met/missed, and what bounds a miss."""
+def floor_markdown(rows: list[dict[str, Any]], load: float | None = None) -> str:
+    """The one table: figure, floor, ratio, target, met/missed, the load average when it
+    was measured (``load`` for rows that carry none), and what bounds a miss."""
     out = [
-        "| figure | value | floor | floor value | ratio | target | result | what bounds it |",
-        "|---|---:|---|---:|---:|---|---|---|",
+        "| figure | value | floor | floor value | ratio | target | result | load | "
+        "what bounds it |",
+        "|---|---:|---|---:|---:|---|---|---:|---|",
     ]
     for r in rows:
         unit = r["unit"]
@@ -392,7 +394,7 @@ def floor_markdown(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"| {r['figure']} | {_fmt(r['value'])} {unit} | {r['floor_name']} | "
             f"{_fmt(r['floor'])} {unit} | {_ratio(r['ratio'])} | {target} | {verdict} | "
-            f"{bound} |"
+            f"{r.get('load', load) or ''} | {bound} |"
         )
     return "\n".join(out)
 
@@ -468,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.floor_table:
         doc = json.loads(Path(args.floor_table).read_text())
-        table_md = floor_markdown(doc["floor_table"])
+        table_md = floor_markdown(
+            doc["floor_table"], (doc["machine"]["loadavg_at_end"] or [None])[0]
+        )
         print(table_md)
         if args.write_readme:
             write_readme_table(table_md, _stamp(doc))
@@ -535,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = run_scripts(args.short, rows_path)
             for line in rows_path.read_text(encoding="utf-8").splitlines():
                 floor_rows.append(json.loads(line))
-    table_md = floor_markdown(floor_rows)
+    table_md = floor_markdown(floor_rows, (loadavg() or [None])[0])
     print("\nThe floor table (each figure / a floor measured in the same run):\n")
     if args.short:
         print("SHORT run: a few iterations per case, to prove each runs; no figure means anything.")
