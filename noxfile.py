@@ -11,7 +11,11 @@ docs, in that order.
   ONCEONLY_REQUIRE_SERVICES=1 an unreachable server fails the run instead of skipping.
 * ``docs``: ``mkdocs build --strict``: a broken link, a page missing from the nav or a
   dead API reference fails.
-* ``bench`` (not run by default): benchmarks/run.py against the peer libraries.
+* ``bench_smoke``: every benchmark for a few iterations (``benchmarks/run.py --short``);
+  fails on an error, never on a figure. The server bench needs ``wrk`` and is skipped,
+  saying so, without it (.ci/run installs it).
+* ``bench`` (not run by default): the full suite; prints the one floor table and writes it
+  to benchmarks/README.md and benchmarks/results.json.
 
 Arguments after ``--`` go to pytest (or to benchmarks/run.py): ``nox -s tests -- -k sqlite``.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "core", "integration", "tests", "docs"]
+nox.options.sessions = ["lint", "typecheck", "core", "integration", "tests", "docs", "bench_smoke"]
 nox.options.error_on_missing_interpreters = False
 
 PYTHON = "3.11"
@@ -166,13 +170,29 @@ def docs(session: nox.Session) -> None:
     )
 
 
+# The benchmarks: the servers' drivers, the three frameworks (adapter overhead) and the
+# two peer libraries measured next to ours.
+BENCH_DEPS = (
+    f".[{SERVER_EXTRAS},langchain,openai,llamaindex]",
+    "ledger-once==0.1.5",
+    "safeagent-exec-guard==0.1.25",
+)
+
+
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks against the raw SQL floor and peer libraries (not a test)."""
-    session.install(f".[{SERVER_EXTRAS}]", "ledger-once==0.1.5", "safeagent-exec-guard==0.1.25")
+    """Every benchmark, each figure next to a floor measured in the same run (not a test).
+
+    benchmarks/run.py runs its own cases, then bench_governance, bench_redis,
+    bench_server (under wrk), the three adapters and bench_retention, and prints one
+    table: figure, floor, ratio, target, met/missed, what bounds a miss."""
+    session.install(*BENCH_DEPS)
     session.run("python", "benchmarks/run.py", *session.posargs, env=_passthrough_env())
-    session.run("python", "benchmarks/bench_governance.py", env=_passthrough_env())
-    # The Redis ledger next to raw SET NX / GET round trips (ONCEONLY_REDIS_URL).
-    session.run("python", "benchmarks/bench_redis.py", env=_passthrough_env())
-    # `onceonly serve` under wrk (Debian's package: apt-get install wrk).
-    session.run("python", "benchmarks/bench_server.py", env=_passthrough_env())
+
+
+@nox.session(python=PYTHON)
+def bench_smoke(session: nox.Session) -> None:
+    """``benchmarks/run.py --short``: every benchmark a few iterations; errors fail, figures
+    never do (about 2 minutes)."""
+    session.install(*BENCH_DEPS)
+    session.run("python", "benchmarks/run.py", "--short", *session.posargs, env=_passthrough_env())

@@ -145,6 +145,70 @@ class BenchError(RuntimeError):
     """A case measured something other than what it claims (not a timing failure)."""
 
 
+# -- the floor table -----------------------------------------------------------------------
+
+#: ``ONCEONLY_BENCH_SHORT=1``: the standalone scripts run a few iterations (CI smoke run).
+SHORT = os.environ.get("ONCEONLY_BENCH_SHORT") == "1"
+
+
+def short_or(n: int, short_n: int) -> int:
+    """``n``, or ``short_n`` in a short run."""
+    return short_n if SHORT else n
+
+
+def floor_row(
+    figure: str,
+    value: float,
+    floor_name: str,
+    floor: float,
+    *,
+    unit: str,
+    target: str = "",
+    limit: float | None = None,
+    over: float | None = None,
+    bound: str = "",
+) -> dict[str, Any]:
+    """One row of the floor table: a figure, the floor measured in the same run, their
+    ratio and the target ("<=" or ">=" ``limit``; or ``over``: at most that many units
+    above the floor). ``bound`` says what limits the figure if the target is missed.
+
+    The row is appended to the JSON-lines file named by ``ONCEONLY_BENCH_ROWS`` (set by
+    run.py), so every script of the suite feeds the one table."""
+    ratio = value / floor if floor else float("inf")
+    met: bool | None = None
+    if target == "<=" and limit is not None:
+        met = ratio <= limit
+    elif target == ">=" and limit is not None:
+        met = ratio >= limit
+    if over is not None:
+        met = value - floor <= over
+    row = {
+        "figure": figure,
+        "value": round(value, 3),
+        "unit": unit,
+        "floor_name": floor_name,
+        "floor": round(floor, 3),
+        "ratio": round(ratio, 3),
+        "target": (
+            f"<= +{over:g} {unit.split('/')[0]}"
+            if over is not None
+            else f"{target} {limit:g}x"
+            if target and limit is not None
+            else ""
+        ),
+        "met": met,
+        "bound": bound,
+        "load": round(os.getloadavg()[0], 2),
+    }
+    out = os.environ.get("ONCEONLY_BENCH_ROWS")
+    if out:
+        import json
+
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
 # -- settings ---------------------------------------------------------------------------
 
 
@@ -152,9 +216,19 @@ class BenchError(RuntimeError):
 class Settings:
     quick: bool
     only: list[str]
+    #: ``--short`` (CI): every case runs a few iterations, to prove it runs; no figure of
+    #: a short run means anything.
+    short: bool = False
 
     def scale(self, n: int, quick_n: int) -> int:
+        if self.short:
+            # Small figures are repetitions or seconds: one of each; counts: a handful.
+            return 1 if quick_n <= 5 else max(20, quick_n // 20)
         return quick_n if self.quick else n
+
+    def size(self, n: int) -> int:
+        """A ledger-size case's record count (1M in a real run, 20k in a short one)."""
+        return min(n, 20_000) if self.short else n
 
     def wants(self, name: str) -> bool:
         return not self.only or any(name.startswith(p) for p in self.only)

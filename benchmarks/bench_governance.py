@@ -34,6 +34,10 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import floor_row  # noqa: E402
+
 from onceonly_core import Guard  # noqa: E402
 from onceonly_core.governance import Policy  # noqa: E402
 from onceonly_core.stores.sql import SQLStore  # noqa: E402
@@ -180,6 +184,22 @@ def main() -> None:
         rows += bench("postgresql", args.pg, pg_raw(args.pg), max(200, args.calls // 4))
     except Exception as err:  # no server: say so, keep the SQLite rows
         print(f"postgresql skipped: {err}")
+    figures = dict(rows)
+    for label, limit in (("sqlite normal", 2.0), ("sqlite full", 2.0), ("postgresql", 1.3)):
+        if f"{label} governed" not in figures:
+            continue
+        floor_row(
+            f"governed call (policy, caps, spend, audit), {label}",
+            figures[f"{label} governed"],
+            "plain guarded call",
+            figures[f"{label} plain"],
+            unit="us/call",
+            target="<=",
+            limit=limit,
+            bound="the governance store's transactions: reserve (caps, spend, claim) and "
+            "settle (spend, audit append) are separate commits from the ledger's "
+            "claim/finish; see the statement counts above",
+        )
     print()
     print("| path | µs/call |")
     print("|---|---:|")

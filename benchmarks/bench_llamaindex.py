@@ -25,15 +25,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / p) for p in ("", "integrations")]
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / p) for p in ("", "integrations", "benchmarks")
+]
 
+from bench_common import SHORT, floor_row  # noqa: E402
 from llama_index.core.tools import FunctionTool  # noqa: E402
 
 from onceonly_core import Guard  # noqa: E402
 from onceonly_llamaindex import guard_tool  # noqa: E402
 
-QUICK = "--quick" in sys.argv
-R = 3 if QUICK else 5
+QUICK = "--quick" in sys.argv or SHORT
+R = 1 if SHORT else 3 if QUICK else 5
 W = 20
 
 executions = 0
@@ -96,7 +99,7 @@ def async_case(backend: str | None, mode: str) -> Callable[[Path], Any]:
 
 
 def cases() -> list[Case]:
-    n_fast, n_slow = (200, 40) if QUICK else (500, 80)
+    n_fast, n_slow = (20, 10) if SHORT else (200, 40) if QUICK else (500, 80)
     out: list[Case] = [("sync", "bare FunctionTool.call", n_fast, sync_case(None, "first"))]
     for backend, n in (("memory", n_fast), ("sqlite-normal", n_fast), ("sqlite-full", n_slow)):
         out.append(("sync", f"guarded, first call, {backend}", n, sync_case(backend, "first")))
@@ -155,6 +158,20 @@ def main() -> None:
         over = "" if label.startswith("bare") else f"+{med - bare[kind]:.1f}"
         print(f"{kind:<6} {label:<36} {med:>9.1f} {min(xs):>9.1f}..{max(xs):<9.1f} {over:>10}")
     print(f"({time.perf_counter() - t_start:.1f} s)")
+    for kind, bare_label in (
+        ("sync", "bare FunctionTool.call"),
+        ("async", "bare FunctionTool.acall"),
+    ):
+        floor_row(
+            f"LlamaIndex guard_tool, memory store, first call ({kind})",
+            statistics.median(figures[f"guarded, first call, memory{kind}"]),
+            bare_label,
+            bare[kind],
+            unit="us/call",
+            over=30,
+            bound="the guard's own first call on memory:// (key derivation, claim, "
+            "encode, finish, log record)",
+        )
 
 
 if __name__ == "__main__":

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import SHORT, floor_row
 from openai.types.chat import ChatCompletion
 
 from onceonly_core import Guard
@@ -64,7 +68,8 @@ def measure(dispatch: Callable[[Any], Any], msgs: list[Any], batches: int = 5) -
 
 
 def main() -> None:
-    n = 2000
+    n = 100 if SHORT else 2000
+    m = 50 if SHORT else 1000
     rows: list[tuple[str, float]] = []
     rows.append(("bare dict dispatch (json.loads + call + json.dumps)",
                  measure(bare({"charge_card": charge_card}), messages(n, True))))  # fmt: skip
@@ -80,12 +85,21 @@ def main() -> None:
         gs = Guard(f"sqlite:///{Path(tmp) / 'b.db'}?synchronous=normal", quiet=True)
         d = ToolDispatcher([charge_card], guard=gs, scope="bench")
         rows.append(("dispatcher, SQLite WAL NORMAL, new key each call",
-                     measure(d.chat, messages(1000, True))))  # fmt: skip
+                     measure(d.chat, messages(m, True))))  # fmt: skip
         d.chat(messages(1, False)[0])
         rows.append(("dispatcher, SQLite WAL NORMAL, replay (dedup)",
-                     measure(d.chat, messages(1000, False))))  # fmt: skip
+                     measure(d.chat, messages(m, False))))  # fmt: skip
         gs.close()
     base = rows[0][1]
+    floor_row(
+        "OpenAI ToolDispatcher, memory store, first call",
+        rows[2][1],
+        "bare dict dispatch (json.loads + call + json.dumps)",
+        base,
+        unit="us/call",
+        over=30,
+        bound="argument validation against the tool's schema plus the guard's own first call",
+    )
     print(f"{'path':<66} {'us/call':>9} {'vs bare':>8}")
     for name, us in rows:
         print(f"{name:<66} {us:>9.1f} {us / base:>7.1f}x")

@@ -37,6 +37,13 @@ OWNER = ours.OWNER
 LEASE = 30.0
 NOW = "EXTRACT(EPOCH FROM statement_timestamp())::float8"
 
+# The replay floor: the store's own read of one record by primary key (its columns and
+# the server clock), on a held connection.
+PG_RAW_READ = (
+    f"SELECT {LEDGER_COLUMNS}, {NOW} FROM onceonly_ledger "
+    "WHERE namespace = %(ns)s AND idem_key = %(k)s"
+)
+
 PG_RAW_CLAIM = (
     f"INSERT INTO {RAW_TABLE} ({LEDGER_COLUMNS}) VALUES (%(ns)s, %(k)s, %(tool)s, 'running', "
     f"1, %(owner)s, 1, 0, {NOW} + %(lease)s, NULL, NULL, NULL, NULL, NULL, NULL, {NOW}, {NOW}) "
@@ -553,7 +560,7 @@ def sizes(t: Target, settings: Settings, progress: Callable[[str], None]) -> lis
     s = settings
     if not s.wants_group("pg.size"):
         return []
-    sizes = {"1k": 1_000, "1m": 1_000_000}
+    sizes = {"1k": 1_000, "1m": s.size(1_000_000)}
     figures: dict[str, list[float]] = {}
     if t.own_db:
         live = {"1k": t, "1m": _second_db(t, progress)}
@@ -576,6 +583,7 @@ def sizes(t: Target, settings: Settings, progress: Callable[[str], None]) -> lis
             "raw": f"raw psycopg INSERT + UPDATE, 1 client, {label} in table",
             "first": f"guard, pg 1 client, first call, {label} in ledger",
             "dup": f"guard, pg 1 client, duplicate, {label} in ledger",
+            "read": f"raw psycopg SELECT of the stored row by primary key, {label} in ledger",
         }[kind]
         results.append(
             Result(
@@ -583,7 +591,7 @@ def sizes(t: Target, settings: Settings, progress: Callable[[str], None]) -> lis
                 what,
                 "us/call",
                 values,
-                n_dup if kind == "dup" else n_first,
+                n_dup if kind in ("dup", "read") else n_first,
                 len(values),
                 "synchronous_commit=on",
                 group=group,
@@ -603,7 +611,7 @@ def _measure_sizes(
     chunks = 10
     warm = 50
     out: dict[str, list[float]] = {
-        f"pg.size.{tag}.{kind}": [] for tag in live for kind in ("raw", "first", "dup")
+        f"pg.size.{tag}.{kind}": [] for tag in live for kind in ("raw", "first", "dup", "read")
     }
     for r in range(reps):
         with contextlib.ExitStack() as stack:
@@ -634,9 +642,17 @@ def _measure_sizes(
                 calls[f"pg.size.{tag}.dup"] = lambda i, g=g: g(
                     ours.tool, DUP_BASE + (i * 7919) % DUP_TARGETS
                 )
+                dup_keys = [g.key_for(ours.tool, DUP_BASE + j) for j in range(DUP_TARGETS)]
+
+                def read(i: int, cur: Any = cur, ns: str = ns, keys: list[str] = dup_keys) -> None:
+                    cur.execute(PG_RAW_READ, {"ns": ns, "k": keys[(i * 7919) % DUP_TARGETS]})
+                    if cur.fetchone() is None:
+                        raise BenchError("the raw read found no record")
+
+                calls[f"pg.size.{tag}.read"] = read
             ran = ours.RUNS[0]
             for name, call in calls.items():
-                if not name.endswith(".dup"):
+                if not name.endswith((".dup", ".read")):
                     for i in range(-warm, 0):
                         call(i)
             total = dict.fromkeys(calls, 0.0)
@@ -644,7 +660,9 @@ def _measure_sizes(
                 order = [
                     k
                     for k in calls
-                    if k.endswith(f".{kind}") or (kind == "first" and k.endswith(".raw"))
+                    if k.endswith(f".{kind}")
+                    or (kind == "first" and k.endswith(".raw"))
+                    or (kind == "dup" and k.endswith(".read"))
                 ]
                 size = -(-n // chunks)
                 done = 0
@@ -660,7 +678,8 @@ def _measure_sizes(
                 if g(ours.tool, DUP_BASE + 3) != DUP_BASE + 3:
                     raise BenchError("the duplicate did not replay the stored result")
             for name, t_us in total.items():
-                out[name].append(t_us / (n_dup if name.endswith(".dup") else n_first))
+                n_name = n_dup if name.endswith((".dup", ".read")) else n_first
+                out[name].append(t_us / n_name)
         # The next repetition starts from the same ledgers: drop this one's new rows.
         for tag, t in live.items():
             with connect(t.conninfo) as c:

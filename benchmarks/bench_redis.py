@@ -30,7 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 import redis  # noqa: E402
+from bench_common import floor_row  # noqa: E402
 
 from onceonly_core import Guard  # noqa: E402
 from onceonly_core.stores.redis import RedisStore  # noqa: E402
@@ -125,6 +128,16 @@ def main() -> None:
     for ours, floor in (("guard first", "raw first"), ("guard replay", "raw replay")):
         ratio = t[ours] / t[floor]
         print(f"{floor:<14}{t[floor]:>10.1f}")
+        floor_row(
+            f"Redis ledger: {ours.split()[1]} call",
+            t[ours],
+            f"raw redis-py {'SET NX + SET XX' if 'first' in ours else 'GET'}",
+            t[floor],
+            unit="us/call",
+            target="<=",
+            limit=TARGET,
+            bound="a Lua script (EVALSHA) per primitive plus the guard's Python",
+        )
         verdict = "met" if ratio <= TARGET else "missed"
         print(f"{ours:<14}{t[ours]:>10.1f}{ratio:>8.2f}x   {verdict}")
 

@@ -431,7 +431,7 @@ def run(settings: Settings, progress: Callable[[str], None]) -> list[Result]:
         )
 
     if s.wants_group("sqlite.size"):
-        sizes = {"1k": 1_000, "1m": 1_000_000}
+        sizes = {"1k": 1_000, "1m": s.size(1_000_000)}
         n_size = s.scale(2_000, 400)
         with tempdir("oo-bench-fill-") as fill_dir:
             benches = []

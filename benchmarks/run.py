@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,6 +163,100 @@ TARGETS = [
 ]
 
 
+#: The issue's targets over this script's own cases, as rows of the one floor table:
+#: (figure, case, floor, floor case, op, limit, what bounds a miss).
+FLOORS = [
+    (
+        "replay, SQLite NORMAL",
+        "sqlite.normal.dup",
+        "raw indexed SELECT of the row",
+        "sqlite.normal.raw-read",
+        "<=",
+        2.0,
+        "Python per replay: key derivation (canonical JSON + sha256), the protocol's "
+        "decision, decoding the stored result, the log record; the SELECT itself is ~9 us",
+    ),
+    (
+        "replay, PostgreSQL",
+        "pg.size.1k.dup",
+        "raw primary-key SELECT round trip",
+        "pg.size.1k.read",
+        "<=",
+        1.2,
+        "a replay is one SELECT too, plus the guard's Python (key, decision, decode) and a "
+        "pool checkout per statement",
+    ),
+    (
+        "first call, SQLite FULL",
+        "sqlite.full.first",
+        "raw INSERT + UPDATE, FULL",
+        "sqlite.full.raw",
+        "<=",
+        1.5,
+        "the two fsyncs are the floor's too; the rest is the guard's Python",
+    ),
+    (
+        "first call, SQLite NORMAL",
+        "sqlite.normal.first",
+        "raw INSERT + UPDATE, NORMAL",
+        "sqlite.normal.raw",
+        "<=",
+        1.5,
+        "without fsync the floor is ~100 us, so the guard's ~60-90 us of Python "
+        "(key, claim decision, encode, finish, log) weighs more",
+    ),
+    (
+        "async first call / sync first call, SQLite NORMAL",
+        "sqlite.normal.async.first",
+        "sync first call",
+        "sqlite.normal.first",
+        "<=",
+        1.3,
+        "each blocking store primitive runs in a worker thread (asyncio.to_thread): "
+        "a hop costs `sqlite.normal.async.hop` (~60-70 us) and a first call makes two",
+    ),
+    *[
+        (
+            f"growth: {'first call' if kind == 'first' else 'replay'}, {title}, 1M records",
+            f"{db}.size.1m.{kind}",
+            "the same at 1k records",
+            f"{db}.size.1k.{kind}",
+            "<=",
+            1.2,
+            "the raw floor's own growth (`"
+            + f"{db}.size.1m.raw / {db}.size.1k.raw"
+            + "`): a B-tree insert at a random place in a 1M-row index misses the page "
+            "cache and writes more pages per commit",
+        )
+        for db, title in (("sqlite", "SQLite NORMAL"), ("pg", "PostgreSQL"))
+        for kind in ("first", "dup")
+    ],
+    *[
+        (
+            f"PostgreSQL {p} process{'es' if p > 1 else ''}: guarded calls/s",
+            f"pg.p{p}.guard",
+            "raw psycopg INSERT + UPDATE calls/s",
+            f"pg.p{p}.raw",
+            ">=",
+            0.7,
+            "client CPU: SQLAlchemy pool checkout + the guard's Python per call compete "
+            "with PostgreSQL for the 2 cores",
+        )
+        for p in (1, 4, 8)
+    ],
+]
+
+#: The standalone scripts that also feed the floor table: (script, full args, short args).
+SCRIPTS = [
+    ("bench_governance.py", [], ["--calls", "40"]),
+    ("bench_redis.py", [], ["--calls", "100"]),
+    ("bench_server.py", [], ["--seconds", "1"]),
+    ("bench_langchain.py", [], []),
+    ("bench_openai.py", [], []),
+    ("bench_llamaindex.py", [], []),
+    ("bench_retention.py", [], ["--rows", "5000"]),
+]
+
 _T0 = time.perf_counter()
 
 
@@ -225,9 +320,124 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def core_floor_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """The FLOORS rows measured by this script's cases (a pair not measured is left out)."""
+    by_name = {r.name: r for r in results}
+    rows = []
+    for figure, num, floor_name, den, op, limit, bound in FLOORS:
+        e = Target(num, figure, num, den, op, limit).evaluate(by_name)
+        if e is None:
+            continue
+        a, b = by_name[num], by_name[den]
+        raw_1m, raw_1k = by_name.get(num.split(".size.")[0] + ".size.1m.raw"), None
+        if ".size." in num and raw_1m is not None:
+            raw_1k = by_name.get(num.split(".size.")[0] + ".size.1k.raw")
+        if raw_1m is not None and raw_1k is not None:
+            bound += f"; here the raw floor itself grew {raw_1m.median / raw_1k.median:.2f}x"
+        rows.append(
+            {
+                "figure": figure,
+                "value": round(a.median, 3),
+                "unit": a.unit,
+                "floor_name": floor_name,
+                "floor": round(b.median, 3),
+                "ratio": e["value"],
+                "target": f"{op} {limit:g}x",
+                "met": e["met"],
+                "bound": bound,
+            }
+        )
+    return rows
+
+
+def run_scripts(short: bool, rows_path: Path) -> list[str]:
+    """Run each standalone script with ONCEONLY_BENCH_ROWS set; return the failures."""
+    import os
+    import subprocess
+
+    failed = []
+    root = HERE.parent
+    path = os.pathsep.join(
+        [str(root), str(root / "integrations"), os.environ.get("PYTHONPATH", "")]
+    )
+    env = {**os.environ, "ONCEONLY_BENCH_ROWS": str(rows_path), "PYTHONPATH": path}
+    if short:
+        env["ONCEONLY_BENCH_SHORT"] = "1"
+    for script, full_args, short_args in SCRIPTS:
+        args = short_args if short else full_args
+        progress(f"{script} {' '.join(args)}".rstrip())
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(HERE / script), *args], env=env)
+        progress(f"  {script}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s")
+        if proc.returncode != 0:
+            failed.append(f"{script} exited {proc.returncode}")
+    return failed
+
+
+def _ratio(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def floor_markdown(rows: list[dict[str, Any]], load: float | None = None) -> str:
+    """The one table: figure, floor, ratio, target, met/missed, the load average when it
+    was measured (``load`` for rows that carry none), and what bounds a miss."""
+    out = [
+        "| figure | value | floor | floor value | ratio | target | result | load | "
+        "what bounds it |",
+        "|---|---:|---|---:|---:|---|---|---:|---|",
+    ]
+    for r in rows:
+        unit = r["unit"]
+        verdict = "" if r["met"] is None else ("met" if r["met"] else "**missed**")
+        target = r["target"].replace("<=", "≤").replace(">=", "≥")
+        bound = "" if r["met"] else r.get("bound", "")
+        out.append(
+            f"| {r['figure']} | {_fmt(r['value'])} {unit} | {r['floor_name']} | "
+            f"{_fmt(r['floor'])} {unit} | {_ratio(r['ratio'])} | {target} | {verdict} | "
+            f"{r.get('load', load) or ''} | {bound} |"
+        )
+    return "\n".join(out)
+
+
+def _stamp(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    return (
+        f"`nox -s bench`, finished {doc['generated']} in {doc['seconds']:.0f} s; load average "
+        f"{m['loadavg_at_start']} at the start, {m['loadavg_at_end']} at the end "
+        f"(2 cores, shared: see the load next to each reading)."
+    )
+
+
+README_START = "<!-- floor-table: start (written by benchmarks/run.py) -->"
+README_END = "<!-- floor-table: end -->"
+
+
+def write_readme_table(table_md: str, stamp: str) -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = f"{README_START}\n{stamp}\n\n{table_md}\n{README_END}"
+    readme.write_text(head + body + tail, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer iterations and repetitions")
+    ap.add_argument(
+        "--short",
+        action="store_true",
+        help="every benchmark for a few iterations (CI): fails on errors only, writes "
+        "nothing to benchmarks/; the figures mean nothing",
+    )
+    ap.add_argument(
+        "--core-only",
+        action="store_true",
+        help="only this script's cases, not the standalone scripts (governance, Redis, "
+        "server, adapters, retention)",
+    )
     ap.add_argument(
         "--only",
         action="append",
@@ -243,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the results (default: benchmarks/results.json)",
     )
     ap.add_argument(
+        "--floor-table",
+        metavar="JSON",
+        help="print the floor table of a run (its results.json) as Markdown; with "
+        "--write-readme also put it into benchmarks/README.md",
+    )
+    ap.add_argument("--write-readme", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
         "--markdown",
         metavar="JSON",
         help="print the results in JSON (from an earlier run) as Markdown tables and exit",
@@ -251,7 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
-    settings = Settings(quick=args.quick, only=args.only)
+    if args.floor_table:
+        doc = json.loads(Path(args.floor_table).read_text())
+        table_md = floor_markdown(
+            doc["floor_table"], (doc["machine"]["loadavg_at_end"] or [None])[0]
+        )
+        print(table_md)
+        if args.write_readme:
+            write_readme_table(table_md, _stamp(doc))
+        return 0
+    settings = Settings(quick=args.quick or args.short, only=args.only, short=args.short)
+    if args.short and args.json == str(HERE / "results.json"):
+        args.json = str(Path(tempfile.gettempdir()) / "onceonly-bench-short.json")
 
     import bench_peers
     import bench_pg
@@ -302,6 +530,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['loadavg_at_start']}, at end {info['loadavg_at_end']}"
     )
 
+    floor_rows = core_floor_rows(results)
+    failed: list[str] = []
+    if not args.core_only and not args.only:
+        with tempfile.TemporaryDirectory() as d:
+            rows_path = Path(d) / "rows.jsonl"
+            rows_path.touch()
+            failed = run_scripts(args.short, rows_path)
+            for line in rows_path.read_text(encoding="utf-8").splitlines():
+                floor_rows.append(json.loads(line))
+    table_md = floor_markdown(floor_rows, (loadavg() or [None])[0])
+    print("\nThe floor table (each figure / a floor measured in the same run):\n")
+    if args.short:
+        print("SHORT run: a few iterations per case, to prove each runs; no figure means anything.")
+    print(table_md)
+    for f in failed:
+        print(f"\nFAILED {f}")
+
     doc = {
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 1),
@@ -311,10 +556,15 @@ def main(argv: list[str] | None = None) -> int:
         "results": [r.as_dict() for r in results],
         "targets": evals,
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
+        "floor_table": floor_rows,
+        "failed": failed,
     }
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.json}")
-    return 0
+    if not (args.short or args.quick or args.only or args.core_only):
+        write_readme_table(table_md, _stamp(doc))
+        print("wrote the floor table into benchmarks/README.md")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ UrlOpt = Annotated[
     ),
 ]
 
+ReadNamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "-n",
+        envvar=NAMESPACE_ENV,
+        help="Only this namespace and its workflows (NS/...). Default: every namespace.",
+        show_default=False,
+    ),
+]
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 
 

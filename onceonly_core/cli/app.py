@@ -34,6 +34,7 @@ from ._common import (
     URL_ENV,
     CliError,
     JsonOpt,
+    ReadNamespaceOpt,
     UrlOpt,
     _busy,
     _console,
@@ -52,6 +53,7 @@ from .doctor import doctor as _doctor
 from .gov import register as _register_gov
 from .mcp import register as _register_mcp
 from .notify import register as _register_notify
+from .retention import register as _register_retention
 from .server import register as _register_server
 
 STATE_STYLES = {RUNNING: "yellow", SUCCEEDED: "green", FAILED: "red", CLEARED: "dim"}
@@ -99,16 +101,6 @@ class _Group(TyperGroup):
 # -- options shared by the commands ------------------------------------------------------
 
 
-ReadNamespaceOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--namespace",
-        "-n",
-        envvar=NAMESPACE_ENV,
-        help="Only this namespace and its workflows (NS/...). Default: every namespace.",
-        show_default=False,
-    ),
-]
 WriteNamespaceOpt = Annotated[
     str,
     typer.Option(
@@ -631,6 +623,7 @@ def demo(
 app.command("doctor")(_doctor)
 _register_gov(app)  # policy, agent, tools, approvals, audit, timeline (cli/gov.py)
 _register_notify(app)  # notify list | retry | deliver (cli/notify.py)
+_register_retention(app)  # retention (cli/retention.py)
 _register_server(app)  # serve, worker, keys create|list|revoke, server ... (cli/server.py)
 _register_dashboard(app)  # dashboard (cli/dashboard.py)
 _register_mcp(app)  # mcp-proxy (cli/mcp.py)

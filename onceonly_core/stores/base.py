@@ -162,6 +162,22 @@ class Store(abc.ABC):
     def clear_namespace(self, namespace: str) -> int:
         """Clear every record of a namespace that is not running with a live lease."""
 
+    # -- retention (operators; not on the hot path) -----------------------------------
+    def purge_expired(self, namespace: str | None, before: float, limit: int = 1000) -> int:
+        """Delete at most ``limit`` expired records (of ``namespace``, or of every
+        namespace); return how many. Call it again until it returns less than ``limit``.
+
+        Expired: ``succeeded`` with ``expires_at <= before`` (its ttl has elapsed, so the
+        protocol would run the key again anyway) and token 1. A record taken over at
+        least once (token > 1) is kept: deleting it would hand token 1 again to the next
+        claim, and an owner paused since before the take-over still holds a lower token
+        that must stay fenced out. A running record is never deleted.
+
+        Stores without it raise :class:`~onceonly_core.errors.ConfigError`."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} cannot delete expired records")
+
     def iter_all(self, namespace: str | None = None, batch: int = 1000) -> Iterator[Record]:
         yield from self.list(namespace=namespace, prefix=True, limit=10**9)
 

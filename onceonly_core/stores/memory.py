@@ -185,6 +185,21 @@ class MemoryStore(Store):
         rows.sort(key=lambda r: (r.updated_at, r.key), reverse=True)
         return rows[:limit]
 
+    def purge_expired(self, namespace: str | None, before: float, limit: int = 1000) -> int:
+        with self._lock:
+            gone = [
+                k
+                for k, r in self._rows.items()
+                if (namespace is None or k[0] == namespace)
+                and r.state == SUCCEEDED
+                and r.token == 1
+                and r.expires_at is not None
+                and r.expires_at <= before
+            ][:limit]
+            for k in gone:
+                del self._rows[k]
+            return len(gone)
+
     def governance_store(self) -> GovernanceStore:
         from .govsql import GovStore
 

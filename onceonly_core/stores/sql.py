@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..errors import ConfigError, MissingExtraError, SchemaError, StoreError
-from .base import CLEARED, RUNNING, NewClaim, Record, Store
+from .base import CLEARED, RUNNING, SUCCEEDED, NewClaim, Record, Store
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
@@ -547,6 +547,34 @@ class SQLStore(Store):
         for r in out:
             r.now = now
         return out
+
+    # -- retention (purge_expired; see Store.purge_expired) ---------------------------
+    def purge_expired(self, namespace: str | None, before: float, limit: int = 1000) -> int:
+        if not self._ready:
+            self._ensure_schema()
+        t = ledger
+        expired = sa.and_(
+            t.c.state == SUCCEEDED,
+            t.c.token == 1,
+            t.c.expires_at.is_not(None),
+            t.c.expires_at <= before,
+        )
+        if namespace is not None:
+            expired = sa.and_(t.c.namespace == namespace, expired)
+        if self.kind == "mysql":
+            # MySQL/MariaDB refuse LIMIT in an IN subquery but take DELETE … LIMIT.
+            stmt = sa.delete(t).where(expired).with_dialect_options(mysql_limit=limit)
+        else:
+            # One statement bounded to ``limit`` rows; the outer WHERE repeats the
+            # condition so a record taken over meanwhile (PostgreSQL re-checks it on the
+            # row's newest version) is kept.
+            batch = sa.select(t.c.namespace, t.c.idem_key).where(expired).limit(limit)
+            stmt = sa.delete(t).where(sa.tuple_(t.c.namespace, t.c.idem_key).in_(batch), expired)
+        try:
+            with self.engine().begin() as conn:
+                return int(conn.execute(stmt).rowcount)
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"deleting expired records failed: {err}") from err
 
     def governance_store(self) -> GovernanceStore:
         from .govsql import GovStore

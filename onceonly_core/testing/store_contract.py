@@ -573,6 +573,54 @@ class StoreContract:
         done = get(store, namespace, "k")
         assert (done.state, done.expires_at) == ("succeeded", None)
 
+    def test_purge_expired_deletes_only_expired_never_held_records(
+        self, store: Store, namespace: str
+    ) -> None:
+        """``purge_expired`` deletes records past their ttl in batches of ``limit``; it
+        keeps records without a ttl, before their ttl, running, failed, or taken over
+        (token > 1: an owner from before must stay fenced out), and other namespaces'."""
+        for i in range(5):
+            rec = store.claim(namespace, f"e{i}", new())
+            assert store.finish(namespace, f"e{i}", rec.token, ok=True, result="1", ttl=0.05)
+        keep = store.claim(namespace, "forever", new())
+        assert store.finish(namespace, "forever", keep.token, ok=True, result="1")
+        later = store.claim(namespace, "later", new())
+        assert store.finish(namespace, "later", later.token, ok=True, result="1", ttl=3600.0)
+        bad = store.claim(namespace, "failed", new())
+        assert store.finish(namespace, "failed", bad.token, ok=False, error="E", ttl=0.05)
+        store.claim(namespace, "running", new())
+        zombie = store.claim(namespace, "taken", new("zombie", lease=EXPIRED))
+        taken = store.take_over(namespace, "taken", zombie, new("w2"))
+        assert taken is not None
+        assert store.finish(namespace, "taken", taken.token, ok=True, result="1", ttl=0.05)
+        other = namespace + "-other"
+        rec = store.claim(other, "e", new())
+        assert store.finish(other, "e", rec.token, ok=True, result="1", ttl=0.05)
+        now = get(store, namespace, "forever").now
+        wait_for_store_clock(store, now + 0.1)
+        before = store.now()
+
+        first = store.purge_expired(namespace, before, 3)
+        if first == 0:  # this store lets its backend delete expired records (Redis)
+            for i in range(5):
+                assert store.get(namespace, f"e{i}") is None
+            return
+        assert first == 3  # bounded by the limit
+        assert store.purge_expired(namespace, before, 3) == 2
+        assert store.purge_expired(namespace, before, 3) == 0
+        for i in range(5):
+            assert store.get(namespace, f"e{i}") is None
+        for key in ("forever", "later", "failed", "running", "taken"):
+            assert store.get(namespace, key) is not None, key
+        assert store.get(other, "e") is not None  # another namespace
+        # Every namespace (a shared database may hold other expired records too).
+        while store.purge_expired(None, before, 100) == 100:
+            pass
+        assert store.get(other, "e") is None
+        # A deleted key runs again from token 1; the taken-over key kept its token.
+        assert store.claim(namespace, "e0", new()).mine
+        assert get(store, namespace, "taken").token == taken.token
+
     # -- processes ---------------------------------------------------------------------------
 
     def test_claims_and_take_overs_race_across_processes(
