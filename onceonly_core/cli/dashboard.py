@@ -45,7 +45,7 @@ def dashboard(
     ] = None,
 ) -> None:
     """Live calls, agents' spend and caps, run timelines, approvals and the kill switch."""
-    from ..dashboard import _require, create_dashboard, is_loopback
+    from ..dashboard import _require, create_dashboard, dashboard_server, is_loopback
     from ..errors import ConfigError, MissingExtraError
 
     if token == "auto":
@@ -81,8 +81,8 @@ def dashboard(
     if token:
         where += f"?token={token}"
     typer.echo(f"OnceOnly dashboard on {where}  (Ctrl+C to stop)")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.run(sockets=[sock])
+    # Ctrl+C ends the open live-event streams first, then the server (dashboard_server).
+    dashboard_server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ..guard import Guard
 
-__all__ = ["create_dashboard", "is_loopback", "serve_dashboard"]
+__all__ = ["create_dashboard", "dashboard_server", "is_loopback", "serve_dashboard"]
 
 
 def _require(*modules: str) -> None:
@@ -93,15 +93,21 @@ def serve_dashboard(
     if not is_loopback(host):
         extra = ["*"] if host in ("0.0.0.0", "::", "") else [host]
     app = create_dashboard(url, namespace=namespace, token=token, allowed_hosts=extra)
-    closing = app.state.closing
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_options)
+    dashboard_server(config).run()
+
+
+def dashboard_server(config: Any) -> Any:
+    """A ``uvicorn.Server`` for the dashboard app of ``config``: on Ctrl+C / SIGTERM it
+    first tells the open event streams to end (a graceful shutdown waits for open
+    responses, and every dashboard tab holds one), then shuts down."""
+    import uvicorn
+
+    closing = config.app.state.closing
 
     class Server(uvicorn.Server):
-        """On Ctrl+C / SIGTERM, first tell the open event streams to end: a graceful
-        shutdown waits for open responses, and every dashboard tab holds one."""
-
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             closing.set()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_options)
-    Server(config).run()
+    return Server(config)
