@@ -140,7 +140,7 @@ def test_ctrl_c_ends_open_streams_at_once(tmp_path: Any) -> None:
     import sys
     import time
 
-    import httpx2
+    import httpx
 
     from _services import subprocess_env
 
@@ -160,7 +160,7 @@ def test_ctrl_c_ends_open_streams_at_once(tmp_path: Any) -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with httpx2.stream("GET", url, timeout=10) as r:
+                with httpx.stream("GET", url, timeout=10) as r:
                     assert r.headers["content-type"].startswith("text/event-stream")
                     lines = r.iter_lines()
                     assert next(lines).startswith("retry:")
@@ -169,7 +169,7 @@ def test_ctrl_c_ends_open_streams_at_once(tmp_path: Any) -> None:
                     for _ in lines:  # until the server ends the stream
                         pass
                 break
-            except httpx2.ConnectError:
+            except httpx.ConnectError:
                 assert time.monotonic() < deadline, "the dashboard did not start"
                 time.sleep(0.2)
         _, err = proc.communicate(timeout=20)
