@@ -113,11 +113,17 @@ class CrashBeforeClaim:
 
 
 def crash_store(url: str) -> Any:
-    base: type = SQLStore
+    base: type
     if url.startswith(("redis://", "rediss://")):
         from onceonly_core.stores.redis import RedisStore
 
         base = RedisStore
+    else:
+        # SQLStore(url) returns its dialect's class (SQLiteStore, PostgresStore, MySQLStore):
+        # the crash mixin goes on top of that one.
+        probe = SQLStore(url, auto_migrate=True)
+        base = type(probe)
+        probe.close()
     return type("CrashStore", (CrashBeforeClaim, base), {})(url, auto_migrate=True)
 
 

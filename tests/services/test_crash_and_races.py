@@ -416,14 +416,15 @@ def test_paused_owner_is_fenced_out(
 
 
 # -- a completion whose reply was lost --------------------------------------------------
-class LostReply(SQLStore):
+class LostReply:
     """Commits the first completion, then fails as if the connection dropped before the
-    reply arrived (what a database restart does to a statement in flight)."""
+    reply arrived (what a database restart does to a statement in flight). A mixin over
+    the URL's dialect class (SQLStore(url) returns SQLiteStore, PostgresStore, ...)."""
 
     lost = 1
 
     def finish(self, *args: Any, **kwargs: Any) -> bool:
-        done = super().finish(*args, **kwargs)
+        done: bool = super().finish(*args, **kwargs)  # type: ignore[misc]
         if self.lost:
             self.lost -= 1
             raise StoreError("server closed the connection unexpectedly")
@@ -437,7 +438,9 @@ def test_a_completion_whose_reply_was_lost_is_not_reported_as_lost_lease(
     already succeeded under its own token. That is success, not LeaseLost (no one else
     ever held the key), and the tool ran once. Before the fix the caller got LeaseLost
     ("another owner took over and this outcome was not recorded") for a recorded result."""
-    lossy = LostReply(db_url)
+    probe = SQLStore(db_url)
+    lossy = type("LostReplyStore", (LostReply, type(probe)), {})(db_url)
+    probe.close()
     g = Guard(store=lossy, namespace=namespace, quiet=True)
     calls: list[str] = []
 
