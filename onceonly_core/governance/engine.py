@@ -1301,6 +1301,8 @@ class Governance:
                 settings,
                 tenant=self.tenant,
             )
+        elif d.settings.egress_allow != self.egress_allow:
+            d.set_egress_allow(self.egress_allow)  # the allowlist is read at each use
         return d
 
     def _kick(self) -> None:

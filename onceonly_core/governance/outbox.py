@@ -280,6 +280,12 @@ class Deliverer:
     def _scope(self) -> Any:
         return sa.true() if self.tenant is None else _O.c.tenant == self.tenant
 
+    def set_egress_allow(self, allow: egress.AllowSpec) -> None:
+        """Use this outbound allowlist from the next connection on (``gov.egress_allow``
+        changed after the deliverer was built)."""
+        self.settings.egress_allow = allow
+        self._allow = egress.Egress.of(allow)
+
     def claim(self, limit: int = 50) -> list[_Claim]:
         lease = self.settings.lease
 
