@@ -7,6 +7,7 @@ a string for 401/413/422/429 (the client shows it as the message), an object wit
 """
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -397,7 +398,9 @@ def create_app(
         # by agents that do not deliver in-process) go out here; replicas share the work.
         notifier = Deliverer(cp.gov_store, Settings.from_env(egress_allow=cp.egress_allow))
         notifier.start()
-        outbox.preferences = _stored_prefs  # the tenants' /v1/me/notifications choices
+        # The tenants' /v1/me/notifications choices, for decisions on this server's database
+        # only (an embedded guard in the same process has no tenants table).
+        outbox.preferences = functools.partial(_stored_prefs, cp.gov_store.engine)
         try:
             yield
         finally:
@@ -1067,12 +1070,16 @@ def _recent_events(
     return out, total
 
 
-def _stored_prefs(conn: Any, tenant: str) -> dict[str, Any] | None:
+def _stored_prefs(engine: Any, conn: Any, tenant: str) -> dict[str, Any] | None:
     """A tenant's notification preferences, read on the deciding transaction's connection
-    (the server's tables live in the same database); None for a tenant we do not serve."""
+    (the server's tables live in the same database); None for a tenant we do not serve,
+    or for a decision made on another database (an embedded guard in this process)."""
     import sqlalchemy as sa
 
     from .db import tenants
+
+    if conn.engine is not engine:
+        return None
 
     row = conn.execute(sa.select(tenants.c.prefs).where(tenants.c.tenant == tenant)).first()
     if row is None:

@@ -137,14 +137,18 @@ def form(url: str, srv: Loopback) -> str:
 @pytest.fixture(scope="module")
 def module_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
     path = tmp_path_factory.mktemp("egress") / "ledger.db"
-    # Notifications are delivered by flush_notifications() in the tests themselves: no
-    # background deliverer thread racing them for the ledger across the module's tests.
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ONCEONLY_NOTIFY_IN_PROCESS", "0")
     g = Guard(f"sqlite:///{path}", namespace="egress", quiet=True)
     yield g
     g.close()
-    mp.undo()
+
+
+@pytest.fixture
+def own_guard(tmp_path: Path) -> Iterator[Guard]:
+    """A guard of its own, for tests whose webhooks must not meet the outbox rows and the
+    in-process deliverer the module's shared guard carries from earlier tests."""
+    g = Guard(f"sqlite:///{tmp_path / 'own.db'}", namespace="egress-own", quiet=True)
+    yield g
+    g.close()
 
 
 @pytest.fixture
@@ -458,7 +462,8 @@ def test_spellings_credentials_and_schemes_stay_refused_even_when_allowlisted(
     assert srv.requests == []
 
 
-def test_webhooks_go_through_the_allowlist(guard: Guard, srv: Loopback) -> None:
+def test_webhooks_go_through_the_allowlist(own_guard: Guard, srv: Loopback) -> None:
+    guard = own_guard
     srv.handler = lambda req: Reply(204, b"")
     with pytest.raises(ConfigError):
         guard.gov.add_webhook(srv.url, SECRET)
@@ -494,7 +499,8 @@ def test_the_server_allowlist_setting(tmp_path: Path, srv: Loopback) -> None:
 
 
 # -- redirects, sizes, bodies ------------------------------------------------------------------
-def test_a_redirect_to_a_private_address_is_not_followed(guard: Guard, srv: Loopback) -> None:
+def test_a_redirect_to_a_private_address_is_not_followed(own_guard: Guard, srv: Loopback) -> None:
+    guard = own_guard
     # Both servers allowlisted: only "redirects are not followed" stands between them.
     guard.gov.egress_allow = "127.0.0.1"
     srv.handler = lambda req: Reply(302, b"", {"Location": "http://169.254.169.254/latest/"})
