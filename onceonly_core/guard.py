@@ -263,6 +263,10 @@ class Guard:
     ``Guard()`` reads ``ONCEONLY_DB_URL`` (default ``sqlite:///onceonly.db``),
     ``ONCEONLY_NAMESPACE`` (default ``default``) and ``ONCEONLY_QUIET`` at first use,
     not at construction, and creates nothing until then.
+
+    Remote mode: ``Guard("https://onceonly.example", api_key=...)`` (or
+    ``ONCEONLY_DB_URL=https://…`` with ``ONCEONLY_API_KEY``) keeps its ledger and
+    governance on a ``onceonly serve`` control plane (docs/remote.md).
     """
 
     def __init__(
@@ -276,6 +280,7 @@ class Guard:
         caller: str | None = None,
         agent_id: str | None = None,
         key_health: bool | None = None,
+        api_key: str | None = None,
         **defaults: Any,
     ) -> None:
         unknown = set(defaults) - _OPTION_NAMES - {"store_options"}
@@ -285,6 +290,8 @@ class Guard:
             check_url(url)
         self._url = url
         self._store_options: dict[str, Any] = defaults.pop("store_options", {}) or {}
+        if api_key is not None:  # remote mode: Guard("https://...", api_key=...)
+            self._store_options["api_key"] = api_key
         self._namespace = _label(namespace, "namespace")
         self._store = store
         self._quiet = quiet

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -108,6 +109,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     prefix = f"oo-test-{uuid4().hex[:12]}"
     yield f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
     redis_drop_prefix(base, prefix)
+
+
+@pytest.fixture(scope="session")
+def remote_server(pg_url: str) -> Iterator[Any]:
+    """``onceonly serve`` on PostgreSQL in its own process, for remote mode's tests
+    (``tests/_remote.py``); ``remote_server.tenant()`` gives a fresh tenant and key."""
+    pytest.importorskip("fastapi", reason="remote mode's server needs the 'server' extra")
+    pytest.importorskip("uvicorn", reason="remote mode's server needs the 'server' extra")
+    from _remote import start_remote_server
+
+    yield from start_remote_server(pg_url)
+
+
+@pytest.fixture
+def remote(remote_server: Any) -> Any:
+    """A fresh tenant on the remote-mode server: ``.root``, ``.key``, ``.name``."""
+    return remote_server.tenant()
 
 
 @pytest.fixture

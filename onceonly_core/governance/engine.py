@@ -1306,6 +1306,8 @@ class Governance:
         return d
 
     def _kick(self) -> None:
+        if not getattr(self.store, "local_delivery", True):
+            return  # remote mode: the server delivers its outbox
         try:
             d = self.deliverer()
             if d.settings.in_process:
@@ -1318,6 +1320,8 @@ class Governance:
         pending after ``timeout`` seconds (retrying, or their receiver is down)."""
         if not getattr(self.store, "outbox", False):
             return True
+        if not getattr(self.store, "local_delivery", True):
+            return True  # remote mode: the server delivers; nothing is pending here
         return bool(self.deliverer().drain(timeout))
 
 

@@ -40,6 +40,7 @@ from ..governance.models import Policy
 from ..limits import INT_MAX, INT_MIN, MAX_BODY_BYTES, MAX_JSON_DEPTH, MAX_SPEND_USD, bad_text
 from .control import ControlPlane, LeaseError, QuotaExceeded, iso, tool_result_json
 from .db import KeyInfo
+from .remote_api import remote_router
 
 __all__ = ["ApiFailure", "create_app"]
 
@@ -518,6 +519,8 @@ def create_app(
         return info
 
     Auth = Annotated[KeyInfo, Depends(auth)]
+    # Remote mode (Guard("https://...")): the store primitives, tenant-bound (remote_api.py).
+    app.include_router(remote_router(cp, auth))
 
     def quota(tenant: str, kind: str) -> None:
         hit = limits_cache.get(tenant)

@@ -9,6 +9,7 @@ from .memory import MemoryStore
 
 if TYPE_CHECKING:
     from .redis import RedisStore
+    from .remote import RemoteStore
     from .sql import SQLStore
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "NewClaim",
     "Record",
     "RedisStore",
+    "RemoteStore",
     "SQLStore",
     "Store",
     "check_url",
@@ -36,6 +38,9 @@ REDIS_SCHEMES = (
     "redis+cluster://",
     "rediss+cluster://",
 )
+
+#: URL schemes of remote mode: a ``onceonly serve`` control plane (``stores.remote``).
+REMOTE_SCHEMES = ("https://", "http://")
 
 _EXAMPLES = (
     "sqlite:///ledger.db, postgresql+psycopg://..., mysql+pymysql://..., redis://... or memory://"
@@ -70,7 +75,8 @@ def check_url(url: str) -> None:
 
 def open_store(url: str, **options: Any) -> Store:
     """``memory://``, ``sqlite:///file.db``, ``postgresql+psycopg://…``, ``mysql+pymysql://…``,
-    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…`` / ``redis+cluster://…``."""
+    ``redis://…`` / ``rediss://…`` / ``redis+sentinel://…`` / ``redis+cluster://…``, or a
+    ``onceonly serve`` control plane at ``https://…`` (remote mode; option ``api_key``)."""
     check_url(url)
     if url.startswith("memory:"):
         if options:
@@ -78,6 +84,17 @@ def open_store(url: str, **options: Any) -> Store:
 
             raise ConfigError(f"memory:// takes no options, got {sorted(options)}")
         return MemoryStore()
+    if "api_key" in options and not url.startswith(REMOTE_SCHEMES):
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            "api_key is for remote mode (an https:// URL of a onceonly serve server), "
+            f"not for {url.split(':', 1)[0]}:"
+        )
+    if url.startswith(REMOTE_SCHEMES):
+        from .remote import RemoteStore  # raises MissingExtraError without httpx
+
+        return RemoteStore(url, **options)
     if url.startswith(REDIS_SCHEMES):
         from .redis import RedisStore  # raises MissingExtraError without redis-py
 
@@ -110,6 +127,10 @@ def __getattr__(name: str) -> Any:
         from .sql import SQLStore
 
         return SQLStore
+    if name == "RemoteStore":  # imports httpx only when used
+        from .remote import RemoteStore
+
+        return RemoteStore
     if name == "RedisStore":  # imports redis-py only when used
         from .redis import RedisStore
 

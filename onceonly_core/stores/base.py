@@ -104,6 +104,10 @@ class Store(abc.ABC):
     #: The backend's name: ``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``.
     kind: str = "custom"
 
+    #: The longest namespace this store holds (remote mode's is shorter: the server puts
+    #: the tenant in front of it).
+    max_namespace: int = MAX_NAMESPACE
+
     @abc.abstractmethod
     def get(self, namespace: str, key: str) -> Record | None: ...
 

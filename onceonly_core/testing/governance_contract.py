@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from ..errors import ConfigError
 from ..governance.base import GovernanceStore, Want, audit_fields, chain_hash
 from ..stores.base import Store
 
@@ -85,6 +86,11 @@ def _threads(n: int, fn: Any) -> list[BaseException]:
 class GovernanceContract:
     """The contract every governance store keeps. Subclass it in a test module (name the
     subclass ``Test…``) and provide the ``ledger`` fixture."""
+
+    #: False for a store that refuses :meth:`GovernanceStore.purge_audit` with
+    #: ConfigError because audit retention is an operator's job elsewhere (remote mode:
+    #: on the server). The kit then checks the refusal instead of the purge.
+    purges_audit: bool = True
 
     @pytest.fixture
     def ledger(self) -> Iterator[Store]:
@@ -263,7 +269,12 @@ class GovernanceContract:
         calls = gov.audited_calls(tenant)
         assert len(calls) == 60 and calls["1-0"] == {None}
         cut = gov.audit_rows(tenant, agent_id="a", limit=1000, newest_first=False)[14]
-        assert gov.purge_audit(tenant, cut["created_at"] + 1e-6) >= 15
+        if self.purges_audit:
+            assert gov.purge_audit(tenant, cut["created_at"] + 1e-6) >= 15
+        else:  # retention belongs to an operator elsewhere: refused, and nothing is gone
+            with pytest.raises(ConfigError):
+                gov.purge_audit(tenant, cut["created_at"] + 1e-6)
+            assert len(gov.audit_rows(tenant, agent_id="a", limit=1000)) == 30
         assert gov.verify_audit(tenant) == []
         assert gov.append_audit(tenant, _entry("late"))[0] == 31
         assert gov.verify_audit(tenant) == []

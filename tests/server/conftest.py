@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +19,8 @@ pytest.importorskip("onceonly")
 import uvicorn
 from onceonly import OnceOnly
 
-from onceonly_core.server import create_app
+from _live_server import start_live
 from onceonly_core.server.control import ControlPlane
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -61,18 +53,8 @@ class Running:
 
 
 def start_server(cp: ControlPlane, **app_options: Any) -> Running:
-    app = create_app(control=cp, **app_options)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    return Running(cp, f"http://127.0.0.1:{port}/v1", server, thread)
+    live = start_live(cp, **app_options)
+    return Running(cp, f"{live.root}/v1", live.server, live.thread)
 
 
 @pytest.fixture
