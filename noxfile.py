@@ -144,16 +144,17 @@ def tests(session: nox.Session) -> None:
 # One session per framework: only that extra installed, its tests and examples run.
 INTEGRATIONS = ("langchain", "openai", "llamaindex", "mcp")
 # Each session installs its framework's extra and the SQL drivers (no other framework):
-# the call path is proven on every SQL ledger through each adapter. The MCP proxy is also
-# driven by the OpenAI Agents SDK's own MCP client (extra openai).
-EXTRAS = {"mcp": "mcp,openai,postgres,mysql"}
+# the call path is proven on every SQL ledger through each adapter. The server extra runs
+# the adapter contract suite in remote mode too, against `onceonly serve` on PostgreSQL.
+# The MCP proxy is also driven by the OpenAI Agents SDK's own MCP client (extra openai).
+EXTRAS = {"mcp": "mcp,openai,postgres,mysql,server"}
 
 
 @nox.session(python=PYTHON)
 @nox.parametrize("framework", INTEGRATIONS)
 def integration(session: nox.Session, framework: str) -> None:
     """One integration with only its own framework installed (tests/integrations/<framework>)."""
-    extras = EXTRAS.get(framework, f"{framework},postgres,mysql")
+    extras = EXTRAS.get(framework, f"{framework},postgres,mysql,server")
     session.install("-e", f".[{extras}]", *TEST_DEPS)
     session.run(
         "pytest", f"tests/integrations/{framework}", *session.posargs, env=_passthrough_env()

@@ -630,7 +630,10 @@ class GovStore(GovernanceStore):
             # The DELETE is the decision: if the hold is gone, a sweep (or our own
             # earlier attempt, whose reply was lost) already counted it and wrote its
             # audit row, and one row per execution is the rule.
-            if conn.execute(sa.delete(r).where(r.c.id == rid)).rowcount == 0:
+            # Scoped to the tenant and agent: a hold id from elsewhere (remote mode's
+            # callers are other tenants' keys) settles nothing.
+            mine = sa.and_(r.c.id == rid, r.c.tenant == tenant, r.c.agent_id == agent_id)
+            if conn.execute(sa.delete(r).where(mine)).rowcount == 0:
                 return False
             if audit is not None:
                 self._append(conn, now, tenant, audit)
@@ -645,9 +648,8 @@ class GovStore(GovernanceStore):
         r = S.reservations
 
         def run(conn: sa.Connection, now: float) -> bool:
-            row = conn.execute(
-                sa.select(r.c.amounts).where(r.c.id == rid).with_for_update()
-            ).first()
+            mine = sa.and_(r.c.id == rid, r.c.tenant == tenant, r.c.agent_id == agent_id)
+            row = conn.execute(sa.select(r.c.amounts).where(mine).with_for_update()).first()
             if row is None:
                 return False  # swept as spent (and audited) meanwhile: that stands
             conn.execute(sa.delete(r).where(r.c.id == rid))

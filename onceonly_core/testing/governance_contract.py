@@ -92,6 +92,11 @@ class GovernanceContract:
     #: on the server). The kit then checks the refusal instead of the purge.
     purges_audit: bool = True
 
+    #: True for a store bound to one tenant (remote mode: the API key's), which puts every
+    #: call in it whatever tenant the call names; the cross-tenant checks are then skipped
+    #: (the binding is the store's own test to prove).
+    one_tenant: bool = False
+
     @pytest.fixture
     def ledger(self) -> Iterator[Store]:
         raise NotImplementedError("a GovernanceContract subclass provides the `ledger` fixture")
@@ -148,6 +153,22 @@ class GovernanceContract:
             # 33 * 3 = 99 <= 100 < 34 * 3: no overshoot, no undershoot.
             assert len(won) == 33, (agent, len(won))
             assert gov.counter(tenant, agent, "spend", day) == 99
+
+    def test_another_tenants_hold_is_neither_settled_nor_released(
+        self, gov: GovernanceStore, tenant: str
+    ) -> None:
+        if self.one_tenant:
+            pytest.skip("this store serves one tenant whatever the call names")
+        day = _day(gov)
+        hold = gov.reserve(tenant, "a", "ns", "k", [Want("spend", day, 5, 10, "s")], lease=60)
+        assert hold.id
+        other = f"{tenant}-other"
+        assert gov.settle(other, "a", hold.id, [["spend", day, 5]], _entry("k")) is False
+        assert gov.release(other, "a", hold.id, _entry("k", "failed")) is False
+        assert [h["id"] for h in gov.pending_holds(tenant)] == [hold.id]
+        assert gov.counter(tenant, "a", "spend", day) == 5
+        assert gov.audit_rows(other) == []
+        assert gov.release(tenant, "a", hold.id) is True
 
     def test_settle_and_release_win_a_hold_at_most_once(
         self, gov: GovernanceStore, tenant: str

@@ -138,3 +138,17 @@ def test_importing_the_core_imports_no_optional_dependency() -> None:
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "onceonly_core" in report["imported"]
     assert report["leaked"] == []
+
+
+def test_remote_mode_without_httpx_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Guard("https://…")`` with httpx hidden: the one error, with the pip command."""
+    monkeypatch.setitem(sys.modules, "httpx", None)  # import httpx -> ImportError
+    from onceonly_core import Guard
+
+    g = Guard("https://onceonly.example", api_key="k" * 20, quiet=True)
+    with pytest.raises(MissingExtraError) as err:
+        g.run_call("t", {}, lambda: 1, scope="s")
+    assert str(err.value) == (
+        "remote mode (an https:// ledger URL) needs the 'http' extra (httpx is not "
+        'installed): pip install "onceonly-core[http]"'
+    )

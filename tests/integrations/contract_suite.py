@@ -253,19 +253,31 @@ class CoreDriver:
 
 
 # -- fixtures -------------------------------------------------------------------------------
-class FlakyStore(MemoryStore):
-    """The memory ledger, whose ``finish`` can be made to fail: ``fail_finish`` writes in a
-    row raise StoreError (the ledger dropped the connection after the tool ran)."""
+class Flaky:
+    """A ledger whose ``finish`` can be made to fail: ``fail_finish`` writes in a row raise
+    StoreError (the ledger dropped the connection after the tool ran)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail_finish = 0
+    fail_finish = 0
 
     def finish(self, *args: Any, **kwargs: Any) -> bool:
         if self.fail_finish > 0:
             self.fail_finish -= 1
             raise StoreError("the ledger closed the connection")
-        return super().finish(*args, **kwargs)
+        return super().finish(*args, **kwargs)  # type: ignore[misc,no-any-return]
+
+
+class FlakyStore(Flaky, MemoryStore):
+    """The memory ledger, flaky on demand."""
+
+
+def flaky_remote(root: str, api_key: str) -> Any:
+    """Remote mode's ledger (a live ``onceonly serve``), flaky on demand."""
+    from onceonly_core.stores.remote import RemoteStore  # httpx: the server extra
+
+    class FlakyRemoteStore(Flaky, RemoteStore):
+        pass
+
+    return FlakyRemoteStore(root, api_key=api_key)
 
 
 @dataclass
@@ -274,7 +286,7 @@ class Harness:
 
     driver: Driver
     guard: Guard
-    store: FlakyStore
+    store: Any  # FlakyStore, or remote mode's flaky RemoteStore
     mode: str
     effects: list[dict[str, Any]] = field(default_factory=list)
     schemas: dict[str, type[BaseModel]] = field(default_factory=dict)
@@ -362,9 +374,20 @@ class ContractSuite:
     def mode(self, request: pytest.FixtureRequest) -> str:
         return str(request.param)
 
+    # Embedded (the memory ledger) and remote mode (a live `onceonly serve` on PostgreSQL,
+    # a fresh tenant per test): the same scenarios, the same answers.
+    @pytest.fixture(
+        params=["embedded", pytest.param("remote", marks=[pytest.mark.pg, pytest.mark.services])]
+    )
+    def ledger(self, request: pytest.FixtureRequest) -> Any:
+        if request.param == "embedded":
+            return FlakyStore()
+        remote = request.getfixturevalue("remote")
+        return flaky_remote(remote.root, remote.key)
+
     @pytest.fixture
-    def h(self, mode: str) -> Iterator[Harness]:
-        store = FlakyStore()
+    def h(self, mode: str, ledger: Any) -> Iterator[Harness]:
+        store = ledger
         guard = Guard(store=store, quiet=True)
         driver = type(self).driver_factory(guard)
         yield Harness(driver, guard, store, mode)

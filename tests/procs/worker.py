@@ -156,6 +156,8 @@ def make_guard(**options: Any) -> Guard:
     if ARGS.crash == "before_claim":
         store = crash_store(ARGS.url)
         return Guard(store=store, namespace=ARGS.namespace, quiet=True, **options)
+    if ARGS.url.startswith(("http://", "https://")):  # remote mode: ONCEONLY_API_KEY
+        return Guard(ARGS.url, namespace=ARGS.namespace, quiet=True, **options)
     return Guard(
         ARGS.url,
         namespace=ARGS.namespace,

@@ -32,6 +32,7 @@ class TestRemoteStoreContract(StoreContract):
 
 class TestRemoteGovernanceContract(GovernanceContract):
     purges_audit = False  # an agent's key cannot delete audit rows; the server's operator can
+    one_tenant = True  # the key's; tests/remote/test_remote.py proves the binding
 
     @pytest.fixture
     def tenant(self, remote: Any) -> str:
