@@ -190,7 +190,7 @@ class _Wire:
         if not key:
             raise ConfigError(
                 f"remote mode ({_shown(url)}) needs an API key: Guard(url, api_key=...) or "
-                "ONCEONLY_API_KEY (create one on the server: onceonly server keys create)"
+                "ONCEONLY_API_KEY (create one on the server: onceonly keys create --tenant NAME)"
             )
         if any(ord(c) < 33 for c in key):
             raise ConfigError("the API key contains whitespace or control characters")

@@ -50,8 +50,14 @@ def test_the_documented_examples_exist() -> None:
     } <= names
 
 
+#: Examples that start a server (``onceonly serve``): they need the server extra.
+SERVER_PREFIXES = ("remote_",)
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_and_proves_its_claims(example: Path, tmp_path: Path) -> None:
+    if example.name.startswith(SERVER_PREFIXES):
+        pytest.importorskip("uvicorn", reason=f"{example.name} needs the 'server' extra")
     proc = _run([sys.executable, str(example)], tmp_path)
     assert proc.returncode == 0, f"{example.name} failed:\n{proc.stdout}\n{proc.stderr}"
     assert proc.stdout.strip(), "an example tells the reader what happened"
