@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -325,6 +326,20 @@ def _us(seconds: float) -> int:
     return round(seconds * _US)
 
 
+# Every RedisStore, weakly: a forked child must never write on its parent's sockets (two
+# processes reading replies off one connection would each get the other's), so the child
+# forgets the connections the fast path holds; redis-py's pool resets itself likewise.
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for store in list(_STORES):
+        store._free = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
 # One durability warning per server per process, however many stores are opened on it.
 _WARNED: set[str] = set()
 _WARNED_LOCK = threading.Lock()
@@ -401,7 +416,7 @@ class RedisStore(Store):
             and getattr(self._pool, "cache", None) is None  # no client-side caching
         )
         self._free: list[Any] = []  # idle connections of the fast path
-        self._pid = os.getpid()
+        _STORES.add(self)  # a forked child drops them (_after_fork)
         self._namespaces = f"{self.prefix}:namespaces"
         self._known: set[str] = set()  # namespaces this process has registered
         self._key_cache: dict[str, tuple[str, str, str, str]] = {}
@@ -483,9 +498,7 @@ class RedisStore(Store):
         The connection is handled as redis-py handles it: one the server closed (a restart)
         is reconnected before use, one that failed mid-command is disconnected (the next
         use reconnects), and nothing is ever sent twice. After a fork the parent's
-        connections are dropped, never shared."""
-        if self._pid != os.getpid():
-            self._free, self._pid = [], os.getpid()
+        connections are dropped, never shared (_after_fork)."""
         try:
             conn = self._free.pop()
         except IndexError:
