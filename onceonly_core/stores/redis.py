@@ -495,28 +495,29 @@ class RedisStore(Store):
         looks up a response callback, about half of a loopback round trip's client CPU.
         Here hiredis packs the command in C and the reply is returned as parsed.
 
-        The connection is handled as redis-py handles it: one the server closed (a restart)
-        is reconnected before use, one that failed mid-command is disconnected (the next
-        use reconnects), and nothing is ever sent twice. After a fork the parent's
-        connections are dropped, never shared (_after_fork)."""
+        The connection is handled as redis-py handles it: one the server closed (a restart,
+        an idle timeout) is reconnected before use, one that failed mid-command is
+        disconnected, and nothing is ever sent twice. Only connected connections wait in
+        ``_free`` (a failed one goes back to the pool, which reconnects it when next
+        checked out). After a fork the parent's connections are dropped, never shared
+        (_after_fork)."""
         try:
             conn = self._free.pop()
         except IndexError:
-            conn = self._pool.get_connection()
+            conn = self._pool.get_connection()  # connected and checked by the pool
         else:
             try:
-                conn.connect()  # no-op while connected; raises while the server is down
+                # Pending data or EOF: the server closed it (or a reply is left over).
+                stale = conn.can_read()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True
+            if stale:
+                conn.disconnect()
                 try:
-                    # Pending data or EOF: the server closed it (or a reply is left over).
-                    stale = conn.can_read()
-                except (redis.ConnectionError, redis.TimeoutError, OSError):
-                    stale = True
-                if stale:
-                    conn.disconnect()
                     conn.connect()
-            except BaseException:
-                self._free.append(conn)
-                raise
+                except BaseException:
+                    self._pool.release(conn)
+                    raise
         try:
             conn.send_packed_command(
                 (_pack(command),) if _pack is not None else conn.pack_command(*command)
@@ -527,7 +528,7 @@ class RedisStore(Store):
             raise
         except BaseException:
             conn.disconnect()  # mid-command: whatever is left on the wire is lost with it
-            self._free.append(conn)
+            self._pool.release(conn)
             raise
         self._free.append(conn)
         return reply
