@@ -549,6 +549,8 @@ def test_durability_warning_names_the_settings(
     finally:
         for s in stores:
             s.close()
+        other_prefix = other.partition("prefix=")[2].partition("&")[0]
+        redis_drop_prefix(db_url.partition("?")[0], other_prefix)  # db_url drops its own
     warnings = [r for r in caplog.records if r.name == "onceonly"]
     durable = (conf.get("appendonly"), conf.get("appendfsync")) == ("yes", "always")
     if durable:
