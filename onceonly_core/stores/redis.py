@@ -359,8 +359,10 @@ class RedisStore(Store):
 
     ``client``: an existing ``redis.Redis`` to use instead of a URL (its retry policy is
     yours: a client that re-sends a command after a dropped connection may re-send a
-    claim that committed). ``durability_check=False`` skips reading the server's settings.
-    ``auto_migrate`` is accepted for symmetry with the SQL store: Redis has no schema.
+    claim that committed; its commands go through redis-py's command layer, where a store
+    built from a URL sends its scripts on held connections, see ``_send``).
+    ``durability_check=False`` skips reading the server's settings. ``auto_migrate`` is
+    accepted for symmetry with the SQL store: Redis has no schema.
     """
 
     def __init__(
