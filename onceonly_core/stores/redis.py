@@ -28,6 +28,11 @@ takes its token with it, the script raises the namespace's token floor first, an
 created afterwards starts above it: tokens for a key only grow, and an owner frozen since
 before the deletion stays fenced out.
 
+Round trips: a first call is two (the claim script, the finish script) and a replay one
+(the claim script finds the record). A store built from a URL sends them on connections
+it holds from redis-py's pool, packed by hiredis, without redis-py's per-command layer
+(see ``RedisStore._send``); a cluster or a given client goes through redis-py as usual.
+
 Durability: Redis acknowledges a write before it reaches the disk unless the server runs
 with ``appendonly yes`` and ``appendfsync always``. The store reads the server's settings
 at first use and logs one warning (logger ``onceonly``) when a crash or a restart could
@@ -37,8 +42,10 @@ lose a claim. See docs/guarantees.md.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -56,80 +63,63 @@ try:
 except ImportError:  # pragma: no cover - the extra is missing
     raise MissingExtraError("the Redis store", "redis", "redis") from None
 
+_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:  # the extra installs redis[hiredis]; without it the fast path packs in Python
+    from hiredis import pack_command as _pack
+except ImportError:  # pragma: no cover
+    _pack = None
+
 __all__ = ["SCHEMES", "RedisStore"]
 
 log = logging.getLogger("onceonly")
 
 SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "rediss+cluster://")
 
-# The stored fields, in the order every script returns them after (mine, now).
-_FIELDS = (
-    "tool",
-    "state",
-    "token",
-    "owner",
-    "attempt",
-    "executions",
-    "lease_until",
-    "expires_at",
-    "args_digest",
-    "result",
-    "error",
-    "run_id",
-    "caller",
-    "created_at",
-    "updated_at",
-)
-
-# Shared by every script. Optional string arguments arrive as "" (NULL) or "=" + value, so
-# that an empty string and NULL stay different things. Each redis.call() costs a few
-# microseconds inside Redis, so the scripts write with one HSET and one HDEL where they can.
-_PRELUDE = """
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local function fmt(x) return string.format('%.0f', x) end
-local function opt(sets, dels, field, v)
-  if v == '' then dels[#dels + 1] = field
-  else sets[#sets + 1] = field; sets[#sets + 1] = string.sub(v, 2) end
-end
-local FIELDS = {"""
-_PRELUDE += ", ".join(f"'{f}'" for f in _FIELDS) + "}\n"
-_PRELUDE += """
-local function reply(mine, now, row)
-  local out = {mine, fmt(now)}
-  for i = 1, #FIELDS do out[i + 2] = row[i] end
-  return out
-end
-"""
+# Each redis.call() inside a script costs a few microseconds in Redis 7.0 (its arguments
+# and reply are converted between Lua and Redis), so the scripts make few calls and carry
+# no shared prelude: a record is read with one HGETALL (cheaper than an HMGET of every
+# field, and nearly free when the key does not exist), written with one HSET and one HDEL,
+# and the server's clock is TIME's two strings, handed back as they are. Optional string
+# arguments arrive as "" (NULL) or "=" + value, so that an empty string and NULL stay
+# different things.
+#
+# A script that returns a record returns HGETALL's field/value pairs followed by TIME's
+# seconds and microseconds: an even-length list, never shorter than 8 (tool, state and
+# token are always there).
 
 # KEYS: record, index, floor, expiry. ARGV: key, tool, owner, lease_us, digest, run, caller.
+# A record found: its pairs + TIME (it is not ours). A claim: {seconds, microseconds, token}.
 _CLAIM = """
-local now = now_us()
-local row = redis.call('HMGET', KEYS[1], unpack(FIELDS))
-if row[1] then return reply(0, now, row) end
+local row = redis.call('HGETALL', KEYS[1])
+local t = redis.call('TIME')
+if #row > 0 then
+  row[#row + 1] = t[1]
+  row[#row + 1] = t[2]
+  return row
+end
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = string.format('%.0f', now)
 -- Above every token a deleted (expired) record of this namespace ever had: fencing holds
 -- across the deletion. The floor is 0 in a namespace that never used a ttl.
 local floor = tonumber(redis.call('GET', KEYS[3]) or '0')
-local n = fmt(now)
 local sets = {'tool', ARGV[2], 'state', 'running', 'token', floor + 1, 'owner', ARGV[3],
-  'attempt', 1, 'executions', 0, 'lease_until', fmt(now + tonumber(ARGV[4])),
+  'attempt', 1, 'executions', 0,
+  'lease_until', string.format('%.0f', now + tonumber(ARGV[4])),
   'created_at', n, 'updated_at', n}
-local unused = {}
-opt(sets, unused, 'args_digest', ARGV[5])
-opt(sets, unused, 'run_id', ARGV[6])
-opt(sets, unused, 'caller', ARGV[7])
+if ARGV[5] ~= '' then sets[#sets + 1] = 'args_digest'; sets[#sets + 1] = string.sub(ARGV[5], 2) end
+if ARGV[6] ~= '' then sets[#sets + 1] = 'run_id'; sets[#sets + 1] = string.sub(ARGV[6], 2) end
+if ARGV[7] ~= '' then sets[#sets + 1] = 'caller'; sets[#sets + 1] = string.sub(ARGV[7], 2) end
 redis.call('HSET', KEYS[1], unpack(sets))
 redis.call('ZADD', KEYS[2], n, ARGV[1])
 if floor > 0 then redis.call('ZREM', KEYS[4], ARGV[1]) end  -- the deleted one's entry
-return {1, n, floor + 1}
+return {t[1], t[2], floor + 1}
 """
 
 # KEYS: record, index, expiry. ARGV: key, tool, owner, lease_us, digest, run, caller,
-# seen token, seen state, force ('1'/'0').
+# seen token, seen state, force ('1'/'0'). The record taken over (pairs + TIME), or nil.
 _TAKE_OVER = """
-local now = now_us()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'lease_until', 'attempt',
   'expires_at')
 -- Compare-and-set on (token, state): whoever changed the record since the caller read it
@@ -140,14 +130,17 @@ if ARGV[10] ~= '1' then
   if cur[2] ~= ARGV[9] then return false end
   if cur[2] == 'running' and tonumber(cur[3] or '0') >= now then return false end
 end
-local n = fmt(now)
+local n = string.format('%.0f', now)
 local sets = {'state', 'running', 'token', tonumber(cur[1]) + 1, 'owner', ARGV[3],
-  'attempt', tonumber(cur[4]) + 1, 'lease_until', fmt(now + tonumber(ARGV[4])),
+  'attempt', tonumber(cur[4]) + 1,
+  'lease_until', string.format('%.0f', now + tonumber(ARGV[4])),
   'tool', ARGV[2], 'updated_at', n}
 local dels = {'error'}
-opt(sets, dels, 'args_digest', ARGV[5])
-opt(sets, dels, 'run_id', ARGV[6])
-opt(sets, dels, 'caller', ARGV[7])
+for i, field in ipairs({'args_digest', 'run_id', 'caller'}) do
+  local v = ARGV[i + 4]
+  if v == '' then dels[#dels + 1] = field
+  else sets[#sets + 1] = field; sets[#sets + 1] = string.sub(v, 2) end
+end
 redis.call('HSET', KEYS[1], unpack(sets))
 redis.call('HDEL', KEYS[1], unpack(dels))
 if cur[5] then
@@ -156,32 +149,38 @@ if cur[5] then
   redis.call('ZREM', KEYS[3], ARGV[1])
 end
 redis.call('ZADD', KEYS[2], n, ARGV[1])
-return reply(1, now, redis.call('HMGET', KEYS[1], unpack(FIELDS)))
+local row = redis.call('HGETALL', KEYS[1])
+row[#row + 1] = t[1]
+row[#row + 1] = t[2]
+return row
 """
 
 # KEYS: record, index, floor, expiry. ARGV: key, token, ok ('1'/'0'), result, error, ttl_us.
 _FINISH = """
-local now = now_us()
 local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'executions')
 -- Fenced: only the holder of the current token, while the record is running, completes.
 -- (A running record never has a TTL: claims create none and take-overs remove it.)
 if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[2]) or cur[2] ~= 'running' then
   return 0
 end
-local n = fmt(now)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = string.format('%.0f', now)
 local ok = ARGV[3] == '1'
 local sets = {'state', ok and 'succeeded' or 'failed', 'updated_at', n,
   'executions', tonumber(cur[3]) + (ok and 1 or 0)}
 local dels = {'lease_until'}
-opt(sets, dels, 'result', ARGV[4])
-opt(sets, dels, 'error', ARGV[5])
+if ARGV[4] == '' then dels[#dels + 1] = 'result'
+else sets[#sets + 1] = 'result'; sets[#sets + 1] = string.sub(ARGV[4], 2) end
+if ARGV[5] == '' then dels[#dels + 1] = 'error'
+else sets[#sets + 1] = 'error'; sets[#sets + 1] = string.sub(ARGV[5], 2) end
 local exp = nil
 if ARGV[6] == '' then
   dels[#dels + 1] = 'expires_at'
 else
   exp = now + tonumber(ARGV[6])
   sets[#sets + 1] = 'expires_at'
-  sets[#sets + 1] = fmt(exp)
+  sets[#sets + 1] = string.format('%.0f', exp)
 end
 redis.call('HSET', KEYS[1], unpack(sets))
 redis.call('HDEL', KEYS[1], unpack(dels))
@@ -194,7 +193,7 @@ if exp and ok then
   if floor < tonumber(cur[1]) then redis.call('SET', KEYS[3], cur[1]) end
   local at = math.floor(exp / 1000) + 1
   redis.call('PEXPIREAT', KEYS[1], at)
-  redis.call('ZADD', KEYS[4], fmt(at * 1000), ARGV[1])
+  redis.call('ZADD', KEYS[4], string.format('%.0f', at * 1000), ARGV[1])
   -- Housekeeping, bounded: index entries of records Redis has already deleted.
   local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', n, 'LIMIT', 0, 8)
   if #gone > 0 then
@@ -207,25 +206,27 @@ return 1
 
 # KEYS: record. ARGV: token, lease_us.
 _HEARTBEAT = """
-local now = now_us()
 local cur = redis.call('HMGET', KEYS[1], 'token', 'state')
 -- Same fence as finish: a stale owner cannot extend a lease it no longer holds.
 if not cur[1] or tonumber(cur[1]) ~= tonumber(ARGV[1]) or cur[2] ~= 'running' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'lease_until', fmt(now + tonumber(ARGV[2])))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('HSET', KEYS[1], 'lease_until', string.format('%.0f', now + tonumber(ARGV[2])))
 return 1
 """
 
 # KEYS: record, index. ARGV: key. -1: no record, 0: refused (live lease), 1: cleared.
 _CLEAR = """
-local now = now_us()
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cur = redis.call('HMGET', KEYS[1], 'token', 'state', 'lease_until')
 if not cur[1] then return -1 end
 if cur[2] == 'running' and tonumber(cur[3] or '0') >= now then return 0 end
 -- The token is kept: the next call takes the record over with token + 1, so an owner
 -- from before the clear can never complete the new run.
-local n = fmt(now)
+local n = string.format('%.0f', now)
 redis.call('HSET', KEYS[1], 'state', 'cleared', 'updated_at', n)
 redis.call('ZADD', KEYS[2], n, ARGV[1])
 return 1
@@ -233,8 +234,9 @@ return 1
 
 # KEYS: index, then the records. ARGV: their keys. Returns how many were cleared.
 _CLEAR_MANY = """
-local now = now_us()
-local n = fmt(now)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = string.format('%.0f', now)
 local done = 0
 for i = 2, #KEYS do
   local cur = redis.call('HMGET', KEYS[i], 'token', 'state', 'lease_until')
@@ -248,12 +250,14 @@ end
 return done
 """
 
-# KEYS: record. A read with the server's clock, in one round trip.
+# KEYS: record. A read with the server's clock, in one round trip: the record's pairs +
+# TIME, or TIME alone when there is no record.
 _GET = """
-local now = now_us()
-local row = redis.call('HMGET', KEYS[1], unpack(FIELDS))
-if not row[1] then return {0, fmt(now)} end
-return reply(0, now, row)
+local row = redis.call('HGETALL', KEYS[1])
+local t = redis.call('TIME')
+row[#row + 1] = t[1]
+row[#row + 1] = t[2]
+return row
 """
 
 _US = 1_000_000
@@ -279,35 +283,62 @@ def _tag(namespace: str) -> str:
     return namespace.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
-def _record(namespace: str, key: str, row: Sequence[Any]) -> Record:
-    """``row`` = mine, now, then the stored fields in _FIELDS order."""
-    f = row[2:]
+def _clock(seconds: bytes, micros: bytes) -> float:
+    """TIME's reply as the float seconds of a Record (via integer microseconds, as the
+    stored times)."""
+    return (int(seconds) * _US + int(micros)) / _US
+
+
+def _record(namespace: str, key: str, row: Sequence[Any], mine: bool = False) -> Record:
+    """A script's record reply: HGETALL's field/value pairs, then TIME's two strings."""
+    fields = dict(zip(row[0:-2:2], row[1:-2:2], strict=True))
+    return _from_fields(namespace, key, fields, _clock(row[-2], row[-1]), mine)
+
+
+def _from_fields(
+    namespace: str, key: str, f: dict[bytes, bytes], now: float, mine: bool = False
+) -> Record:
+    g = f.get
     return Record(
         namespace,
         key,
-        f[0].decode("utf-8"),
-        f[1].decode("ascii"),
-        int(f[2]),
-        _text(f[3]),
-        int(f[4]),
-        int(f[5]),
-        _sec(f[6]),
-        _sec(f[7]),
-        _text(f[8]),
-        _text(f[9]),
-        _text(f[10]),
-        _text(f[11]),
-        _text(f[12]),
-        int(f[13]) / _US,
-        int(f[14]) / _US,
-        int(row[1]) / _US,
-        bool(int(row[0])),
+        f[b"tool"].decode("utf-8"),
+        f[b"state"].decode("ascii"),
+        int(f[b"token"]),
+        _text(g(b"owner")),
+        int(f[b"attempt"]),
+        int(f[b"executions"]),
+        _sec(g(b"lease_until")),
+        _sec(g(b"expires_at")),
+        _text(g(b"args_digest")),
+        _text(g(b"result")),
+        _text(g(b"error")),
+        _text(g(b"run_id")),
+        _text(g(b"caller")),
+        int(f[b"created_at"]) / _US,
+        int(f[b"updated_at"]) / _US,
+        now,
+        mine,
     )
 
 
 def _us(seconds: float) -> int:
     return round(seconds * _US)
 
+
+# Every RedisStore, weakly: a forked child must never write on its parent's sockets (two
+# processes reading replies off one connection would each get the other's), so the child
+# forgets the connections the fast path holds; redis-py's pool resets itself likewise.
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for store in list(_STORES):
+        store._free = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 # One durability warning per server per process, however many stores are opened on it.
 _WARNED: set[str] = set()
@@ -328,8 +359,10 @@ class RedisStore(Store):
 
     ``client``: an existing ``redis.Redis`` to use instead of a URL (its retry policy is
     yours: a client that re-sends a command after a dropped connection may re-send a
-    claim that committed). ``durability_check=False`` skips reading the server's settings.
-    ``auto_migrate`` is accepted for symmetry with the SQL store: Redis has no schema.
+    claim that committed; its commands go through redis-py's command layer, where a store
+    built from a URL sends its scripts on held connections, see ``_send``).
+    ``durability_check=False`` skips reading the server's settings. ``auto_migrate`` is
+    accepted for symmetry with the SQL store: Redis has no schema.
     """
 
     def __init__(
@@ -363,7 +396,7 @@ class RedisStore(Store):
         else:
             self.client = self._connect(url, socket_timeout, connect_timeout)
         self._scripts = {
-            name: self.client.register_script(_PRELUDE + body)
+            name: self.client.register_script(body)
             for name, body in (
                 ("claim", _CLAIM),
                 ("take_over", _TAKE_OVER),
@@ -374,8 +407,21 @@ class RedisStore(Store):
                 ("get", _GET),
             )
         }
+        self._sha = {name: script.sha for name, script in self._scripts.items()}
+        # The fast path (see _send) for a client this store built itself, not a cluster:
+        # a given client keeps its own command layer, retry policy included.
+        self._pool: Any = getattr(self.client, "connection_pool", None)
+        self._fast = (
+            client is None
+            and isinstance(self.client, redis.Redis)
+            and self.client.connection is None  # not a single-connection client
+            and getattr(self._pool, "cache", None) is None  # no client-side caching
+        )
+        self._free: list[Any] = []  # idle connections of the fast path
+        _STORES.add(self)  # a forked child drops them (_after_fork)
         self._namespaces = f"{self.prefix}:namespaces"
         self._known: set[str] = set()  # namespaces this process has registered
+        self._key_cache: dict[str, tuple[str, str, str, str]] = {}
         self._ready = False
         self._ready_lock = threading.Lock()
 
@@ -444,10 +490,62 @@ class RedisStore(Store):
         master: redis.Redis = sentinel.master_for(path[0], **conn)
         return master
 
+    def _send(self, command: tuple[Any, ...]) -> Any:
+        """Send one command and read its reply on a pooled connection held by this store,
+        without redis-py's command layer: a redis-py call encodes every argument in Python,
+        checks a connection out of the pool and back in (with its observability hooks) and
+        looks up a response callback, about half of a loopback round trip's client CPU.
+        Here hiredis packs the command in C and the reply is returned as parsed.
+
+        The connection is handled as redis-py handles it: one the server closed (a restart,
+        an idle timeout) is reconnected before use, one that failed mid-command is
+        disconnected, and nothing is ever sent twice. Only connected connections wait in
+        ``_free`` (a failed one goes back to the pool, which reconnects it when next
+        checked out). After a fork the parent's connections are dropped, never shared
+        (_after_fork)."""
+        try:
+            conn = self._free.pop()
+        except IndexError:
+            conn = self._pool.get_connection()  # connected and checked by the pool
+        else:
+            try:
+                # Pending data or EOF: the server closed it (or a reply is left over).
+                stale = conn.can_read()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True
+            if stale:
+                conn.disconnect()
+                try:
+                    conn.connect()
+                except BaseException:
+                    self._pool.release(conn)
+                    raise
+        try:
+            conn.send_packed_command(
+                (_pack(command),) if _pack is not None else conn.pack_command(*command)
+            )
+            reply = conn.read_response()
+        except redis.ResponseError:
+            self._free.append(conn)  # an error reply: the connection is in sync
+            raise
+        except BaseException:
+            conn.disconnect()  # mid-command: whatever is left on the wire is lost with it
+            self._pool.release(conn)
+            raise
+        self._free.append(conn)
+        return reply
+
     def _call(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         if not self._ready:
             self._first_use()
         try:
+            if self._fast:
+                try:
+                    return self._send(("EVALSHA", self._sha[name], len(keys), *keys, *args))
+                except redis.exceptions.NoScriptError:
+                    # Not run: the server has lost its script cache (a restart, SCRIPT
+                    # FLUSH). redis-py's Script loads it and runs it, once.
+                    pass
             return self._scripts[name](keys=keys, args=args)
         except redis.RedisError as err:
             if isinstance(err, redis.ConnectionError):
@@ -530,8 +628,15 @@ class RedisStore(Store):
     # -- keys -----------------------------------------------------------------------------
     def _keys(self, namespace: str) -> tuple[str, str, str, str]:
         """(record key prefix, index, floor, expiry) of a namespace: one hash slot."""
+        try:
+            return self._key_cache[namespace]
+        except KeyError:
+            pass
         base = f"{self.prefix}:{{{_tag(namespace)}}}:"
-        return base + "r:", base + "i", base + "f", base + "x"
+        keys = base + "r:", base + "i", base + "f", base + "x"
+        if len(self._key_cache) < 10_000:  # bounded: namespaces may be per request
+            self._key_cache[namespace] = keys
+        return keys
 
     def _register(self, namespace: str) -> None:
         # Before the first record of the namespace exists, so listing never misses one.
@@ -565,10 +670,11 @@ class RedisStore(Store):
             _opt(new.caller),
         )
         row = self._call("claim", [rec + key, idx, floor, exp], args)
-        if int(row[0]) != 1:
+        if len(row) != 3:  # a record was there: its pairs and the clock
             return _record(namespace, key, row)
-        now = int(row[1]) / _US
-        lease_until = (int(row[1]) + _us(new.lease)) / _US
+        now_us = int(row[0]) * _US + int(row[1])
+        now = now_us / _US
+        lease_until = (now_us + _us(new.lease)) / _US
         return Record(
             namespace,
             key,
@@ -608,7 +714,7 @@ class RedisStore(Store):
             "1" if force else "0",
         )
         row = self._call("take_over", [rec + key, idx, exp], args)
-        return None if row is None else _record(namespace, key, row)
+        return None if row is None else _record(namespace, key, row, True)
 
     def finish(
         self,
@@ -702,14 +808,14 @@ class RedisStore(Store):
             try:
                 with self.client.pipeline(transaction=False) as pipe:
                     for m in members:
-                        pipe.hmget(rec + m, _FIELDS)
+                        pipe.hgetall(rec + m)
                     rows = pipe.execute()
             except redis.RedisError as err:
                 raise StoreError(f"listing the Redis ledger failed: {err}") from err
             for m, row in zip(members, rows, strict=True):
-                if row[0] is None:  # deleted at its expiry, index not yet tidied
+                if not row:  # deleted at its expiry, index not yet tidied
                     continue
-                r = _record(ns, m, [0, _us(now), *row])
+                r = _from_fields(ns, m, row, now)
                 if (state is None or r.state == state) and (tool is None or r.tool == tool):
                     out.append(r)
         out.sort(key=lambda r: (r.updated_at, r.key), reverse=True)
@@ -728,6 +834,9 @@ class RedisStore(Store):
         return 0
 
     def close(self) -> None:
+        free, self._free = self._free, []
+        for conn in free:
+            self._pool.release(conn)
         self.client.close()
         for sentinel in self._sentinels:
             sentinel.close()

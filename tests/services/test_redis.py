@@ -549,6 +549,8 @@ def test_durability_warning_names_the_settings(
     finally:
         for s in stores:
             s.close()
+        other_prefix = other.partition("prefix=")[2].partition("&")[0]
+        redis_drop_prefix(db_url.partition("?")[0], other_prefix)  # db_url drops its own
     warnings = [r for r in caplog.records if r.name == "onceonly"]
     durable = (conf.get("appendonly"), conf.get("appendfsync")) == ("yes", "always")
     if durable:
@@ -595,6 +597,47 @@ def test_a_dropped_connection_is_never_retried_for_a_write(redis_url: str) -> No
         assert isinstance(s, RedisStore)
         retry = s.client.get_retry()
         assert retry is not None and retry.get_retries() == 0
+    finally:
+        s.close()
+
+
+def test_the_fast_path_reconnects_and_a_forked_child_never_shares_a_socket(db_url: str) -> None:
+    """The store sends its scripts on connections it holds (RedisStore._send). One the
+    server closed is reconnected before use; a forked child opens its own, so parent and
+    child never read each other's replies off one socket."""
+    s = open_store(db_url)
+    assert isinstance(s, RedisStore) and s._fast
+    try:
+        assert s.claim("ns", "parent-1", NewClaim("t", "parent", 30.0)).mine
+        held = list(s._free)
+        assert held, "the fast path holds its connection between calls"
+        # The server drops the connection (as a restart or an idle timeout would).
+        killer = redis.Redis.from_url(db_url.partition("?")[0])
+        try:
+            held[0].send_command("CLIENT", "ID")
+            killer.client_kill_filter(_id=held[0].read_response())
+        finally:
+            killer.close()
+        assert s.claim("ns", "parent-2", NewClaim("t", "parent", 30.0)).mine
+        pid = os.fork()
+        if pid == 0:  # the child: its own connection, its own replies
+            code = 1
+            try:
+                ok = all(
+                    s.claim("ns", f"child-{i}", NewClaim("t", "child", 30.0)).mine
+                    for i in range(50)
+                )
+                code = 0 if ok and s._free and s._free[0] not in held else 1
+            finally:
+                os._exit(code)
+        for i in range(50):  # meanwhile the parent keeps using its own
+            rec = s.claim("ns", f"parent-x{i}", NewClaim("t", "parent", 30.0))
+            assert rec.mine and rec.key == f"parent-x{i}"
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        owners = {r.key: r.owner for r in s.list(namespace="ns", limit=1000)}
+        assert sum(o == "child" for o in owners.values()) == 50
+        assert sum(o == "parent" for o in owners.values()) == 52
     finally:
         s.close()
 
