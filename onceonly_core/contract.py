@@ -201,6 +201,11 @@ def is_interrupt(err: BaseException | None) -> bool:
 
 
 # -- texts ---------------------------------------------------------------------------------
+# One encoder, built once: json.dumps() with any non-default option builds a new
+# JSONEncoder on every call (~1 us of the ~2 us a small preview costs).
+_PREVIEW_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True)
+
+
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
     """A short text of a result for a model sentence: strings as they are, anything else
     as compact JSON (pydantic models, dataclasses, datetimes included), cut at ``limit``."""
@@ -208,7 +213,7 @@ def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
         text = value
     else:
         try:
-            text = json.dumps(_jsonable()(value, fallback=repr), ensure_ascii=False, sort_keys=True)
+            text = _PREVIEW_JSON.encode(_jsonable()(value, fallback=repr))
         except Exception:  # a value whose repr or fields raise: say so, never fail here
             text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
