@@ -136,3 +136,53 @@ def test_only_normal_runs_primitives_without_waiting(tmp_path: Path, sync: str) 
         with pytest.raises(WouldBlock):  # FULL and EXTRA fsync each commit: a wait
             store.run_nowait(claim)
     store.close()
+
+
+def test_async_on_normal_keeps_the_async_outcomes(tmp_path: Path) -> None:
+    """The primitives that run on the loop give what the worker thread gave: a result
+    recorded and replayed, a failure that releases the key, a cancelled task whose lease
+    expires at once (docs/guarantees.md)."""
+    import asyncio
+
+    from onceonly_core import Guard, UnknownOutcome
+
+    g = Guard(f"sqlite:///{tmp_path / 'l.db'}?synchronous=normal", quiet=True)
+    runs: list[str] = []
+
+    async def ok(x: int) -> int:
+        runs.append(f"ok{x}")
+        return x * 2
+
+    async def boom(x: int) -> int:
+        runs.append(f"boom{x}")
+        raise ValueError("no")
+
+    async def slow(x: int) -> int:
+        runs.append(f"slow{x}")
+        await asyncio.sleep(30)
+        return x
+
+    async def main() -> None:
+        assert await g(ok, 1) == 2
+        assert await g(ok, 1) == 2  # replayed
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                await g(boom, 1)  # a failure is not cached: it runs again
+        task = asyncio.create_task(g(slow, 1))
+        while "slow1" not in runs:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert runs == ["ok1", "boom1", "boom1", "slow1"]
+    rec = g.store.list(namespace=g.namespace, state="running")
+    assert len(rec) == 1 and not rec[0].lease_live  # expired at once, no lease wait
+
+    async def late(x: int) -> int:
+        return x
+
+    with pytest.raises(UnknownOutcome):
+        asyncio.run(g.using(on_unknown="raise", wait=0, name=rec[0].tool)(late, 1))
+    g.close()
