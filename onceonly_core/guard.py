@@ -133,7 +133,7 @@ class Stats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_CONTROL = re.compile("[\x00-\x1f]")
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def _label(value: str | None, what: str) -> str | None:
