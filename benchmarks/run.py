@@ -212,8 +212,10 @@ FLOORS = [
         "sqlite.normal.first",
         "<=",
         1.3,
-        "each blocking store primitive runs in a worker thread (asyncio.to_thread): "
-        "a hop costs `sqlite.normal.async.hop` (~60-70 us) and a first call makes two",
+        "SQLite NORMAL's claim and finish run on the event loop (Store.run_nowait) unless "
+        "another connection holds the write lock; then that primitive runs in a worker "
+        "thread, a hop of `sqlite.normal.async.hop` (~60-70 us); what is left is the async "
+        "shell's own Python (coroutines, the awaited tool: ~10-35 us)",
     ),
     *[
         (

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from . import fingerprint as fp
 from .codec import ResultCodec, default_codec
-from .contract import is_interrupt
+from .contract import classify, is_interrupt
 from .errors import ConfigError, OnceOnlyError
 from .keyhealth import KeyHealth
 from .limits import check_text
@@ -132,12 +133,15 @@ class Stats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def _label(value: str | None, what: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_LABEL:
         raise ConfigError(f"{what} must be a non-empty string of at most {MAX_LABEL} characters")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL.search(value) is not None:
         raise ConfigError(f"{what} must not contain control characters: {value!r}")
     check_text(value, what)  # lone surrogates: no backend can store them
     return value
@@ -610,8 +614,6 @@ class Guard:
         KeyboardInterrupt, a framework's interrupt such as LangGraph's ``GraphInterrupt``),
         which is re-raised unchanged: it is control flow, not an outcome.
         """
-        from .contract import classify
-
         try:
             res = self.run_call(
                 tool,
@@ -641,8 +643,6 @@ class Guard:
         **options: Any,
     ) -> Classification:
         """:meth:`run_call_classified` for async code (see :meth:`arun_call`)."""
-        from .contract import classify
-
         try:
             res = await self.arun_call(
                 tool,
@@ -1253,8 +1253,6 @@ class Guard:
         run_id: str | None,
         by_name: bool,
     ) -> tuple[Request, Call | None]:
-        from .governance.engine import Request
-
         if spend_usd is not None:
             from .governance.models import micros
 
@@ -1279,7 +1277,7 @@ class Guard:
             assert call is not None
             return decide(rec, call.opts, call.digest) in ("replay", "block")
 
-        req = Request(
+        req: Request = _engine().Request(
             agent_id=agent,
             tool=spec.name,
             namespace=call.namespace if call else self.current_namespace(),
@@ -1304,8 +1302,7 @@ class Guard:
         run_id: str | None,
         by_name: bool,
     ) -> ToolResult:
-        from .governance.engine import drive_sync, governed
-
+        eng = _engine()
         req, call = self._request(spec, bound, agent, spend_usd, run_id, by_name)
         gov = self.gov if (agent is not None or req.run_id) else None
         peek = functools.partial(self._peek, call)
@@ -1325,7 +1322,8 @@ class Guard:
         def drive() -> ToolResult:
             if gov is None:
                 return _plain(inner(None), req)
-            return drive_sync(governed(gov, req), gov, peek, inner)
+            res: ToolResult = eng.drive_sync(eng.governed(gov, req), gov, peek, inner)
+            return res
 
         obs = self._observer
         return drive() if obs is None else obs.run(req, drive)
@@ -1341,8 +1339,7 @@ class Guard:
         run_id: str | None,
         by_name: bool,
     ) -> ToolResult:
-        from .governance.engine import drive_async, governed
-
+        eng = _engine()
         req, call = self._request(spec, bound, agent, spend_usd, run_id, by_name)
         gov = self.gov if (agent is not None or req.run_id) else None
         peek = functools.partial(self._peek, call)
@@ -1362,7 +1359,8 @@ class Guard:
         async def drive() -> ToolResult:
             if gov is None:
                 return _plain(await inner(None), req)
-            return await drive_async(governed(gov, req), gov, peek, inner)
+            res: ToolResult = await eng.drive_async(eng.governed(gov, req), gov, peek, inner)
+            return res
 
         obs = self._observer
         return await (drive() if obs is None else obs.arun(req, drive))
@@ -1491,6 +1489,11 @@ def _is_async(fn: Any) -> bool:
     target = fn
     while isinstance(target, functools.partial):
         target = target.func
+    if type(target) is types.FunctionType and not target.__dict__:
+        # The hot path (an adapter's thunk is a lambda or a partial of a function): what
+        # iscoroutinefunction reads, without its layers; a function marked by
+        # inspect.markcoroutinefunction has a __dict__ and takes the long way.
+        return bool(target.__code__.co_flags & inspect.CO_COROUTINE)
     return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
         getattr(target, "__call__", None)  # noqa: B004 - async callable objects
     )
@@ -1656,11 +1659,21 @@ def _failure(err: Exception, call: Call | None, seen: list[BaseException]) -> tu
 
 
 def _plain(ran: Any, req: Request) -> ToolResult:
-    from .governance.engine import _from_run
-
     if ran[0] == "raise":
         raise ran[1]
-    return _from_run(ran, {"tool": req.tool, "agent_id": None, "run_id": req.run_id}, req, "low", 0)
+    base = {"tool": req.tool, "agent_id": None, "run_id": req.run_id}
+    res: ToolResult = _engine()._from_run(ran, base, req, "low", 0)
+    return res
+
+
+@functools.cache
+def _engine() -> types.ModuleType:
+    """The governance engine, imported at its first use (it brings pydantic, which a
+    plain ``import onceonly_core`` does not load), then kept: a relative import inside
+    a function costs ~1 us on every call."""
+    from .governance import engine
+
+    return engine
 
 
 def _unwrap(res: ToolResult) -> Any:

@@ -30,7 +30,16 @@ from .errors import (
 )
 from .limits import DEFAULT_MAX_RESULT_BYTES
 from .redact import default_redactor
-from .stores.base import CLEARED, FAILED, RUNNING, SUCCEEDED, NewClaim, Record, Store
+from .stores.base import (
+    CLEARED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    NewClaim,
+    Record,
+    Store,
+    WouldBlock,
+)
 
 __all__ = ["BLOCKED", "NOT_DONE", "CallContext", "Options", "Outcome", "decide", "flow"]
 
@@ -559,7 +568,9 @@ async def run_async(
     execute: Callable[[CallContext], Any],
     reconcile: Callable[[CallContext], Any],
 ) -> Outcome:
-    """Drive :func:`flow` on an event loop: blocking store calls run in a worker thread."""
+    """Drive :func:`flow` on an event loop. A blocking store's primitives run in a
+    worker thread, unless the store runs them at once without waiting for a lock
+    (:attr:`Store.nowait`, :meth:`Store.run_nowait`: SQLite WAL NORMAL)."""
     import asyncio
     import inspect
 
@@ -574,22 +585,19 @@ async def run_async(
         send = None
         try:
             if isinstance(op, StoreOp):
-                if store.blocking and not (type(op) is Heartbeat and op.lease < 0):
-                    task = asyncio.ensure_future(asyncio.to_thread(op.run, store))
-                    try:
-                        send = await asyncio.shield(task)
-                    except asyncio.CancelledError:
-                        # Cancelled while a claim was in flight in its thread: wait for it,
-                        # and if it made us the owner, give the key back before leaving.
-                        with contextlib.suppress(BaseException):
-                            claimed = await task
-                            if isinstance(claimed, Record) and claimed.mine:
-                                store.heartbeat(claimed.namespace, claimed.key, claimed.token, -1.0)
-                        raise
-                else:
+                if not store.blocking or (type(op) is Heartbeat and op.lease < 0):
                     # Releasing a lease runs inline: it must happen even when the task
                     # has just been cancelled, and awaiting again could be cancelled too.
                     send = op.run(store)
+                elif store.nowait:
+                    # On the loop unless it would wait for a lock (SQLite WAL NORMAL):
+                    # a worker-thread hop costs about as much as the write itself.
+                    try:
+                        send = store.run_nowait(op.run)
+                    except WouldBlock:  # nothing was written: run it where it may wait
+                        send = await _in_thread(op, store)
+                else:
+                    send = await _in_thread(op, store)
             elif type(op) is Sleep:
                 await asyncio.sleep(op.seconds)
             elif type(op) is Execute:
@@ -600,3 +608,20 @@ async def run_async(
                     send = await send
         except BaseException as err:
             error = err
+
+
+async def _in_thread(op: StoreOp, store: Store) -> Any:
+    """``op.run(store)`` in a worker thread, shielded from cancellation."""
+    import asyncio
+
+    task = asyncio.ensure_future(asyncio.to_thread(op.run, store))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Cancelled while a claim was in flight in its thread: wait for it, and if it
+        # made us the owner, give the key back before leaving.
+        with contextlib.suppress(BaseException):
+            claimed = await task
+            if isinstance(claimed, Record) and claimed.mine:
+                store.heartbeat(claimed.namespace, claimed.key, claimed.token, -1.0)
+        raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llama_index.core.instrumentation.event_handlers import NullEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index_instrumentation import get_dispatcher  # llama-index-core re-exports it
 
@@ -52,6 +53,22 @@ _FIELDS = ("code", "tool", "reason", "ran", "key", "run_id", "agent_id", "approv
 
 
 def emit(c: Classification) -> None:
-    """Dispatch the decision (LlamaIndex swallows a failing handler: observe only)."""
+    """Dispatch the decision (LlamaIndex swallows a failing handler: observe only).
+
+    Built only when a handler listens on the way up the dispatcher chain (the path
+    ``Dispatcher.event`` walks): an event is a pydantic model with a fresh uuid, several
+    microseconds on every call for nobody."""
+    if not _listened():
+        return
     d = c.as_dict()
     _dispatcher.event(GuardDecisionEvent(**{k: d[k] for k in _FIELDS}, classification=d))
+
+
+def _listened() -> bool:
+    c: Any = _dispatcher
+    while c is not None:
+        for h in c.event_handlers:
+            if type(h) is not NullEventHandler:  # the root's default: does nothing
+                return True
+        c = c.parent if c.propagate else None
+    return False

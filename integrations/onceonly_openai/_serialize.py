@@ -41,8 +41,12 @@ def _plain(value: Any) -> Any:
     return to_jsonable_python(value, fallback=str)
 
 
+# Built once: json.dumps() with options builds a new JSONEncoder on every call.
+_TEXT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def to_text(value: Any) -> str:
     """A tool's result as the text the model reads: strings as they are, else JSON."""
     if isinstance(value, str):
         return value
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _TEXT_JSON.encode(_plain(value))

@@ -20,9 +20,9 @@ PostgreSQL and MySQL, the host's for SQLite and memory (one host by construction
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .governance import GovernanceStore
@@ -36,7 +36,10 @@ __all__ = [
     "NewClaim",
     "Record",
     "Store",
+    "WouldBlock",
 ]
+
+_T = TypeVar("_T")
 
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -47,6 +50,13 @@ STATES = (RUNNING, SUCCEEDED, FAILED, CLEARED)
 MAX_KEY = 255
 MAX_NAMESPACE = 255
 MAX_LABEL = 255
+
+
+#: Record's stored fields, in order (see :meth:`Record.stored`).
+Stored = tuple[
+    str, str, str, str, int, "str | None", int, int, "float | None", "float | None",
+    "str | None", "str | None", "str | None", "str | None", "str | None", float, float,
+]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -73,6 +83,28 @@ class Record:
     now: float = 0.0
     mine: bool = field(default=False, compare=False)
 
+    def stored(self) -> Stored:
+        """Every stored field, in order (not the clock reading, not ``mine``)."""
+        return (
+            self.namespace,
+            self.key,
+            self.tool,
+            self.state,
+            self.token,
+            self.owner,
+            self.attempt,
+            self.executions,
+            self.lease_until,
+            self.expires_at,
+            self.args_digest,
+            self.result,
+            self.error,
+            self.run_id,
+            self.caller,
+            self.created_at,
+            self.updated_at,
+        )
+
     @property
     def lease_live(self) -> bool:
         # ">=": the same boundary as take_over and clear (a lease is taken only once
@@ -94,12 +126,23 @@ class NewClaim:
     caller: str | None = None
 
 
+class WouldBlock(Exception):
+    """:meth:`Store.run_nowait` found that a primitive would have to wait (another
+    connection holds a lock): nothing was done, the caller runs it where it may wait."""
+
+
 class Store(abc.ABC):
     """Base class of every store. Subclass it to add a backend; see the module docstring."""
 
     #: True when primitives may block (network, disk locks): async callers then run
     #: them in a worker thread instead of on the event loop.
     blocking: bool = True
+
+    #: True when :meth:`run_nowait` usually runs a primitive at once although the store
+    #: is ``blocking`` (SQLite WAL NORMAL: a local write without fsync, ~100 us, unless
+    #: another connection holds the write lock). Async callers then try it on the event
+    #: loop first, which saves a worker-thread hop per primitive.
+    nowait: bool = False
 
     #: The backend's name: ``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``.
     kind: str = "custom"
@@ -146,6 +189,14 @@ class Store(abc.ABC):
     def clear(self, namespace: str, key: str) -> bool | None:
         """Mark cleared so the next call runs again. True: cleared; False: refused
         (running with a live lease); None: no such record."""
+
+    def run_nowait(self, fn: Callable[[Store], _T]) -> _T:
+        """``fn(self)`` (one primitive) where it cannot wait: if it would wait for a lock
+        held elsewhere, raise :class:`WouldBlock` having written nothing, so that the
+        caller may run it again where waiting is allowed (a worker thread)."""
+        if self.blocking:
+            raise WouldBlock
+        return fn(self)
 
     # -- reading for operators (not on the hot path) -----------------------------------
     @abc.abstractmethod

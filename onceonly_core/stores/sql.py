@@ -38,22 +38,34 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from time import monotonic as _monotonic
 from time import sleep as _sleep
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
 from ..errors import ConfigError, MissingExtraError, SchemaError, StoreError
-from .base import CLEARED, RUNNING, SUCCEEDED, NewClaim, Record, Store
+from .base import CLEARED, RUNNING, SUCCEEDED, NewClaim, Record, Store, WouldBlock
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
     from .governance import GovernanceStore
 
 __all__ = ["MySQLStore", "PostgresStore", "SQLStore", "SQLiteStore"]
+
+_R = TypeVar("_R")
+
+
+def _is_busy(err: sqlite3.Error) -> bool:
+    """SQLITE_BUSY (or SQLITE_LOCKED): another connection holds the lock we need."""
+    code = getattr(err, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (any extended code)
+    text = str(err)
+    return "locked" in text or "busy" in text
+
 
 _COLS = (
     "namespace, idem_key, tool, state, token, owner, attempt, executions, lease_until, "
@@ -586,6 +598,15 @@ class SQLStore(Store):
             self._engine.dispose()
 
 
+class _Local(threading.local):
+    """Per thread: its connection, and the one :meth:`SQLiteStore.run_nowait` uses."""
+
+    conn: sqlite3.Connection | None = None
+    pid = 0
+    nowait_conn: sqlite3.Connection | None = None
+    nowait_pid = 0
+
+
 class SQLiteStore(SQLStore):
     """The embedded ledger: one file, one connection per thread, the host's clock.
 
@@ -610,45 +631,78 @@ class SQLiteStore(SQLStore):
         if query:
             raise ConfigError(f"unknown SQLite URL options: {', '.join(sorted(query))}")
         self.synchronous = sync.upper()
-        self._local = threading.local()
+        self.nowait = self.synchronous == "NORMAL"
+        self._local = _Local()
         self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
         self._dbapi_error = sqlite3.Error
         self._integrity = sqlite3.IntegrityError
 
     def _sqlite_conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            if not self.path.parent.exists():
-                raise ConfigError(f"the directory of the SQLite ledger does not exist: {self.path}")
+        local = self._local
+        conn = local.conn
+        if conn is None or local.pid != os.getpid():
             # One connection per thread (sqlite3 connections are not thread-safe), in
             # autocommit mode: each statement is its own transaction.
-            try:
-                conn = sqlite3.connect(
-                    str(self.path),
-                    timeout=self._busy,
-                    isolation_level=None,
-                    check_same_thread=True,
-                    factory=_Conn,
-                )
-            except sqlite3.Error as err:
-                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
-            try:
-                self._enable_wal(conn)
-                conn.execute(f"PRAGMA synchronous={self.synchronous}")
-                conn.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
-            except sqlite3.Error as err:  # e.g. "file is not a database"
-                conn.close()
-                raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
-            self._local.conn = conn
-            self._local.pid = os.getpid()
-            self._conns.add(conn)
+            conn = local.conn = self._connect(self._busy)
+            local.pid = os.getpid()
         return conn
 
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+    def _connect(self, busy: float) -> sqlite3.Connection:
+        if not self.path.parent.exists():
+            raise ConfigError(f"the directory of the SQLite ledger does not exist: {self.path}")
+        try:
+            conn = sqlite3.connect(
+                str(self.path),
+                timeout=busy,
+                isolation_level=None,
+                check_same_thread=True,
+                factory=_Conn,
+            )
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
+        try:
+            self._enable_wal(conn, busy)
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
+        except sqlite3.Error as err:  # e.g. "file is not a database"
+            conn.close()
+            raise StoreError(f"cannot open the SQLite ledger {self.path}: {err}") from err
+        self._conns.add(conn)
+        return conn
+
+    def run_nowait(self, fn: Callable[[Store], _R]) -> _R:
+        """``fn(self)`` on this thread's second connection, whose busy timeout is 0: a
+        statement that would wait for the write lock fails at once with SQLITE_BUSY,
+        before it wrote anything (an autocommit statement that did not get the lock
+        committed nothing), and :meth:`_run` turns that into :class:`WouldBlock`.
+
+        Only for WAL NORMAL (no fsync per commit; FULL and EXTRA fsync every commit,
+        which is a wait too), once the schema is checked (a first use may migrate under
+        a file lock). What can still take a while is a WAL checkpoint, which SQLite runs
+        in the committing connection every ~1,000 WAL pages, with an fsync."""
+        if not self.nowait or not self._ready:
+            raise WouldBlock
+        local = self._local
+        conn = local.nowait_conn
+        pid = os.getpid()
+        if conn is None or local.nowait_pid != pid:
+            try:
+                conn = local.nowait_conn = self._connect(0.0)
+            except StoreError as err:  # locked while opening: the worker thread will wait
+                raise WouldBlock from err
+            local.nowait_pid = pid
+        usual, usual_pid = local.conn, local.pid
+        local.conn, local.pid = conn, pid
+        try:
+            return fn(self)
+        finally:
+            local.conn, local.pid = usual, usual_pid
+
+    def _enable_wal(self, conn: sqlite3.Connection, busy: float) -> None:
         # Switching a new file to WAL takes an exclusive lock, and SQLite answers a
         # concurrent switch with SQLITE_BUSY without calling the busy handler; several
         # processes opening a fresh ledger at once would fail. Retry within busy_timeout.
-        deadline = _monotonic() + self._busy
+        deadline = _monotonic() + busy
         while True:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -684,6 +738,8 @@ class SQLiteStore(SQLStore):
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as err:
+            if _is_busy(err) and self._local.conn is self._local.nowait_conn:
+                raise WouldBlock from err  # run_nowait's attempt: nothing was written
             raise StoreError(f"SQLite ledger {self.path}: {name} failed: {err}") from err
 
     def _check_schema(self) -> None:
@@ -737,7 +793,7 @@ class SQLiteStore(SQLStore):
             # A connection owned by another thread refuses; it closes with its thread.
             with contextlib.suppress(sqlite3.ProgrammingError):
                 conn.close()
-        self._local = threading.local()
+        self._local = _Local()
         super().close()
 
 

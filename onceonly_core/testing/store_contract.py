@@ -54,25 +54,7 @@ def get(store: Store, ns: str, key: str) -> Record:
 
 def stable(rec: Record) -> tuple[Any, ...]:
     """Every stored field (not the clock reading)."""
-    return (
-        rec.namespace,
-        rec.key,
-        rec.tool,
-        rec.state,
-        rec.token,
-        rec.owner,
-        rec.attempt,
-        rec.executions,
-        rec.lease_until,
-        rec.expires_at,
-        rec.args_digest,
-        rec.result,
-        rec.error,
-        rec.run_id,
-        rec.caller,
-        rec.created_at,
-        rec.updated_at,
-    )
+    return rec.stored()
 
 
 def wait_for_store_clock(store: Store, moment: float, timeout: float = 10.0) -> None:

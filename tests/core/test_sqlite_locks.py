@@ -14,6 +14,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from onceonly_core.stores import NewClaim
 from onceonly_core.stores.sql import SQLStore
@@ -50,3 +53,136 @@ def test_creating_the_schema_keeps_sqlite_s_shared_lock(tmp_path: Path) -> None:
     assert holder_lock_state(db) == "held"
     store.close()
     assert holder_lock_state(db) == "free"  # the probe itself can tell the difference
+
+
+def test_async_calls_on_normal_wait_for_a_held_write_lock_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite WAL NORMAL runs an async call's primitives on the event loop (no thread
+    hop) only while nobody else holds the write lock: a claim that would wait is not
+    written, runs again in a worker thread, and the loop keeps running meanwhile."""
+    import asyncio
+    import sqlite3
+
+    from onceonly_core import Guard
+
+    g = Guard(f"sqlite:///{tmp_path / 'l.db'}?synchronous=normal", quiet=True)
+    assert g.store.nowait
+    ran: list[int] = []
+
+    async def tool(x: int) -> int:
+        ran.append(x)
+        return x
+
+    hops: list[object] = []
+    to_thread = asyncio.to_thread
+
+    def counted(fn: Any, /, *args: Any) -> Any:
+        hops.append(fn)
+        return to_thread(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    assert asyncio.run(g(tool, 0)) == 0  # the first use checks the schema, in a thread
+    hops.clear()
+    assert asyncio.run(g(tool, 1)) == 1  # nobody holds the lock: no worker thread
+    assert hops == []
+
+    other = sqlite3.connect(str(tmp_path / "l.db"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+
+    async def locked() -> None:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick = asyncio.create_task(ticker())
+        call = asyncio.create_task(g(tool, 2))
+        await asyncio.sleep(0.2)
+        assert not call.done() and ran == [0, 1]  # waiting for the lock, in a thread
+        assert len(hops) == 1
+        before = ticks
+        other.execute("COMMIT")
+        assert await call == 2
+        assert before >= 5  # the loop ran while the claim waited
+        tick.cancel()
+
+    asyncio.run(locked())
+    assert ran == [0, 1, 2]
+    assert asyncio.run(g(tool, 2)) == 2 and ran == [0, 1, 2]  # recorded once: a replay
+    other.close()
+    g.close()
+
+
+@pytest.mark.parametrize("sync", ["full", "extra", "normal"])
+def test_only_normal_runs_primitives_without_waiting(tmp_path: Path, sync: str) -> None:
+    from onceonly_core.stores.base import Store, WouldBlock
+
+    store = SQLStore(f"sqlite:///{tmp_path / 'l.db'}?synchronous={sync}")
+    assert store.nowait is (sync == "normal")
+
+    def claim(s: Store) -> bool:
+        return s.claim("ns", "k", NewClaim("tool", "me", 30.0)).mine
+
+    with pytest.raises(WouldBlock):  # unchecked schema: a first use may migrate, under a lock
+        store.run_nowait(claim)
+    store.ensure_schema()
+    if sync == "normal":
+        assert store.run_nowait(claim)
+    else:
+        with pytest.raises(WouldBlock):  # FULL and EXTRA fsync each commit: a wait
+            store.run_nowait(claim)
+    store.close()
+
+
+def test_async_on_normal_keeps_the_async_outcomes(tmp_path: Path) -> None:
+    """The primitives that run on the loop give what the worker thread gave: a result
+    recorded and replayed, a failure that releases the key, a cancelled task whose lease
+    expires at once (docs/guarantees.md)."""
+    import asyncio
+
+    from onceonly_core import Guard, UnknownOutcome
+
+    g = Guard(f"sqlite:///{tmp_path / 'l.db'}?synchronous=normal", quiet=True)
+    runs: list[str] = []
+
+    async def ok(x: int) -> int:
+        runs.append(f"ok{x}")
+        return x * 2
+
+    async def boom(x: int) -> int:
+        runs.append(f"boom{x}")
+        raise ValueError("no")
+
+    async def slow(x: int) -> int:
+        runs.append(f"slow{x}")
+        await asyncio.sleep(30)
+        return x
+
+    async def main() -> None:
+        assert await g(ok, 1) == 2
+        assert await g(ok, 1) == 2  # replayed
+        for _ in range(2):
+            with pytest.raises(ValueError):
+                await g(boom, 1)  # a failure is not cached: it runs again
+        task = asyncio.create_task(g(slow, 1))
+        while "slow1" not in runs:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert runs == ["ok1", "boom1", "boom1", "slow1"]
+    rec = g.store.list(namespace=g.namespace, state="running")
+    assert len(rec) == 1 and not rec[0].lease_live  # expired at once, no lease wait
+
+    async def late(x: int) -> int:
+        return x
+
+    with pytest.raises(UnknownOutcome):
+        asyncio.run(g.using(on_unknown="raise", wait=0, name=rec[0].tool)(late, 1))
+    g.close()
