@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -60,7 +59,10 @@ from .errors import (
     StoreError,
     UnknownOutcome,
 )
-from .protocol import Outcome, safe_str
+
+# is_interrupt / register_interrupt: the registry lives in the protocol (the ledger's
+# release of an interrupted call reads it); adapters import it from here.
+from .protocol import Outcome, is_interrupt, register_interrupt, safe_str
 
 if TYPE_CHECKING:
     from .governance.models import ToolResult
@@ -172,32 +174,6 @@ class Classification:
             "spend_usd": self.spend_usd,
             "text": self.text,
         }
-
-
-# -- interruptions -------------------------------------------------------------------------
-_INTERRUPTS: tuple[type[BaseException], ...] = ()
-
-
-def register_interrupt(*classes: type[BaseException]) -> None:
-    """Declare exception classes that are control flow, not failures (an adapter
-    registers its framework's, e.g. a graph interrupt). Classified ``interrupted``."""
-    global _INTERRUPTS
-    _INTERRUPTS = tuple(dict.fromkeys((*_INTERRUPTS, *classes)))
-
-
-def is_interrupt(err: BaseException | None) -> bool:
-    """Cancellation, KeyboardInterrupt, SystemExit (anything that is not an Exception),
-    a registered interrupt class, or LangGraph's ``GraphBubbleUp`` family (interrupt(),
-    Command(graph=PARENT)) when langgraph is loaded — looked up, never imported."""
-    if err is None:
-        return False
-    if not isinstance(err, Exception):
-        return True
-    if _INTERRUPTS and isinstance(err, _INTERRUPTS):
-        return True
-    mod = sys.modules.get("langgraph.errors")
-    bubble = getattr(mod, "GraphBubbleUp", None) if mod is not None else None
-    return isinstance(bubble, type) and isinstance(err, bubble)
 
 
 # -- texts ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ protocol therefore exists in one copy for both.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -278,12 +279,44 @@ def decide(rec: Record, opts: Options, digest: str | None) -> str:
             return TAKE_OVER
         return REPLAY if opts.replay else BLOCK
     if state == FAILED:
-        return REPLAY_ERROR if opts.cache_errors else TAKE_OVER
+        # A graph interrupt's release is not a failure to replay: the resume runs the tool.
+        cached = opts.cache_errors and not (rec.error or "").startswith(INTERRUPTED)
+        return REPLAY_ERROR if cached else TAKE_OVER
     if state == CLEARED:
         return TAKE_OVER
     if state == RUNNING:
         return WAIT if rec.lease_live else UNKNOWN
     raise StoreError(f"record {rec.key!r} has an unknown state {state!r}")
+
+
+# -- interruptions -------------------------------------------------------------------------
+_INTERRUPTS: tuple[type[BaseException], ...] = ()
+
+#: The error text of a call released because its tool was interrupted by control flow (a
+#: graph interrupt): a failure that is never cached, since the resumed call must run.
+INTERRUPTED = "interrupted: "
+
+
+def register_interrupt(*classes: type[BaseException]) -> None:
+    """Declare exception classes that are control flow, not failures (an adapter
+    registers its framework's, e.g. a graph interrupt). Classified ``interrupted``."""
+    global _INTERRUPTS
+    _INTERRUPTS = tuple(dict.fromkeys((*_INTERRUPTS, *classes)))
+
+
+def is_interrupt(err: BaseException | None) -> bool:
+    """Cancellation, KeyboardInterrupt, SystemExit (anything that is not an Exception),
+    a registered interrupt class, or LangGraph's ``GraphBubbleUp`` family (interrupt(),
+    Command(graph=PARENT)) when langgraph is loaded — looked up, never imported."""
+    if err is None:
+        return False
+    if not isinstance(err, Exception):
+        return True
+    if _INTERRUPTS and isinstance(err, _INTERRUPTS):
+        return True
+    mod = sys.modules.get("langgraph.errors")
+    bubble = getattr(mod, "GraphBubbleUp", None) if mod is not None else None
+    return isinstance(bubble, type) and isinstance(err, bubble)
 
 
 def error_text(err: BaseException) -> str:
@@ -426,8 +459,13 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
     if isinstance(ran.error, Exception):
         # The tool failed: release the key (a failure is not a result) so a retry runs.
         # If this write fails the lease expires on its own; the tool's error matters more.
+        # A graph interrupt (an Exception raised on purpose at a pause point, before any
+        # effect) is released the same way, marked so that cache_errors never replays it.
+        text = error_text(ran.error)
+        if is_interrupt(ran.error):
+            text = INTERRUPTED + text
         with contextlib.suppress(StoreError):
-            yield Finish(ns, key, rec.token, ok=False, error=error_text(ran.error))
+            yield Finish(ns, key, rec.token, ok=False, error=text)
     else:
         # Interrupted (cancelled task, KeyboardInterrupt, SystemExit): whether the effect
         # happened is unknown. Expire the lease now, so the next caller applies the

@@ -603,3 +603,56 @@ def test_a_run_reconciled_as_done_is_counted_once(guard: Guard) -> None:
     assert guard.gov.store.holds(guard.namespace, "payer") == 0
     assert rows(guard) == [("unknown", "interrupted"), ("executed", "reconciled")]
     assert guard.gov.verify_audit() == []
+
+
+# -- control-flow interrupts (a graph interrupt) -------------------------------------------
+class PauseForHuman(Exception):
+    """A framework's interrupt: raised on purpose at a pause point, before any effect; the
+    resumed run calls the tool again from the start (LangGraph's interrupt())."""
+
+
+def test_a_registered_interrupt_gives_the_hold_back_and_the_resume_runs_once(
+    guard: Guard,
+) -> None:
+    """Core, no framework: the interrupt is re-raised; the call is shown not to have run,
+    so its hold is given back and no execution is audited; with cache_errors=True the
+    resume is not answered with a cached failure: it runs, once. A real failure under
+    cache_errors=True is still replayed (the marker is the interrupt's alone)."""
+    from onceonly_core.contract import register_interrupt
+
+    register_interrupt(PauseForHuman)
+    capped(guard)
+    effects: list[str] = []
+    pause = [True]
+
+    def refund() -> str:
+        if pause[0]:
+            raise PauseForHuman("waiting for a human")
+        effects.append("refund")
+        return "refunded"
+
+    def call() -> Any:
+        return guard.run_call_classified(
+            "refund", {"order": 7}, refund, scope="s", agent_id="payer", cache_errors=True
+        )
+
+    with pytest.raises(PauseForHuman):
+        call()
+    assert spent(guard) == 0.0  # shown not to have run: given back
+    assert ("executed", "ok") not in rows(guard) and effects == []
+    pause[0] = False
+    assert call().code == "executed"
+    assert call().code == "replayed"
+    assert effects == ["refund"] and spent(guard) == PRICE
+
+    def broken() -> str:
+        raise RuntimeError("card declined")
+
+    def failing() -> Any:
+        return guard.run_call_classified(
+            "charge", {"n": 1}, broken, scope="s", agent_id="payer", cache_errors=True
+        )
+
+    assert failing().reason != "cached_failure"
+    again = failing()
+    assert (again.code, again.reason) == ("failed", "cached_failure")
