@@ -69,6 +69,14 @@ _SQL = {
         "%(owner)s, 1, 0, {now} + %(lease)s, NULL, %(digest)s, NULL, NULL, %(run)s, "
         "%(caller)s, {now}, {now})"
     ),
+    # A claim that is its own completion (the server's /check-lock): the row is born
+    # succeeded, token 1, one execution, expiring after the TTL: exactly what claim +
+    # finish(ok, ttl) leave behind, in one statement and one commit.
+    "insert_done": (
+        f"INSERT INTO {_T} ({_COLS}) VALUES (%(ns)s, %(k)s, %(tool)s, '{SUCCEEDED}', 1, "
+        "%(owner)s, 1, 1, NULL, {now} + %(ttl)s, %(digest)s, %(result)s, NULL, %(run)s, "
+        "%(caller)s, {now}, {now})"
+    ),
     # Compare-and-set on (token, state): if anyone else took over, finished or cleared
     # the record since we read it, the WHERE no longer matches and we lose cleanly.
     # A running record may only be taken once its lease has expired (by the DB clock).
@@ -130,6 +138,9 @@ _PG_CLAIM = (
     "AND NOT EXISTS (SELECT 1 FROM ins)"
 )
 _SQLITE_INSERT = _SQL["insert"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
+# The same claim-or-read CTE for a row born finished (claim_done).
+_PG_CLAIM_DONE = _PG_CLAIM.replace(_SQL["insert"], _SQL["insert_done"])
+_SQLITE_INSERT_DONE = _SQL["insert_done"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
 
 _NOW = {
     "postgresql": "EXTRACT(EPOCH FROM statement_timestamp())::float8",
@@ -198,6 +209,8 @@ class SQLStore(Store):
 
     #: The claim statement before rendering.
     _CLAIM: str = _SQL["insert"]
+    #: The claim of a row born finished (claim_done) before rendering.
+    _CLAIM_DONE: str = _SQL["insert_done"]
     #: Whether the schema is created on first use unless ``auto_migrate`` says otherwise.
     _MIGRATES_ITSELF = False
 
@@ -234,6 +247,7 @@ class SQLStore(Store):
         self._ready_lock = threading.Lock()
         self._sql = {name: _render(text, self.kind) for name, text in _SQL.items()}
         self._claim_sql = _render(self._CLAIM, self.kind)
+        self._claim_done_sql = _render(self._CLAIM_DONE, self.kind)
         self._engine: sa.Engine | None = None
         self._open(pool_size, connect_timeout)
 
@@ -380,6 +394,34 @@ class SQLStore(Store):
         except self._integrity:
             pass  # duplicate key: someone holds it; read it below
         return self._held(namespace, key)
+
+    def claim_done(
+        self, namespace: str, key: str, new: NewClaim, *, result: str, ttl: float
+    ) -> Record:
+        """Claim ``key`` as already succeeded with ``result``, expiring after ``ttl``
+        seconds: one statement, one commit, where a claim + finish takes two. For work
+        that is complete the moment it is claimed (the server's ``/check-lock``: the
+        lock *is* the work). A held key returns the holder's record (``mine`` False),
+        exactly as :meth:`claim` does; the caller decides on it the same way."""
+        params = self._claim_params(namespace, key, new)
+        params["result"] = result
+        params["ttl"] = float(ttl)
+        try:
+            self._run("claim", self._claim_done_sql, params, False)
+            return self._mine_done(namespace, key, new, time.time(), result, float(ttl))
+        except self._integrity:
+            pass  # duplicate key: someone holds it; read it below
+        return self._held(namespace, key)
+
+    @classmethod
+    def _mine_done(
+        cls, namespace: str, key: str, new: NewClaim, now: float, result: str, ttl: float
+    ) -> Record:
+        """The row insert_done wrote: the claim's, finished (as finish leaves it)."""
+        rec = cls._mine(namespace, key, new, now)
+        rec.state, rec.executions, rec.lease_until = SUCCEEDED, 1, None
+        rec.expires_at, rec.result = now + ttl, result
+        return rec
 
     @staticmethod
     def _claim_params(namespace: str, key: str, new: NewClaim) -> dict[str, Any]:
@@ -593,6 +635,7 @@ class SQLiteStore(SQLStore):
 
     kind = "sqlite"
     _CLAIM = _SQLITE_INSERT
+    _CLAIM_DONE = _SQLITE_INSERT_DONE
     _MIGRATES_ITSELF = True
 
     def _open(self, pool_size: int, connect_timeout: float) -> None:
@@ -729,6 +772,23 @@ class SQLiteStore(SQLStore):
             return self._mine(namespace, key, new, float(params["now"]))
         return self._held(namespace, key)
 
+    def claim_done(
+        self, namespace: str, key: str, new: NewClaim, *, result: str, ttl: float
+    ) -> Record:
+        found = self.get(namespace, key)  # read first, as claim does: off the write lock
+        if found is not None:
+            return found
+        params = self._claim_params(namespace, key, new)
+        params["result"] = result
+        params["ttl"] = float(ttl)
+        try:
+            inserted = self._run("claim", self._claim_done_sql, params, False)
+        except sqlite3.IntegrityError as err:  # pragma: no cover - ON CONFLICT handles it
+            raise StoreError(str(err)) from err
+        if inserted == 1:
+            return self._mine_done(namespace, key, new, float(params["now"]), result, float(ttl))
+        return self._held(namespace, key)
+
     def now(self) -> float:
         return time.time()
 
@@ -747,6 +807,7 @@ class PostgresStore(SQLStore):
 
     kind = "postgresql"
     _CLAIM = _PG_CLAIM
+    _CLAIM_DONE = _PG_CLAIM_DONE
     _DRIVER = ("psycopg", "postgres", "psycopg")
 
     def _with_driver(self, url: sa.URL) -> sa.URL:
@@ -755,9 +816,21 @@ class PostgresStore(SQLStore):
         return url
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
+        return self._claim_cte(
+            namespace, key, self._claim_sql, self._claim_params(namespace, key, new)
+        )
+
+    def claim_done(
+        self, namespace: str, key: str, new: NewClaim, *, result: str, ttl: float
+    ) -> Record:
         params = self._claim_params(namespace, key, new)
+        params["result"] = result
+        params["ttl"] = float(ttl)
+        return self._claim_cte(namespace, key, self._claim_done_sql, params)
+
+    def _claim_cte(self, namespace: str, key: str, sql: str, params: dict[str, Any]) -> Record:
         for _ in range(3):
-            row = self._run("claim", self._claim_sql, params, True)
+            row = self._run("claim", sql, params, True)
             if row is not None:
                 return _record(row[1:], mine=bool(row[0]))
         # Fell between a concurrent insert and our snapshot three times in a row:
