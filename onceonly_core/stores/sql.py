@@ -187,6 +187,41 @@ def _record(row: Sequence[Any], mine: bool = False) -> Record:
     )
 
 
+def _exact_record(row: Sequence[Any], mine: bool = False) -> Record:
+    """``_record`` for a driver that already returns the column types (SQLite, whose
+    column affinities make REAL/INTEGER/TEXT exact, and psycopg): no conversions."""
+    rec = Record(*row)
+    if mine:
+        rec.mine = True
+    return rec
+
+
+class _Pinned:
+    """A pooled connection pinned to one thread (a ``threading.local`` holds this): the
+    thread's statements skip the pool's checkout and checkin. When the thread ends its
+    local is dropped and a finalizer checks the connection back in."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: Any, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+
+
+def _unpin(store_ref: weakref.ReferenceType[SQLStore], conn: Any) -> None:
+    store = store_ref()
+    if store is not None:
+        with store._pin_lock:
+            store._pinned -= 1
+    with contextlib.suppress(Exception):  # a pool closed meanwhile: nothing to return to
+        conn.close()  # back to the pool (or closed, if the pool is full or disposed)
+
+
+#: Pinned holders of a parent process, kept referenced in a forked child: finalizing one
+#: there would hand the parent's socket back to a pool (and close it under the parent).
+_FORKED_AWAY: list[Any] = []
+
+
 class _Conn(sqlite3.Connection):
     """sqlite3.Connection, weak-referenceable (so close() can reach every thread's)."""
 
@@ -209,6 +244,9 @@ class SQLStore(Store):
 
     #: The claim statement before rendering.
     _CLAIM: str = _SQL["insert"]
+    #: A fetched row (17 columns, then the clock) to a Record: converting (MySQL's
+    #: binary collations return bytes) or as is (drivers that return the column types).
+    _to_record = staticmethod(_record)
     #: The claim of a row born finished (claim_done) before rendering.
     _CLAIM_DONE: str = _SQL["insert_done"]
     #: Whether the schema is created on first use unless ``auto_migrate`` says otherwise.
@@ -249,6 +287,13 @@ class SQLStore(Store):
         self._claim_sql = _render(self._CLAIM, self.kind)
         self._claim_done_sql = _render(self._CLAIM_DONE, self.kind)
         self._engine: sa.Engine | None = None
+        # Up to pool_size threads keep a connection pinned; others check one out per
+        # statement, so a large thread pool never waits for a pinned connection.
+        self._pin_max = pool_size
+        self._pinned = 0
+        self._pin_lock = threading.Lock()
+        self._pins = threading.local()
+        self._held_all: weakref.WeakSet[_Pinned] = weakref.WeakSet()
         self._open(pool_size, connect_timeout)
 
     # -- connections (a database server; SQLiteStore overrides) -------------------------
@@ -287,13 +332,24 @@ class SQLStore(Store):
         if self._pid != os.getpid():
             self._engine.dispose(close=False)  # never reuse a parent's sockets after fork
             self._pid = os.getpid()
+            self._forget_pins()
         return self._engine
+
+    def _forget_pins(self) -> None:
+        """In a forked child: the parent's pinned connections are the parent's; keep them
+        referenced (never finalized here) and start counting afresh."""
+        _FORKED_AWAY.append(self._pins)
+        self._pins = threading.local()
+        self._pinned = 0
 
     def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
         """Execute one statement; return the first row (fetch) or the rowcount."""
         if not self._ready:
             self._ensure_schema()
-        conn = self._checkout()
+        held: _Pinned | None = getattr(self._pins, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = self._pin()
+        conn = held.conn if held is not None else self._checkout()
         try:
             cur = conn.cursor()
             cur.execute(sql, params)
@@ -303,17 +359,42 @@ class SQLStore(Store):
         except self._integrity:
             raise
         except self._dbapi_error as err:
-            # A dead connection (server restarted) must not go back to the pool.
+            # A dead connection (server restarted) must not go back to the pool; a pinned
+            # one is unpinned, so the thread's next statement runs on a fresh connection.
             conn.invalidate()
+            if held is not None:
+                self._pins.held = None  # its finalizer checks the invalidated one in
             raise StoreError(f"{self.kind} ledger: {name} failed: {err}") from err
         finally:
-            conn.close()
+            if held is None:
+                conn.close()
+
+    def _pin(self) -> _Pinned | None:
+        """Pin a pooled connection to this thread, or None when pool_size threads hold
+        one already (then this thread checks one out per statement)."""
+        with self._pin_lock:
+            if self._pinned >= self._pin_max:
+                return None
+            self._pinned += 1
+        try:
+            conn = self._checkout()  # after a fork: a fresh pool (and a fresh count)
+        except BaseException:
+            with self._pin_lock:
+                self._pinned -= 1
+            raise
+        held = _Pinned(conn, self._pid)
+        fin = weakref.finalize(held, _unpin, weakref.ref(self), conn)
+        fin.atexit = False  # at exit the engine is disposed anyway
+        self._pins.held = held
+        self._held_all.add(held)
+        return held
 
     def _checkout(self) -> Any:
         if self._pid != os.getpid():
             assert self._engine is not None
             self._engine.dispose(close=False)
             self._pid = os.getpid()
+            self._forget_pins()
         assert self._engine is not None
         try:
             return self._engine.raw_connection()
@@ -382,7 +463,7 @@ class SQLStore(Store):
     # -- primitives ---------------------------------------------------------------------
     def get(self, namespace: str, key: str) -> Record | None:
         row = self._run("get", self._sql["get"], {"ns": namespace, "k": key}, True)
-        return None if row is None else _record(row)
+        return None if row is None else self._to_record(row)
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
         """The portable claim (MySQL's): insert; a duplicate key means someone holds it,
@@ -624,6 +705,15 @@ class SQLStore(Store):
         return GovStore(self)
 
     def close(self) -> None:
+        # Pinned connections are checked out for good: close them here (dispose() leaves
+        # checked-out connections open). A thread still holding one gets pid -1 and so
+        # pins afresh if it runs another statement.
+        if self._pid == os.getpid():
+            for held in list(self._held_all):
+                held.pid = -1
+                with contextlib.suppress(Exception):
+                    held.conn.invalidate()
+        self._pins = threading.local()
         if self._engine is not None:
             self._engine.dispose()
 
@@ -636,6 +726,26 @@ class SQLiteStore(SQLStore):
     kind = "sqlite"
     _CLAIM = _SQLITE_INSERT
     _CLAIM_DONE = _SQLITE_INSERT_DONE
+    # The column affinities (REAL, INTEGER, TEXT) return exactly the types we wrote.
+    _to_record = staticmethod(_exact_record)
+    #: The hot read (every replay), with positional parameters: the clock, then the key.
+    _GET = _SQL["get"].replace("{now}", "?").replace("%(ns)s", "?").replace("%(k)s", "?")
+
+    def get(self, namespace: str, key: str) -> Record | None:
+        # The replay path: the thread's connection, one execute, the row as a Record;
+        # no parameter dict, no name lookup beyond these.
+        if not self._ready:
+            self._ensure_schema()
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._sqlite_conn()
+        try:
+            row = conn.execute(self._GET, (time.time(), namespace, key)).fetchone()
+        except sqlite3.Error as err:
+            raise StoreError(f"SQLite ledger {self.path}: get failed: {err}") from err
+        return None if row is None else Record(*row)
+
     _MIGRATES_ITSELF = True
 
     def _open(self, pool_size: int, connect_timeout: float) -> None:
@@ -808,6 +918,7 @@ class PostgresStore(SQLStore):
     kind = "postgresql"
     _CLAIM = _PG_CLAIM
     _CLAIM_DONE = _PG_CLAIM_DONE
+    _to_record = staticmethod(_exact_record)  # psycopg: float8, bigint, text as typed
     _DRIVER = ("psycopg", "postgres", "psycopg")
 
     def _with_driver(self, url: sa.URL) -> sa.URL:
@@ -832,7 +943,7 @@ class PostgresStore(SQLStore):
         for _ in range(3):
             row = self._run("claim", sql, params, True)
             if row is not None:
-                return _record(row[1:], mine=bool(row[0]))
+                return _exact_record(row[1:], mine=bool(row[0]))
         # Fell between a concurrent insert and our snapshot three times in a row:
         # the row exists now, so a plain read finds it.
         found = self.get(namespace, key)
