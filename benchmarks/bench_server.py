@@ -369,12 +369,16 @@ def run(label: str, url: str, args: argparse.Namespace, tmp: Path) -> list[str]:
         )
     bad = [(p, c) for (p, c), r in results.items() if r["non2xx"]]
     if bad:
-        raise SystemExit(
+        # Reported (and the run fails) after the table is printed.
+        FAILURES.append(
             f"{label}: non-2xx responses at {bad} "
             f"({', '.join(str(int(results[b]['non2xx'])) for b in bad)}); "
             "rerun with --statuses to see their codes"
         )
     return rows
+
+
+FAILURES: list[str] = []
 
 
 def main() -> None:
@@ -419,6 +423,8 @@ def main() -> None:
     print("| ledger | endpoint / floor | clients | req/s | p50 ms | p99 ms | non-2xx |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    if FAILURES:
+        raise SystemExit("; ".join(FAILURES))
 
 
 if __name__ == "__main__":
