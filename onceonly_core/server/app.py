@@ -8,20 +8,23 @@ a string for 401/413/422/429 (the client shows it as the message), an object wit
 
 import contextlib
 import functools
+import itertools
 import json
 import math
+import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import date, timedelta
 from typing import Annotated, Any
 
 import pydantic
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -228,8 +231,16 @@ def _int64(text: str) -> int:
 _DATA_FIELDS = frozenset({"args", "metadata", "result", "data"})
 
 
-def check_json_body(body: bytes) -> None:
-    """Raise :class:`_Refused` unless ``body`` is JSON that every backend can hold.
+#: One decoder for every body (``json.loads`` with hooks builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite, parse_int=_int64)
+
+#: Where :class:`BodyLimit` leaves the body it parsed, for the route (parsed once).
+PARSED_BODY = "onceonly.parsed_body"
+
+
+def check_json_body(body: bytes) -> Any:
+    """Return the parsed body; raise :class:`_Refused` unless ``body`` is JSON that every
+    backend can hold.
 
     UTF-8; finite numbers; integers within signed 64 bits; at most
     :data:`~onceonly_core.limits.MAX_JSON_DEPTH` levels; no lone surrogate anywhere; no
@@ -239,8 +250,10 @@ def check_json_body(body: bytes) -> None:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise _Refused("the request body is not UTF-8") from None
+    if text.startswith("\ufeff"):  # as json.loads refuses it (JSONDecoder.decode would not)
+        raise _Refused("the request body is not JSON: Unexpected UTF-8 BOM at 0")
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_int64)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise _Refused(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as err:
@@ -267,6 +280,7 @@ def check_json_body(body: bytes) -> None:
                     raise _Refused(f"{path}: a field name {why}")
                 inside = data or (depth == 0 and k in _DATA_FIELDS)
                 stack.append((x, depth + 1, inside, f"{path}.{k}"[:200]))
+    return value
 
 
 def _url_refusal(scope: Scope) -> str | None:
@@ -320,7 +334,9 @@ class BodyLimit:
                 return
         if body.strip() and scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
             try:
-                check_json_body(body)
+                # The route reads this value instead of parsing the body again
+                # (ParsedRequest.json): the body is parsed once per request.
+                scope[PARSED_BODY] = check_json_body(body)
             except _Refused as err:
                 await _refuse(send, 422, str(err))
                 return
@@ -350,6 +366,31 @@ async def _refuse(send: Send, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+class ParsedRequest(Request):
+    """A request whose ``json()`` is the value :class:`BodyLimit` already parsed (and
+    checked): the same value ``json.loads`` gives for every body the check lets through."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            if PARSED_BODY in self.scope:
+                self._json = self.scope[PARSED_BODY]
+            else:
+                self._json = await super().json()
+        return self._json
+
+
+class ParsedRoute(APIRoute):
+    """Routes that hand FastAPI a :class:`ParsedRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def parsed(request: Request) -> Response:
+            return await handler(ParsedRequest(request.scope, request.receive, request._send))
+
+        return parsed
 
 
 class SafeJSONResponse(JSONResponse):
@@ -390,9 +431,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        import anyio.to_thread
+
         from ..governance import outbox
         from ..governance.outbox import Deliverer, Settings
 
+        # The sync routes run on this many threads: as many as the ledger pool has
+        # connections (ControlPlane.threads), so no request waits for a connect.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = cp.threads
         cp.keys.ensure()
         cp.jobs.start()
         # Notifications of every tenant, in the background: rows left by a restart (or
@@ -426,6 +472,7 @@ def create_app(
         default_response_class=SafeJSONResponse,
     )
     app.state.control = cp
+    app.router.route_class = ParsedRoute
 
     def openapi() -> dict[str, Any]:
         # Our 422 body is {"detail": "<text>"} (the client shows a string), not FastAPI's list.
@@ -991,8 +1038,15 @@ def _add_links(schema: dict[str, Any]) -> None:
         ok.setdefault("links", {})[name] = link
 
 
+_RID: list[Any] = [0, "", itertools.count()]
+
+
 def _req_id() -> str:
-    return "req_" + secrets.token_hex(8)
+    """A request id for a caller that sent none: unique per process (a random prefix
+    drawn per process, then a counter), without an ``os.urandom`` call per request."""
+    if _RID[0] != os.getpid():
+        _RID[:] = [os.getpid(), secrets.token_hex(4), itertools.count()]
+    return f"req_{_RID[1]}{next(_RID[2]):08x}"
 
 
 def _policy_fields(body: dict[str, Any]) -> dict[str, Any]:

@@ -101,9 +101,14 @@ class Usage:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._cache: dict[tuple[str, str], tuple[int, float]] = {}
+        self._today: tuple[float, str] = (-1.0, "")
 
     def add(self, tenant: str, kind: str, **metrics: int) -> None:
-        day = _day(time.time())
+        now = time.time()
+        n, day = self._today
+        if n != now // 86400:  # formatting a date costs more than the rest of add()
+            day = _day(now)
+            self._today = (now // 86400, day)
         with self._lock:
             for metric, n in metrics.items():
                 if n:
@@ -190,6 +195,7 @@ class ControlPlane:
         job_lease: float = 30.0,
         job_poll: float = 0.2,
         egress_allow: str | list[str] | None = None,
+        threads: int = 16,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
         if url.startswith(("memory:", *REDIS_SCHEMES)):
@@ -198,7 +204,12 @@ class ControlPlane:
                 "the server needs a SQL ledger (sqlite:///file.db, PostgreSQL or MariaDB), "
                 f"not {url.split(':', 1)[0]}://"
             )
-        store = open_store(url)
+        #: Request threads of this process (the app sets the thread pool to it). The ledger
+        #: pool holds as many connections: with fewer, SQLAlchemy opens and closes an
+        #: overflow connection per request under load (a PostgreSQL connect costs
+        #: milliseconds of CPU on both sides), which is what sank 64 clients.
+        self.threads = max(1, int(threads))
+        store = open_store(url, pool_size=self.threads)
         if not isinstance(store, SQLStore):
             store.close()
             raise ConfigError(f"the server needs a SQL ledger, not {type(store).__name__}")
@@ -220,6 +231,8 @@ class ControlPlane:
         self.egress_allow = egress_allow
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._keys: ServerDB | None = None
+        self._server_db_engine: Any = None
+        self._engine_lock = threading.Lock()
         self._usage: Usage | None = None
         self.jobs = Jobs(self, workers=job_workers, lease=job_lease, poll=job_poll)
 
@@ -238,9 +251,29 @@ class ControlPlane:
     @property
     def keys(self) -> ServerDB:
         if self._keys is None:
-            self._keys = ServerDB(self.gov_store.engine, self.ledger.now)
+            self._keys = ServerDB(self._server_engine(), self.ledger.now)
             self._keys.ensure()
         return self._keys
+
+    def _server_engine(self) -> Any:
+        """The engine of the server's own tables. SQLite: the governance store's (its
+        ``BEGIN IMMEDIATE`` transactions, one writer). A database server: an engine of
+        their own with a pool as large as the request threads, since a key-mode
+        ``/ai/run`` writes its job row on every request (the governance pool is sized for
+        governed calls, and an overflow connection is a connect per request)."""
+        if self.ledger.kind == "sqlite":
+            return self.gov_store.engine
+        import sqlalchemy as sa
+
+        with self._engine_lock:
+            if self._server_db_engine is None:
+                self._server_db_engine = sa.create_engine(
+                    self.ledger.url,
+                    pool_size=self.threads,
+                    max_overflow=self.threads,
+                    connect_args=self.ledger.connect_args,
+                )
+        return self._server_db_engine
 
     @property
     def usage(self) -> Usage:
@@ -251,12 +284,13 @@ class ControlPlane:
     def guard(self, tenant: str) -> Guard:
         g = self._guards.get(tenant)
         if g is None:
+            gov_store = self.gov_store  # outside the lock: gov_store takes it when new
             with self._guards_lock:
                 g = self._guards.get(tenant)
                 if g is None:
                     g = Guard(store=self.ledger, namespace=tenant, quiet=True)
                     # One governance store across tenants: one connection pool, not one each.
-                    g.gov.share_store(self.gov_store)
+                    g.gov.share_store(gov_store)
                     g.gov.egress_allow = self.egress_allow
                     self._guards[tenant] = g
         return g
@@ -273,6 +307,8 @@ class ControlPlane:
             self._usage.close()
         if self._gov_store is not None:
             self._gov_store.close()
+        if self._server_db_engine is not None:
+            self._server_db_engine.dispose()
         self.ledger.close()
 
     # -- check-lock ---------------------------------------------------------------------
@@ -284,7 +320,14 @@ class ControlPlane:
         caller = request_id[:255] if request_id else None
         new = NewClaim(tool="check-lock", owner=self.owner, lease=30.0, caller=caller)
         opts = Options(ttl=float(eff))
-        rec: Record | None = self.ledger.claim(ns, key, new)
+        # A new key is locked in one statement (one commit): the row is born succeeded
+        # with its TTL, which is what claim + finish leave behind. A held key comes back
+        # as the holder's record and is decided as before.
+        first = self.ledger.claim_done(ns, key, new, result="null", ttl=float(eff))
+        if first.mine:
+            self.usage.add(tenant, "make", requests=1, charged=1)
+            return self._lock_answer(first, key, eff, locked=True)
+        rec: Record | None = first
         for _ in range(10):
             if rec is None:
                 rec = self.ledger.claim(ns, key, new)

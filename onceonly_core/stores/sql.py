@@ -81,6 +81,14 @@ _SQL = {
         "%(owner)s, 1, 0, {now} + %(lease)s, NULL, %(digest)s, NULL, NULL, %(run)s, "
         "%(caller)s, {now}, {now})"
     ),
+    # A claim that is its own completion (the server's /check-lock): the row is born
+    # succeeded, token 1, one execution, expiring after the TTL: exactly what claim +
+    # finish(ok, ttl) leave behind, in one statement and one commit.
+    "insert_done": (
+        f"INSERT INTO {_T} ({_COLS}) VALUES (%(ns)s, %(k)s, %(tool)s, '{SUCCEEDED}', 1, "
+        "%(owner)s, 1, 1, NULL, {now} + %(ttl)s, %(digest)s, %(result)s, NULL, %(run)s, "
+        "%(caller)s, {now}, {now})"
+    ),
     # Compare-and-set on (token, state): if anyone else took over, finished or cleared
     # the record since we read it, the WHERE no longer matches and we lose cleanly.
     # A running record may only be taken once its lease has expired (by the DB clock).
@@ -142,6 +150,9 @@ _PG_CLAIM = (
     "AND NOT EXISTS (SELECT 1 FROM ins)"
 )
 _SQLITE_INSERT = _SQL["insert"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
+# The same claim-or-read CTE for a row born finished (claim_done).
+_PG_CLAIM_DONE = _PG_CLAIM.replace(_SQL["insert"], _SQL["insert_done"])
+_SQLITE_INSERT_DONE = _SQL["insert_done"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
 
 _NOW = {
     "postgresql": "EXTRACT(EPOCH FROM statement_timestamp())::float8",
@@ -188,6 +199,41 @@ def _record(row: Sequence[Any], mine: bool = False) -> Record:
     )
 
 
+def _exact_record(row: Sequence[Any], mine: bool = False) -> Record:
+    """``_record`` for a driver that already returns the column types (SQLite, whose
+    column affinities make REAL/INTEGER/TEXT exact, and psycopg): no conversions."""
+    rec = Record(*row)
+    if mine:
+        rec.mine = True
+    return rec
+
+
+class _Pinned:
+    """A pooled connection pinned to one thread (a ``threading.local`` holds this): the
+    thread's statements skip the pool's checkout and checkin. When the thread ends its
+    local is dropped and a finalizer checks the connection back in."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: Any, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+
+
+def _unpin(store_ref: weakref.ReferenceType[SQLStore], conn: Any) -> None:
+    store = store_ref()
+    if store is not None:
+        with store._pin_lock:
+            store._pinned -= 1
+    with contextlib.suppress(Exception):  # a pool closed meanwhile: nothing to return to
+        conn.close()  # back to the pool (or closed, if the pool is full or disposed)
+
+
+#: Pinned holders of a parent process, kept referenced in a forked child: finalizing one
+#: there would hand the parent's socket back to a pool (and close it under the parent).
+_FORKED_AWAY: list[Any] = []
+
+
 class _Conn(sqlite3.Connection):
     """sqlite3.Connection, weak-referenceable (so close() can reach every thread's)."""
 
@@ -210,6 +256,11 @@ class SQLStore(Store):
 
     #: The claim statement before rendering.
     _CLAIM: str = _SQL["insert"]
+    #: A fetched row (17 columns, then the clock) to a Record: converting (MySQL's
+    #: binary collations return bytes) or as is (drivers that return the column types).
+    _to_record = staticmethod(_record)
+    #: The claim of a row born finished (claim_done) before rendering.
+    _CLAIM_DONE: str = _SQL["insert_done"]
     #: Whether the schema is created on first use unless ``auto_migrate`` says otherwise.
     _MIGRATES_ITSELF = False
 
@@ -246,7 +297,15 @@ class SQLStore(Store):
         self._ready_lock = threading.Lock()
         self._sql = {name: _render(text, self.kind) for name, text in _SQL.items()}
         self._claim_sql = _render(self._CLAIM, self.kind)
+        self._claim_done_sql = _render(self._CLAIM_DONE, self.kind)
         self._engine: sa.Engine | None = None
+        # Up to pool_size threads keep a connection pinned; others check one out per
+        # statement, so a large thread pool never waits for a pinned connection.
+        self._pin_max = pool_size
+        self._pinned = 0
+        self._pin_lock = threading.Lock()
+        self._pins = threading.local()
+        self._held_all: weakref.WeakSet[_Pinned] = weakref.WeakSet()
         self._open(pool_size, connect_timeout)
 
     # -- connections (a database server; SQLiteStore overrides) -------------------------
@@ -285,13 +344,24 @@ class SQLStore(Store):
         if self._pid != os.getpid():
             self._engine.dispose(close=False)  # never reuse a parent's sockets after fork
             self._pid = os.getpid()
+            self._forget_pins()
         return self._engine
+
+    def _forget_pins(self) -> None:
+        """In a forked child: the parent's pinned connections are the parent's; keep them
+        referenced (never finalized here) and start counting afresh."""
+        _FORKED_AWAY.append(self._pins)
+        self._pins = threading.local()
+        self._pinned = 0
 
     def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
         """Execute one statement; return the first row (fetch) or the rowcount."""
         if not self._ready:
             self._ensure_schema()
-        conn = self._checkout()
+        held: _Pinned | None = getattr(self._pins, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = self._pin()
+        conn = held.conn if held is not None else self._checkout()
         try:
             cur = conn.cursor()
             cur.execute(sql, params)
@@ -301,17 +371,42 @@ class SQLStore(Store):
         except self._integrity:
             raise
         except self._dbapi_error as err:
-            # A dead connection (server restarted) must not go back to the pool.
+            # A dead connection (server restarted) must not go back to the pool; a pinned
+            # one is unpinned, so the thread's next statement runs on a fresh connection.
             conn.invalidate()
+            if held is not None:
+                self._pins.held = None  # its finalizer checks the invalidated one in
             raise StoreError(f"{self.kind} ledger: {name} failed: {err}") from err
         finally:
-            conn.close()
+            if held is None:
+                conn.close()
+
+    def _pin(self) -> _Pinned | None:
+        """Pin a pooled connection to this thread, or None when pool_size threads hold
+        one already (then this thread checks one out per statement)."""
+        with self._pin_lock:
+            if self._pinned >= self._pin_max:
+                return None
+            self._pinned += 1
+        try:
+            conn = self._checkout()  # after a fork: a fresh pool (and a fresh count)
+        except BaseException:
+            with self._pin_lock:
+                self._pinned -= 1
+            raise
+        held = _Pinned(conn, self._pid)
+        fin = weakref.finalize(held, _unpin, weakref.ref(self), conn)
+        fin.atexit = False  # at exit the engine is disposed anyway
+        self._pins.held = held
+        self._held_all.add(held)
+        return held
 
     def _checkout(self) -> Any:
         if self._pid != os.getpid():
             assert self._engine is not None
             self._engine.dispose(close=False)
             self._pid = os.getpid()
+            self._forget_pins()
         assert self._engine is not None
         try:
             return self._engine.raw_connection()
@@ -380,7 +475,7 @@ class SQLStore(Store):
     # -- primitives ---------------------------------------------------------------------
     def get(self, namespace: str, key: str) -> Record | None:
         row = self._run("get", self._sql["get"], {"ns": namespace, "k": key}, True)
-        return None if row is None else _record(row)
+        return None if row is None else self._to_record(row)
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
         """The portable claim (MySQL's): insert; a duplicate key means someone holds it,
@@ -392,6 +487,34 @@ class SQLStore(Store):
         except self._integrity:
             pass  # duplicate key: someone holds it; read it below
         return self._held(namespace, key)
+
+    def claim_done(
+        self, namespace: str, key: str, new: NewClaim, *, result: str, ttl: float
+    ) -> Record:
+        """Claim ``key`` as already succeeded with ``result``, expiring after ``ttl``
+        seconds: one statement, one commit, where a claim + finish takes two. For work
+        that is complete the moment it is claimed (the server's ``/check-lock``: the
+        lock *is* the work). A held key returns the holder's record (``mine`` False),
+        exactly as :meth:`claim` does; the caller decides on it the same way."""
+        params = self._claim_params(namespace, key, new)
+        params["result"] = result
+        params["ttl"] = float(ttl)
+        try:
+            self._run("claim", self._claim_done_sql, params, False)
+            return self._mine_done(namespace, key, new, time.time(), result, float(ttl))
+        except self._integrity:
+            pass  # duplicate key: someone holds it; read it below
+        return self._held(namespace, key)
+
+    @classmethod
+    def _mine_done(
+        cls, namespace: str, key: str, new: NewClaim, now: float, result: str, ttl: float
+    ) -> Record:
+        """The row insert_done wrote: the claim's, finished (as finish leaves it)."""
+        rec = cls._mine(namespace, key, new, now)
+        rec.state, rec.executions, rec.lease_until = SUCCEEDED, 1, None
+        rec.expires_at, rec.result = now + ttl, result
+        return rec
 
     @staticmethod
     def _claim_params(namespace: str, key: str, new: NewClaim) -> dict[str, Any]:
@@ -594,6 +717,15 @@ class SQLStore(Store):
         return GovStore(self)
 
     def close(self) -> None:
+        # Pinned connections are checked out for good: close them here (dispose() leaves
+        # checked-out connections open). A thread still holding one gets pid -1 and so
+        # pins afresh if it runs another statement.
+        if self._pid == os.getpid():
+            for held in list(self._held_all):
+                held.pid = -1
+                with contextlib.suppress(Exception):
+                    held.conn.invalidate()
+        self._pins = threading.local()
         if self._engine is not None:
             self._engine.dispose()
 
@@ -614,6 +746,27 @@ class SQLiteStore(SQLStore):
 
     kind = "sqlite"
     _CLAIM = _SQLITE_INSERT
+    _CLAIM_DONE = _SQLITE_INSERT_DONE
+    # The column affinities (REAL, INTEGER, TEXT) return exactly the types we wrote.
+    _to_record = staticmethod(_exact_record)
+    #: The hot read (every replay), with positional parameters: the clock, then the key.
+    _GET = _SQL["get"].replace("{now}", "?").replace("%(ns)s", "?").replace("%(k)s", "?")
+
+    def get(self, namespace: str, key: str) -> Record | None:
+        # The replay path: the thread's connection, one execute, the row as a Record;
+        # no parameter dict, no name lookup beyond these.
+        if not self._ready:
+            self._ensure_schema()
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._sqlite_conn()
+        try:
+            row = conn.execute(self._GET, (time.time(), namespace, key)).fetchone()
+        except sqlite3.Error as err:
+            raise StoreError(f"SQLite ledger {self.path}: get failed: {err}") from err
+        return None if row is None else Record(*row)
+
     _MIGRATES_ITSELF = True
 
     def _open(self, pool_size: int, connect_timeout: float) -> None:
@@ -785,6 +938,23 @@ class SQLiteStore(SQLStore):
             return self._mine(namespace, key, new, float(params["now"]))
         return self._held(namespace, key)
 
+    def claim_done(
+        self, namespace: str, key: str, new: NewClaim, *, result: str, ttl: float
+    ) -> Record:
+        found = self.get(namespace, key)  # read first, as claim does: off the write lock
+        if found is not None:
+            return found
+        params = self._claim_params(namespace, key, new)
+        params["result"] = result
+        params["ttl"] = float(ttl)
+        try:
+            inserted = self._run("claim", self._claim_done_sql, params, False)
+        except sqlite3.IntegrityError as err:  # pragma: no cover - ON CONFLICT handles it
+            raise StoreError(str(err)) from err
+        if inserted == 1:
+            return self._mine_done(namespace, key, new, float(params["now"]), result, float(ttl))
+        return self._held(namespace, key)
+
     def now(self) -> float:
         return time.time()
 
@@ -803,6 +973,8 @@ class PostgresStore(SQLStore):
 
     kind = "postgresql"
     _CLAIM = _PG_CLAIM
+    _CLAIM_DONE = _PG_CLAIM_DONE
+    _to_record = staticmethod(_exact_record)  # psycopg: float8, bigint, text as typed
     _DRIVER = ("psycopg", "postgres", "psycopg")
 
     def _with_driver(self, url: sa.URL) -> sa.URL:
@@ -811,11 +983,23 @@ class PostgresStore(SQLStore):
         return url
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
+        return self._claim_cte(
+            namespace, key, self._claim_sql, self._claim_params(namespace, key, new)
+        )
+
+    def claim_done(
+        self, namespace: str, key: str, new: NewClaim, *, result: str, ttl: float
+    ) -> Record:
         params = self._claim_params(namespace, key, new)
+        params["result"] = result
+        params["ttl"] = float(ttl)
+        return self._claim_cte(namespace, key, self._claim_done_sql, params)
+
+    def _claim_cte(self, namespace: str, key: str, sql: str, params: dict[str, Any]) -> Record:
         for _ in range(3):
-            row = self._run("claim", self._claim_sql, params, True)
+            row = self._run("claim", sql, params, True)
             if row is not None:
-                return _record(row[1:], mine=bool(row[0]))
+                return _exact_record(row[1:], mine=bool(row[0]))
         # Fell between a concurrent insert and our snapshot three times in a row:
         # the row exists now, so a plain read finds it.
         found = self.get(namespace, key)
