@@ -13,15 +13,19 @@ tool on two turns with the same arguments: one effect, and the model reads the f
 answer twice. A tool blocked by the agent's policy (set on the same ledger with the
 embedded API) comes back as a failed ``ToolMessage`` carrying the adapter contract's
 sentence, the same sentence the embedded API gives. Every decision has its audit row.
+The same holds with a proxy started per call (the adapters' ``get_tools()`` without a
+session) and over streamable HTTP (``mcp-proxy --http``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -70,23 +74,15 @@ class ProxyEnv:
     def onceonly(self) -> Path:
         return self.path / BIN / "onceonly"
 
+    def argv(self, ledger: str, effects: Path, *options: str) -> list[str]:
+        """``onceonly mcp-proxy`` in front of the upstream server, both from this env."""
+        upstream = [str(self.python), str(UPSTREAM), str(effects)]
+        return [str(self.onceonly), "mcp-proxy", "--url", ledger, *options, "--", *upstream]
+
     def connection(self, ledger: str, effects: Path, *options: str) -> dict[str, Any]:
-        """A langchain-mcp-adapters stdio connection: the proxy in front of the upstream."""
-        return {
-            "transport": "stdio",
-            "command": str(self.onceonly),
-            "args": [
-                "mcp-proxy",
-                "--url",
-                ledger,
-                *options,
-                "--",
-                str(self.python),
-                str(UPSTREAM),
-                str(effects),
-            ],
-            "env": _child_env(),
-        }
+        """A langchain-mcp-adapters stdio connection to the proxy."""
+        command, *args = self.argv(ledger, effects, *options)
+        return {"transport": "stdio", "command": command, "args": args, "env": _child_env()}
 
 
 def _child_env() -> dict[str, str]:
@@ -290,6 +286,61 @@ def test_every_call_in_its_own_proxy_process_is_still_run_once(
     first, again = asyncio.run(scenario())
     assert _text(first) == _text(again) == "charged c1 500 cents"
     assert first.status == again.status == "success"
+    assert len(_effects(effects, "charge")) == 1
+    decisions = [(r.tool, r.decision) for r in guard.gov.agent_logs("bot")]
+    assert sorted(decisions) == [("charge", "dedup"), ("charge", "executed")]
+
+
+@contextlib.contextmanager
+def _http_proxy(argv: list[str], log: Path) -> Iterator[str]:
+    """``mcp-proxy --http`` on a free loopback port; yields its endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mcp_proxy = argv.index("mcp-proxy") + 1
+    argv = [*argv[:mcp_proxy], "--http", f"127.0.0.1:{port}", *argv[mcp_proxy:]]
+    with log.open("w") as out:  # a file, not a pipe nobody drains
+        proc = subprocess.Popen(argv, env=_child_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the proxy exited: {log.read_text()}"
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the proxy did not start listening"
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_over_streamable_http(
+    proxy_env: ProxyEnv, ledger: tuple[str, Guard], tmp_path: Path
+) -> None:
+    """The adapters' streamable-HTTP client against ``mcp-proxy --http``: one proxy
+    process serves every call; no MCP SDK is shared, only the wire."""
+    url, guard = ledger
+    effects = tmp_path / "effects.jsonl"
+    args = {"customer": "http", "cents": 7}
+    argv = proxy_env.argv(url, effects, "--agent", "bot")
+
+    async def scenario(endpoint: str) -> list[ToolMessage]:
+        client = MultiServerMCPClient(
+            {"payments": {"transport": "streamable_http", "url": endpoint}}
+        )
+        tools = {t.name: t for t in await client.get_tools()}
+        calls = [{"type": "tool_call", "name": "charge", "args": args, "id": i} for i in "ab"]
+        return [await asyncio.wait_for(tools["charge"].ainvoke(c), 60) for c in calls]
+
+    with _http_proxy(argv, tmp_path / "proxy.log") as endpoint:
+        first, again = asyncio.run(scenario(endpoint))
+    assert _text(first) == _text(again) == "charged http 7 cents"
     assert len(_effects(effects, "charge")) == 1
     decisions = [(r.tool, r.decision) for r in guard.gov.agent_logs("bot")]
     assert sorted(decisions) == [("charge", "dedup"), ("charge", "executed")]
