@@ -20,12 +20,10 @@ session) and over streamable HTTP (``mcp-proxy --http``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +45,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_mcp_adapters.client import MultiServerMCPClient
 from langchain_mcp_adapters.tools import load_mcp_tools
 
+from _listening import free_port, listening
 from onceonly_core import Guard
 from onceonly_core.governance.models import Policy
 from onceonly_langchain.testing import ScriptedChatModel, tool_call
@@ -291,35 +290,6 @@ def test_every_call_in_its_own_proxy_process_is_still_run_once(
     assert sorted(decisions) == [("charge", "dedup"), ("charge", "executed")]
 
 
-@contextlib.contextmanager
-def _http_proxy(argv: list[str], log: Path) -> Iterator[str]:
-    """``mcp-proxy --http`` on a free loopback port; yields its endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    mcp_proxy = argv.index("mcp-proxy") + 1
-    argv = [*argv[:mcp_proxy], "--http", f"127.0.0.1:{port}", *argv[mcp_proxy:]]
-    with log.open("w") as out:  # a file, not a pipe nobody drains
-        proc = subprocess.Popen(argv, env=_child_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the proxy exited: {log.read_text()}"
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "the proxy did not start listening"
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_over_streamable_http(
     proxy_env: ProxyEnv, ledger: tuple[str, Guard], tmp_path: Path
 ) -> None:
@@ -328,7 +298,8 @@ def test_over_streamable_http(
     url, guard = ledger
     effects = tmp_path / "effects.jsonl"
     args = {"customer": "http", "cents": 7}
-    argv = proxy_env.argv(url, effects, "--agent", "bot")
+    port = free_port()
+    argv = proxy_env.argv(url, effects, "--http", f"127.0.0.1:{port}", "--agent", "bot")
 
     async def scenario(endpoint: str) -> list[ToolMessage]:
         client = MultiServerMCPClient(
@@ -338,8 +309,8 @@ def test_over_streamable_http(
         calls = [{"type": "tool_call", "name": "charge", "args": args, "id": i} for i in "ab"]
         return [await asyncio.wait_for(tools["charge"].ainvoke(c), 60) for c in calls]
 
-    with _http_proxy(argv, tmp_path / "proxy.log") as endpoint:
-        first, again = asyncio.run(scenario(endpoint))
+    with listening(argv, port, _child_env(), tmp_path / "proxy.log"):
+        first, again = asyncio.run(scenario(f"http://127.0.0.1:{port}/mcp"))
     assert _text(first) == _text(again) == "charged http 7 cents"
     assert len(_effects(effects, "charge")) == 1
     decisions = [(r.tool, r.decision) for r in guard.gov.agent_logs("bot")]
