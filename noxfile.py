@@ -37,6 +37,9 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")  # pytest, hypothesis, pytest-timeout
 SERVER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "server-test")  # onceonly-sdk
 OTEL_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "otel-test")
+# langchain-mcp-adapters (MCP SDK 1.x): the langchain session drives `onceonly mcp-proxy`
+# with it; the proxy runs from a second virtualenv the test builds (`onceonly-core[mcp]`).
+LANGCHAIN_MCP_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "langchain-mcp-test")
 BROWSER_TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "browser-test")  # playwright
 LINT_DEPS = nox.project.dependency_groups(PYPROJECT, "lint")
 DOCS_DEPS = nox.project.dependency_groups(PYPROJECT, "docs")  # mkdocs-material, mkdocstrings
@@ -148,6 +151,9 @@ INTEGRATIONS = ("langchain", "openai", "llamaindex", "mcp")
 # the adapter contract suite in remote mode too, against `onceonly serve` on PostgreSQL.
 # The MCP proxy is also driven by the OpenAI Agents SDK's own MCP client (extra openai).
 EXTRAS = {"mcp": "mcp,openai,postgres,mysql,server"}
+# LangChain's own MCP client needs the MCP SDK 1.x, the `mcp` extra 2.x: it is installed here,
+# and tests/integrations/langchain/test_mcp_proxy.py builds the proxy's environment itself.
+TEST_EXTRAS = {"langchain": LANGCHAIN_MCP_TEST_DEPS}
 
 
 @nox.session(python=PYTHON)
@@ -155,7 +161,7 @@ EXTRAS = {"mcp": "mcp,openai,postgres,mysql,server"}
 def integration(session: nox.Session, framework: str) -> None:
     """One integration with only its own framework installed (tests/integrations/<framework>)."""
     extras = EXTRAS.get(framework, f"{framework},postgres,mysql,server")
-    session.install("-e", f".[{extras}]", *TEST_DEPS)
+    session.install("-e", f".[{extras}]", *TEST_DEPS, *TEST_EXTRAS.get(framework, ()))
     session.run(
         "pytest", f"tests/integrations/{framework}", *session.posargs, env=_passthrough_env()
     )

@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from mcp import ClientSession, StdioServerParameters, stdio_client, types
 
+from _listening import free_port, listening
 from onceonly_core import Guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,38 +109,10 @@ class Rig:
             self._guard.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def http_proxy(rig: Rig, *options: str) -> Iterator[str]:
     """A proxy process serving streamable HTTP; yields its endpoint URL."""
-    port = _free_port()
-    argv = rig.proxy_argv("--http", f"127.0.0.1:{port}", *options)
-    log = rig.tmp / f"proxy-http-{port}.log"  # a file, not a pipe nobody drains
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, *argv], env=child_env(), stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"the proxy exited: {log.read_text()}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError("the proxy did not start listening")
-            time.sleep(0.1)
+    port = free_port()
+    argv = [sys.executable, *rig.proxy_argv("--http", f"127.0.0.1:{port}", *options)]
+    with listening(argv, port, child_env(), rig.tmp / f"proxy-http-{port}.log"):
         yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
