@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RemoteGovernanceStore", "RemoteStore", "decode", "encode"]
 
-log = logging.getLogger("onceonly.remote")
+log = logging.getLogger("onceonly.stores")  # redact.LOGGERS lists it
 
 #: Seconds a request may take; a primitive is one database transaction on the server.
 DEFAULT_TIMEOUT = 30.0
