@@ -231,9 +231,13 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
 
     # The policy snapshot (kill switch, registry, policy) and, when the verdict allows,
     # the reservation: one transaction where the store can (GovernanceStore.begin).
-    snap, res = yield G(
-        "begin", (tenant, agent, req.tool, req.namespace, req.key or "", decide, req.lease)
-    )
+    if peeked is _UNSEEN:
+        # No reservation expected: the snapshot alone (a read, no write lock).
+        snap, res = (yield G("snapshot", (tenant, agent, req.tool))), None
+    else:
+        snap, res = yield G(
+            "begin", (tenant, agent, req.tool, req.namespace, req.key or "", decide, req.lease)
+        )
     v = seen[0] if seen else evaluate(snap, agent, req.tool, req.spend_usd, by_name=req.by_name)
     gov.note_capped(agent, req.tool, bool(v.wants))
     approval_id = None

@@ -8,6 +8,8 @@ so each primitive here is one transaction on SQLAlchemy Core:
 primitive          what is atomic
 =================  ==============================================================
 ``snapshot``       one read: the agent's row, the global switch row, the tool row
+``begin``          a governed call's first transaction: the snapshot, the caller's
+                   verdict on it, then ``reserve``'s steps, one commit
 ``reserve``        settle the agent's expired holds as spent (each with its audit
                    row), lock its counters (in sorted order: no deadlock), check
                    every cap, add, insert the hold (carrying the audit entry its
@@ -34,19 +36,26 @@ which is why the primitives are idempotent (see ``GovStore._tx``; a timeline eve
 posted twice after a lost reply, a webhook is added by an operator and not retried);
 there is no ``pool_pre_ping`` round trip on checkout.
 
+A governed call is two transactions, ``begin`` and ``settle``, whose statements are
+pre-rendered per dialect and run on the DBAPI cursor (the rest uses SQLAlchemy Core);
+on PostgreSQL they are sent in psycopg's pipeline mode, so each transaction is two or
+three round trips with its BEGIN and COMMIT (see ``_HOT``).
+
 The in-process ``memory://`` store gets the same tables in a private in-memory SQLite
 database behind one lock, so tests see exactly the SQL semantics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeGuard, TypeVar
 
 import sqlalchemy as sa
@@ -54,7 +63,15 @@ import sqlalchemy as sa
 from ..errors import ConfigError, StoreError
 from . import schema as S
 from .base import Store
-from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
+from .governance import (
+    GENESIS,
+    Decide,
+    GovernanceStore,
+    Reservation,
+    Want,
+    audit_fields,
+    chain_hash,
+)
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
@@ -157,6 +174,87 @@ _MOVE_HEAD = (
 )
 
 
+# -- the governed hot path, on the pooled DBAPI connection (DESIGN §10) --------------------
+# A governed call runs two transactions: begin (policy snapshot + reservation) and settle
+# (+ audit). Their statements are pre-rendered per dialect and sent on the raw DBAPI
+# cursor of the SQLAlchemy connection that owns the transaction: SQLAlchemy's execution
+# layer costs more per statement than SQLite does. Every other primitive (and every rare
+# branch of these two: expired holds, a rerun, a notification, MySQL) stays on Core.
+_CLOCK = {
+    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())::float8",
+    "mysql": "UNIX_TIMESTAMP(NOW(6))",
+}
+_HOT_SNAP = """
+WITH c AS (SELECT {clock} AS now)
+SELECT 0, c.now, NULL, NULL, NULL, NULL FROM c
+UNION ALL
+SELECT 1, NULL, agent_id, policy, disabled, disabled_reason FROM onceonly_agents
+ WHERE tenant = :t AND agent_id IN (:a, '*')
+UNION ALL
+SELECT 2, NULL, scope_id, kind, enabled, NULL FROM onceonly_tools
+ WHERE tenant = :t AND name = :name AND scope_id IN ('global', :scope)
+UNION ALL
+SELECT 3, NULL, id, NULL, NULL, NULL FROM onceonly_reservations
+ WHERE tenant = :t AND agent_id = :a AND lease_until < (SELECT now FROM c)
+"""
+_HOT_HOLD = (
+    "INSERT INTO onceonly_reservations (id, tenant, agent_id, namespace, idem_key, amounts,"
+    " lease_until, created_at, audit) VALUES (:id, :t, :a, :ns, :key, :amounts, :until,"
+    " :now, :audit)"
+)
+_AUDIT_COLS = (
+    "tenant, agent_id, seq, tool, args_digest, args, decision, reason, risk_level,"
+    " spend_micros, run_id, token, idem_key, created_at, prev_hash, hash"
+)
+_HOT_AUDIT = (
+    f"INSERT INTO onceonly_audit ({_AUDIT_COLS}) VALUES (:tenant, :agent_id, :seq, :tool,"
+    " :args_digest, :args, :decision, :reason, :risk_level, :spend_micros, :run_id, :token,"
+    " :idem_key, :created_at, :prev_hash, :hash)"
+)
+_HOT_MOVE = (
+    "UPDATE onceonly_audit_heads SET seq = :seq, hash = :hash"
+    " WHERE tenant = :tenant AND agent_id = :agent_id"
+)
+_HOT = {
+    # SQLite (and the memory store): BEGIN IMMEDIATE already holds the write lock, so a
+    # plain read of a counter or of the chain head is as good as a locked one.
+    "sqlite": {
+        "snap": _HOT_SNAP.replace("{clock}", ":now"),
+        "hold": _HOT_HOLD,
+        "delete": "DELETE FROM onceonly_reservations WHERE id = :rid",
+        "head": "SELECT seq, hash FROM onceonly_audit_heads WHERE tenant = :t AND agent_id = :a",
+        "new_head": "INSERT INTO onceonly_audit_heads (tenant, agent_id, seq, hash, base_seq,"
+        " base_hash) VALUES (:tenant, :agent_id, :seq, :hash, 0, :g)",
+        "audit": _HOT_AUDIT,
+        "move": _HOT_MOVE,
+    },
+    # PostgreSQL: the hold's delete takes the chain head's row lock and reads it (and
+    # the clock) in one statement; the audit row and the head's move are a second one.
+    "postgresql": {
+        "snap": _HOT_SNAP.replace("{clock}", _CLOCK["postgresql"]),
+        "hold": _HOT_HOLD,
+        "settle": "WITH d AS (DELETE FROM onceonly_reservations WHERE id = :rid RETURNING id)"
+        " INSERT INTO onceonly_audit_heads (tenant, agent_id, seq, hash, base_seq, base_hash)"
+        " SELECT :t, :a, 0, :g, 0, :g FROM d ON CONFLICT (tenant, agent_id)"
+        " DO UPDATE SET seq = onceonly_audit_heads.seq"
+        f" RETURNING seq, hash, {_CLOCK['postgresql']}",
+        "append": f"WITH i AS ({_HOT_AUDIT}) {_HOT_MOVE}",
+    },
+    "mysql": {
+        "snap": _HOT_SNAP.replace("{clock}", _CLOCK["mysql"]),
+        "hold": _HOT_HOLD,
+    },
+}
+
+
+def _paramstyle(sql: str, kind: str) -> str:
+    """``:name`` placeholders as the driver wants them (sqlite3 takes them as they are;
+    psycopg and PyMySQL take ``%(name)s``). ``::`` casts are left alone."""
+    if kind in ("sqlite", "memory"):
+        return sql
+    return re.sub(r"(?<![:\w]):([a-z_]\w*)", r"%(\1)s", sql)
+
+
 class SQLLedger(Protocol):
     """A SQL ledger as GovStore sees it (``stores/sql.py``'s SQLStore): an interface, so
     the ledgers' modules import this one and never the other way round."""
@@ -213,6 +311,7 @@ class GovStore(GovernanceStore):
             _sqlite_transactions(self.engine)
             S.metadata.create_all(self.engine, tables=list(_GOV_TABLES))
             self._pid = os.getpid()
+            self._hot_sql()
             return
         if not _sql_ledger(ledger):
             raise ConfigError(
@@ -279,6 +378,7 @@ class GovStore(GovernanceStore):
                 )
             )
         self._pid = os.getpid()
+        self._hot_sql()
 
     # -- plumbing -----------------------------------------------------------------------
     def _now(self, conn: sa.Connection) -> float:
@@ -345,6 +445,56 @@ class GovStore(GovernanceStore):
                 raise StoreError(f"governance store ({self.kind}): {err}") from err
             finally:
                 self._local.attempt = 0
+
+    def _hot_sql(self) -> None:
+        dialect = "sqlite" if self.kind == "memory" else self.kind
+        self._dialect = dialect
+        self._hot = {k: _paramstyle(v, self.kind) for k, v in _HOT[dialect].items()}
+        self._counter_sql: dict[int, tuple[str, str]] = {}
+        self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
+
+    def _exec(self, conn: sa.Connection, sql: str, params: Mapping[str, Any]) -> Any:
+        """One pre-rendered statement on the transaction's DBAPI cursor; a driver error
+        comes out as SQLAlchemy's (with a lost connection invalidated), so that
+        :meth:`_tx` retries it as it does any other."""
+        raw = conn.connection
+        cur = raw.cursor()
+        try:
+            cur.execute(sql, params)
+        except self._dbapi_error as err:
+            gone = self.engine.dialect.is_disconnect(err, raw.dbapi_connection, cur)  # type: ignore[arg-type]
+            if gone:
+                conn.invalidate()
+            raise sa.exc.DBAPIError.instance(
+                sql, params, err, self._dbapi_error, connection_invalidated=gone
+            ) from err
+        return cur
+
+    @contextlib.contextmanager
+    def _pipeline(self, conn: sa.Connection, *, commit: bool = False) -> Iterator[None]:
+        """PostgreSQL: the statements sent inside travel together (psycopg's pipeline
+        mode), with the transaction's BEGIN before them and, ``commit``, its COMMIT after
+        them: one round trip instead of one each. The COMMIT is the transaction's own
+        (SQLAlchemy's commit then finds nothing left to commit); if it fails the error
+        comes out here, and :meth:`_tx` treats it as any failed statement. Elsewhere:
+        nothing (SQLite has no round trips; the commit stays SQLAlchemy's)."""
+        if self._dialect != "postgresql":
+            yield
+            return
+        raw = conn.connection
+        dbc: Any = raw.dbapi_connection
+        try:
+            with dbc.pipeline():
+                yield
+                if commit:
+                    dbc.commit()
+        except self._dbapi_error as err:
+            gone = self.engine.dialect.is_disconnect(err, dbc, None)  # type: ignore[arg-type]
+            if gone:
+                conn.invalidate()
+            raise sa.exc.DBAPIError.instance(
+                None, None, err, self._dbapi_error, connection_invalidated=gone
+            ) from err
 
     @property
     def _rerun(self) -> bool:
@@ -525,6 +675,184 @@ class GovStore(GovernanceStore):
 
         return self._tx(run)
 
+    def begin(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        namespace: str,
+        key: str,
+        decide: Decide,
+        lease: float,
+    ) -> tuple[dict[str, Any], Reservation | None]:
+        """Snapshot and reservation in one transaction (see the ABC): the snapshot is
+        read under the same lock the reservation takes (SQLite: BEGIN IMMEDIATE; the
+        server databases: the counters' row locks, after the read), so the verdict and
+        the caps it is checked against are one consistent step, and one commit."""
+        rid = uuid.uuid4().hex  # chosen once: a rerun after a lost reply finds its own hold
+        hot = self._hot
+
+        def run(conn: sa.Connection, now: float) -> tuple[dict[str, Any], Reservation | None]:
+            p: dict[str, Any] = {
+                "t": tenant,
+                "a": agent_id,
+                "name": tool,
+                "scope": f"agent:{agent_id}",
+            }
+            if self._clock is not None:
+                p["now"] = now
+            snap: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
+            tools: list[dict[str, Any]] = []
+            expired = False
+            with self._pipeline(conn):  # PostgreSQL: BEGIN travels with the read
+                got = self._exec(conn, hot["snap"], p).fetchall()
+            for kind, clock, ident, text, flag, reason in got:
+                if kind == 0:
+                    now = snap["now"] = float(clock)
+                elif kind == 1:
+                    snap["global" if ident == "*" else "agent"] = {
+                        "agent_id": ident,
+                        "policy": text,
+                        "disabled": bool(flag),
+                        "disabled_reason": reason,
+                    }
+                elif kind == 2:
+                    tools.append({"scope_id": ident, "kind": text, "enabled": bool(flag)})
+                else:
+                    expired = True
+            # An agent-scoped registration overrides the global one.
+            for t in sorted(tools, key=lambda r: r["scope_id"] != "global"):
+                snap["tool"] = t
+            plan = decide(snap)
+            if plan is None:
+                return snap, None  # nothing written: the commit ends a read
+            wants, audit = plan
+            keys = sorted({(w.metric, w.window) for w in wants})
+            if self._rerun:
+                r = S.reservations
+                if conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None:
+                    # The first attempt committed and only its reply was lost.
+                    used = self._lock_counters(conn, tenant, agent_id, keys)
+                    return snap, Reservation(True, rid, None, 0, now, used)
+            if expired:
+                # Holds whose lease expired belong to crashed or stalled workers whose
+                # tool may have run: settled as spent, each with its audit row, before
+                # the caps are read (rare: the Core path).
+                self._sweep(conn, now, tenant, agent_id)
+            return snap, self._hold(
+                conn, now, tenant, agent_id, namespace, key, wants, keys, lease, audit, rid
+            )
+
+        return self._tx(run, clock=self._clock is not None)
+
+    def _hold(
+        self,
+        conn: sa.Connection,
+        now: float,
+        tenant: str,
+        agent_id: str,
+        namespace: str,
+        key: str,
+        wants: Sequence[Want],
+        keys: list[tuple[str, int]],
+        lease: float,
+        audit: dict[str, Any] | None,
+        rid: str,
+    ) -> Reservation:
+        """reserve()'s steps 2-4 on the DBAPI cursor: lock and read the counters, check
+        every cap in order, add every amount and insert the hold, or write nothing."""
+        used = self._hot_counters(conn, tenant, agent_id, keys)
+        for w in wants:
+            k = (w.metric, w.window)
+            if w.cap is not None and used[k] + w.amount > w.cap:
+                return Reservation(False, None, w, used[k], now, used)
+        add: dict[tuple[str, int], int] = {}
+        for w in wants:
+            if w.amount:
+                add[(w.metric, w.window)] = add.get((w.metric, w.window), 0) + w.amount
+        if add:
+            # One UPDATE for every counter: the rows are locked (or, on SQLite, the
+            # whole database is), so adding is the same as writing the values read.
+            p: dict[str, Any] = {"t": tenant, "a": agent_id}
+            cases, where = [], []
+            for i, ((m, win), amount) in enumerate(sorted(add.items())):
+                p[f"m{i}"], p[f"w{i}"], p[f"d{i}"] = m, win, amount
+                cases.append(f"WHEN metric = :m{i} AND window_start = :w{i} THEN :d{i}")
+                where.append(f"(metric = :m{i} AND window_start = :w{i})")
+                used[(m, win)] += amount
+            sql = (
+                f"UPDATE onceonly_counters SET used = used + CASE {' '.join(cases)} ELSE 0 END"
+                f" WHERE tenant = :t AND agent_id = :a AND ({' OR '.join(where)})"
+            )
+        with self._pipeline(conn, commit=True):
+            # PostgreSQL: the counters' update, the hold and the COMMIT in one round trip
+            # (the caps were checked above, on the rows this transaction has locked).
+            if add:
+                self._exec(conn, _paramstyle(sql, self.kind), p)
+            self._exec(
+                conn,
+                self._hot["hold"],
+                {
+                    "id": rid,
+                    "t": tenant,
+                    "a": agent_id,
+                    "ns": namespace,
+                    "key": key,
+                    "amounts": json.dumps([[w.metric, w.window, w.amount] for w in wants]),
+                    "until": now + lease,
+                    "now": now,
+                    "audit": None if audit is None else json.dumps(audit),
+                },
+            )
+        return Reservation(True, rid, None, 0, now, used)
+
+    def _hot_counters(
+        self, conn: sa.Connection, tenant: str, agent_id: str, keys: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        """Lock and read the counters (missing ones created at 0). PostgreSQL: one
+        upsert that locks every row, in sorted order, and returns it. SQLite: the write
+        lock is held already; a read, and an insert only for a new window."""
+        if not keys:
+            return {}
+        if self._dialect == "mysql":
+            return self._lock_counters(conn, tenant, agent_id, keys)
+        p: dict[str, Any] = {"t": tenant, "a": agent_id}
+        for i, (m, w) in enumerate(keys):
+            p[f"m{i}"], p[f"w{i}"] = m, w
+        n = len(keys)
+        sql = self._counter_sql.get(n)
+        if sql is None:
+            values = ", ".join(f"(:t, :a, :m{i}, :w{i}, 0)" for i in range(n))
+            pairs = " OR ".join(f"(metric = :m{i} AND window_start = :w{i})" for i in range(n))
+            upsert = (
+                "INSERT INTO onceonly_counters (tenant, agent_id, metric, window_start, used)"
+                f" VALUES {values} ON CONFLICT (tenant, agent_id, metric, window_start)"
+            )
+            if self._dialect == "postgresql":
+                lock = (
+                    f"{upsert} DO UPDATE SET used = onceonly_counters.used"
+                    " RETURNING metric, window_start, used"
+                )
+            else:
+                lock = f"{upsert} DO NOTHING"
+            read = (
+                "SELECT metric, window_start, used FROM onceonly_counters"
+                f" WHERE tenant = :t AND agent_id = :a AND ({pairs})"
+            )
+            sql = self._counter_sql[n] = (
+                _paramstyle(lock, self.kind),
+                _paramstyle(read, self.kind),
+            )
+        if self._dialect == "postgresql":
+            got = self._exec(conn, sql[0], p).fetchall()
+        else:
+            got = self._exec(conn, sql[1], p).fetchall()
+            if len(got) < n:  # a new window: create its rows, then read them all
+                self._exec(conn, sql[0], p)
+                got = self._exec(conn, sql[1], p).fetchall()
+        found = {(m, int(w)): int(u) for m, w, u in got}
+        return {k: found[k] for k in keys}
+
     def _sweep(self, conn: sa.Connection, now: float, tenant: str, agent_id: str | None) -> int:
         """Settle expired holds as spent: delete each (under its row lock, so exactly one
         sweeper or settler wins it) and append its audit entry as ``unknown``. The
@@ -625,8 +953,11 @@ class GovStore(GovernanceStore):
         """The tool ran: its amounts stay counted (they were added at reserve time).
         ``audit``: that decision, appended in the same transaction."""
         r = S.reservations
+        hot = audit is not None and not audit.get("notify") and self._dialect != "mysql"
 
         def run(conn: sa.Connection, now: float) -> bool:
+            if hot and not self._rerun:
+                return self._settle_hot(conn, now, tenant, rid, audit)  # type: ignore[arg-type]
             # The DELETE is the decision: if the hold is gone, a sweep (or our own
             # earlier attempt, whose reply was lost) already counted it and wrote its
             # audit row, and one row per execution is the rule.
@@ -637,6 +968,43 @@ class GovStore(GovernanceStore):
             return True
 
         return self._tx(run, clock=self._clock is not None)  # the clock rides on the head read
+
+    def _settle_hot(
+        self, conn: sa.Connection, now: float, tenant: str, rid: str, entry: dict[str, Any]
+    ) -> bool:
+        """settle() + _append() on the DBAPI cursor, in the same order and under the same
+        locks: the hold's delete decides (gone: a sweep or an earlier attempt of ours
+        counted and audited it), then the chain head is locked and read, the row hashed
+        over it is inserted and the head moved, all in the caller's transaction."""
+        hot = self._hot
+        agent_id = entry["agent_id"]
+        if self._dialect == "postgresql":
+            # One statement: delete the hold, then lock (creating it if need be) and read
+            # the head and the clock; no row back: the hold was gone.
+            with self._pipeline(conn):  # BEGIN travels with it
+                got = self._exec(
+                    conn, hot["settle"], {"rid": rid, "t": tenant, "a": agent_id, "g": GENESIS}
+                ).fetchone()
+            if got is None:
+                return False
+            prev_seq, prev, now = int(got[0]), str(got[1]), float(got[2])
+        else:
+            if self._exec(conn, hot["delete"], {"rid": rid}).rowcount == 0:
+                return False
+            head = self._exec(conn, hot["head"], {"t": tenant, "a": agent_id}).fetchone()
+            prev_seq, prev = (0, GENESIS) if head is None else (int(head[0]), str(head[1]))
+        row = {**entry, "tenant": tenant, "seq": prev_seq + 1, "created_at": now}
+        fields = audit_fields(_Row(row))
+        digest = chain_hash(prev, fields)
+        values = {**fields, "prev_hash": prev, "hash": digest, "g": GENESIS}
+        if self._dialect == "postgresql":
+            with self._pipeline(conn, commit=True):  # with the COMMIT: one round trip
+                self._exec(conn, hot["append"], values)  # the row and the head's move
+        else:
+            self._exec(conn, hot["audit"], values)
+            # SQLite's write lock is held: no one else can have created the head since.
+            self._exec(conn, hot["move"] if head is not None else hot["new_head"], values)
+        return True
 
     def release(
         self, tenant: str, agent_id: str, rid: str, audit: dict[str, Any] | None = None
