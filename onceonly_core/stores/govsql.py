@@ -47,7 +47,6 @@ database behind one lock, so tests see exactly the SQL semantics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -55,7 +54,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeGuard, TypeVar
 
 import sqlalchemy as sa
@@ -347,12 +346,14 @@ class GovStore(GovernanceStore):
                 connect_args=ledger.connect_args,
             )
             # Reads (the policy snapshot on every call, operator listings) need no
-            # transaction: their own small autocommit pool saves BEGIN and COMMIT.
+            # transaction: their own autocommit pool saves BEGIN and COMMIT. On
+            # PostgreSQL a governed call's begin and settle run here too, sending their
+            # BEGIN and COMMIT inside their statements' queries (see _exec).
             self._reader = sa.create_engine(
                 ledger.url,
                 isolation_level="AUTOCOMMIT",
-                pool_size=2,
-                max_overflow=8,
+                pool_size=5,  # PostgreSQL's governed calls run here too (_manual)
+                max_overflow=10,
                 connect_args=ledger.connect_args,
             )
             clock: Any = sa.literal_column(_NOW_SQL[self.kind].removeprefix("SELECT ")).label("now")
@@ -424,7 +425,15 @@ class GovStore(GovernanceStore):
                         return fn(conn, self._now(conn))
                 if read and self._reader is not None:
                     with self._reader.connect() as conn:
-                        return fn(conn, self._now(conn) if clock else float("nan"))
+                        if not self._manual:
+                            return fn(conn, self._now(conn) if clock else float("nan"))
+                        try:
+                            out = fn(conn, self._now(conn) if clock else float("nan"))
+                        except BaseException:
+                            self._end_manual(conn, commit=False)
+                            raise
+                        self._end_manual(conn, commit=True)
+                        return out
                 with self.engine.begin() as conn:
                     return fn(conn, self._now(conn) if clock else float("nan"))
             except sa.exc.DBAPIError as err:
@@ -449,18 +458,52 @@ class GovStore(GovernanceStore):
     def _hot_sql(self) -> None:
         dialect = "sqlite" if self.kind == "memory" else self.kind
         self._dialect = dialect
+        #: PostgreSQL: begin and settle run on the autocommit pool and send their own
+        #: BEGIN and COMMIT, each in the query of a statement (see _exec).
+        self._manual = dialect == "postgresql" and self._reader is not None
+        if self._manual:
+            import psycopg
+
+            self._client_cursor: Any = psycopg.ClientCursor
         self._hot = {k: _paramstyle(v, self.kind) for k, v in _HOT[dialect].items()}
         self._counter_sql: dict[int, tuple[str, str]] = {}
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
-    def _exec(self, conn: sa.Connection, sql: str, params: Mapping[str, Any]) -> Any:
+    def _exec(
+        self,
+        conn: sa.Connection,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        begin: bool = False,
+        commit: bool = False,
+    ) -> Any:
         """One pre-rendered statement on the transaction's DBAPI cursor; a driver error
         comes out as SQLAlchemy's (with a lost connection invalidated), so that
-        :meth:`_tx` retries it as it does any other."""
+        :meth:`_tx` retries it as it does any other.
+
+        PostgreSQL (``_manual``: the hot path runs on the autocommit pool and keeps its
+        transaction itself): ``begin`` sends the transaction's BEGIN and ``commit`` its
+        COMMIT in the same query as the statement (psycopg's client-side binding, the
+        simple query protocol: one round trip for all of them). Elsewhere they are
+        ignored: the transaction is SQLAlchemy's."""
         raw = conn.connection
-        cur = raw.cursor()
+        dbc: Any = raw.dbapi_connection
+        manual = self._manual and (begin or commit)
+        if manual:
+            if begin and dbc.info.transaction_status != _PG_IDLE:
+                begin = False  # already in this primitive's transaction
+            if begin:
+                sql = "BEGIN ISOLATION LEVEL READ COMMITTED; " + sql
+            if commit:
+                sql += "; COMMIT"
+            cur = self._client_cursor(dbc)
+        else:
+            cur = raw.cursor()
         try:
             cur.execute(sql, params)
+            if manual and begin:
+                cur.nextset()  # past BEGIN's empty result, to the statement's
         except self._dbapi_error as err:
             gone = self.engine.dialect.is_disconnect(err, raw.dbapi_connection, cur)  # type: ignore[arg-type]
             if gone:
@@ -470,31 +513,25 @@ class GovStore(GovernanceStore):
             ) from err
         return cur
 
-    @contextlib.contextmanager
-    def _pipeline(self, conn: sa.Connection, *, commit: bool = False) -> Iterator[None]:
-        """PostgreSQL: the statements sent inside travel together (psycopg's pipeline
-        mode), with the transaction's BEGIN before them and, ``commit``, its COMMIT after
-        them: one round trip instead of one each. The COMMIT is the transaction's own
-        (SQLAlchemy's commit then finds nothing left to commit); if it fails the error
-        comes out here, and :meth:`_tx` treats it as any failed statement. Elsewhere:
-        nothing (SQLite has no round trips; the commit stays SQLAlchemy's)."""
-        if self._dialect != "postgresql":
-            yield
-            return
-        raw = conn.connection
-        dbc: Any = raw.dbapi_connection
+    def _end_manual(self, conn: sa.Connection, *, commit: bool) -> None:
+        """A transaction the hot path keeps by hand (PostgreSQL, on the autocommit pool)
+        and left open (a refusal, a hold found gone, a rare branch on Core) is committed
+        when the primitive returned, rolled back when it raised, before the connection
+        goes back to the pool. A failed COMMIT raises as any failed statement does."""
         try:
-            with dbc.pipeline():
-                yield
-                if commit:
-                    dbc.commit()
+            dbc: Any = conn.connection.dbapi_connection
+            if dbc is None or dbc.closed or dbc.info.transaction_status == _PG_IDLE:
+                return
+            if commit:
+                dbc.commit()
+            else:
+                dbc.rollback()
         except self._dbapi_error as err:
-            gone = self.engine.dialect.is_disconnect(err, dbc, None)  # type: ignore[arg-type]
-            if gone:
-                conn.invalidate()
-            raise sa.exc.DBAPIError.instance(
-                None, None, err, self._dbapi_error, connection_invalidated=gone
-            ) from err
+            conn.invalidate()  # its transaction's fate is the server's: not reused
+            if commit:
+                raise sa.exc.DBAPIError.instance(
+                    "COMMIT", None, err, self._dbapi_error, connection_invalidated=True
+                ) from err
 
     @property
     def _rerun(self) -> bool:
@@ -704,8 +741,9 @@ class GovStore(GovernanceStore):
             snap: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
             tools: list[dict[str, Any]] = []
             expired = False
-            with self._pipeline(conn):  # PostgreSQL: BEGIN travels with the read
-                got = self._exec(conn, hot["snap"], p).fetchall()
+            # PostgreSQL: an autocommit read (READ COMMITTED reads each statement's own
+            # snapshot anyway); the transaction begins with the counters' locks.
+            got = self._exec(conn, hot["snap"], p).fetchall()
             for kind, clock, ident, text, flag, reason in got:
                 if kind == 0:
                     now = snap["now"] = float(clock)
@@ -738,12 +776,14 @@ class GovStore(GovernanceStore):
                 # Holds whose lease expired belong to crashed or stalled workers whose
                 # tool may have run: settled as spent, each with its audit row, before
                 # the caps are read (rare: the Core path).
+                if self._manual:
+                    self._exec(conn, "SELECT 1", {}, begin=True)
                 self._sweep(conn, now, tenant, agent_id)
             return snap, self._hold(
                 conn, now, tenant, agent_id, namespace, key, wants, keys, lease, audit, rid
             )
 
-        return self._tx(run, clock=self._clock is not None)
+        return self._tx(run, read=self._manual, clock=self._clock is not None)
 
     def _hold(
         self,
@@ -767,13 +807,14 @@ class GovStore(GovernanceStore):
             if w.cap is not None and used[k] + w.amount > w.cap:
                 return Reservation(False, None, w, used[k], now, used)
         add: dict[tuple[str, int], int] = {}
+        p: dict[str, Any] = {"t": tenant, "a": agent_id}
+        sql = ""
         for w in wants:
             if w.amount:
                 add[(w.metric, w.window)] = add.get((w.metric, w.window), 0) + w.amount
         if add:
             # One UPDATE for every counter: the rows are locked (or, on SQLite, the
             # whole database is), so adding is the same as writing the values read.
-            p: dict[str, Any] = {"t": tenant, "a": agent_id}
             cases, where = [], []
             for i, ((m, win), amount) in enumerate(sorted(add.items())):
                 p[f"m{i}"], p[f"w{i}"], p[f"d{i}"] = m, win, amount
@@ -784,26 +825,28 @@ class GovStore(GovernanceStore):
                 f"UPDATE onceonly_counters SET used = used + CASE {' '.join(cases)} ELSE 0 END"
                 f" WHERE tenant = :t AND agent_id = :a AND ({' OR '.join(where)})"
             )
-        with self._pipeline(conn, commit=True):
-            # PostgreSQL: the counters' update, the hold and the COMMIT in one round trip
+        hold = {
+            "id": rid,
+            "t": tenant,
+            "a": agent_id,
+            "ns": namespace,
+            "key": key,
+            "amounts": json.dumps([[w.metric, w.window, w.amount] for w in wants]),
+            "until": now + lease,
+            "now": now,
+            "audit": None if audit is None else json.dumps(audit),
+        }
+        if self._manual:
+            # The counters' update, the hold and the COMMIT in one query: one round trip
             # (the caps were checked above, on the rows this transaction has locked).
+            update = f"{_paramstyle(sql, self.kind)}; " if add else ""
+            self._exec(
+                conn, update + self._hot["hold"], {**hold, **p} if add else hold, commit=True
+            )
+        else:
             if add:
                 self._exec(conn, _paramstyle(sql, self.kind), p)
-            self._exec(
-                conn,
-                self._hot["hold"],
-                {
-                    "id": rid,
-                    "t": tenant,
-                    "a": agent_id,
-                    "ns": namespace,
-                    "key": key,
-                    "amounts": json.dumps([[w.metric, w.window, w.amount] for w in wants]),
-                    "until": now + lease,
-                    "now": now,
-                    "audit": None if audit is None else json.dumps(audit),
-                },
-            )
+            self._exec(conn, self._hot["hold"], hold)
         return Reservation(True, rid, None, 0, now, used)
 
     def _hot_counters(
@@ -844,7 +887,7 @@ class GovStore(GovernanceStore):
                 _paramstyle(read, self.kind),
             )
         if self._dialect == "postgresql":
-            got = self._exec(conn, sql[0], p).fetchall()
+            got = self._exec(conn, sql[0], p, begin=True).fetchall()
         else:
             got = self._exec(conn, sql[1], p).fetchall()
             if len(got) < n:  # a new window: create its rows, then read them all
@@ -958,6 +1001,8 @@ class GovStore(GovernanceStore):
         def run(conn: sa.Connection, now: float) -> bool:
             if hot and not self._rerun:
                 return self._settle_hot(conn, now, tenant, rid, audit)  # type: ignore[arg-type]
+            if self._manual:  # on the autocommit pool (see below): a transaction of our
+                self._exec(conn, "SELECT 1", {}, begin=True)  # own, committed by _tx
             # The DELETE is the decision: if the hold is gone, a sweep (or our own
             # earlier attempt, whose reply was lost) already counted it and wrote its
             # audit row, and one row per execution is the rule.
@@ -967,7 +1012,9 @@ class GovStore(GovernanceStore):
                 self._append(conn, now, tenant, audit)
             return True
 
-        return self._tx(run, clock=self._clock is not None)  # the clock rides on the head read
+        # The clock rides on the head read. PostgreSQL: on the autocommit pool, with
+        # BEGIN and COMMIT sent in the queries of the first and the last statement.
+        return self._tx(run, read=self._manual, clock=self._clock is not None)
 
     def _settle_hot(
         self, conn: sa.Connection, now: float, tenant: str, rid: str, entry: dict[str, Any]
@@ -981,12 +1028,14 @@ class GovStore(GovernanceStore):
         if self._dialect == "postgresql":
             # One statement: delete the hold, then lock (creating it if need be) and read
             # the head and the clock; no row back: the hold was gone.
-            with self._pipeline(conn):  # BEGIN travels with it
-                got = self._exec(
-                    conn, hot["settle"], {"rid": rid, "t": tenant, "a": agent_id, "g": GENESIS}
-                ).fetchone()
+            got = self._exec(
+                conn,
+                hot["settle"],
+                {"rid": rid, "t": tenant, "a": agent_id, "g": GENESIS},
+                begin=True,
+            ).fetchone()
             if got is None:
-                return False
+                return False  # nothing written; the transaction is rolled back
             prev_seq, prev, now = int(got[0]), str(got[1]), float(got[2])
         else:
             if self._exec(conn, hot["delete"], {"rid": rid}).rowcount == 0:
@@ -998,8 +1047,8 @@ class GovStore(GovernanceStore):
         digest = chain_hash(prev, fields)
         values = {**fields, "prev_hash": prev, "hash": digest, "g": GENESIS}
         if self._dialect == "postgresql":
-            with self._pipeline(conn, commit=True):  # with the COMMIT: one round trip
-                self._exec(conn, hot["append"], values)  # the row and the head's move
+            # The row and the head's move, with the COMMIT: one round trip.
+            self._exec(conn, hot["append"], values, commit=True)
         else:
             self._exec(conn, hot["audit"], values)
             # SQLite's write lock is held: no one else can have created the head since.
@@ -1547,6 +1596,10 @@ class GovStore(GovernanceStore):
         self.engine.dispose()
         if self._reader is not None:
             self._reader.dispose()
+
+
+#: libpq's PQTRANS_IDLE: no transaction open on the connection.
+_PG_IDLE = 0
 
 
 class _Row:
