@@ -11,8 +11,9 @@ Rows (µs per call, median of interleaved blocks, new key on every call):
   has an hourly action cap and a daily spend cap with pricing: the §5 checks, an atomic
   reservation, settlement and one audit row.
 
-Statements are counted with SQLAlchemy's ``before_cursor_execute`` (governance store)
-plus the ledger's own statements (2 per new key on the server databases, 3 on SQLite).
+Governance statements and transactions per governed call are counted (SQLAlchemy's
+``before_cursor_execute`` and ``begin`` events, plus the hot path's pre-rendered
+statements on the DBAPI cursor); the ledger's own claim, completion and read come on top.
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def count_statements(guard: Guard, run: Callable[[], Any]) -> tuple[int, int]:
 
     hot = getattr(store, "_exec", None)
 
-    def exec_counted(*a: Any) -> Any:
+    def exec_counted(*a: Any, **kw: Any) -> Any:
         seen[0] += 1
-        return hot(*a)  # type: ignore[misc]
+        if kw.get("commit"):  # PostgreSQL: a transaction kept by hand ends in this query
+            seen[1] += 1
+        return hot(*a, **kw)  # type: ignore[misc]
 
     for eng in engines:
         sa.event.listen(eng, "before_cursor_execute", count)
@@ -191,22 +194,21 @@ def _bound(label: str) -> str:
     stmts, txs = COUNTS.get(label, (0, 0))
     what = (
         f"{txs} governance transactions ({stmts} statements: begin = policy snapshot + "
-        "reservation, settle = hold + audit row and chain head) on top of the plain call's "
-        "own claim and completion, plus a ledger read (is it a replay?)"
+        "reservation, settle = hold + audit row + chain head) on top of the plain call's "
+        "claim and completion, plus a ledger read (is it a replay?)"
     )
     if label == "postgresql":
         return (
-            f"{what}: each transaction is 2-3 round trips in psycopg's pipeline mode and "
-            "ends in a WAL flush, so a governed call waits for 4 commits where a plain "
-            "one waits for 2; ≤ 1.3x needs the ledger's claim to join begin and its "
-            "completion to join settle (one database, one commit each), a change to the "
-            "guard's call path"
+            f"{what}, in 5 round trips (BEGIN and COMMIT ride in the statements' "
+            "queries): a governed call waits for 4 WAL flushes where a plain one waits "
+            "for 2, so ≤ 1.3x needs the ledger's claim to join begin and its completion "
+            "to join settle (one transaction each), a change to the guard's call path"
         )
     return (
-        f"{what}: a SQLite write transaction (lock, WAL frames, commit) costs about what "
-        "a ledger claim does, so two more of them double the plain call's database "
-        "time; ≤ 2x needs the ledger's claim and completion to share the governance "
-        "transactions, a change to the guard's call path"
+        f"{what}: each SQLite write transaction (lock, WAL frames, commit; syscalls are "
+        "slow in this sandbox) costs about what a ledger claim does, so two more double "
+        "the plain call's database time; ≤ 2x needs the ledger's claim and completion "
+        "to share the governance transactions, a change to the guard's call path"
     )
 
 
