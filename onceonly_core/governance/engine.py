@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..egress import check_url
 from ..errors import ConfigError, OnceOnlyError
 from ..protocol import safe_str
-from ..stores.governance import GovernanceStore, Reservation, Want
+from ..stores.governance import GovernanceStore, Want
 from .models import (
     AgentMetrics,
     Approval,
@@ -72,7 +72,7 @@ def evaluate(
 ) -> Verdict:
     """The §5 checks up to the caps, and the counter amounts the caps need."""
     row = snap.get("agent")
-    policy = Policy.model_validate_json(row["policy"]) if row and row.get("policy") else None
+    policy = _policy(row["policy"]) if row and row.get("policy") else None
     risk = policy.risk_for(tool) if policy else "low"
     glob = snap.get("global")
     if glob and glob["disabled"]:
@@ -119,6 +119,22 @@ def evaluate(
         )
     )
     return verdict
+
+
+_POLICIES: dict[str, Policy] = {}
+
+
+def _policy(text: str) -> Policy:
+    """The policy stored as ``text``, parsed once per process (validation costs tens of
+    µs on every call). Keyed by the exact stored text, so a changed policy is parsed
+    anew on the very next call; nothing here mutates a Policy."""
+    policy = _POLICIES.get(text)
+    if policy is None:
+        policy = Policy.model_validate_json(text)
+        if len(_POLICIES) >= 256:
+            _POLICIES.clear()
+        _POLICIES[text] = policy
+    return policy
 
 
 def _tool_metric(tool: str) -> str:
@@ -196,11 +212,36 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         yield from _record(gov, req, result, None)
         return result
     agent = req.agent_id
-    snap = yield G("snapshot", (tenant, agent, req.tool))
-    v = evaluate(snap, agent, req.tool, req.spend_usd, by_name=req.by_name)
+    peeked: Any = _UNSEEN
+    if gov.capped.get((agent, req.tool)):
+        # This agent's calls of this tool reserved budget last time: read the ledger
+        # first (a replay spends nothing), so that the policy snapshot and the
+        # reservation can share one transaction.
+        peeked = yield Peek()
+    seen: list[Verdict] = []
+
+    def decide(snap: dict[str, Any]) -> tuple[list[Want], dict[str, Any]] | None:
+        v = evaluate(snap, agent, req.tool, req.spend_usd, by_name=req.by_name)
+        seen[:] = [v]
+        if v.reason is not None or v.approval or not v.wants or peeked is _UNSEEN:
+            return None  # blocked, or an approval comes first, or nothing to count
+        if peeked is not None and req.would_replay(peeked):
+            return None  # a replay runs nothing and spends nothing
+        return v.wants, _audit_entry(req, None, v, "unknown", "lease_expired")
+
+    # The policy snapshot (kill switch, registry, policy) and, when the verdict allows,
+    # the reservation: one transaction where the store can (GovernanceStore.begin).
+    if peeked is _UNSEEN:
+        # No reservation expected: the snapshot alone (a read, no write lock).
+        snap, res = (yield G("snapshot", (tenant, agent, req.tool))), None
+    else:
+        snap, res = yield G(
+            "begin", (tenant, agent, req.tool, req.namespace, req.key or "", decide, req.lease)
+        )
+    v = seen[0] if seen else evaluate(snap, agent, req.tool, req.spend_usd, by_name=req.by_name)
+    gov.note_capped(agent, req.tool, bool(v.wants))
     approval_id = None
     taken = False  # this call holds an approval (taken: approved → consumed)
-    peeked: Any = _UNSEEN
     if v.reason is None and v.approval:
         if req.key is None:
             raise ConfigError(f"{req.tool}: a tool that needs approval cannot be unlimited")
@@ -253,8 +294,7 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         result = _blocked(v, base, req, approval_id)
         yield from _record(gov, req, result, None)
         return result
-    res: Reservation | None = None
-    if v.wants:
+    if res is None and v.wants:
         if peeked is _UNSEEN:
             peeked = yield Peek()
         if peeked is None or not req.would_replay(peeked):
@@ -264,14 +304,14 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
                 (tenant, agent, req.namespace, req.key or "", v.wants, req.lease, pending),
             )
             assert res is not None
-            if not res.ok:
-                assert res.failed is not None
-                if taken:
-                    yield G("restore_approval", (tenant, approval_id), quiet=True)
-                v.reason = res.failed.reason
-                result = _blocked(v, base, req, approval_id)
-                yield from _record(gov, req, result, None)
-                return result
+    if res is not None and not res.ok:
+        assert res.failed is not None
+        if taken:
+            yield G("restore_approval", (tenant, approval_id), quiet=True)
+        v.reason = res.failed.reason
+        result = _blocked(v, base, req, approval_id)
+        yield from _record(gov, req, result, None)
+        return result
     rid = res.id if res is not None else None
     try:
         ran = yield Inner(rid)
@@ -694,6 +734,16 @@ class Governance:
         self.budget_threshold = 0.8
         #: Outbound allowlist added to ONCEONLY_EGRESS_ALLOW (hosts, CIDRs): docs/security.md.
         self.egress_allow: str | list[str] | None = None
+        #: (agent, tool) pairs whose last call reserved budget: a hint only (which order
+        #: to read in), never a decision; see governed().
+        self.capped: dict[tuple[str, str], bool] = {}
+
+    def note_capped(self, agent_id: str, tool: str, capped: bool) -> None:
+        key = (agent_id, tool)
+        if self.capped.get(key) is not capped:
+            if len(self.capped) >= 4096:
+                self.capped.clear()
+            self.capped[key] = capped
 
     @property
     def store(self) -> GovernanceStore:

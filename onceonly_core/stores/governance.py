@@ -23,12 +23,13 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "GENESIS",
+    "Decide",
     "GovernanceStore",
     "Reservation",
     "Want",
@@ -60,6 +61,13 @@ class Reservation:
     now: float = 0.0
     #: Every counter involved, after this reservation (what a threshold check needs).
     after: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+#: What :meth:`GovernanceStore.begin` asks of the caller once it has the snapshot: the
+#: amounts to reserve and the audit entry a sweep writes if the hold never settles, or
+#: None to reserve nothing. Pure (no I/O): a store may call it inside its transaction,
+#: and again if it reruns that transaction.
+Decide = Callable[[dict[str, Any]], tuple[Sequence[Want], dict[str, Any] | None] | None]
 
 
 def chain_hash(prev: str, fields: dict[str, Any]) -> str:
@@ -134,6 +142,32 @@ class GovernanceStore(abc.ABC):
         """Every agent row of the tenant but the global switch, by agent id."""
 
     # -- budgets ------------------------------------------------------------------------
+    def begin(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        namespace: str,
+        key: str,
+        decide: Decide,
+        lease: float,
+    ) -> tuple[dict[str, Any], Reservation | None]:
+        """A governed call's first phase: :meth:`snapshot`, then ``decide(snapshot)``,
+        then, unless it returned None, :meth:`reserve` of its wants (with its audit
+        entry). Returns the snapshot and the reservation (None: nothing was reserved).
+
+        This default runs the two primitives one after the other, which is correct: the
+        reservation checks the caps atomically on its own, and a policy or switch change
+        between the two reads is the same as one just after the call began. A store that
+        can do both in one transaction (one round trip, one commit) overrides it; the SQL
+        store does. ``decide`` may then be called more than once (a rerun)."""
+        snap = self.snapshot(tenant, agent_id, tool)
+        plan = decide(snap)
+        if plan is None:
+            return snap, None
+        wants, audit = plan
+        return snap, self.reserve(tenant, agent_id, namespace, key, wants, lease, audit)
+
     @abc.abstractmethod
     def reserve(
         self,

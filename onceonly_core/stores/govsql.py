@@ -8,6 +8,8 @@ so each primitive here is one transaction on SQLAlchemy Core:
 primitive          what is atomic
 =================  ==============================================================
 ``snapshot``       one read: the agent's row, the global switch row, the tool row
+``begin``          a governed call's first transaction: the snapshot, the caller's
+                   verdict on it, then ``reserve``'s steps, one commit
 ``reserve``        settle the agent's expired holds as spent (each with its audit
                    row), lock its counters (in sorted order: no deadlock), check
                    every cap, add, insert the hold (carrying the audit entry its
@@ -34,6 +36,11 @@ which is why the primitives are idempotent (see ``GovStore._tx``; a timeline eve
 posted twice after a lost reply, a webhook is added by an operator and not retried);
 there is no ``pool_pre_ping`` round trip on checkout.
 
+A governed call is two transactions, ``begin`` and ``settle``, whose statements are
+pre-rendered per dialect and run on the DBAPI cursor (the rest uses SQLAlchemy Core);
+on PostgreSQL they are sent in psycopg's pipeline mode, so each transaction is two or
+three round trips with its BEGIN and COMMIT (see ``_HOT``).
+
 The in-process ``memory://`` store gets the same tables in a private in-memory SQLite
 database behind one lock, so tests see exactly the SQL semantics.
 """
@@ -43,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -54,7 +62,15 @@ import sqlalchemy as sa
 from ..errors import ConfigError, StoreError
 from . import schema as S
 from .base import Store
-from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
+from .governance import (
+    GENESIS,
+    Decide,
+    GovernanceStore,
+    Reservation,
+    Want,
+    audit_fields,
+    chain_hash,
+)
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
@@ -157,6 +173,87 @@ _MOVE_HEAD = (
 )
 
 
+# -- the governed hot path, on the pooled DBAPI connection (DESIGN §10) --------------------
+# A governed call runs two transactions: begin (policy snapshot + reservation) and settle
+# (+ audit). Their statements are pre-rendered per dialect and sent on the raw DBAPI
+# cursor of the SQLAlchemy connection that owns the transaction: SQLAlchemy's execution
+# layer costs more per statement than SQLite does. Every other primitive (and every rare
+# branch of these two: expired holds, a rerun, a notification, MySQL) stays on Core.
+_CLOCK = {
+    "postgresql": "EXTRACT(EPOCH FROM clock_timestamp())::float8",
+    "mysql": "UNIX_TIMESTAMP(NOW(6))",
+}
+_HOT_SNAP = """
+WITH c AS (SELECT {clock} AS now)
+SELECT 0, c.now, NULL, NULL, NULL, NULL FROM c
+UNION ALL
+SELECT 1, NULL, agent_id, policy, disabled, disabled_reason FROM onceonly_agents
+ WHERE tenant = :t AND agent_id IN (:a, '*')
+UNION ALL
+SELECT 2, NULL, scope_id, kind, enabled, NULL FROM onceonly_tools
+ WHERE tenant = :t AND name = :name AND scope_id IN ('global', :scope)
+UNION ALL
+SELECT 3, NULL, id, NULL, NULL, NULL FROM onceonly_reservations
+ WHERE tenant = :t AND agent_id = :a AND lease_until < (SELECT now FROM c)
+"""
+_HOT_HOLD = (
+    "INSERT INTO onceonly_reservations (id, tenant, agent_id, namespace, idem_key, amounts,"
+    " lease_until, created_at, audit) VALUES (:id, :t, :a, :ns, :key, :amounts, :until,"
+    " :now, :audit)"
+)
+_AUDIT_COLS = (
+    "tenant, agent_id, seq, tool, args_digest, args, decision, reason, risk_level,"
+    " spend_micros, run_id, token, idem_key, created_at, prev_hash, hash"
+)
+_HOT_AUDIT = (
+    f"INSERT INTO onceonly_audit ({_AUDIT_COLS}) VALUES (:tenant, :agent_id, :seq, :tool,"
+    " :args_digest, :args, :decision, :reason, :risk_level, :spend_micros, :run_id, :token,"
+    " :idem_key, :created_at, :prev_hash, :hash)"
+)
+_HOT_MOVE = (
+    "UPDATE onceonly_audit_heads SET seq = :seq, hash = :hash"
+    " WHERE tenant = :tenant AND agent_id = :agent_id"
+)
+_HOT = {
+    # SQLite (and the memory store): BEGIN IMMEDIATE already holds the write lock, so a
+    # plain read of a counter or of the chain head is as good as a locked one.
+    "sqlite": {
+        "snap": _HOT_SNAP.replace("{clock}", ":now"),
+        "hold": _HOT_HOLD,
+        "delete": "DELETE FROM onceonly_reservations WHERE id = :rid",
+        "head": "SELECT seq, hash FROM onceonly_audit_heads WHERE tenant = :t AND agent_id = :a",
+        "new_head": "INSERT INTO onceonly_audit_heads (tenant, agent_id, seq, hash, base_seq,"
+        " base_hash) VALUES (:tenant, :agent_id, :seq, :hash, 0, :g)",
+        "audit": _HOT_AUDIT,
+        "move": _HOT_MOVE,
+    },
+    # PostgreSQL: the hold's delete takes the chain head's row lock and reads it (and
+    # the clock) in one statement; the audit row and the head's move are a second one.
+    "postgresql": {
+        "snap": _HOT_SNAP.replace("{clock}", _CLOCK["postgresql"]),
+        "hold": _HOT_HOLD,
+        "settle": "WITH d AS (DELETE FROM onceonly_reservations WHERE id = :rid RETURNING id)"
+        " INSERT INTO onceonly_audit_heads (tenant, agent_id, seq, hash, base_seq, base_hash)"
+        " SELECT :t, :a, 0, :g, 0, :g FROM d ON CONFLICT (tenant, agent_id)"
+        " DO UPDATE SET seq = onceonly_audit_heads.seq"
+        f" RETURNING seq, hash, {_CLOCK['postgresql']}",
+        "append": f"WITH i AS ({_HOT_AUDIT}) {_HOT_MOVE}",
+    },
+    "mysql": {
+        "snap": _HOT_SNAP.replace("{clock}", _CLOCK["mysql"]),
+        "hold": _HOT_HOLD,
+    },
+}
+
+
+def _paramstyle(sql: str, kind: str) -> str:
+    """``:name`` placeholders as the driver wants them (sqlite3 takes them as they are;
+    psycopg and PyMySQL take ``%(name)s``). ``::`` casts are left alone."""
+    if kind in ("sqlite", "memory"):
+        return sql
+    return re.sub(r"(?<![:\w]):([a-z_]\w*)", r"%(\1)s", sql)
+
+
 class SQLLedger(Protocol):
     """A SQL ledger as GovStore sees it (``stores/sql.py``'s SQLStore): an interface, so
     the ledgers' modules import this one and never the other way round."""
@@ -213,6 +310,7 @@ class GovStore(GovernanceStore):
             _sqlite_transactions(self.engine)
             S.metadata.create_all(self.engine, tables=list(_GOV_TABLES))
             self._pid = os.getpid()
+            self._hot_sql()
             return
         if not _sql_ledger(ledger):
             raise ConfigError(
@@ -248,12 +346,14 @@ class GovStore(GovernanceStore):
                 connect_args=ledger.connect_args,
             )
             # Reads (the policy snapshot on every call, operator listings) need no
-            # transaction: their own small autocommit pool saves BEGIN and COMMIT.
+            # transaction: their own autocommit pool saves BEGIN and COMMIT. On
+            # PostgreSQL a governed call's begin and settle run here too, sending their
+            # BEGIN and COMMIT inside their statements' queries (see _exec).
             self._reader = sa.create_engine(
                 ledger.url,
                 isolation_level="AUTOCOMMIT",
-                pool_size=2,
-                max_overflow=8,
+                pool_size=5,  # PostgreSQL's governed calls run here too (_manual)
+                max_overflow=10,
                 connect_args=ledger.connect_args,
             )
             clock: Any = sa.literal_column(_NOW_SQL[self.kind].removeprefix("SELECT ")).label("now")
@@ -279,6 +379,7 @@ class GovStore(GovernanceStore):
                 )
             )
         self._pid = os.getpid()
+        self._hot_sql()
 
     # -- plumbing -----------------------------------------------------------------------
     def _now(self, conn: sa.Connection) -> float:
@@ -324,7 +425,15 @@ class GovStore(GovernanceStore):
                         return fn(conn, self._now(conn))
                 if read and self._reader is not None:
                     with self._reader.connect() as conn:
-                        return fn(conn, self._now(conn) if clock else float("nan"))
+                        if not self._manual:
+                            return fn(conn, self._now(conn) if clock else float("nan"))
+                        try:
+                            out = fn(conn, self._now(conn) if clock else float("nan"))
+                        except BaseException:
+                            self._end_manual(conn, commit=False)
+                            raise
+                        self._end_manual(conn, commit=True)
+                        return out
                 with self.engine.begin() as conn:
                     return fn(conn, self._now(conn) if clock else float("nan"))
             except sa.exc.DBAPIError as err:
@@ -345,6 +454,84 @@ class GovStore(GovernanceStore):
                 raise StoreError(f"governance store ({self.kind}): {err}") from err
             finally:
                 self._local.attempt = 0
+
+    def _hot_sql(self) -> None:
+        dialect = "sqlite" if self.kind == "memory" else self.kind
+        self._dialect = dialect
+        #: PostgreSQL: begin and settle run on the autocommit pool and send their own
+        #: BEGIN and COMMIT, each in the query of a statement (see _exec).
+        self._manual = dialect == "postgresql" and self._reader is not None
+        if self._manual:
+            import psycopg
+
+            self._client_cursor: Any = psycopg.ClientCursor
+        self._hot = {k: _paramstyle(v, self.kind) for k, v in _HOT[dialect].items()}
+        self._counter_sql: dict[int, tuple[str, str]] = {}
+        self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
+
+    def _exec(
+        self,
+        conn: sa.Connection,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        begin: bool = False,
+        commit: bool = False,
+    ) -> Any:
+        """One pre-rendered statement on the transaction's DBAPI cursor; a driver error
+        comes out as SQLAlchemy's (with a lost connection invalidated), so that
+        :meth:`_tx` retries it as it does any other.
+
+        PostgreSQL (``_manual``: the hot path runs on the autocommit pool and keeps its
+        transaction itself): ``begin`` sends the transaction's BEGIN and ``commit`` its
+        COMMIT in the same query as the statement (psycopg's client-side binding, the
+        simple query protocol: one round trip for all of them). Elsewhere they are
+        ignored: the transaction is SQLAlchemy's."""
+        raw = conn.connection
+        dbc: Any = raw.dbapi_connection
+        manual = self._manual and (begin or commit)
+        if manual:
+            if begin and dbc.info.transaction_status != _PG_IDLE:
+                begin = False  # already in this primitive's transaction
+            if begin:
+                sql = "BEGIN ISOLATION LEVEL READ COMMITTED; " + sql
+            if commit:
+                sql += "; COMMIT"
+            cur = self._client_cursor(dbc)
+        else:
+            cur = raw.cursor()
+        try:
+            cur.execute(sql, params)
+            if manual and begin:
+                cur.nextset()  # past BEGIN's empty result, to the statement's
+        except self._dbapi_error as err:
+            gone = self.engine.dialect.is_disconnect(err, raw.dbapi_connection, cur)  # type: ignore[arg-type]
+            if gone:
+                conn.invalidate()
+            raise sa.exc.DBAPIError.instance(
+                sql, params, err, self._dbapi_error, connection_invalidated=gone
+            ) from err
+        return cur
+
+    def _end_manual(self, conn: sa.Connection, *, commit: bool) -> None:
+        """A transaction the hot path keeps by hand (PostgreSQL, on the autocommit pool)
+        and left open (a refusal, a hold found gone, a rare branch on Core) is committed
+        when the primitive returned, rolled back when it raised, before the connection
+        goes back to the pool. A failed COMMIT raises as any failed statement does."""
+        try:
+            dbc: Any = conn.connection.dbapi_connection
+            if dbc is None or dbc.closed or dbc.info.transaction_status == _PG_IDLE:
+                return
+            if commit:
+                dbc.commit()
+            else:
+                dbc.rollback()
+        except self._dbapi_error as err:
+            conn.invalidate()  # its transaction's fate is the server's: not reused
+            if commit:
+                raise sa.exc.DBAPIError.instance(
+                    "COMMIT", None, err, self._dbapi_error, connection_invalidated=True
+                ) from err
 
     @property
     def _rerun(self) -> bool:
@@ -525,6 +712,190 @@ class GovStore(GovernanceStore):
 
         return self._tx(run)
 
+    def begin(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        namespace: str,
+        key: str,
+        decide: Decide,
+        lease: float,
+    ) -> tuple[dict[str, Any], Reservation | None]:
+        """Snapshot and reservation in one transaction (see the ABC): the snapshot is
+        read under the same lock the reservation takes (SQLite: BEGIN IMMEDIATE; the
+        server databases: the counters' row locks, after the read), so the verdict and
+        the caps it is checked against are one consistent step, and one commit."""
+        rid = uuid.uuid4().hex  # chosen once: a rerun after a lost reply finds its own hold
+        hot = self._hot
+
+        def run(conn: sa.Connection, now: float) -> tuple[dict[str, Any], Reservation | None]:
+            p: dict[str, Any] = {
+                "t": tenant,
+                "a": agent_id,
+                "name": tool,
+                "scope": f"agent:{agent_id}",
+            }
+            if self._clock is not None:
+                p["now"] = now
+            snap: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
+            tools: list[dict[str, Any]] = []
+            expired = False
+            # PostgreSQL: an autocommit read (READ COMMITTED reads each statement's own
+            # snapshot anyway); the transaction begins with the counters' locks.
+            got = self._exec(conn, hot["snap"], p).fetchall()
+            for kind, clock, ident, text, flag, reason in got:
+                if kind == 0:
+                    now = snap["now"] = float(clock)
+                elif kind == 1:
+                    snap["global" if ident == "*" else "agent"] = {
+                        "agent_id": ident,
+                        "policy": text,
+                        "disabled": bool(flag),
+                        "disabled_reason": reason,
+                    }
+                elif kind == 2:
+                    tools.append({"scope_id": ident, "kind": text, "enabled": bool(flag)})
+                else:
+                    expired = True
+            # An agent-scoped registration overrides the global one.
+            for t in sorted(tools, key=lambda r: r["scope_id"] != "global"):
+                snap["tool"] = t
+            plan = decide(snap)
+            if plan is None:
+                return snap, None  # nothing written: the commit ends a read
+            wants, audit = plan
+            keys = sorted({(w.metric, w.window) for w in wants})
+            if self._rerun:
+                r = S.reservations
+                if conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None:
+                    # The first attempt committed and only its reply was lost.
+                    used = self._lock_counters(conn, tenant, agent_id, keys)
+                    return snap, Reservation(True, rid, None, 0, now, used)
+            if expired:
+                # Holds whose lease expired belong to crashed or stalled workers whose
+                # tool may have run: settled as spent, each with its audit row, before
+                # the caps are read (rare: the Core path).
+                if self._manual:
+                    self._exec(conn, "SELECT 1", {}, begin=True)
+                self._sweep(conn, now, tenant, agent_id)
+            return snap, self._hold(
+                conn, now, tenant, agent_id, namespace, key, wants, keys, lease, audit, rid
+            )
+
+        return self._tx(run, read=self._manual, clock=self._clock is not None)
+
+    def _hold(
+        self,
+        conn: sa.Connection,
+        now: float,
+        tenant: str,
+        agent_id: str,
+        namespace: str,
+        key: str,
+        wants: Sequence[Want],
+        keys: list[tuple[str, int]],
+        lease: float,
+        audit: dict[str, Any] | None,
+        rid: str,
+    ) -> Reservation:
+        """reserve()'s steps 2-4 on the DBAPI cursor: lock and read the counters, check
+        every cap in order, add every amount and insert the hold, or write nothing."""
+        used = self._hot_counters(conn, tenant, agent_id, keys)
+        for w in wants:
+            k = (w.metric, w.window)
+            if w.cap is not None and used[k] + w.amount > w.cap:
+                return Reservation(False, None, w, used[k], now, used)
+        add: dict[tuple[str, int], int] = {}
+        p: dict[str, Any] = {"t": tenant, "a": agent_id}
+        sql = ""
+        for w in wants:
+            if w.amount:
+                add[(w.metric, w.window)] = add.get((w.metric, w.window), 0) + w.amount
+        if add:
+            # One UPDATE for every counter: the rows are locked (or, on SQLite, the
+            # whole database is), so adding is the same as writing the values read.
+            cases, where = [], []
+            for i, ((m, win), amount) in enumerate(sorted(add.items())):
+                p[f"m{i}"], p[f"w{i}"], p[f"d{i}"] = m, win, amount
+                cases.append(f"WHEN metric = :m{i} AND window_start = :w{i} THEN :d{i}")
+                where.append(f"(metric = :m{i} AND window_start = :w{i})")
+                used[(m, win)] += amount
+            sql = (
+                f"UPDATE onceonly_counters SET used = used + CASE {' '.join(cases)} ELSE 0 END"
+                f" WHERE tenant = :t AND agent_id = :a AND ({' OR '.join(where)})"
+            )
+        hold = {
+            "id": rid,
+            "t": tenant,
+            "a": agent_id,
+            "ns": namespace,
+            "key": key,
+            "amounts": json.dumps([[w.metric, w.window, w.amount] for w in wants]),
+            "until": now + lease,
+            "now": now,
+            "audit": None if audit is None else json.dumps(audit),
+        }
+        if self._manual:
+            # The counters' update, the hold and the COMMIT in one query: one round trip
+            # (the caps were checked above, on the rows this transaction has locked).
+            update = f"{_paramstyle(sql, self.kind)}; " if add else ""
+            self._exec(
+                conn, update + self._hot["hold"], {**hold, **p} if add else hold, commit=True
+            )
+        else:
+            if add:
+                self._exec(conn, _paramstyle(sql, self.kind), p)
+            self._exec(conn, self._hot["hold"], hold)
+        return Reservation(True, rid, None, 0, now, used)
+
+    def _hot_counters(
+        self, conn: sa.Connection, tenant: str, agent_id: str, keys: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        """Lock and read the counters (missing ones created at 0). PostgreSQL: one
+        upsert that locks every row, in sorted order, and returns it. SQLite: the write
+        lock is held already; a read, and an insert only for a new window."""
+        if not keys:
+            return {}
+        if self._dialect == "mysql":
+            return self._lock_counters(conn, tenant, agent_id, keys)
+        p: dict[str, Any] = {"t": tenant, "a": agent_id}
+        for i, (m, w) in enumerate(keys):
+            p[f"m{i}"], p[f"w{i}"] = m, w
+        n = len(keys)
+        sql = self._counter_sql.get(n)
+        if sql is None:
+            values = ", ".join(f"(:t, :a, :m{i}, :w{i}, 0)" for i in range(n))
+            pairs = " OR ".join(f"(metric = :m{i} AND window_start = :w{i})" for i in range(n))
+            upsert = (
+                "INSERT INTO onceonly_counters (tenant, agent_id, metric, window_start, used)"
+                f" VALUES {values} ON CONFLICT (tenant, agent_id, metric, window_start)"
+            )
+            if self._dialect == "postgresql":
+                lock = (
+                    f"{upsert} DO UPDATE SET used = onceonly_counters.used"
+                    " RETURNING metric, window_start, used"
+                )
+            else:
+                lock = f"{upsert} DO NOTHING"
+            read = (
+                "SELECT metric, window_start, used FROM onceonly_counters"
+                f" WHERE tenant = :t AND agent_id = :a AND ({pairs})"
+            )
+            sql = self._counter_sql[n] = (
+                _paramstyle(lock, self.kind),
+                _paramstyle(read, self.kind),
+            )
+        if self._dialect == "postgresql":
+            got = self._exec(conn, sql[0], p, begin=True).fetchall()
+        else:
+            got = self._exec(conn, sql[1], p).fetchall()
+            if len(got) < n:  # a new window: create its rows, then read them all
+                self._exec(conn, sql[0], p)
+                got = self._exec(conn, sql[1], p).fetchall()
+        found = {(m, int(w)): int(u) for m, w, u in got}
+        return {k: found[k] for k in keys}
+
     def _sweep(self, conn: sa.Connection, now: float, tenant: str, agent_id: str | None) -> int:
         """Settle expired holds as spent: delete each (under its row lock, so exactly one
         sweeper or settler wins it) and append its audit entry as ``unknown``. The
@@ -625,8 +996,13 @@ class GovStore(GovernanceStore):
         """The tool ran: its amounts stay counted (they were added at reserve time).
         ``audit``: that decision, appended in the same transaction."""
         r = S.reservations
+        hot = audit is not None and not audit.get("notify") and self._dialect != "mysql"
 
         def run(conn: sa.Connection, now: float) -> bool:
+            if hot and not self._rerun:
+                return self._settle_hot(conn, now, tenant, rid, audit)  # type: ignore[arg-type]
+            if self._manual:  # on the autocommit pool (see below): a transaction of our
+                self._exec(conn, "SELECT 1", {}, begin=True)  # own, committed by _tx
             # The DELETE is the decision: if the hold is gone, a sweep (or our own
             # earlier attempt, whose reply was lost) already counted it and wrote its
             # audit row, and one row per execution is the rule.
@@ -639,7 +1015,48 @@ class GovStore(GovernanceStore):
                 self._append(conn, now, tenant, audit)
             return True
 
-        return self._tx(run, clock=self._clock is not None)  # the clock rides on the head read
+        # The clock rides on the head read. PostgreSQL: on the autocommit pool, with
+        # BEGIN and COMMIT sent in the queries of the first and the last statement.
+        return self._tx(run, read=self._manual, clock=self._clock is not None)
+
+    def _settle_hot(
+        self, conn: sa.Connection, now: float, tenant: str, rid: str, entry: dict[str, Any]
+    ) -> bool:
+        """settle() + _append() on the DBAPI cursor, in the same order and under the same
+        locks: the hold's delete decides (gone: a sweep or an earlier attempt of ours
+        counted and audited it), then the chain head is locked and read, the row hashed
+        over it is inserted and the head moved, all in the caller's transaction."""
+        hot = self._hot
+        agent_id = entry["agent_id"]
+        if self._dialect == "postgresql":
+            # One statement: delete the hold, then lock (creating it if need be) and read
+            # the head and the clock; no row back: the hold was gone.
+            got = self._exec(
+                conn,
+                hot["settle"],
+                {"rid": rid, "t": tenant, "a": agent_id, "g": GENESIS},
+                begin=True,
+            ).fetchone()
+            if got is None:
+                return False  # nothing written; the transaction is rolled back
+            prev_seq, prev, now = int(got[0]), str(got[1]), float(got[2])
+        else:
+            if self._exec(conn, hot["delete"], {"rid": rid}).rowcount == 0:
+                return False
+            head = self._exec(conn, hot["head"], {"t": tenant, "a": agent_id}).fetchone()
+            prev_seq, prev = (0, GENESIS) if head is None else (int(head[0]), str(head[1]))
+        row = {**entry, "tenant": tenant, "seq": prev_seq + 1, "created_at": now}
+        fields = audit_fields(_Row(row))
+        digest = chain_hash(prev, fields)
+        values = {**fields, "prev_hash": prev, "hash": digest, "g": GENESIS}
+        if self._dialect == "postgresql":
+            # The row and the head's move, with the COMMIT: one round trip.
+            self._exec(conn, hot["append"], values, commit=True)
+        else:
+            self._exec(conn, hot["audit"], values)
+            # SQLite's write lock is held: no one else can have created the head since.
+            self._exec(conn, hot["move"] if head is not None else hot["new_head"], values)
+        return True
 
     def release(
         self, tenant: str, agent_id: str, rid: str, audit: dict[str, Any] | None = None
@@ -1181,6 +1598,10 @@ class GovStore(GovernanceStore):
         self.engine.dispose()
         if self._reader is not None:
             self._reader.dispose()
+
+
+#: libpq's PQTRANS_IDLE: no transaction open on the connection.
+_PG_IDLE = 0
 
 
 class _Row:

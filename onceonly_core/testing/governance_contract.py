@@ -343,6 +343,49 @@ class GovernanceContract:
         assert gov.delete_tool(tenant, "lookup", "agent:a") is False
         assert [t["scope_id"] for t in gov.get_tools(tenant)] == ["global"]
 
+    def test_begin_reads_the_snapshot_then_reserves_what_decide_asks(
+        self, gov: GovernanceStore, tenant: str
+    ) -> None:
+        """begin = snapshot + decide + reserve (one transaction where the store can):
+        the snapshot decide sees is the one returned; None reserves nothing; the
+        reservation checks its caps as reserve does; an expired hold is swept first."""
+        day = _day(gov)
+        gov.put_agent(tenant, "a", policy='{"agent_id": "a"}')
+        seen: list[dict[str, Any]] = []
+
+        def nothing(snap: dict[str, Any]) -> None:
+            seen.append(snap)
+            return None
+
+        snap, res = gov.begin(tenant, "a", "pay", "ns", "k0", nothing, 60)
+        assert res is None and seen and seen[-1]["agent"] == snap["agent"]
+        assert snap["agent"]["policy"] == '{"agent_id": "a"}' and snap["tool"] is None
+        assert snap["now"] == pytest.approx(gov.now(), abs=5)
+        assert gov.holds(tenant, "a") == 0
+        wants = [Want("actions", day, 1, 2, "actions"), Want("spend", day, 7, None, "spend")]
+        entry = _entry("k1", decision="pending")
+
+        def some(snap: dict[str, Any]) -> tuple[list[Want], dict[str, Any]]:
+            assert snap["agent"] is not None
+            return wants, entry
+
+        _, one = gov.begin(tenant, "a", "pay", "ns", "k1", some, 0.2)
+        assert one is not None and one.ok and one.id
+        assert one.after[("actions", day)] == 1 and one.after[("spend", day)] == 7
+        _, two = gov.begin(tenant, "a", "pay", "ns", "k2", some, 60)
+        assert two is not None and two.ok
+        _, three = gov.begin(tenant, "a", "pay", "ns", "k3", some, 60)
+        assert three is not None and not three.ok and three.failed == wants[0]
+        assert gov.counter(tenant, "a", "spend", day) == 14  # nothing of the refusal
+        time.sleep(0.5)  # k1's lease runs out: the next begin sweeps it as spent
+        _, four = gov.begin(tenant, "a", "pay", "ns", "k4", some, 60)
+        assert four is not None and not four.ok  # the swept hold stays counted
+        assert gov.holds(tenant, "a") == 1
+        rows = gov.audit_rows(tenant, agent_id="a")
+        assert [(r["idem_key"], r["decision"]) for r in rows] == [("k1", "unknown")]
+        assert two.id is not None and gov.settle(tenant, "a", two.id, [], _entry("k2")) is True
+        assert gov.verify_audit(tenant) == []
+
     def test_timelines_and_webhooks_read_back(self, gov: GovernanceStore, tenant: str) -> None:
         ids = [
             gov.post_event(
