@@ -220,7 +220,9 @@ _HOT = {
     "sqlite": {
         "snap": _HOT_SNAP.replace("{clock}", ":now"),
         "hold": _HOT_HOLD,
-        "delete": "DELETE FROM onceonly_reservations WHERE id = :rid",
+        # Scoped to the tenant and agent: another tenant's hold id settles nothing.
+        "delete": "DELETE FROM onceonly_reservations"
+        " WHERE id = :rid AND tenant = :t AND agent_id = :holder",
         "head": "SELECT seq, hash FROM onceonly_audit_heads WHERE tenant = :t AND agent_id = :a",
         "new_head": "INSERT INTO onceonly_audit_heads (tenant, agent_id, seq, hash, base_seq,"
         " base_hash) VALUES (:tenant, :agent_id, :seq, :hash, 0, :g)",
@@ -232,7 +234,8 @@ _HOT = {
     "postgresql": {
         "snap": _HOT_SNAP.replace("{clock}", _CLOCK["postgresql"]),
         "hold": _HOT_HOLD,
-        "settle": "WITH d AS (DELETE FROM onceonly_reservations WHERE id = :rid RETURNING id)"
+        "settle": "WITH d AS (DELETE FROM onceonly_reservations"
+        " WHERE id = :rid AND tenant = :t AND agent_id = :holder RETURNING id)"
         " INSERT INTO onceonly_audit_heads (tenant, agent_id, seq, hash, base_seq, base_hash)"
         " SELECT :t, :a, 0, :g, 0, :g FROM d ON CONFLICT (tenant, agent_id)"
         " DO UPDATE SET seq = onceonly_audit_heads.seq"
@@ -1000,7 +1003,7 @@ class GovStore(GovernanceStore):
 
         def run(conn: sa.Connection, now: float) -> bool:
             if hot and not self._rerun:
-                return self._settle_hot(conn, now, tenant, rid, audit)  # type: ignore[arg-type]
+                return self._settle_hot(conn, now, tenant, agent_id, rid, audit)  # type: ignore[arg-type]
             if self._manual:  # on the autocommit pool (see below): a transaction of our
                 self._exec(conn, "SELECT 1", {}, begin=True)  # own, committed by _tx
             # The DELETE is the decision: if the hold is gone, a sweep (or our own
@@ -1020,7 +1023,13 @@ class GovStore(GovernanceStore):
         return self._tx(run, read=self._manual, clock=self._clock is not None)
 
     def _settle_hot(
-        self, conn: sa.Connection, now: float, tenant: str, rid: str, entry: dict[str, Any]
+        self,
+        conn: sa.Connection,
+        now: float,
+        tenant: str,
+        holder: str,
+        rid: str,
+        entry: dict[str, Any],
     ) -> bool:
         """settle() + _append() on the DBAPI cursor, in the same order and under the same
         locks: the hold's delete decides (gone: a sweep or an earlier attempt of ours
@@ -1034,14 +1043,15 @@ class GovStore(GovernanceStore):
             got = self._exec(
                 conn,
                 hot["settle"],
-                {"rid": rid, "t": tenant, "a": agent_id, "g": GENESIS},
+                {"rid": rid, "t": tenant, "a": agent_id, "holder": holder, "g": GENESIS},
                 begin=True,
             ).fetchone()
             if got is None:
                 return False  # nothing written; the transaction is rolled back
             prev_seq, prev, now = int(got[0]), str(got[1]), float(got[2])
         else:
-            if self._exec(conn, hot["delete"], {"rid": rid}).rowcount == 0:
+            held = {"rid": rid, "t": tenant, "holder": holder}
+            if self._exec(conn, hot["delete"], held).rowcount == 0:
                 return False
             head = self._exec(conn, hot["head"], {"t": tenant, "a": agent_id}).fetchone()
             prev_seq, prev = (0, GENESIS) if head is None else (int(head[0]), str(head[1]))
