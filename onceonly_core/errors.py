@@ -18,6 +18,7 @@ it too, so ``except TypeError`` or ``except ImportError`` keeps working::
     │   └── ApprovalPending                 the call waits for a human approval
     ├── SignatureError (ValueError)         a signed request/webhook failed verification
     ├── RemoteToolError                     a remote HTTP tool failed or answered badly
+    ├── WouldBlock                          a store primitive would wait (a signal, caught inside)
     └── StoreError                          the ledger could not be read or written
         ├── SchemaError                     the ledger schema is missing or too old
         └── CompletionNotRecorded           the tool ran, recording its outcome may have failed
@@ -48,6 +49,7 @@ __all__ = [
     "SignatureError",
     "StoreError",
     "UnknownOutcome",
+    "WouldBlock",
 ]
 
 
@@ -236,3 +238,11 @@ class CompletionNotRecorded(StoreError):
     def __init__(self, message: str, result: Any = None) -> None:
         self.result = result
         super().__init__(message)
+
+
+class WouldBlock(OnceOnlyError):
+    """:meth:`Store.run_nowait <onceonly_core.stores.base.Store.run_nowait>` found that a
+    primitive would have to wait (another connection holds a lock): nothing was done, and
+    the caller runs it where it may wait. A signal between a store and the protocol's
+    async shell, which catches it; it never reaches a caller. Not a StoreError on purpose:
+    code that tolerates a failed write (``suppress(StoreError)``) must not swallow it."""

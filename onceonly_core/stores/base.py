@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from ..errors import WouldBlock  # re-exported: a store's run_nowait raises it
+
 if TYPE_CHECKING:
     from .governance import GovernanceStore
 
@@ -124,11 +126,6 @@ class NewClaim:
     args_digest: str | None = None
     run_id: str | None = None
     caller: str | None = None
-
-
-class WouldBlock(Exception):
-    """:meth:`Store.run_nowait` found that a primitive would have to wait (another
-    connection holds a lock): nothing was done, the caller runs it where it may wait."""
 
 
 class Store(abc.ABC):

@@ -444,6 +444,7 @@ _EVERY_ERROR: list[tuple[BaseException, str, bool | None]] = [
     (errors.StoreError("down"), "guard_error", False),
     (errors.SchemaError("too old"), "guard_error", False),
     (errors.CompletionNotRecorded("x", result=1), "executed", True),
+    (errors.WouldBlock(), "guard_error", False),
 ]
 
 
