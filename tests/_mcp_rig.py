@@ -38,10 +38,17 @@ def child_env() -> dict[str, str]:
 class Rig:
     """One ledger, one effects file, and the commands that start a proxy over them."""
 
-    def __init__(self, tmp: Path, url: str | None = None, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        url: str | None = None,
+        namespace: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.tmp = tmp
         self.url = url or f"sqlite:///{tmp / 'ledger.db'}"
         self.namespace = namespace  # isolates tests that share a server database
+        self.api_key = api_key  # remote mode: the url is a onceonly serve control plane
         self.effects = tmp / "effects.jsonl"
         self._guard: Guard | None = None
 
@@ -62,8 +69,14 @@ class Rig:
 
     def params(self, *options: str) -> StdioServerParameters:
         return StdioServerParameters(
-            command=sys.executable, args=self.proxy_argv(*options), env=child_env()
+            command=sys.executable, args=self.proxy_argv(*options), env=self.env()
         )
+
+    def env(self) -> dict[str, str]:
+        env = child_env()
+        if self.api_key is not None:
+            env["ONCEONLY_API_KEY"] = self.api_key  # as an agent host is configured
+        return env
 
     @contextlib.asynccontextmanager
     async def session(self, *options: str) -> AsyncIterator[ClientSession]:
@@ -98,7 +111,11 @@ class Rig:
     @property
     def guard(self) -> Guard:
         """The operator's view of the same ledger (policies, approvals, audit)."""
-        if self._guard is None:
+        if self._guard is None and self.api_key is not None:
+            self._guard = Guard(
+                self.url, namespace=self.namespace, api_key=self.api_key, quiet=True
+            )
+        elif self._guard is None:
             # Server databases are migrated by their operator; here, by the first test.
             opts = {"auto_migrate": True}
             self._guard = Guard(self.url, namespace=self.namespace, quiet=True, store_options=opts)
@@ -114,5 +131,5 @@ def http_proxy(rig: Rig, *options: str) -> Iterator[str]:
     """A proxy process serving streamable HTTP; yields its endpoint URL."""
     port = free_port()
     argv = [sys.executable, *rig.proxy_argv("--http", f"127.0.0.1:{port}", *options)]
-    with listening(argv, port, child_env(), rig.tmp / f"proxy-http-{port}.log"):
+    with listening(argv, port, rig.env(), rig.tmp / f"proxy-http-{port}.log"):
         yield f"http://127.0.0.1:{port}/mcp"

@@ -130,6 +130,10 @@ class UpstreamToolError(Exception):
         super().__init__("; ".join(t for t in texts if t) or f"{tool} reported an error")
 
 
+#: The proxy's own settings (its ledger URL, API key, token): never passed to the upstream.
+OWN_ENV_PREFIX = "ONCEONLY_"
+
+
 class Upstream:
     """The upstream MCP server: a stdio subprocess behind an SDK ``Client``.
 
@@ -140,11 +144,15 @@ class Upstream:
     def __init__(self, command: Sequence[str], tg: TaskGroup, *, cwd: str | None = None) -> None:
         if not command:
             raise ValueError("the upstream command is empty")
-        # The upstream sees the proxy's whole environment: an MCP host (Claude Desktop,
-        # Cursor) sets the upstream's API keys in the env of the command it starts, which
-        # is this proxy. The SDK's default would pass only HOME, PATH, SHELL, ...
+        # The upstream sees the proxy's environment: an MCP host (Claude Desktop, Cursor)
+        # sets the upstream's API keys in the env of the command it starts, which is this
+        # proxy. The SDK's default would pass only HOME, PATH, SHELL, ... But not the
+        # proxy's own settings: ONCEONLY_API_KEY is a tenant's admin key and
+        # ONCEONLY_DB_URL may hold a database password, and the upstream is someone
+        # else's code.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_ENV_PREFIX)}
         self.params = StdioServerParameters(
-            command=command[0], args=list(command[1:]), env=dict(os.environ), cwd=cwd
+            command=command[0], args=list(command[1:]), env=env, cwd=cwd
         )
         self._tg = tg
         self._client: Client | None = None

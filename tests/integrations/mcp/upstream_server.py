@@ -33,6 +33,8 @@ def _write(ctx: Context, tool: str, phase: str, **args: Any) -> None:
         "pid": os.getpid(),
         "ppid": os.getppid(),  # the proxy: a test kills it mid-call
         "key": meta.get("onceonly/idempotency-key"),
+        # The proxy keeps its own settings (API key, ledger URL) from the upstream.
+        "onceonly_env": sorted(k for k in os.environ if k.startswith("ONCEONLY_")),
     }
     # One write of one line in append mode: lines from concurrent calls never interleave.
     with EFFECTS.open("a") as f:
