@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import OnceOnlyError
-from ..stores import REDIS_SCHEMES, MemoryStore, Store, check_url, open_store
+from ..stores import REDIS_SCHEMES, REMOTE_SCHEMES, MemoryStore, Store, check_url, open_store
 
 DEFAULT_URL = "sqlite:///onceonly.db"
 URL_ENV = "ONCEONLY_DB_URL"
@@ -62,7 +62,10 @@ UrlOpt = Annotated[
     typer.Option(
         "--url",
         envvar=URL_ENV,
-        help="Ledger URL: sqlite:///file.db, postgresql+psycopg://..., mysql+pymysql://...",
+        help=(
+            "Ledger URL: sqlite:///file.db, postgresql+psycopg://..., mysql+pymysql://..., "
+            "redis://..., or a onceonly serve https://... (with ONCEONLY_API_KEY)"
+        ),
         callback=_url_callback,
     ),
 ]
@@ -92,6 +95,8 @@ def _open(url: str, *, create: bool = False) -> Iterator[Store]:
         store = MemoryStore()
     elif url.startswith(REDIS_SCHEMES):
         store = open_store(url)  # nothing to create: Redis has no schema
+    elif url.startswith(REMOTE_SCHEMES):
+        store = open_store(url)  # remote mode: the key from ONCEONLY_API_KEY, the server's schema
     else:
         from ..stores.sql import SQLStore
 

@@ -21,6 +21,7 @@ from ..stores import (
     CLEARED,
     FAILED,
     REDIS_SCHEMES,
+    REMOTE_SCHEMES,
     RUNNING,
     STATES,
     SUCCEEDED,
@@ -588,6 +589,11 @@ def migrate(url: UrlOpt = DEFAULT_URL, as_json: JsonOpt = False) -> None:
         raise ConfigError("memory:// has no schema to migrate: it lives inside one process")
     if url.startswith(REDIS_SCHEMES):
         raise ConfigError("a Redis ledger has no schema to migrate")
+    if url.startswith(REMOTE_SCHEMES):
+        raise ConfigError(
+            "remote mode: the control plane's database is migrated on the server "
+            "(onceonly migrate --url <its database URL>, or onceonly serve --migrate)"
+        )
     store = SQLStore(url, auto_migrate=False)
     try:
         before = store._schema_version()

@@ -27,7 +27,7 @@ import typer
 from rich.text import Text
 
 from ..errors import ConfigError, MissingExtraError, OnceOnlyError, StoreError
-from ..stores import check_url
+from ..stores import REDIS_SCHEMES, REMOTE_SCHEMES, check_url, open_store
 from ._common import (
     DEFAULT_URL,
     NAMESPACE_ENV,
@@ -103,7 +103,7 @@ def check_settings(url: str, source: str) -> tuple[list[Check], bool]:
     good = True
     try:
         check_url(url)
-        if not url.startswith("memory:"):
+        if not url.startswith(("memory:", *REDIS_SCHEMES, *REMOTE_SCHEMES)):
             backend = sa.make_url(url).get_backend_name()
             if backend not in ("sqlite", *URL_EXTRAS):
                 raise ConfigError(f"unsupported database {backend!r}")
@@ -145,7 +145,11 @@ def check_extras(url: str) -> list[Check]:
             )
         ]
     needed = None
-    if not url.startswith("memory:"):
+    if url.startswith(REDIS_SCHEMES):
+        needed = "redis"
+    elif url.startswith(REMOTE_SCHEMES):
+        needed = "http"  # remote mode: httpx
+    elif not url.startswith("memory:"):
         try:
             needed = URL_EXTRAS.get(sa.make_url(url).get_backend_name())
         except sa.exc.ArgumentError:
@@ -187,6 +191,8 @@ def check_database(url: str) -> list[Check]:
                 "use sqlite:///file.db or a server URL for a ledger that lasts",
             )
         ]
+    if url.startswith((*REDIS_SCHEMES, *REMOTE_SCHEMES)):
+        return check_service_store(url)
     try:
         store = SQLStore(url, auto_migrate=False)
     except MissingExtraError as err:
@@ -244,17 +250,76 @@ def check_database(url: str) -> list[Check]:
                     f'upgrade onceonly-core: pip install -U "{DISTRIBUTION}"',
                 )
             )
-        skew = db_now - (local_before + local_after) / 2
         if store.kind == "sqlite":
             checks.append(Check("clock", OK, "SQLite uses this machine's clock"))
         else:
-            size = abs(skew)
-            status = FAIL if size >= SKEW_FAIL else WARN if size >= SKEW_WARN else OK
-            fix = "" if status == OK else "sync this machine's and the database's clocks (NTP)"
-            side = "ahead of" if skew > 0 else "behind"
-            checks.append(
-                Check("clock", status, f"the database clock is {size:.3f} s {side} this one", fix)
-            )
+            checks.append(_clock(db_now, local_before, local_after, "database"))
+        return checks
+    finally:
+        store.close()
+
+
+def _clock(their_now: float, local_before: float, local_after: float, whose: str) -> Check:
+    skew = their_now - (local_before + local_after) / 2
+    size = abs(skew)
+    status = FAIL if size >= SKEW_FAIL else WARN if size >= SKEW_WARN else OK
+    fix = "" if status == OK else f"sync this machine's and the {whose}'s clocks (NTP)"
+    side = "ahead of" if skew > 0 else "behind"
+    return Check("clock", status, f"the {whose} clock is {size:.3f} s {side} this one", fix)
+
+
+def check_service_store(url: str) -> list[Check]:
+    """A Redis ledger (reachable; settings that could lose a claim) or a ``onceonly
+    serve`` control plane in remote mode (reachable; the API key accepted). Neither has
+    a schema for this machine to migrate."""
+    remote = url.startswith(REMOTE_SCHEMES)
+    whose = "server" if remote else "Redis server"
+    try:
+        store = open_store(url)
+    except MissingExtraError as err:
+        return [Check("database", FAIL, str(err), _pip(err.extra))]
+    except OnceOnlyError as err:  # remote mode without an API key, a bad URL
+        return [Check("database", FAIL, str(err), f"fix --url or {URL_ENV}")]
+    try:
+        try:
+            local_before = time.time()
+            their_now = store.now()
+            local_after = time.time()
+        except OnceOnlyError as err:  # unreachable, or the key refused (ConfigError)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            hint = "check the URL and that the server is running and reachable"
+            if remote and isinstance(err, ConfigError):
+                hint = "check ONCEONLY_API_KEY (onceonly keys create on the server)"
+            return [Check("database", FAIL, first, hint)]
+        if remote:
+            checks = [
+                Check("database", OK, f"onceonly serve answers at {_shown(url)}; key accepted"),
+                Check("migrations", OK, "the server's database is migrated on the server"),
+            ]
+        else:
+            checks = [Check("database", OK, f"redis answers: {_shown(url)}")]
+            problems = store.durability_problems()  # type: ignore[attr-defined]
+            if problems is None:
+                checks.append(
+                    Check(
+                        "durability",
+                        WARN,
+                        "cannot read the server's persistence settings (CONFIG disabled)",
+                        "make sure it runs with appendonly yes and appendfsync always",
+                    )
+                )
+            elif problems:
+                checks.append(
+                    Check(
+                        "durability",
+                        WARN,
+                        "a Redis crash could lose a claim: " + "; ".join(problems),
+                        "redis-server --appendonly yes --appendfsync always",
+                    )
+                )
+            else:
+                checks.append(Check("durability", OK, "appendonly yes, appendfsync always"))
+        checks.append(_clock(their_now, local_before, local_after, whose))
         return checks
     finally:
         store.close()

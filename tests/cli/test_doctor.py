@@ -176,3 +176,31 @@ def test_a_database_clock_far_from_ours_is_red(
         monkeypatch.setattr(SQLStore, "now", lambda self: real(self) - 5.0)
         result, report = doctor("--url", url)
         assert result.exit_code == 0 and check(report, "clock")["status"] == "warn"
+
+
+# -- Redis and remote mode ------------------------------------------------------------------
+def test_a_redis_ledger_is_checked_and_its_durability_told(redis_url: str) -> None:
+    pytest.importorskip("redis")
+    from onceonly_core.stores.redis import RedisStore
+
+    result, report = doctor("--url", redis_url)
+    assert red(report) == [] and result.exit_code == 0, report
+    assert check(report, "database")["detail"].startswith("redis answers")
+    store = RedisStore(redis_url, durability_check=False)
+    try:
+        problems = store.durability_problems()
+    finally:
+        store.close()
+    durability = check(report, "durability")
+    if problems:  # this server could lose a claim: the note names the setting
+        assert durability["status"] == "warn" and problems[0] in durability["detail"]
+        assert "appendfsync always" in durability["fix"]
+    else:
+        assert durability["status"] == ("warn" if problems is None else "ok")
+
+
+def test_remote_mode_without_a_key_is_red_with_what_to_do() -> None:
+    pytest.importorskip("httpx")
+    result, report = doctor("--url", "https://onceonly.example", env={"ONCEONLY_API_KEY": ""})
+    assert result.exit_code == 1 and red(report) == ["database"]
+    assert "ONCEONLY_API_KEY" in check(report, "database")["detail"]

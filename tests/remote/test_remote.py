@@ -450,3 +450,50 @@ def test_the_codec_carries_the_contracts_dataclasses() -> None:
     with contextlib.suppress(ConfigError):
         decode({"$dc": "Record", "fields": {"nope": 1}})
         raise AssertionError("a record with unknown fields was accepted")
+
+
+# -- the operator's CLI -----------------------------------------------------------------------
+def _cli(remote: Any, *argv: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = dict(os.environ)
+    env.pop("ONCEONLY_DB_URL", None)
+    env["ONCEONLY_API_KEY"] = remote.key if key is None else key
+    return subprocess.run(
+        [sys.executable, "-m", "onceonly_core.cli", *argv, "--url", remote.root],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_cli_reads_and_governs_a_remote_ledger(remote: Any) -> None:
+    g = remote_guard(remote, agent_id="ops-bot")
+    g.run_call("charge", {"order": 1}, lambda: "ok", scope="cli", run_id="run-cli")
+    g.close()
+    shown = _cli(remote, "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [r["tool"] for r in json.loads(shown.stdout)] == ["charge"]
+    logs = _cli(remote, "agent", "logs", "ops-bot", "--json")
+    assert logs.returncode == 0, logs.stderr
+    assert [e["decision"] for e in json.loads(logs.stdout)] == ["executed"]
+    verified = _cli(remote, "audit", "verify", "--json")
+    assert verified.returncode == 0, verified.stderr
+    # The kill switch from the shell stops the next remote call.
+    assert _cli(remote, "agent", "disable", "ops-bot").returncode == 0
+    g = remote_guard(remote, agent_id="ops-bot")
+    assert g.run_call("charge", {"order": 2}, lambda: "ok", scope="cli").decision == "blocked"
+    g.close()
+    # doctor checks the server and the key; migrate says where migrations run.
+    doctor = _cli(remote, "doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert checks["database"]["status"] == "ok"
+    bad = _cli(remote, "doctor", "--json", key="oo_sk_not-a-key")
+    assert bad.returncode == 1
+    checks = {c["name"]: c for c in json.loads(bad.stdout)["checks"]}
+    assert "ONCEONLY_API_KEY" in checks["database"]["fix"]
+    migrate = _cli(remote, "migrate")
+    assert migrate.returncode == 1 and "migrated on the server" in migrate.stderr
+    assert "Traceback" not in migrate.stderr + bad.stderr
