@@ -204,15 +204,19 @@ def plan(
     if prefs is not None and not _mails_wanted(prefs, str(ev.get("type"))):
         dests = [d for d in dests if not d.startswith("email:")]
     body = json.dumps(ev, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # Ids in creation order (the clock, the row's place, then randomness): rows due at one
+    # time are claimed oldest first on every store, Redis's sorted sets included, which
+    # order equal due times by id.
+    stamp, salt = f"{time.time_ns():016x}", uuid.uuid4().hex[:6]
     return [
         {
-            "id": "ntf_" + uuid.uuid4().hex[:24],
+            "id": f"ntf_{stamp}{i:02x}{salt}",
             "event_id": ev["id"],
             "event_type": str(ev.get("type", "unknown"))[:64],
             "payload": body,
             "destination": d[:64],
         }
-        for d in dests
+        for i, d in enumerate(dests)
     ]
 
 
