@@ -5,19 +5,10 @@ and the stores sit below governance, so they never import this package)."""
 from ..stores.governance import (
     GENESIS,
     GovernanceStore,
-    OutboxStore,
     Reservation,
     Want,
     audit_fields,
     chain_hash,
 )
 
-__all__ = [
-    "GENESIS",
-    "GovernanceStore",
-    "OutboxStore",
-    "Reservation",
-    "Want",
-    "audit_fields",
-    "chain_hash",
-]
+__all__ = ["GENESIS", "GovernanceStore", "Reservation", "Want", "audit_fields", "chain_hash"]

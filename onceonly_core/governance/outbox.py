@@ -317,7 +317,7 @@ class Deliverer:
     def _mark(self, c: _Claim, *, error: _Fail | None) -> None:
         s = self.settings
         if error is None:
-            done = self.store.outbox_mark(c.tenant, c.id, c.token, state="delivered")
+            done = self.store.outbox_mark(c.tenant, c.id, c.token, "delivered", 0.0, None)
         else:
             dead = error.final or c.attempts >= s.max_attempts
             # Exponential backoff with "equal jitter": at least half the step, so the
@@ -326,13 +326,9 @@ class Deliverer:
             # second) timestamp, so a receiver's replay cache accepts the resend.
             step = min(s.backoff_max, s.backoff_base * 2 ** (c.attempts - 1))
             delay = max(1.0, step / 2 + random.uniform(0, step / 2))
+            state = "dead" if dead else "pending"
             done = self.store.outbox_mark(
-                c.tenant,
-                c.id,
-                c.token,
-                state="dead" if dead else "pending",
-                delay=delay,
-                error=safe_str(error)[:500],
+                c.tenant, c.id, c.token, state, delay, safe_str(error)[:500]
             )
         # Only while we held the lease: if it ran out and another deliverer took the
         # row, its outcome is the one that counts.

@@ -388,14 +388,7 @@ class OutboxStore(Protocol):
         event_type, payload, destination, attempts (counted), lease_token."""
 
     def outbox_mark(
-        self,
-        tenant: str,
-        row_id: str,
-        token: str,
-        *,
-        state: str,
-        delay: float = 0.0,
-        error: str | None = None,
+        self, tenant: str, row_id: str, token: str, state: str, delay: float, error: str | None
     ) -> bool:
         """Only while ``token`` still holds the row: ``delivered`` (delivered_at now), or
         ``pending`` / ``dead`` with ``last_error`` and ``next_attempt_at = now + delay``;

@@ -1640,14 +1640,7 @@ class GovStore(GovernanceStore):
         return self._tx(run, again=False)
 
     def outbox_mark(
-        self,
-        tenant: str,
-        row_id: str,
-        token: str,
-        *,
-        state: str,
-        delay: float = 0.0,
-        error: str | None = None,
+        self, tenant: str, row_id: str, token: str, state: str, delay: float, error: str | None
     ) -> bool:
         o = S.outbox
 

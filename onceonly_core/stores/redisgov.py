@@ -96,15 +96,8 @@ from typing import Any, Protocol
 import redis
 
 from ..errors import StoreError
-from .governance import (
-    GENESIS,
-    GovernanceStore,
-    Reservation,
-    Want,
-    audit_fields,
-    chain_hash,
-    plan_notification,
-)
+from . import governance as _gov
+from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
 
 
 class RedisLedger(Protocol):
@@ -1155,7 +1148,7 @@ class RedisGovernanceStore(GovernanceStore):
     def _outbox_args(self, tenant: str, event: dict[str, Any]) -> list[Any]:
         """The ARGV tail of _OUTBOX_ROWS for ``event``'s rows (planned in Python: which
         webhooks want it, which channels are configured)."""
-        rows = plan_notification(tenant, event, self.list_webhooks(tenant))
+        rows = _gov.plan_notification(tenant, event, self.list_webhooks(tenant))
         args: list[Any] = [self._k(tenant, "ob", ""), tenant, len(rows)]
         for r in rows:
             args += [r["id"], r["event_id"], r["event_type"], r["payload"], r["destination"]]
@@ -1193,14 +1186,7 @@ class RedisGovernanceStore(GovernanceStore):
         return got
 
     def outbox_mark(
-        self,
-        tenant: str,
-        row_id: str,
-        token: str,
-        *,
-        state: str,
-        delay: float = 0.0,
-        error: str | None = None,
+        self, tenant: str, row_id: str, token: str, state: str, delay: float, error: str | None
     ) -> bool:
         keys = [self._k(tenant, "ob", row_id), self._k(tenant, "obq")]
         args = [row_id, token, state, round(delay * _US), "" if error is None else "=" + error]

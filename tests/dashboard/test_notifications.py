@@ -30,9 +30,7 @@ def dead_row(guard: Guard, monkeypatch: Any) -> str:
     # As the deliverer leaves a row after its last attempt (a hostile receiver's words
     # could only reach last_error through our own formatting; markup here proves escaping).
     (claim,) = store.outbox_claim(guard.namespace, 10, 60.0)
-    assert store.outbox_mark(
-        guard.namespace, claim["id"], claim["lease_token"], state="dead", error=EVIL
-    )
+    assert store.outbox_mark(guard.namespace, claim["id"], claim["lease_token"], "dead", 1.0, EVIL)
     return str(claim["id"])
 
 
