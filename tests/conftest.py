@@ -7,12 +7,13 @@ Layout:
   backend, the ``core`` session (no extras, so no server drivers) with ``-m "not services"``.
 * ``tests/services/``: tests that only make sense against PostgreSQL, MariaDB or Redis.
 * ``store_url``: every store (``any_url`` plus Redis), for the store contract kit.
+* ``gov_url``: ``db_url`` plus Redis, for the notification outbox.
 
 Tests that use ``pg_url``/``mysql_url``/``redis_url`` (directly, or through the
-``postgresql``/``mysql``/``redis`` parameters of ``db_url``/``any_url``/``store_url``) are
-marked ``pg``/``mysql``/``redis`` and ``services``
-automatically, and so is everything under ``tests/services/``; ``pytest -m "not services"``
-runs everything that needs no server. An unreachable server skips those tests, or fails them
+``postgresql``/``mysql``/``redis`` parameters of ``db_url``/``any_url``/``store_url``/
+``gov_url``) are marked ``pg``/``mysql``/``redis`` and ``services`` automatically, and so
+is everything under ``tests/services/``; ``pytest -m "not services"`` runs everything
+that needs no server. An unreachable server skips those tests, or fails them
 when ``ONCEONLY_REQUIRE_SERVICES=1``.
 """
 
@@ -32,6 +33,7 @@ SERVICES_DIR = Path(__file__).resolve().parent / "services"
 SQL_BACKENDS = ["sqlite", "postgresql", "mysql"]
 ALL_BACKENDS = ["memory", *SQL_BACKENDS]
 STORE_BACKENDS = [*ALL_BACKENDS, "redis"]
+GOV_BACKENDS = [*SQL_BACKENDS, "redis"]
 
 # fixture name -> marker it implies
 _SERVICE_FIXTURES = {"pg_url": "pg", "mysql_url": "mysql", "redis_url": "redis"}
@@ -98,10 +100,9 @@ def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONCEONLY_EGRESS_ALLOW", "127.0.0.1")
 
 
-@pytest.fixture(params=STORE_BACKENDS)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Every store: the ``any_url`` backends plus Redis. A Redis URL carries a key prefix of
-    its own (``?prefix=``), deleted after the test."""
+def _url_or_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """``_backend_url``, or a Redis URL with a key prefix of its own (``?prefix=``),
+    deleted after the test."""
     if request.param != "redis":
         yield _backend_url(request.param, request, tmp_path)
         return
@@ -109,6 +110,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     prefix = f"oo-test-{uuid4().hex[:12]}"
     yield f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
     redis_drop_prefix(base, prefix)
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every store: the ``any_url`` backends plus Redis. A Redis URL carries a key prefix of
+    its own (``?prefix=``), deleted after the test."""
+    yield from _url_or_redis(request, tmp_path)
+
+
+@pytest.fixture(params=GOV_BACKENDS)
+def gov_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every ledger whose governance store lives beyond the process (the ``db_url``
+    backends plus Redis): what the notification outbox is proven on."""
+    yield from _url_or_redis(request, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +159,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         markers.update(mark for name, mark in _SERVICE_FIXTURES.items() if name in fixturenames)
         callspec = getattr(item, "callspec", None)
         if callspec is not None:
-            for fixture in ("db_url", "any_url", "store_url"):
+            for fixture in ("db_url", "any_url", "store_url", "gov_url"):
                 backend = callspec.params.get(fixture)
                 if backend in _SERVICE_PARAMS:
                     markers.add(_SERVICE_PARAMS[backend])

@@ -1330,6 +1330,7 @@ class Governance:
         if not enqueued:
             write = getattr(self.store, "enqueue_notification", None)
             if write is None:
+                _no_outbox(self.store)
                 return
             try:
                 enqueued = bool(write(self.tenant, event))
@@ -1373,6 +1374,26 @@ class Governance:
         if not getattr(self.store, "local_delivery", True):
             return True  # remote mode: the server delivers; nothing is pending here
         return bool(self.deliverer().drain(timeout))
+
+
+#: Store classes already warned about (once per class and process).
+_WARNED_NO_OUTBOX: set[str] = set()
+
+
+def _no_outbox(store: Any) -> None:
+    """A store without the outbox primitives cannot deliver: say so, once, rather than
+    drop notifications in silence."""
+    name = f"{type(store).__module__}.{type(store).__qualname__}"
+    if name in _WARNED_NO_OUTBOX:
+        return
+    _WARNED_NO_OUTBOX.add(name)
+    log.warning(
+        "governance store %s has no notification outbox (enqueue_notification and the "
+        "outbox_* primitives of onceonly_core.stores.governance.OutboxStore): webhook, "
+        "Slack and e-mail notifications are not delivered on it (on_notify hooks still "
+        "run); see docs/custom-store.md",
+        name,
+    )
 
 
 def _supports_governance(ledger: Any) -> None:

@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ import sqlalchemy as sa
 from .. import egress
 from ..errors import ConfigError
 from ..protocol import safe_str
+from ..stores import governance as _gov
 from ..stores import govsql as _govsql
 from ..stores import schema as S
 from .redact import default_redactor
@@ -62,7 +63,7 @@ from .remote import _safe_url
 from .signing import _ID, sign
 
 if TYPE_CHECKING:
-    from ..stores.govsql import GovStore
+    from ..stores.governance import OutboxStore
 
 __all__ = ["STATES", "Deliverer", "Settings", "add", "make_event"]
 
@@ -182,6 +183,43 @@ def _mails_wanted(prefs: Mapping[str, Any], event_type: str) -> bool:
     return name is None or bool(prefs.get(name))
 
 
+def plan(
+    tenant: str,
+    event: Mapping[str, Any],
+    webhooks: Sequence[Mapping[str, Any]],
+    prefs: Mapping[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> list[dict[str, Any]]:
+    """``event``'s outbox rows, one per destination that wants it (``webhooks``: the
+    tenant's stored rows; ``prefs``: its stored preferences, if any), without the state
+    columns, which the store sets on its own clock when it writes them."""
+    settings = settings or Settings.from_env()
+    ev = make_event(event)
+    dests = [f"webhook:{r['id']}" for r in webhooks if _wants(r, ev)]
+    threshold = (
+        (ev.get("data") or {}).get("threshold") if ev.get("type") == "budget_threshold" else None
+    )
+    if threshold in (None, 0.8):  # Slack and e-mail hear the default 80 % crossing only
+        dests += settings.destinations()
+    if prefs is not None and not _mails_wanted(prefs, str(ev.get("type"))):
+        dests = [d for d in dests if not d.startswith("email:")]
+    body = json.dumps(ev, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # Ids in creation order (the clock, the row's place, then randomness): rows due at one
+    # time are claimed oldest first on every store, Redis's sorted sets included, which
+    # order equal due times by id.
+    stamp, salt = f"{time.time_ns():016x}", uuid.uuid4().hex[:6]
+    return [
+        {
+            "id": f"ntf_{stamp}{i:02x}{salt}",
+            "event_id": ev["id"],
+            "event_type": str(ev.get("type", "unknown"))[:64],
+            "payload": body,
+            "destination": d[:64],
+        }
+        for i, d in enumerate(dests)
+    ]
+
+
 def add(
     conn: sa.Connection,
     now: float,
@@ -191,41 +229,15 @@ def add(
 ) -> int:
     """Write ``event``'s outbox rows on ``conn`` (inside the caller's transaction): one
     per destination that wants it. Returns how many."""
-    settings = settings or Settings.from_env()
-    ev = make_event(event)
     w = S.webhooks
-    hooks = conn.execute(sa.select(w).where(w.c.tenant == tenant)).all()
-    dests = [f"webhook:{r.id}" for r in hooks if _wants(r._asdict(), ev)]
-    threshold = (
-        (ev.get("data") or {}).get("threshold") if ev.get("type") == "budget_threshold" else None
-    )
-    if threshold in (None, 0.8):  # Slack and e-mail hear the default 80 % crossing only
-        dests += settings.destinations()
+    hooks = [r._asdict() for r in conn.execute(sa.select(w).where(w.c.tenant == tenant)).all()]
     prefs = preferences(conn, tenant) if preferences is not None else None
-    if prefs is not None and not _mails_wanted(prefs, str(ev.get("type"))):
-        dests = [d for d in dests if not d.startswith("email:")]
-    if not dests:
+    rows = plan(tenant, event, hooks, prefs, settings)
+    if not rows:
         return 0
-    body = json.dumps(ev, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    conn.execute(
-        sa.insert(_O),
-        [
-            {
-                "id": "ntf_" + uuid.uuid4().hex[:24],
-                "tenant": tenant,
-                "event_id": ev["id"],
-                "event_type": str(ev.get("type", "unknown"))[:64],
-                "payload": body,
-                "destination": d[:64],
-                "state": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
-            for d in dests
-        ],
-    )
-    return len(dests)
+    state = {"state": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now}
+    conn.execute(sa.insert(_O), [{**r, "tenant": tenant, **state} for r in rows])
+    return len(rows)
 
 
 class _Fail(Exception):
@@ -258,7 +270,7 @@ class Deliverer:
 
     def __init__(
         self,
-        store: GovStore,
+        store: OutboxStore,
         settings: Settings | None = None,
         *,
         tenant: str | None = None,
@@ -277,9 +289,6 @@ class Deliverer:
         self._lock = threading.Lock()
 
     # -- claims ---------------------------------------------------------------------------
-    def _scope(self) -> Any:
-        return sa.true() if self.tenant is None else _O.c.tenant == self.tenant
-
     def set_egress_allow(self, allow: egress.AllowSpec) -> None:
         """Use this outbound allowlist from the next connection on (``gov.egress_allow``
         changed after the deliverer was built)."""
@@ -287,80 +296,43 @@ class Deliverer:
         self._allow = egress.Egress.of(allow)
 
     def claim(self, limit: int = 50) -> list[_Claim]:
-        lease = self.settings.lease
-
-        def run(conn: sa.Connection, now: float) -> list[_Claim]:
-            due = conn.execute(
-                sa.select(_O)
-                .where(_O.c.state == "pending", _O.c.next_attempt_at <= now, self._scope())
-                .order_by(_O.c.next_attempt_at)
-                .limit(limit)
-            ).all()
-            got = []
-            for r in due:
-                token = uuid.uuid4().hex
-                # The claim: conditional on the row still being due, so of two deliverers
-                # racing for it exactly one UPDATE matches (the other waits on the row
-                # lock, re-reads it and matches nothing). The lease pushes next_attempt_at
-                # out: if we die before marking, the row is due again when it ends. The
-                # attempt is counted now, before the send, so a crash counts too.
-                res = conn.execute(
-                    sa.update(_O)
-                    .where(_O.c.id == r.id, _O.c.state == "pending", _O.c.next_attempt_at <= now)
-                    .values(
-                        lease_token=token,
-                        attempts=_O.c.attempts + 1,
-                        next_attempt_at=now + lease,
-                    )
-                )
-                if res.rowcount == 1:
-                    got.append(
-                        _Claim(
-                            r.id,
-                            r.tenant,
-                            r.event_id,
-                            r.event_type,
-                            r.payload,
-                            r.destination,
-                            int(r.attempts) + 1,
-                            token,
-                        )
-                    )
-            return got
-
-        return self.store._tx(run, again=False)
+        # The store claims atomically per row (a conditional UPDATE, a Lua script): of
+        # two deliverers racing for a row exactly one gets it, with a lease that makes it
+        # due again if we die before marking it.
+        got = self.store.outbox_claim(self.tenant, limit, self.settings.lease)
+        return [
+            _Claim(
+                r["id"],
+                r["tenant"],
+                r["event_id"],
+                r["event_type"],
+                r["payload"],
+                r["destination"],
+                int(r["attempts"]),
+                r["lease_token"],
+            )
+            for r in got
+        ]
 
     def _mark(self, c: _Claim, *, error: _Fail | None) -> None:
         s = self.settings
-
-        def run(conn: sa.Connection, now: float) -> bool:
-            mine = sa.and_(_O.c.id == c.id, _O.c.lease_token == c.token)
-            if error is None:
-                values: dict[str, Any] = {
-                    "state": "delivered",
-                    "delivered_at": now,
-                    "lease_token": None,
-                    "last_error": None,
-                }
-            else:
-                dead = error.final or c.attempts >= s.max_attempts
-                # Exponential backoff with "equal jitter": at least half the step, so the
-                # schedule grows, and spread so replicas' retries do not line up.
-                # At least a second apart: every attempt is signed with a new (whole
-                # second) timestamp, so a receiver's replay cache accepts the resend.
-                step = min(s.backoff_max, s.backoff_base * 2 ** (c.attempts - 1))
-                delay = max(1.0, step / 2 + random.uniform(0, step / 2))
-                values = {
-                    "state": "dead" if dead else "pending",
-                    "next_attempt_at": now + delay,
-                    "lease_token": None,
-                    "last_error": safe_str(error)[:500],
-                }
-            # Only while we hold the lease: if it ran out and another deliverer took the
-            # row, its outcome is the one that counts.
-            return bool(conn.execute(sa.update(_O).where(mine).values(**values)).rowcount)
-
-        if not self.store._tx(run):
+        if error is None:
+            done = self.store.outbox_mark(c.tenant, c.id, c.token, "delivered", 0.0, None)
+        else:
+            dead = error.final or c.attempts >= s.max_attempts
+            # Exponential backoff with "equal jitter": at least half the step, so the
+            # schedule grows, and spread so replicas' retries do not line up.
+            # At least a second apart: every attempt is signed with a new (whole
+            # second) timestamp, so a receiver's replay cache accepts the resend.
+            step = min(s.backoff_max, s.backoff_base * 2 ** (c.attempts - 1))
+            delay = max(1.0, step / 2 + random.uniform(0, step / 2))
+            state = "dead" if dead else "pending"
+            done = self.store.outbox_mark(
+                c.tenant, c.id, c.token, state, delay, safe_str(error)[:500]
+            )
+        # Only while we held the lease: if it ran out and another deliverer took the
+        # row, its outcome is the one that counts.
+        if not done:
             log.warning("outbox row %s: lease lost before it was marked", c.id)
 
     # -- passes ---------------------------------------------------------------------------
@@ -395,15 +367,7 @@ class Deliverer:
     def pending(self) -> tuple[int, float | None]:
         """(rows pending, the earliest next_attempt_at) in this deliverer's scope."""
 
-        def run(conn: sa.Connection, now: float) -> tuple[int, float | None]:
-            row = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(_O.c.next_attempt_at)).where(
-                    _O.c.state == "pending", self._scope()
-                )
-            ).one()
-            return int(row[0]), (None if row[1] is None else float(row[1]) - now)
-
-        return self.store._tx(run, read=True)
+        return self.store.outbox_pending(self.tenant)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Deliver until nothing is pending (True) or ``timeout`` seconds pass (False)."""
@@ -487,23 +451,14 @@ class Deliverer:
             raise _Fail(f"unknown destination {c.destination!r}", final=True)
 
     def _webhook(self, c: _Claim, wid: str) -> None:
-        w = S.webhooks
-
-        def run(conn: sa.Connection, now: float) -> Any:
-            return conn.execute(
-                sa.select(w.c.url, w.c.secret, w.c.enabled).where(
-                    w.c.tenant == c.tenant, w.c.id == wid
-                )
-            ).first()
-
-        row = self.store._tx(run, read=True)
-        if row is None or not row.enabled:
+        row = self.store.outbox_webhook(c.tenant, wid)
+        if row is None or not row["enabled"]:
             raise _Fail(f"webhook {wid} was removed or disabled", final=True)
         body = c.payload.encode("utf-8")
         # Signed afresh per attempt (its own timestamp) under the event's stable id: a
         # receiver's replay cache accepts a resend, and dedupes its effect on the id.
-        headers = sign(row.secret, body, msg_id=c.event_id, timestamp=int(time.time()))
-        self._post(row.url, body, headers)
+        headers = sign(row["secret"], body, msg_id=c.event_id, timestamp=int(time.time()))
+        self._post(row["url"], body, headers)
 
     def _http(self) -> Any:
         if self._client is None:
@@ -577,31 +532,13 @@ class Deliverer:
     def list(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if state is not None and state not in STATES:
             raise ConfigError(f"state must be one of {', '.join(STATES)}")
-
-        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
-            q = sa.select(_O).where(self._scope())
-            if state is not None:
-                q = q.where(_O.c.state == state)
-            rows = conn.execute(q.order_by(_O.c.created_at.desc()).limit(limit)).all()
-            return [_public(r._asdict()) for r in rows]
-
-        return self.store._tx(run, read=True)
+        rows = self.store.outbox_list(self.tenant, state, limit)
+        return [_public(dict(r)) for r in rows]
 
     def retry(self, row_id: str) -> bool:
         """A dead (or pending) row: due again with a fresh attempt budget. False if
         unknown or delivered."""
-
-        def run(conn: sa.Connection, now: float) -> bool:
-            res = conn.execute(
-                sa.update(_O)
-                .where(_O.c.id == row_id, _O.c.state.in_(("dead", "pending")), self._scope())
-                # Due in a second, not now: the resend is signed with a newer whole-second
-                # timestamp than the last attempt, which a receiver's replay cache accepts.
-                .values(state="pending", attempts=0, next_attempt_at=now + 1.0, lease_token=None)
-            )
-            return bool(res.rowcount)
-
-        return self.store._tx(run)
+        return self.store.outbox_retry(self.tenant, row_id)
 
     def start(self, poll: float = 1.0) -> threading.Thread:
         t = threading.Thread(target=self.run, args=(poll,), name="onceonly-notify", daemon=True)
@@ -646,5 +583,7 @@ def _mail(c: _Claim, sender: str, to: str) -> EmailMessage:
 
 
 # The SQL governance store writes a decision's notification in the decision's transaction
-# through this hook (the stores layer never imports governance).
+# through the first hook; a store that plans its rows before one atomic write (Redis)
+# through the second (the stores layer never imports governance).
 _govsql.notification_writer = add
+_gov.notification_planner = plan

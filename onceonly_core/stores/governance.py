@@ -23,14 +23,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "GENESIS",
     "Decide",
     "GovernanceStore",
+    "OutboxStore",
     "Reservation",
     "Want",
     "audit_fields",
@@ -358,3 +359,74 @@ class GovernanceStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
+
+
+# -- notifications: the outbox seam ------------------------------------------------------
+@runtime_checkable
+class OutboxStore(Protocol):
+    """What a governance store implements to deliver notifications (``outbox = True``):
+    the engine writes rows through it, the deliverer
+    (:class:`~onceonly_core.governance.outbox.Deliverer`) drains them through it.
+
+    A decision's notification rides on its audit entry (``entry["notify"]``, the event)
+    and must be written *atomically with that audit row* by ``append_audit`` / ``settle``
+    / ``release``: one row per destination, the decision and its notification commit
+    together or not at all. ``tenant=None``: every tenant of the store. Times are
+    seconds on the store's clock; ``delay`` is counted from it.
+    """
+
+    outbox: bool
+
+    def enqueue_notification(self, tenant: str, event: dict[str, Any]) -> int:
+        """Write the rows of an event not tied to an audit row (run_failed,
+        budget_threshold) in one atomic step; returns how many."""
+
+    def outbox_claim(self, tenant: str | None, limit: int, lease: float) -> list[dict[str, Any]]:
+        """Claim up to ``limit`` due pending rows: each gets a fresh ``lease_token``, one
+        more attempt, and ``next_attempt_at = now + lease``, atomically per row, so of two
+        racing deliverers exactly one claims a row. Rows: id, tenant, event_id,
+        event_type, payload, destination, attempts (counted), lease_token."""
+
+    def outbox_mark(
+        self, tenant: str, row_id: str, token: str, state: str, delay: float, error: str | None
+    ) -> bool:
+        """Only while ``token`` still holds the row: ``delivered`` (delivered_at now), or
+        ``pending`` / ``dead`` with ``last_error`` and ``next_attempt_at = now + delay``;
+        the lease is dropped. False: the lease was lost (another deliverer has it)."""
+
+    def outbox_pending(self, tenant: str | None) -> tuple[int, float | None]:
+        """(rows pending, seconds until the earliest is due, None if none)."""
+
+    def outbox_list(
+        self, tenant: str | None, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Rows (every column of ``onceonly_outbox``; ``payload`` the stored JSON text),
+        newest first."""
+
+    def outbox_retry(self, tenant: str | None, row_id: str) -> bool:
+        """A dead or pending row: pending, attempts 0, due in a second, lease dropped.
+        False if unknown or delivered."""
+
+    def outbox_webhook(self, tenant: str, webhook_id: str) -> dict[str, Any] | None:
+        """The stored webhook's ``url``, ``secret`` and ``enabled``, or None."""
+
+
+#: Plans a notification's outbox rows: ``(tenant, event, webhooks)`` -> one row per
+#: destination that wants it (``id``, ``event_id``, ``event_type``, ``payload``,
+#: ``destination``; ``webhooks`` are the tenant's stored rows). For a store that computes
+#: its rows before its atomic write (Redis). Installed by
+#: :mod:`onceonly_core.governance.outbox` when it is imported (the engine imports it before
+#: it builds a notification): the stores never import governance.
+NotificationPlanner = Callable[
+    [str, Mapping[str, Any], Sequence[Mapping[str, Any]]], list[dict[str, Any]]
+]
+notification_planner: NotificationPlanner | None = None
+
+
+def plan_notification(
+    tenant: str, event: Mapping[str, Any], webhooks: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The rows :data:`notification_planner` gives for ``event``."""
+    if notification_planner is None:  # pragma: no cover - the engine imports the outbox first
+        raise RuntimeError("onceonly_core.governance.outbox was not imported")
+    return notification_planner(tenant, event, webhooks)

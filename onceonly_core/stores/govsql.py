@@ -1604,10 +1604,122 @@ class GovStore(GovernanceStore):
             lambda conn, now: _write_notification(conn, now, tenant, event), again=False
         )
 
+    def outbox_claim(self, tenant: str | None, limit: int, lease: float) -> list[dict[str, Any]]:
+        o = S.outbox
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            due = conn.execute(
+                sa.select(o)
+                .where(o.c.state == "pending", o.c.next_attempt_at <= now, _outbox_scope(tenant))
+                .order_by(o.c.next_attempt_at)
+                .limit(limit)
+            ).all()
+            got = []
+            for r in due:
+                token = uuid.uuid4().hex
+                # The claim: conditional on the row still being due, so of two deliverers
+                # racing for it exactly one UPDATE matches (the other waits on the row
+                # lock, re-reads it and matches nothing). The lease pushes next_attempt_at
+                # out: if we die before marking, the row is due again when it ends. The
+                # attempt is counted now, before the send, so a crash counts too.
+                res = conn.execute(
+                    sa.update(o)
+                    .where(o.c.id == r.id, o.c.state == "pending", o.c.next_attempt_at <= now)
+                    .values(
+                        lease_token=token,
+                        attempts=o.c.attempts + 1,
+                        next_attempt_at=now + lease,
+                    )
+                )
+                if res.rowcount == 1:
+                    got.append(
+                        {**r._asdict(), "attempts": int(r.attempts) + 1, "lease_token": token}
+                    )
+            return got
+
+        return self._tx(run, again=False)
+
+    def outbox_mark(
+        self, tenant: str, row_id: str, token: str, state: str, delay: float, error: str | None
+    ) -> bool:
+        o = S.outbox
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            mine = sa.and_(o.c.id == row_id, o.c.lease_token == token)
+            values: dict[str, Any] = {"state": state, "lease_token": None, "last_error": error}
+            if state == "delivered":
+                values["delivered_at"] = now
+            else:
+                values["next_attempt_at"] = now + delay
+            # Only while the lease is held: if it ran out and another deliverer took the
+            # row, its outcome is the one that counts.
+            return bool(conn.execute(sa.update(o).where(mine).values(**values)).rowcount)
+
+        return self._tx(run)
+
+    def outbox_pending(self, tenant: str | None) -> tuple[int, float | None]:
+        o = S.outbox
+
+        def run(conn: sa.Connection, now: float) -> tuple[int, float | None]:
+            row = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(o.c.next_attempt_at)).where(
+                    o.c.state == "pending", _outbox_scope(tenant)
+                )
+            ).one()
+            return int(row[0]), (None if row[1] is None else float(row[1]) - now)
+
+        return self._tx(run, read=True)
+
+    def outbox_list(
+        self, tenant: str | None, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        o = S.outbox
+
+        def run(conn: sa.Connection, now: float) -> list[dict[str, Any]]:
+            q = sa.select(o).where(_outbox_scope(tenant))
+            if state is not None:
+                q = q.where(o.c.state == state)
+            rows = conn.execute(q.order_by(o.c.created_at.desc()).limit(limit)).all()
+            return [r._asdict() for r in rows]
+
+        return self._tx(run, read=True)
+
+    def outbox_retry(self, tenant: str | None, row_id: str) -> bool:
+        o = S.outbox
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            res = conn.execute(
+                sa.update(o)
+                .where(o.c.id == row_id, o.c.state.in_(("dead", "pending")), _outbox_scope(tenant))
+                # Due in a second, not now: the resend is signed with a newer whole-second
+                # timestamp than the last attempt, which a receiver's replay cache accepts.
+                .values(state="pending", attempts=0, next_attempt_at=now + 1.0, lease_token=None)
+            )
+            return bool(res.rowcount)
+
+        return self._tx(run)
+
+    def outbox_webhook(self, tenant: str, webhook_id: str) -> dict[str, Any] | None:
+        w = S.webhooks
+
+        def run(conn: sa.Connection, now: float) -> dict[str, Any] | None:
+            row = conn.execute(
+                sa.select(w.c.url, w.c.secret, w.c.enabled).where(
+                    w.c.tenant == tenant, w.c.id == webhook_id
+                )
+            ).first()
+            return None if row is None else row._asdict()
+
+        return self._tx(run, read=True)
+
     def close(self) -> None:
         self.engine.dispose()
         if self._reader is not None:
             self._reader.dispose()
+
+
+def _outbox_scope(tenant: str | None) -> Any:
+    return sa.true() if tenant is None else S.outbox.c.tenant == tenant
 
 
 #: libpq's PQTRANS_IDLE: no transaction open on the connection.

@@ -25,6 +25,9 @@ primitive          what is atomic (one script)
 ``append_audit``   append only if the chain head still equals what was read
 ``approval_for``   find the call's latest request, take an approved one or open the
                    next round after a consumed one
+``outbox_claim``   per due row: a fresh lease token, one more attempt, its due time
+                   moved out by the lease (of two deliverers, one gets the row)
+``outbox_mark``    delivered / retry later / dead, only while the token holds the lease
 =================  ==============================================================
 
 Two things differ in *form* from :class:`~onceonly_core.stores.govsql.GovStore`,
@@ -63,10 +66,17 @@ Layout (``P`` the ledger's prefix, ``T`` the tenant, percent-encoded like a name
     P:gov:{T}:aps            ZSET   approval ids by creation time
     P:gov:{T}:ev:<run>       LIST   a run's timeline events
     P:gov:{T}:wh             HASH   webhook id -> row (JSON)
+    P:gov:{T}:ob:<id>        HASH   an outbox row: the columns of onceonly_outbox (times
+                                    in us); written by the script that appends its audit
+                                    row (settle, release, append) or by enqueue
+    P:gov:{T}:obq            ZSET   pending outbox row ids -> next attempt (us): the due
+                                    index claims read (a dead or delivered row leaves it)
+    P:gov:{T}:obs            ZSET   every outbox row id -> created_at (us): listings
     P:gov:tenants            SET    every tenant used (listings across tenants)
 
-Three scripts read keys they build themselves: ``approval_for`` the request the index
-names, ``reserve`` and the sweep's listing the holds of expired entries. Each such key has
+Some scripts read keys they build themselves: ``approval_for`` the request the index
+names, ``reserve`` and the sweep's listing the holds of expired entries, the outbox's
+claim and the appends its rows. Each such key has
 the tenant's hash tag, so it is in the slot of the script's declared keys, which Redis
 Cluster serves.
 
@@ -86,6 +96,7 @@ from typing import Any, Protocol
 import redis
 
 from ..errors import StoreError
+from . import governance as _gov
 from .governance import GENESIS, GovernanceStore, Reservation, Want, audit_fields, chain_hash
 
 
@@ -187,10 +198,35 @@ local h = redis.call('HMGET', KEYS[1], 'seq', 'hash', 'base_seq', 'base_hash')
 return {fmt(now), h[1] or '0', h[2] or '__GENESIS__', h[3] or '0', h[4] or '__GENESIS__'}
 """
 
+# Outbox rows (a decision's notification, or an event of its own), written inside the
+# calling script, so atomically with whatever else it writes (the audit row).
+# ARGV[at]: the rows' key prefix, ARGV[at + 1]: the tenant, ARGV[at + 2]: how many rows,
+# then per row: id, event_id, event_type, payload, destination. The keys it builds carry
+# the tenant's hash tag (the slot of the script's declared keys).
+_OUTBOX_ROWS = """
+local function outbox_add(due, all, at)
+  local n = tonumber(ARGV[at + 2] or '0')
+  if n == 0 then return 0 end
+  local now = fmt(now_us())
+  for i = 0, n - 1 do
+    local b = at + 3 + 5 * i
+    local id = ARGV[b]
+    redis.call('HSET', ARGV[at] .. id, 'id', id, 'tenant', ARGV[at + 1],
+      'event_id', ARGV[b + 1], 'event_type', ARGV[b + 2], 'payload', ARGV[b + 3],
+      'destination', ARGV[b + 4], 'state', 'pending', 'attempts', 0,
+      'next_attempt_at', now, 'created_at', now)
+    redis.call('ZADD', due, now, id)
+    redis.call('ZADD', all, now, id)
+  end
+  return n
+end
+"""
+
 # KEYS: head, rows, tenant row ids, agent row ids, id counters, chains, hold, holds zset,
-#       then the counters to give back (release).
+#       outbox due zset, outbox rows zset, then the counters to give back (release).
 # ARGV: mode (none | settle | release | sweep), rid, agent_id, seq read, hash read,
-#       row JSON ('' = no row), the row's hash, then the amounts to give back.
+#       row JSON ('' = no row), the row's hash, then the amounts to give back, then the
+#       decision's outbox rows (see _OUTBOX_ROWS).
 # Returns {0} hold gone, {2} head moved (hash again), {1, id} done.
 _APPEND = """
 local mode = ARGV[1]
@@ -215,9 +251,9 @@ if mode ~= 'none' then
   if mode == 'release' then
     -- The tool did not run: give the amounts back (never below zero, as in SQL).
     -- A counter already gone (its window long past) stays gone: no key without a TTL.
-    for i = 9, #KEYS do
+    for i = 11, #KEYS do
       if redis.call('EXISTS', KEYS[i]) == 1 then
-        local left = redis.call('DECRBY', KEYS[i], ARGV[i - 1])
+        local left = redis.call('DECRBY', KEYS[i], ARGV[i - 3])
         if left < 0 then redis.call('INCRBY', KEYS[i], -left) end
       end
     end
@@ -232,6 +268,9 @@ redis.call('SADD', KEYS[6], ARGV[3])
 redis.call('HSET', KEYS[1], 'seq', tonumber(ARGV[4]) + 1, 'hash', ARGV[7])
 redis.call('HSETNX', KEYS[1], 'base_seq', 0)
 redis.call('HSETNX', KEYS[1], 'base_hash', '__GENESIS__')
+-- The decision's notification, in the decision's script: both are written or neither
+-- (every condition above is checked before the first write).
+outbox_add(KEYS[9], KEYS[10], 8 + #KEYS - 10)
 return {1, id}
 """
 
@@ -382,10 +421,80 @@ redis.call('HSET', KEYS[1], ARGV[1], '{"created_at":' .. fmt(now) .. ',' .. stri
 return 1
 """
 
+# KEYS: outbox due zset, outbox rows zset. ARGV: see _OUTBOX_ROWS (at = 1).
+_OUTBOX_ADD = """
+return outbox_add(KEYS[1], KEYS[2], 1)
+"""
+
+# KEYS: outbox due zset. ARGV: the rows' key prefix, limit, lease (us), a token base.
+# Returns per claimed row: id, event_id, event_type, payload, destination, attempts, token.
+_OUTBOX_CLAIM = """
+local now = now_us()
+local at = fmt(now + tonumber(ARGV[3]))
+local out = {}
+for i, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', fmt(now),
+    'LIMIT', 0, tonumber(ARGV[2]))) do
+  local k = ARGV[1] .. id
+  if redis.call('HGET', k, 'state') ~= 'pending' then
+    redis.call('ZREM', KEYS[1], id)  -- not due any more (gone, or marked): out of the index
+  else
+    -- The claim, in one script: the row leaves "due" (its time moves out by the lease)
+    -- as it gets our token, so of two deliverers racing for it exactly one takes it; if
+    -- we die before marking, it is due again when the lease ends. The attempt is counted
+    -- now, before the send, so a crash counts too.
+    local token = ARGV[4] .. i
+    local n = redis.call('HINCRBY', k, 'attempts', 1)
+    redis.call('HSET', k, 'lease_token', token, 'next_attempt_at', at)
+    redis.call('ZADD', KEYS[1], at, id)
+    local r = redis.call('HMGET', k, 'event_id', 'event_type', 'payload', 'destination')
+    out[#out + 1] = {id, r[1], r[2], r[3], r[4], n, token}
+  end
+end
+return out
+"""
+
+# KEYS: the row, outbox due zset. ARGV: id, token, state, delay (us), error ('' = none,
+# else '=' .. error). Only while the token holds the row's lease.
+_OUTBOX_MARK = """
+if redis.call('HGET', KEYS[1], 'lease_token') ~= ARGV[2] then return 0 end
+local now = now_us()
+redis.call('HDEL', KEYS[1], 'lease_token', 'last_error')
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_error', string.sub(ARGV[5], 2)) end
+if ARGV[3] == 'delivered' then
+  redis.call('HSET', KEYS[1], 'state', 'delivered', 'delivered_at', fmt(now))
+else
+  local at = fmt(now + tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], 'state', ARGV[3], 'next_attempt_at', at)
+  -- The row and its index change together: a pending row is due at its new time, a
+  -- dead one is never claimed again.
+  if ARGV[3] == 'pending' then redis.call('ZADD', KEYS[2], at, ARGV[1]) end
+end
+if ARGV[3] ~= 'pending' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+# KEYS: outbox due zset. Returns now, how many pending, the earliest due time ('' none).
+_OUTBOX_PENDING = """
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {fmt(now_us()), redis.call('ZCARD', KEYS[1]), first[2] or ''}
+"""
+
+# KEYS: the row, outbox due zset. ARGV: id. A dead or pending row: due in a second (the
+# resend is signed with a newer whole-second timestamp, which a replay cache accepts).
+_OUTBOX_RETRY = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'dead' and st ~= 'pending' then return 0 end
+local at = fmt(now_us() + 1000000)
+redis.call('HSET', KEYS[1], 'state', 'pending', 'attempts', 0, 'next_attempt_at', at)
+redis.call('HDEL', KEYS[1], 'lease_token')
+redis.call('ZADD', KEYS[2], at, ARGV[1])
+return 1
+"""
+
 _SCRIPTS = {
     "reserve": _RESERVE,
     "head": _HEAD,
-    "append": _APPEND,
+    "append": _OUTBOX_ROWS + _APPEND,
     "extend": _EXTEND,
     "expired": _EXPIRED,
     "snapshot": _SNAPSHOT,
@@ -397,6 +506,11 @@ _SCRIPTS = {
     "event": _EVENT,
     "purge": _PURGE,
     "webhook": _WEBHOOK,
+    "outbox_add": _OUTBOX_ROWS + _OUTBOX_ADD,
+    "outbox_claim": _OUTBOX_CLAIM,
+    "outbox_mark": _OUTBOX_MARK,
+    "outbox_pending": _OUTBOX_PENDING,
+    "outbox_retry": _OUTBOX_RETRY,
 }
 
 
@@ -651,8 +765,15 @@ class RedisGovernanceStore(GovernanceStore):
             self._k(tenant, "chains"),
             self._hold_key(tenant, rid) if rid else self._k(tenant, "h", "-"),
             self._k(tenant, "holds"),
+            self._k(tenant, "obq"),
+            self._k(tenant, "obs"),
             *(k for k, _ in give_back),
         ]
+        # The decision's notification: its rows are planned here (destinations, ids) and
+        # written by the script that appends the audit row, so both are written or
+        # neither; the same rows on every try below.
+        notify = entry.get("notify") if entry is not None else None
+        outbox = self._outbox_args(tenant, notify) if notify else []
         for _ in range(_APPEND_TRIES):
             seq, prev, body, digest = 0, GENESIS, "", ""
             if entry is not None:
@@ -665,7 +786,7 @@ class RedisGovernanceStore(GovernanceStore):
                 digest = chain_hash(prev, fields)
                 body = json.dumps({**fields, "prev_hash": prev, "hash": digest})
             args = [mode, rid, agent_id, seq, "__GENESIS__" if prev == GENESIS else prev]
-            args += [body, digest, *(a for _, a in give_back)]
+            args += [body, digest, *(a for _, a in give_back), *outbox]
             got = self._run("append", keys, args)
             if int(got[0]) == 0:
                 return None
@@ -1020,6 +1141,99 @@ class RedisGovernanceStore(GovernanceStore):
     def delete_webhook(self, tenant: str, webhook_id: str) -> bool:
         return bool(self._cmd("delete", self.client.hdel, self._k(tenant, "wh"), webhook_id))
 
+    # -- notifications (the outbox; see governance/outbox.py) ---------------------------
+    #: The engine's notifications are written here, in the decision's script.
+    outbox = True
+
+    def _outbox_args(self, tenant: str, event: dict[str, Any]) -> list[Any]:
+        """The ARGV tail of _OUTBOX_ROWS for ``event``'s rows (planned in Python: which
+        webhooks want it, which channels are configured)."""
+        rows = _gov.plan_notification(tenant, event, self.list_webhooks(tenant))
+        args: list[Any] = [self._k(tenant, "ob", ""), tenant, len(rows)]
+        for r in rows:
+            args += [r["id"], r["event_id"], r["event_type"], r["payload"], r["destination"]]
+        return args
+
+    def enqueue_notification(self, tenant: str, event: dict[str, Any]) -> int:
+        """Write ``event``'s outbox rows in one script (events not tied to a decision's
+        audit row: run_failed, budget_threshold)."""
+        self._register(tenant)
+        args = self._outbox_args(tenant, event)
+        keys = [self._k(tenant, "obq"), self._k(tenant, "obs")]
+        return int(self._run("outbox_add", keys, args)) if args[2] else 0
+
+    def outbox_claim(self, tenant: str | None, limit: int, lease: float) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        for t in self._tenants(tenant):
+            if len(got) >= limit:
+                break
+            args = [self._k(t, "ob", ""), limit - len(got), round(lease * _US)]
+            args.append(uuid.uuid4().hex[:24])
+            for r in self._run("outbox_claim", [self._k(t, "obq")], args):
+                i, eid, etype, payload, dest, n, token = (_s(v) for v in r)
+                got.append(
+                    {
+                        "id": i,
+                        "tenant": t,
+                        "event_id": eid,
+                        "event_type": etype,
+                        "payload": payload,
+                        "destination": dest,
+                        "attempts": int(n),
+                        "lease_token": token,
+                    }
+                )
+        return got
+
+    def outbox_mark(
+        self, tenant: str, row_id: str, token: str, state: str, delay: float, error: str | None
+    ) -> bool:
+        keys = [self._k(tenant, "ob", row_id), self._k(tenant, "obq")]
+        args = [row_id, token, state, round(delay * _US), "" if error is None else "=" + error]
+        return int(self._run("outbox_mark", keys, args)) == 1
+
+    def outbox_pending(self, tenant: str | None) -> tuple[int, float | None]:
+        count, wait = 0, None
+        for t in self._tenants(tenant):
+            now, n, first = self._read("outbox_pending", [self._k(t, "obq")], [])
+            count += int(n)
+            if _s(first):
+                w = (int(_s(first)) - int(now)) / _US
+                wait = w if wait is None else min(wait, w)
+        return count, wait
+
+    def outbox_list(
+        self, tenant: str | None, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for t in self._tenants(tenant):
+            index, start = self._k(t, "obs"), 0
+            found: list[dict[str, Any]] = []
+            while len(found) < limit:  # newest first, a page at a time
+                ids = self._cmd("list", self.client.zrevrange, index, start, start + 499)
+                if not ids:
+                    break
+                got = self._pipe("list", [("hgetall", [self._k(t, "ob", _s(i))]) for i in ids])
+                rows = [_outbox_row(_pairs(_flat(h))) for h in got if h]
+                found += [r for r in rows if state is None or r["state"] == state]
+                start += 500
+            out += found[:limit]
+        out.sort(key=lambda r: r["created_at"], reverse=True)
+        return out[:limit]
+
+    def outbox_retry(self, tenant: str | None, row_id: str) -> bool:
+        return any(
+            int(self._run("outbox_retry", [self._k(t, "ob", row_id), self._k(t, "obq")], [row_id]))
+            for t in self._tenants(tenant)
+        )
+
+    def outbox_webhook(self, tenant: str, webhook_id: str) -> dict[str, Any] | None:
+        raw = self._cmd("read", self.client.hget, self._k(tenant, "wh"), webhook_id)
+        if raw is None:
+            return None
+        row = json.loads(_s(raw))
+        return {"url": row["url"], "secret": row["secret"], "enabled": bool(row["enabled"])}
+
     def close(self) -> None:
         """The connections are the ledger's: closed with it."""
 
@@ -1030,6 +1244,25 @@ def _flat(h: Any) -> list[Any]:
     for k, v in h.items():
         out += [k, v]
     return out
+
+
+def _outbox_row(h: dict[str, str]) -> dict[str, Any]:
+    """An outbox row as SQL has it (times in seconds; absent fields None)."""
+    return {
+        "id": h["id"],
+        "tenant": h["tenant"],
+        "event_id": h["event_id"],
+        "event_type": h["event_type"],
+        "payload": h["payload"],
+        "destination": h["destination"],
+        "state": h["state"],
+        "attempts": int(h["attempts"]),
+        "next_attempt_at": int(h["next_attempt_at"]) / _US,
+        "lease_token": h.get("lease_token"),
+        "last_error": h.get("last_error"),
+        "created_at": int(h["created_at"]) / _US,
+        "delivered_at": _sec(h.get("delivered_at")),
+    }
 
 
 def _walk(head: dict[str, str] | None, rows: list[dict[str, Any]]) -> tuple[Any, Any, str] | None:

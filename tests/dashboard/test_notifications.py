@@ -3,34 +3,38 @@ text (never markup), and a retry is a CSRF-checked form post that makes the row 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-import sqlalchemy as sa
+import pytest
 
 from onceonly_core import Guard
-from onceonly_core.stores import schema as S
 
 EVIL = "<script>alert('dead')</script>"
+
+
+@pytest.fixture
+def guard(store_url: str) -> Iterator[Guard]:
+    """The panel on a SQL-backed guard and on a Redis-backed one (issue 18)."""
+    g = Guard(store_url, namespace="acme", quiet=True)
+    yield g
+    g.close()
 
 
 def dead_row(guard: Guard, monkeypatch: Any) -> str:
     monkeypatch.setenv("ONCEONLY_NOTIFY_IN_PROCESS", "0")
     monkeypatch.setenv("ONCEONLY_NOTIFY_EMAIL_TO", "ops@example.com")
     store: Any = guard.gov.store
+    guard.gov.deliverer()  # imports the outbox, which plans the rows the store writes
     assert store.enqueue_notification(guard.namespace, {"type": "run_failed", "tool": EVIL}) == 1
-    (row,) = guard.gov.deliverer().list()
     # As the deliverer leaves a row after its last attempt (a hostile receiver's words
     # could only reach last_error through our own formatting; markup here proves escaping).
-    store._tx(
-        lambda conn, now: conn.execute(
-            sa.update(S.outbox)
-            .where(S.outbox.c.id == row["id"])
-            .values(state="dead", attempts=8, last_error=EVIL)
-        )
-    )
-    return str(row["id"])
+    (claim,) = store.outbox_claim(guard.namespace, 10, 60.0)
+    assert store.outbox_mark(guard.namespace, claim["id"], claim["lease_token"], "dead", 1.0, EVIL)
+    return str(claim["id"])
 
 
+@pytest.mark.parametrize("store_url", ["memory", "redis"], indirect=True)
 def test_dead_letters_are_listed_as_text_and_retried_by_a_form_post(
     client: Any, guard: Guard, post: Any, monkeypatch: Any
 ) -> None:

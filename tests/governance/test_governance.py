@@ -469,10 +469,6 @@ def test_metrics_and_timeline(guard: Guard) -> None:
 
 @pytest.mark.usefixtures("allow_loopback")  # the tool server is on 127.0.0.1
 def test_notifications_hooks_and_signed_webhooks(guard: Guard) -> None:
-    if not getattr(guard.gov.store, "outbox", False):
-        # Known gap, in the closing note: the Redis governance store has no outbox yet, so
-        # webhooks are not delivered on a Redis ledger (hooks are).
-        pytest.skip(f"{type(guard.gov.store).__name__} has no notification outbox yet")
     got: list[dict[str, Any]] = []
     guard.gov.on_notify(got.append)
     guard.gov.upsert_policy(
@@ -581,3 +577,38 @@ def test_arguments_excluded_from_the_key_are_not_audited(guard: Guard) -> None:
     assert r.ok
     (entry,) = guard.gov.agent_logs("ex")
     assert entry.args == {"to": "a@example.com"}
+
+
+class _NoOutbox:
+    """A custom governance store's view of a real one: every primitive but the outbox's."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("outbox", "enqueue_notification") or name.startswith("outbox_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_a_store_without_an_outbox_says_so_once_instead_of_dropping_in_silence(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from onceonly_core.governance import engine
+
+    monkeypatch.setattr(engine, "_WARNED_NO_OUTBOX", set())
+    g = Guard("memory://", quiet=True)
+    try:
+        g.gov.share_store(_NoOutbox(g.gov.store))  # type: ignore[arg-type]
+        got: list[dict[str, Any]] = []
+        g.gov.on_notify(got.append)
+        with caplog.at_level(logging.WARNING, "onceonly.governance"):
+            for run in ("r1", "r2"):
+                g.gov.notify({"type": "run_failed", "reason": "failed", "data": {"run_id": run}})
+    finally:
+        g.close()
+    assert [e["type"] for e in got] == ["run_failed", "run_failed"]  # hooks still run
+    warned = [r.getMessage() for r in caplog.records if "no notification outbox" in r.getMessage()]
+    assert len(warned) == 1 and "_NoOutbox" in warned[0] and "not delivered" in warned[0]

@@ -1,6 +1,6 @@
-"""Notifications delivered through the outbox (issue 16 item 3), on SQLite, PostgreSQL and
-MariaDB, against real receivers: a webhook and a Slack-compatible receiver on 127.0.0.1
-(http.server) and an SMTP server (aiosmtpd).
+"""Notifications delivered through the outbox (issue 16 item 3), on SQLite, PostgreSQL,
+MariaDB and Redis (issue 18), against real receivers: a webhook and a Slack-compatible
+receiver on 127.0.0.1 (http.server) and an SMTP server (aiosmtpd).
 
 What is proven: the outbox rows commit with the decision's audit row or not at all;
 every event reaches every receiver *at least once* with one stable id, so receivers that
@@ -34,6 +34,7 @@ from onceonly_core.governance import Policy
 from onceonly_core.governance.outbox import Deliverer, Settings
 from onceonly_core.governance.signing import ReplayCache
 from onceonly_core.stores import schema as S
+from onceonly_core.stores.govsql import GovStore
 from onceonly_core.stores.sql import SQLStore
 
 aiosmtpd = pytest.importorskip("aiosmtpd.controller")
@@ -41,6 +42,17 @@ aiosmtpd = pytest.importorskip("aiosmtpd.controller")
 SECRET = "whsec_b3V0Ym94LXNlY3JldC1mb3ItbG9vcGJhY2s="
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("allow_loopback")
+
+
+@pytest.fixture
+def db_url(gov_url: str) -> str:
+    """Every backend with an outbox: the SQL databases and Redis."""
+    return gov_url
+
+
+def sql_only(url: str, what: str) -> None:
+    if url.startswith("redis"):
+        pytest.skip(f"{what} runs on a SQL database only (onceonly serve)")
 
 
 @pytest.fixture
@@ -54,6 +66,18 @@ def guard(db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Itera
     g.gov.upsert_policy(Policy(agent_id="bot", blocked_tools=["delete_*"]))
     yield g
     g.close()
+
+
+#: A decision's audit entry that notifies (what the engine hands the store).
+BLOCKED = {
+    "agent_id": "bot",
+    "tool": "t",
+    "decision": "blocked",
+    "reason": "tool_blocked",
+    "risk_level": "low",
+    "spend_micros": 0,
+    "notify": {"type": "blocked", "agent_id": "bot", "tool": "t"},
+}
 
 
 def delete_user(user: str) -> str:
@@ -114,18 +138,12 @@ def test_the_notification_commits_with_its_audit_row_or_not_at_all(guard: Guard)
     assert "sk_live_abcdefghijklmnop1234" not in json.dumps(failed)  # redacted before stored
     assert failed["payload"]["id"] == failed["event_id"]
 
-    # A decision whose transaction rolls back leaves neither its audit row nor its
-    # notification behind.
     store: Any = guard.gov.store
-    entry = {
-        "agent_id": "bot",
-        "tool": "t",
-        "decision": "blocked",
-        "reason": "tool_blocked",
-        "risk_level": "low",
-        "spend_micros": 0,
-        "notify": {"type": "blocked", "agent_id": "bot", "tool": "t"},
-    }
+    if not isinstance(store, GovStore):
+        return redis_decision_and_notification_are_one_script(guard, store)
+    # A decision's transaction that rolls back leaves neither its audit row nor its
+    # notification behind.
+    entry = dict(BLOCKED)
 
     def boom(conn: sa.Connection, now: float) -> None:
         store._append(conn, now, guard.namespace, entry)
@@ -137,6 +155,35 @@ def test_the_notification_commits_with_its_audit_row_or_not_at_all(guard: Guard)
         store._tx(boom)
     assert len(rows(guard)) == 2
     store._tx(lambda conn, now: store._append(conn, now, guard.namespace, entry))
+    assert len(rows(guard)) == 3
+
+
+def redis_decision_and_notification_are_one_script(guard: Guard, store: Any) -> None:
+    """Redis: the rows are written by the script that appends the audit row. A try the
+    script refuses (the chain head moved under it: hash again) writes neither, and a
+    release whose hold is gone (a sweep audited it) writes no notification either."""
+    entry = dict(BLOCKED)
+    heads = 0
+    read = store._read
+
+    def racing_read(name: str, keys: Any, args: Any) -> Any:
+        nonlocal heads
+        got = read(name, keys, args)
+        if name == "head" and heads == 0:
+            heads += 1
+            # Another append of this agent lands between our head read and our script.
+            store._append(guard.namespace, "bot", {**entry, "notify": None})
+        return got
+
+    store._read = racing_read
+    try:
+        store.append_audit(guard.namespace, entry)
+    finally:
+        del store._read
+    assert heads == 1  # the first script was refused, the second wrote
+    assert len(rows(guard)) == 3  # one row for the decision, not one per try
+    assert not guard.gov.store.verify_audit(guard.namespace)
+    assert not store.release(guard.namespace, "bot", f"gone@{guard.namespace}", entry)
     assert len(rows(guard)) == 3
 
 
@@ -197,7 +244,7 @@ def test_every_receiver_gets_every_event_once_across_deliverer_kills(
         assert sorted(killed) == ["email", "slack", "webhook"]
 
     got = rows(guard)
-    assert [r["state"] for r in got] == ["delivered"] * 6
+    assert [r["state"] for r in got] == ["delivered"] * 6, got
     events = {r["event_id"] for r in got}
     assert len(events) == 2
 
@@ -318,6 +365,7 @@ def test_two_deliverers_never_claim_the_same_row(
 def test_the_server_delivers_across_a_restart_mid_delivery(
     guard: Guard, db_url: str, tmp_path: Path
 ) -> None:
+    sql_only(db_url, "the server")
     pytest.importorskip("fastapi")
     procs: list[subprocess.Popen[bytes]] = []
     killed: list[str] = []
@@ -367,6 +415,7 @@ def test_the_server_delivers_across_a_restart_mid_delivery(
 def test_stored_preferences_choose_which_events_are_mailed(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    sql_only(db_url, "stored preferences")
     pytest.importorskip("fastapi")
     import warnings
 
