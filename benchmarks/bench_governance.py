@@ -105,22 +105,35 @@ def count_statements(guard: Guard, run: Callable[[], Any]) -> tuple[int, int]:
     return seen[0], seen[1]
 
 
-def setup(url: str) -> tuple[Guard, Guard]:
+def setup(url: str) -> tuple[Guard, Guard, Guard]:
+    """The plain guard, the governed one, and the governed one whose governance store
+    joins the ledger's claim and completion (``ONCEONLY_GOV_JOIN=1``, issue 15)."""
     ns = f"bench-gov-{uuid.uuid4().hex[:8]}"
     if not url.startswith("sqlite"):
         with SQLStore(url) as s:
             s.migrate()
     plain = Guard(url, namespace=ns + "-p", quiet=True)
-    gov = Guard(url, namespace=ns + "-g", quiet=True)
-    gov.gov.upsert_policy(
-        Policy(
-            agent_id="bench",
-            max_actions_per_hour=10**9,
-            max_spend_usd_per_day=10**9,
-            pricing_rules={"tool": 0.01},
-        )
-    )
-    return plain, gov
+    out = [plain]
+    for suffix, join in (("-g", "0"), ("-j", "1")):
+        g = Guard(url, namespace=ns + suffix, quiet=True)
+        before = os.environ.get("ONCEONLY_GOV_JOIN")
+        os.environ["ONCEONLY_GOV_JOIN"] = join  # read when the governance store opens
+        try:
+            g.gov.upsert_policy(
+                Policy(
+                    agent_id="bench",
+                    max_actions_per_hour=10**9,
+                    max_spend_usd_per_day=10**9,
+                    pricing_rules={"tool": 0.01},
+                )
+            )
+        finally:
+            if before is None:
+                del os.environ["ONCEONLY_GOV_JOIN"]
+            else:
+                os.environ["ONCEONLY_GOV_JOIN"] = before
+        out.append(g)
+    return out[0], out[1], out[2]
 
 
 def sqlite_raw(path: str, sync: str) -> Callable[[int], None]:
@@ -164,7 +177,7 @@ COUNTS: dict[str, tuple[int, int]] = {}
 
 
 def bench(label: str, url: str, raw: Callable[[int], None], calls: int) -> list[tuple[str, float]]:
-    plain, gov = setup(url)
+    plain, gov, joined = setup(url)
     tag = uuid.uuid4().hex[:6]
 
     def p(n: int) -> None:
@@ -174,19 +187,32 @@ def bench(label: str, url: str, raw: Callable[[int], None], calls: int) -> list[
         r = gov.call_tool(tool, {"item": f"{tag}-{n}"}, tool="tool", agent_id="bench")
         assert r.decision == "executed", r
 
+    def j(n: int) -> None:
+        r = joined.call_tool(tool, {"item": f"{tag}-{n}"}, tool="tool", agent_id="bench")
+        assert r.decision == "executed", r
+
     for i in range(30):  # warm up every path
         raw(10**8 + i)
         p(10**8 + i)
         g(10**8 + i)
-    res = interleave({"raw": raw, "plain": p, "governed": g}, calls)
+        j(10**8 + i)
+    res = interleave({"raw": raw, "plain": p, "governed": g, "joined": j}, calls)
     stmts, txs = COUNTS[label] = count_statements(gov, lambda: g(10**9 + 1))
     print(
         f"{label}: per governed call, the governance store sends {stmts} statements "
         f"in {txs} transactions (BEGIN/COMMIT not counted; the ledger's own claim and "
         "completion, plus one read of the record, come on top)"
     )
+    jst, jtx = count_statements(joined, lambda: j(10**9 + 1))
+    print(
+        f"{label}: joined (ONCEONLY_GOV_JOIN=1): {jst} statements in {jtx} transactions, "
+        "the ledger's claim and completion included (nothing comes on top); "
+        f"joined / plain = {res['joined'] / res['plain']:.2f}x, "
+        f"governed / plain = {res['governed'] / res['plain']:.2f}x"
+    )
     plain.close()
     gov.close()
+    joined.close()
     return [(f"{label} {k}", v) for k, v in res.items()]
 
 

@@ -58,7 +58,7 @@ from .stores.base import MAX_LABEL, NewClaim, check_labels
 
 if TYPE_CHECKING:
     from .contract import Classification
-    from .governance.engine import Governance, Request
+    from .governance.engine import Governance, Inner, Request
     from .governance.models import ToolResult
 
 __all__ = [
@@ -1289,6 +1289,7 @@ class Guard:
             lease=spec.opts.lease,
             by_name=by_name,
             would_replay=would_replay,
+            claim=None if call is None or call.force or _reentrant(call) else call.new,
         )
         return req, call
 
@@ -1307,12 +1308,12 @@ class Guard:
         gov = self.gov if (agent is not None or req.run_id) else None
         peek = functools.partial(self._peek, call)
 
-        def inner(rid: str | None) -> Any:
+        def inner(op: Inner | None) -> Any:
             seen: list[BaseException] = []
             try:
                 if call is None or _reentrant(call):
                     return self._unledgered(spec, req, thunk())
-                extra = self._extender(rid, call)
+                extra = self._joined(op, call)
                 outcome = self._execute(call, thunk, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
@@ -1344,12 +1345,12 @@ class Guard:
         gov = self.gov if (agent is not None or req.run_id) else None
         peek = functools.partial(self._peek, call)
 
-        async def inner(rid: str | None) -> Any:
+        async def inner(op: Inner | None) -> Any:
             seen: list[BaseException] = []
             try:
                 if call is None or _reentrant(call):
                     return self._unledgered(spec, req, await _acall(thunk, is_async, None))
-                extra = self._extender(rid, call)
+                extra = self._joined(op, call)
                 outcome = await self._aexecute(call, thunk, is_async, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
@@ -1397,6 +1398,14 @@ class Guard:
     def _peek(self, call: Call | None) -> Record | None:
         """The ledger record of this call, if any (is it a replay? then it costs nothing)."""
         return None if call is None else self.store.get(call.namespace, call.key)
+
+    def _joined(self, op: Inner | None, call: Call) -> Callable[[], Any] | None:
+        """Hand the flow what the governed call's transactions did for it (the claim
+        begin_claim made, the completion that settles the hold); the hold's extender."""
+        if op is None:
+            return None
+        call.claimed, call.complete = op.claimed, op.complete
+        return self._extender(op.reservation, call)
 
     def _extender(self, rid: str | None, call: Call) -> Callable[[], Any] | None:
         """A heartbeat add-on that keeps a budget hold alive as long as the claim."""

@@ -210,8 +210,12 @@ class Finish(StoreOp):
     result: str | None = None
     error: str | None = None
     ttl: float | None = None
+    #: Runs this completion instead of ``store.finish`` (Call.complete); None: the store.
+    via: Callable[[Store, Finish], bool] | None = None
 
     def run(self, store: Store) -> bool:
+        if self.via is not None:
+            return self.via(store, self)
         return store.finish(
             self.namespace,
             self.key,
@@ -356,6 +360,12 @@ class Call:
     new: NewClaim
     codec: ResultCodec
     force: bool = False
+    #: The record a claim of this key already returned (a governed call's first
+    #: transaction claimed it with the budget reservation): the flow's first Claim.
+    claimed: Record | None = None
+    #: Runs the completion of an executed call instead of ``store.finish`` (a governed
+    #: call's second transaction: completion, settle and audit; see Finish.via).
+    complete: Callable[[Store, Finish], bool] | None = None
 
 
 FINISH_RETRIES = (0.05, 0.2, 0.5, 1.0)
@@ -365,7 +375,9 @@ Op = StoreOp | Sleep | Execute | Reconcile
 
 def flow(call: Call) -> Generator[Op, Any, Outcome]:
     ns, key, opts = call.namespace, call.key, call.opts
-    rec: Record | None = yield Claim(ns, key, call.new)
+    rec: Record | None = call.claimed
+    if rec is None:
+        rec = yield Claim(ns, key, call.new)
     deadline: float | None = None
     delay = 0.002
     while True:
@@ -444,7 +456,7 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
 
     ran: Ran = yield Execute(_context(call, rec))
     if ran.ok:
-        yield from _record_success(call, rec, ran.value)
+        yield from _record_success(call, rec, ran.value, call.complete)
         return Outcome(
             "executed",
             call.tool,
@@ -518,7 +530,9 @@ def _oversize(text: str, limit: int | None) -> int | None:
     return size if size > limit else None
 
 
-def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, None]:
+def _record_success(
+    call: Call, rec: Record, value: Any, via: Callable[[Store, Finish], bool] | None = None
+) -> Generator[Op, Any, None]:
     try:
         text: str | None = call.codec.encode(value)
         note = None
@@ -546,6 +560,7 @@ def _record_success(call: Call, rec: Record, value: Any) -> Generator[Op, Any, N
                 result=text,
                 error=note,
                 ttl=call.opts.ttl,
+                via=via,
             )
         except StoreError as err:
             if i == len(FINISH_RETRIES):
@@ -627,7 +642,7 @@ async def run_async(
                     # Releasing a lease runs inline: it must happen even when the task
                     # has just been cancelled, and awaiting again could be cancelled too.
                     send = op.run(store)
-                elif store.nowait:
+                elif store.nowait and not (type(op) is Finish and op.via is not None):
                     # On the loop unless it would wait for a lock (SQLite WAL NORMAL):
                     # a worker-thread hop costs about as much as the write itself.
                     try:

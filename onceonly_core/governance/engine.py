@@ -43,8 +43,8 @@ from .models import (
 from .templates import template
 
 if TYPE_CHECKING:
-    from ..protocol import CallContext, Outcome
-    from ..stores.base import Store
+    from ..protocol import CallContext, Finish, Outcome
+    from ..stores.base import NewClaim, Record, Store
 
 __all__ = ["Governance", "Verdict", "evaluate"]
 
@@ -174,6 +174,47 @@ class Inner:
     """Run the guarded call (claim → execute → fenced completion)."""
 
     reservation: str | None
+    #: The ledger record begin_claim's transaction claimed (the flow's first Claim).
+    claimed: Record | None = None
+    #: The completion that settles the hold in the same transaction (Finish.via).
+    complete: Complete | None = None
+
+
+@dataclass(slots=True)
+class Complete:
+    """A governed call's second transaction, as the flow's completion of an executed
+    call (:attr:`Finish.via`): the ledger's fenced completion, the hold's settle and the
+    audit row — ``audit``, or ``lost`` when the lease was lost — in one commit
+    (:meth:`GovernanceStore.complete`). ``settled``: it returned, so the engine does not
+    settle again."""
+
+    store: GovernanceStore
+    tenant: str
+    agent_id: str
+    rid: str
+    amounts: list[list[Any]]
+    audit: dict[str, Any]
+    lost: dict[str, Any]
+    settled: bool = False
+
+    def __call__(self, ledger: Store, fin: Finish) -> bool:
+        done = self.store.complete(
+            self.tenant,
+            self.agent_id,
+            self.rid,
+            self.amounts,
+            ledger,
+            fin.namespace,
+            fin.key,
+            fin.token,
+            result=fin.result,
+            error=fin.error,
+            ttl=fin.ttl,
+            audit={**self.audit, "token": fin.token},
+            lost=self.lost,
+        )
+        self.settled = True
+        return done
 
 
 @dataclass(slots=True)
@@ -191,6 +232,9 @@ class Request:
     lease: float
     by_name: bool
     would_replay: Callable[[Any], bool]
+    #: What the ledger's claim writes (None: this call is not claimed by the engine's
+    #: first transaction — unlimited, re-entrant, forced, or no key).
+    claim: NewClaim | None = None
 
 
 _QUIET_FAIL = object()
@@ -213,25 +257,52 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         return result
     agent = req.agent_id
     peeked: Any = _UNSEEN
-    if gov.capped.get((agent, req.tool)):
+    ledger = gov.joined(req)
+    if ledger is None and gov.capped.get((agent, req.tool)):
         # This agent's calls of this tool reserved budget last time: read the ledger
         # first (a replay spends nothing), so that the policy snapshot and the
         # reservation can share one transaction.
         peeked = yield Peek()
     seen: list[Verdict] = []
 
-    def decide(snap: dict[str, Any]) -> tuple[list[Want], dict[str, Any]] | None:
+    def judge(snap: dict[str, Any], rec: Any) -> tuple[bool, tuple[list[Want], Any] | None]:
+        """Whether the call goes ahead now, and what it reserves, given the ledger
+        record (``_UNSEEN``: not read yet, reserve later)."""
         v = evaluate(snap, agent, req.tool, req.spend_usd, by_name=req.by_name)
         seen[:] = [v]
-        if v.reason is not None or v.approval or not v.wants or peeked is _UNSEEN:
-            return None  # blocked, or an approval comes first, or nothing to count
-        if peeked is not None and req.would_replay(peeked):
-            return None  # a replay runs nothing and spends nothing
-        return v.wants, _audit_entry(req, None, v, "unknown", "lease_expired")
+        if v.reason is not None or v.approval:
+            return False, None  # blocked, or an approval comes first
+        if not v.wants or rec is _UNSEEN:
+            return True, None  # nothing to count (or not known yet)
+        if rec is not None and req.would_replay(rec):
+            return True, None  # a replay runs nothing and spends nothing
+        return True, (v.wants, _audit_entry(req, None, v, "unknown", "lease_expired"))
 
+    def decide(snap: dict[str, Any]) -> tuple[list[Want], dict[str, Any]] | None:
+        return judge(snap, peeked)[1]
+
+    claimed: Record | None = None
     # The policy snapshot (kill switch, registry, policy) and, when the verdict allows,
-    # the reservation: one transaction where the store can (GovernanceStore.begin).
-    if peeked is _UNSEEN:
+    # the reservation: one transaction where the store can (GovernanceStore.begin), with
+    # the ledger's claim when the store shares the ledger's database (begin_claim).
+    if ledger is not None:
+        snap, res, claimed = yield G(
+            "begin_claim",
+            (
+                tenant,
+                agent,
+                req.tool,
+                ledger,
+                req.namespace,
+                req.key or "",
+                req.claim,
+                judge,
+                req.lease,
+            ),
+        )
+        if claimed is not None:
+            peeked = claimed
+    elif peeked is _UNSEEN:
         # No reservation expected: the snapshot alone (a read, no write lock).
         snap, res = (yield G("snapshot", (tenant, agent, req.tool))), None
     else:
@@ -313,8 +384,20 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         yield from _record(gov, req, result, None)
         return result
     rid = res.id if res is not None else None
+    complete = None
+    if rid is not None and claimed is not None:
+        # The completion, the settle and the audit row: one transaction (the flow's).
+        complete = Complete(
+            gov.store,
+            tenant,
+            agent,
+            rid,
+            _amounts(v),
+            _audit_entry(req, None, v, "executed", "ok"),
+            _audit_entry(req, None, v, "executed", "lease_lost"),
+        )
     try:
-        ran = yield Inner(rid)
+        ran = yield Inner(rid, claimed, complete)
     except BaseException:
         # Interrupted (cancelled task, KeyboardInterrupt, SystemExit) with the tool
         # possibly run: settle the hold as spent and audit the unknown outcome at once,
@@ -334,7 +417,9 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
             # The tool ran; only its ledger completion failed (CompletionNotRecorded)
             # or was refused (LeaseLost): keep the spend counted and audit the run.
             entry = _audit_entry(req, None, v, "executed", why)
-            if rid is not None:
+            if complete is not None and complete.settled:
+                pass  # the completion's transaction settled it (lease_lost) already
+            elif rid is not None:
                 yield G("settle", (tenant, agent, rid, _amounts(v), entry), quiet=True)
             else:
                 yield G("append_audit", (tenant, entry), quiet=True)
@@ -361,7 +446,9 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         entry["notify"] = note  # written with the audit row, in its transaction
     wrote: Any = None
     if result.decision == "executed" and not reconciled:
-        if rid is not None:
+        if complete is not None and complete.settled:
+            pass  # settled and audited in the completion's transaction
+        elif rid is not None:
             # Settle and audit in one transaction (retried on a fresh connection by the
             # store). If it still fails, the hold stays: it counts as spent, and whoever
             # sweeps it writes the audit row. Never released: the tool ran.
@@ -580,7 +667,7 @@ def drive_sync(
     gen: Generator[Any, Any, ToolResult],
     gov: Governance,
     peek: Callable[[], Any],
-    inner: Callable[[str | None], Any],
+    inner: Callable[[Inner], Any],
 ) -> ToolResult:
     send: Any = None
     error: BaseException | None = None
@@ -599,7 +686,7 @@ def drive_sync(
             send = None
         else:
             try:
-                send = inner(op.reservation)
+                send = inner(op)
             except BaseException as err:  # interrupted: governed() settles, re-raises
                 error = err
 
@@ -608,7 +695,7 @@ async def drive_async(
     gen: Generator[Any, Any, ToolResult],
     gov: Governance,
     peek: Callable[[], Any],
-    inner: Callable[[str | None], Any],
+    inner: Callable[[Inner], Any],
 ) -> ToolResult:
     send: Any = None
     error: BaseException | None = None
@@ -622,6 +709,8 @@ async def drive_async(
         if type(op) is G:
             if inline:
                 send = _g(gov, op)
+            elif op.method == "begin_claim":
+                send = await _claiming(gov, op)
             elif op.urgent:
                 # The task was just cancelled: the write runs in its own thread and
                 # completes even if this task is cancelled again while waiting for it.
@@ -640,9 +729,33 @@ async def drive_async(
             send = None
         else:
             try:
-                send = await inner(op.reservation)
+                send = await inner(op)
             except BaseException as err:  # cancelled: governed() settles, re-raises
                 error = err
+
+
+async def _claiming(gov: Governance, op: G) -> Any:
+    """begin_claim in a worker thread, shielded: cancelled while it runs, the task
+    waits for it and, if it claimed the key and held budget, gives both back before
+    leaving (the lease expired at once, as a cancelled plain claim's; the hold
+    released: the tool never ran)."""
+    task = asyncio.ensure_future(asyncio.to_thread(_g, gov, op))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            _snap, res, rec = await task
+        except BaseException:  # failed or cancelled: nothing to give back
+            raise asyncio.CancelledError from None
+        tenant, agent, ledger = op.args[0], op.args[1], op.args[3]
+        if res is not None and res.ok:
+            _g(gov, G("release", (tenant, agent, res.id), quiet=True))
+        if rec is not None and rec.mine:
+            try:
+                ledger.heartbeat(rec.namespace, rec.key, rec.token, -1.0)
+            except Exception:
+                log.exception("giving back the claim of %r failed", rec.key)
+        raise
 
 
 def _g(gov: Governance, op: G) -> Any:
@@ -737,6 +850,19 @@ class Governance:
         #: (agent, tool) pairs whose last call reserved budget: a hint only (which order
         #: to read in), never a decision; see governed().
         self.capped: dict[tuple[str, str], bool] = {}
+        self._joins: tuple[GovernanceStore, Store, bool] | None = None
+
+    def joined(self, req: Request) -> Store | None:
+        """The ledger, when this call's claim and completion can join the governance
+        store's transactions (same database; the call has a claim to make)."""
+        if req.claim is None:
+            return None
+        ledger = self._guard.ledger
+        store = self.store
+        seen = self._joins
+        if seen is None or seen[0] is not store or seen[1] is not ledger:
+            seen = self._joins = (store, ledger, store.joins(ledger))
+        return ledger if seen[2] else None
 
     def note_capped(self, agent_id: str, tool: str, capped: bool) -> None:
         key = (agent_id, tool)

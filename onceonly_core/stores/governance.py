@@ -25,17 +25,24 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+# The ledger's types (stores.base), typed Any here: stores.base already names this
+# module (Store.governance_store), and the modules of stores form no cycle.
+Store: TypeAlias = Any
+NewClaim: TypeAlias = Any
+Record: TypeAlias = Any
 __all__ = [
     "GENESIS",
     "Decide",
+    "DecideClaim",
     "GovernanceStore",
     "OutboxStore",
     "Reservation",
     "Want",
     "audit_fields",
     "chain_hash",
+    "completed_by",
 ]
 
 #: The previous hash of an agent's first audit row.
@@ -70,6 +77,16 @@ class Reservation:
 #: and again if it reruns that transaction.
 Decide = Callable[[dict[str, Any]], tuple[Sequence[Want], dict[str, Any] | None] | None]
 
+#: What :meth:`GovernanceStore.begin_claim` asks of the caller once it has the snapshot
+#: and the ledger record the claim found (``mine``: claimed now; None: no record, a store
+#: that only read it): whether the call goes ahead (False: the claim must not survive,
+#: e.g. a blocked call or one that needs an approval first) and, as for :data:`Decide`,
+#: what to reserve. Pure, as Decide.
+DecideClaim = Callable[
+    [dict[str, Any], Any],
+    tuple[bool, tuple[Sequence[Want], dict[str, Any] | None] | None],
+]
+
 
 def chain_hash(prev: str, fields: dict[str, Any]) -> str:
     """sha256 over the previous hash and the row's canonical JSON."""
@@ -97,6 +114,13 @@ def audit_fields(row: Any) -> dict[str, Any]:
         "idem_key": row.idem_key,
         "created_at": float(row.created_at),
     }
+
+
+def completed_by(rec: Record | None, token: int) -> bool:
+    """A completion that matched no row was ours after all: an earlier attempt committed
+    and lost only its reply (the record is succeeded with our token: no one else can
+    write that)."""
+    return rec is not None and rec.token == token and rec.state == "succeeded"
 
 
 class GovernanceStore(abc.ABC):
@@ -168,6 +192,84 @@ class GovernanceStore(abc.ABC):
             return snap, None
         wants, audit = plan
         return snap, self.reserve(tenant, agent_id, namespace, key, wants, lease, audit)
+
+    # -- a governed call in two transactions (issue 15) ---------------------------------
+    def joins(self, ledger: Store) -> bool:
+        """True when this store can run ``ledger``'s claim and completion inside its own
+        transactions (:meth:`begin_claim`, :meth:`complete`): the same database. The
+        engine then runs a governed call in two commits, as a plain call has; otherwise
+        (this default) it keeps the ledger's primitives and this store's apart."""
+        return False
+
+    def begin_claim(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        ledger: Store,
+        namespace: str,
+        key: str,
+        new: NewClaim,
+        decide: DecideClaim,
+        lease: float,
+    ) -> tuple[dict[str, Any], Reservation | None, Record | None]:
+        """:meth:`begin` with the ledger's claim of ``key`` in the same transaction:
+        the snapshot, the claim (``ledger.claim``'s conditional insert, or the record
+        that holds the key), ``decide(snapshot, record)``, the reservation. If the
+        decision says no, or a cap refuses the reservation, nothing commits — the claim
+        neither (a claim left by a refused call would make its retry an unknown outcome).
+        Returns the snapshot, the reservation and the record the claim found (None:
+        nothing was claimed here, the caller claims as usual).
+
+        This default claims nothing: it reads the record, then runs :meth:`begin`."""
+        found = ledger.get(namespace, key)
+
+        def plan(snap: dict[str, Any]) -> tuple[Sequence[Want], dict[str, Any] | None] | None:
+            return decide(snap, found)[1]
+
+        snap, res = self.begin(tenant, agent_id, tool, namespace, key, plan, lease)
+        return snap, res, None
+
+    def complete(
+        self,
+        tenant: str,
+        agent_id: str,
+        rid: str,
+        amounts: list[Any],
+        ledger: Store,
+        namespace: str,
+        key: str,
+        token: int,
+        *,
+        result: str | None,
+        error: str | None,
+        ttl: float | None,
+        audit: dict[str, Any],
+        lost: dict[str, Any],
+    ) -> bool:
+        """The tool ran: the ledger's fenced completion (``ledger.finish(ok=True)``)
+        and :meth:`settle` of the hold, with ``audit`` — or, when the completion matched
+        no record (the lease was lost to a take-over), with ``lost`` — in one
+        transaction where the store can. Returns the completion's answer, as ``finish``
+        does. Safe to retry: the settle is idempotent (the hold gone: nothing written),
+        and a record already succeeded with ``token`` counts as completed.
+
+        This default runs the two primitives one after the other; a failed settle
+        leaves the hold, counted as spent, for a sweep to audit."""
+        done: bool = ledger.finish(
+            namespace, key, token, ok=True, result=result, error=error, ttl=ttl
+        )
+        if not done:
+            done = completed_by(ledger.get(namespace, key), token)
+        try:
+            self.settle(tenant, agent_id, rid, amounts, audit if done else lost)
+        except Exception:
+            import logging
+
+            logging.getLogger("onceonly.governance").exception(
+                "settling budget hold %s failed: it stays counted, a sweep audits it", rid
+            )
+        return done
 
     @abc.abstractmethod
     def reserve(

@@ -61,20 +61,24 @@ import sqlalchemy as sa
 
 from ..errors import ConfigError, StoreError
 from . import schema as S
-from .base import Store
+from .base import NewClaim, Record, Store
 from .governance import (
     GENESIS,
     Decide,
+    DecideClaim,
     GovernanceStore,
     Reservation,
     Want,
     audit_fields,
     chain_hash,
+    completed_by,
 )
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
 T = TypeVar("T")
+#: What a decision asks to reserve: the wants and the sweeper's audit entry, or None.
+Plan = tuple[Sequence[Want], dict[str, Any] | None] | None
 
 _NOW_SQL = {
     "postgresql": "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8",
@@ -301,6 +305,8 @@ class GovStore(GovernanceStore):
         self._reader: sa.Engine | None = None
         self._snap: Any = None
         self._head_now: Any = None
+        self._url: sa.URL | None = None  # the SQL ledger's database (memory: none)
+        self._join = os.environ.get("ONCEONLY_GOV_JOIN", "").strip().lower() in ("1", "true")
         if ledger.kind == "memory":
             self.kind = "memory"
             self.engine = sa.create_engine(
@@ -321,6 +327,7 @@ class GovStore(GovernanceStore):
             )
         ledger.ensure_schema()
         self.kind = ledger.kind
+        self._url = ledger.url
         if ledger.kind == "sqlite":
             # Our own pooled engine on the same file (the ledger's operator engine is
             # NullPool): BEGIN IMMEDIATE takes the write lock up front, so two
@@ -729,10 +736,140 @@ class GovStore(GovernanceStore):
         read under the same lock the reservation takes (SQLite: BEGIN IMMEDIATE; the
         server databases: the counters' row locks, after the read), so the verdict and
         the caps it is checked against are one consistent step, and one commit."""
+        snap, res, _ = self._begin(
+            tenant, agent_id, tool, namespace, key, lambda snap, _: (True, decide(snap)), lease
+        )
+        return snap, res
+
+    # -- a governed call in two transactions: the ledger's claim and completion join ----
+    def joins(self, ledger: Store) -> bool:
+        # Off unless ONCEONLY_GOV_JOIN=1 (read when the store opens): issue 15's path is
+        # not switched on by default yet (docs/governance.md).
+        return (
+            self._join and self._url is not None and _sql_ledger(ledger) and ledger.url == self._url
+        )
+
+    def begin_claim(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        ledger: Store,
+        namespace: str,
+        key: str,
+        new: NewClaim,
+        decide: DecideClaim,
+        lease: float,
+    ) -> tuple[dict[str, Any], Reservation | None, Record | None]:
+        """begin() with the ledger's claim after the snapshot, in its transaction: the
+        claim commits with the reservation, or (a refusal) is rolled back with it."""
+        if not self.joins(ledger):
+            return super().begin_claim(
+                tenant, agent_id, tool, ledger, namespace, key, new, decide, lease
+            )
+        led: Any = ledger  # a SQLStore (claim_on, get_on, finish_on)
+
+        def claim(conn: sa.Connection, now: float) -> Record:
+            return led.claim_on(  # type: ignore[no-any-return]
+                self._runner(conn, begin=True), namespace, key, new, now
+            )
+
+        def unclaim(conn: sa.Connection) -> None:
+            led.unclaim_on(self._runner(conn), namespace, key)
+
+        try:
+            return self._begin(
+                tenant, agent_id, tool, namespace, key, decide, lease, claim, unclaim
+            )
+        except _Refused as no:
+            return no.snap, no.res, None
+
+    def _runner(
+        self, conn: sa.Connection, *, begin: bool = False
+    ) -> Callable[[str, dict[str, Any]], Any]:
+        """The ledger's statements on this transaction's cursor (``begin``: PostgreSQL's
+        hand-kept transaction starts with the first of them)."""
+        return lambda sql, params: self._exec(conn, sql, params, begin=begin)
+
+    def complete(
+        self,
+        tenant: str,
+        agent_id: str,
+        rid: str,
+        amounts: list[Any],
+        ledger: Store,
+        namespace: str,
+        key: str,
+        token: int,
+        *,
+        result: str | None,
+        error: str | None,
+        ttl: float | None,
+        audit: dict[str, Any],
+        lost: dict[str, Any],
+    ) -> bool:
+        """The ledger's fenced completion, then settle()'s steps with the audit entry
+        its answer picks: one transaction. The ledger row is locked first (then the
+        hold, then the chain head), the order a concurrent claim's begin takes them."""
+        if not self.joins(ledger):
+            return super().complete(
+                tenant,
+                agent_id,
+                rid,
+                amounts,
+                ledger,
+                namespace,
+                key,
+                token,
+                result=result,
+                error=error,
+                ttl=ttl,
+                audit=audit,
+                lost=lost,
+            )
+        led: Any = ledger
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            execute = self._runner(conn, begin=True)
+            clock = time.time() if now != now else now  # SQLite's ledger clock is the host's
+            done = bool(
+                led.finish_on(
+                    execute,
+                    namespace,
+                    key,
+                    token,
+                    result=result,
+                    error=error,
+                    ttl=ttl,
+                    now=clock,
+                )
+            )
+            if not done:
+                done = completed_by(led.get_on(execute, namespace, key, clock), token)
+            self._settle_in(conn, now, tenant, agent_id, rid, audit if done else lost)
+            return done
+
+        return self._tx(run, read=self._manual, clock=self._clock is not None)
+
+    def _begin(
+        self,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        namespace: str,
+        key: str,
+        decide: Callable[[dict[str, Any], Any], tuple[bool, Plan]],
+        lease: float,
+        claim: Callable[[sa.Connection, float], Record] | None = None,
+        unclaim: Callable[[sa.Connection], None] = lambda conn: None,
+    ) -> tuple[dict[str, Any], Reservation | None, Record | None]:
         rid = uuid.uuid4().hex  # chosen once: a rerun after a lost reply finds its own hold
         hot = self._hot
+        first: list[Record] = []  # the record the first attempt claimed
 
-        def run(conn: sa.Connection, now: float) -> tuple[dict[str, Any], Reservation | None]:
+        def run(
+            conn: sa.Connection, now: float
+        ) -> tuple[dict[str, Any], Reservation | None, Record | None]:
             p: dict[str, Any] = {
                 "t": tenant,
                 "a": agent_id,
@@ -748,6 +885,8 @@ class GovStore(GovernanceStore):
             # snapshot anyway); the transaction begins with the counters' locks.
             got = self._exec(conn, hot["snap"], p).fetchall()
             for kind, clock, ident, text, flag, reason in got:
+                if isinstance(ident, bytes):  # MySQL: the UNION's id column comes as binary
+                    ident = ident.decode()
                 if kind == 0:
                     now = snap["now"] = float(clock)
                 elif kind == 1:
@@ -764,17 +903,30 @@ class GovStore(GovernanceStore):
             # An agent-scoped registration overrides the global one.
             for t in sorted(tools, key=lambda r: r["scope_id"] != "global"):
                 snap["tool"] = t
-            plan = decide(snap)
+            rec = None
+            if claim is not None:
+                # The ledger's claim, in this transaction (a rerun after a lost reply
+                # finds the record its first attempt claimed: not ``mine`` then, which
+                # the caller's decision treats as any held key).
+                rec = claim(conn, now)
+                if rec.mine and not first:
+                    first.append(rec)
+            go, plan = decide(snap, rec)
+            if not go:
+                raise _Refused(snap, None)  # the claim is rolled back
             if plan is None:
-                return snap, None  # nothing written: the commit ends a read
+                return snap, None, rec  # nothing reserved: the commit ends a read (or a claim)
             wants, audit = plan
             keys = sorted({(w.metric, w.window) for w in wants})
             if self._rerun:
                 r = S.reservations
                 if conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None:
-                    # The first attempt committed and only its reply was lost.
+                    # The first attempt committed and only its reply was lost (its
+                    # claim with it: the record it claimed is ours).
                     used = self._lock_counters(conn, tenant, agent_id, keys)
-                    return snap, Reservation(True, rid, None, 0, now, used)
+                    if first:
+                        rec = first[0]
+                    return snap, Reservation(True, rid, None, 0, now, used), rec
             if expired:
                 # Holds whose lease expired belong to crashed or stalled workers whose
                 # tool may have run: settled as spent, each with its audit row, before
@@ -782,9 +934,16 @@ class GovStore(GovernanceStore):
                 if self._manual:
                     self._exec(conn, "SELECT 1", {}, begin=True)
                 self._sweep(conn, now, tenant, agent_id)
-            return snap, self._hold(
+            res = self._hold(
                 conn, now, tenant, agent_id, namespace, key, wants, keys, lease, audit, rid
             )
+            if not res.ok and rec is not None:
+                # A cap refused: the claim is taken back, in this transaction (the
+                # expired holds it swept stay swept); one that found a record wrote none.
+                if rec.mine:
+                    unclaim(conn)
+                return snap, res, None
+            return snap, res, rec
 
         return self._tx(run, read=self._manual, clock=self._clock is not None)
 
@@ -998,29 +1157,41 @@ class GovStore(GovernanceStore):
     ) -> bool:
         """The tool ran: its amounts stay counted (they were added at reserve time).
         ``audit``: that decision, appended in the same transaction."""
-        r = S.reservations
-        hot = audit is not None and not audit.get("notify") and self._dialect != "mysql"
 
         def run(conn: sa.Connection, now: float) -> bool:
-            if hot and not self._rerun:
-                return self._settle_hot(conn, now, tenant, agent_id, rid, audit)  # type: ignore[arg-type]
-            if self._manual:  # on the autocommit pool (see below): a transaction of our
-                self._exec(conn, "SELECT 1", {}, begin=True)  # own, committed by _tx
-            # The DELETE is the decision: if the hold is gone, a sweep (or our own
-            # earlier attempt, whose reply was lost) already counted it and wrote its
-            # audit row, and one row per execution is the rule.
-            # Scoped to the tenant and agent: a hold id from elsewhere (remote mode's
-            # callers are other tenants' keys) settles nothing.
-            mine = sa.and_(r.c.id == rid, r.c.tenant == tenant, r.c.agent_id == agent_id)
-            if conn.execute(sa.delete(r).where(mine)).rowcount == 0:
-                return False
-            if audit is not None:
-                self._append(conn, now, tenant, audit)
-            return True
+            return self._settle_in(conn, now, tenant, agent_id, rid, audit)
 
         # The clock rides on the head read. PostgreSQL: on the autocommit pool, with
         # BEGIN and COMMIT sent in the queries of the first and the last statement.
         return self._tx(run, read=self._manual, clock=self._clock is not None)
+
+    def _settle_in(
+        self,
+        conn: sa.Connection,
+        now: float,
+        tenant: str,
+        agent_id: str,
+        rid: str,
+        audit: dict[str, Any] | None,
+    ) -> bool:
+        """settle()'s steps in the caller's transaction."""
+        r = S.reservations
+        hot = audit is not None and not audit.get("notify") and self._dialect != "mysql"
+        if hot and not self._rerun:
+            return self._settle_hot(conn, now, tenant, agent_id, rid, audit)  # type: ignore[arg-type]
+        if self._manual:  # on the autocommit pool (see settle): a transaction of our
+            self._exec(conn, "SELECT 1", {}, begin=True)  # own, committed by _tx
+        # The DELETE is the decision: if the hold is gone, a sweep (or our own
+        # earlier attempt, whose reply was lost) already counted it and wrote its
+        # audit row, and one row per execution is the rule.
+        # Scoped to the tenant and agent: a hold id from elsewhere (remote mode's
+        # callers are other tenants' keys) settles nothing.
+        mine = sa.and_(r.c.id == rid, r.c.tenant == tenant, r.c.agent_id == agent_id)
+        if conn.execute(sa.delete(r).where(mine)).rowcount == 0:
+            return False
+        if audit is not None:
+            self._append(conn, now, tenant, audit)
+        return True
 
     def _settle_hot(
         self,
@@ -1724,6 +1895,15 @@ def _outbox_scope(tenant: str | None) -> Any:
 
 #: libpq's PQTRANS_IDLE: no transaction open on the connection.
 _PG_IDLE = 0
+
+
+class _Refused(Exception):
+    """begin_claim's decision or a cap said no: raised out of the transaction so that
+    it rolls back (the claim with it); carries what begin_claim returns."""
+
+    def __init__(self, snap: dict[str, Any], res: Reservation | None) -> None:
+        super().__init__("refused")
+        self.snap, self.res = snap, res
 
 
 class _Row:

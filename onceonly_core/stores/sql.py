@@ -121,6 +121,12 @@ _SQL = {
         "WHERE namespace = %(ns)s AND idem_key = %(k)s "
         f"AND token = %(token)s AND state = '{RUNNING}'"
     ),
+    # A claim inserted in the caller's own transaction, taken back in it (unclaim_on):
+    # only a first claim (token 1, running) is ever deleted.
+    "unclaim": (
+        f"DELETE FROM {_T} WHERE namespace = %(ns)s AND idem_key = %(k)s "
+        f"AND token = 1 AND state = '{RUNNING}'"
+    ),
     # Same fence as finish: a stale owner cannot extend a lease it no longer holds.
     "heartbeat": (
         f"UPDATE {_T} SET lease_until = {{now}} + %(lease)s "
@@ -612,7 +618,20 @@ class SQLStore(Store):
         error: str | None = None,
         ttl: float | None = None,
     ) -> bool:
-        params = {
+        sql, params = self._finish(namespace, key, token, ok, result, error, ttl)
+        return bool(self._run("finish", sql, params, False) == 1)
+
+    def _finish(
+        self,
+        namespace: str,
+        key: str,
+        token: int,
+        ok: bool,
+        result: str | None,
+        error: str | None,
+        ttl: float | None,
+    ) -> tuple[str, dict[str, Any]]:
+        params: dict[str, Any] = {
             "ns": namespace,
             "k": key,
             "token": token,
@@ -623,8 +642,76 @@ class SQLStore(Store):
         }
         if ttl is not None:
             params["ttl"] = float(ttl)
-        sql = self._sql["finish" if ttl is None else "finish_ttl"]
-        return bool(self._run("finish", sql, params, False) == 1)
+        return self._sql["finish" if ttl is None else "finish_ttl"], params
+
+    # -- on a caller's transaction (a governed call: stores/govsql.py) -------------------
+    #: ``execute(sql, params)`` runs one of this ledger's statements on the caller's
+    #: connection, inside the caller's transaction, and returns the DBAPI cursor.
+    def claim_on(
+        self,
+        execute: Callable[[str, dict[str, Any]], Any],
+        namespace: str,
+        key: str,
+        new: NewClaim,
+        now: float,
+    ) -> Record:
+        """:meth:`claim`'s conditional insert (and the read of a held key) run by
+        ``execute`` inside the caller's transaction: the governance store's ``begin``,
+        so that the claim commits with the reservation or not at all. ``now``: the
+        caller's clock reading (used where the ledger's clock is the host's)."""
+        params = self._claim_params(namespace, key, new)
+        params["now"] = now
+        if self.kind == "postgresql":
+            row = execute(self._claim_sql, params).fetchone()
+            if row is not None:
+                return _exact_record(row[1:], mine=bool(row[0]))
+        else:
+            try:
+                if execute(self._claim_sql, params).rowcount == 1:
+                    return self._mine(namespace, key, new, now)
+            except (self._integrity, sa.exc.IntegrityError):
+                pass  # MySQL: duplicate key (only the statement is rolled back)
+        found = self.get_on(execute, namespace, key, now)
+        if found is None:  # cleared rows are kept, so a vanished row means a purge
+            raise StoreError(f"record {key!r} disappeared during the claim; call again")
+        return found
+
+    def unclaim_on(
+        self, execute: Callable[[str, dict[str, Any]], Any], namespace: str, key: str
+    ) -> None:
+        """Delete the record :meth:`claim_on` inserted in the caller's transaction (the
+        caller's reservation was refused, and what else the transaction did — expired
+        holds swept as spent — must commit): a refused call leaves no claim behind."""
+        execute(self._sql["unclaim"], {"ns": namespace, "k": key})
+
+    def get_on(
+        self,
+        execute: Callable[[str, dict[str, Any]], Any],
+        namespace: str,
+        key: str,
+        now: float,
+    ) -> Record | None:
+        """:meth:`get` run by ``execute`` inside the caller's transaction."""
+        row = execute(self._sql["get"], {"ns": namespace, "k": key, "now": now}).fetchone()
+        return None if row is None else self._to_record(row)
+
+    def finish_on(
+        self,
+        execute: Callable[[str, dict[str, Any]], Any],
+        namespace: str,
+        key: str,
+        token: int,
+        *,
+        result: str | None,
+        error: str | None,
+        ttl: float | None,
+        now: float,
+    ) -> bool:
+        """:meth:`finish` (``ok=True``: the same fenced UPDATE) run by ``execute``
+        inside the caller's transaction: the governance store's settle."""
+        sql, params = self._finish(namespace, key, token, True, result, error, ttl)
+        params["now"] = now
+        return bool(execute(sql, params).rowcount == 1)
 
     def heartbeat(self, namespace: str, key: str, token: int, lease: float) -> bool:
         params = {"ns": namespace, "k": key, "token": token, "lease": float(lease)}
@@ -639,11 +726,20 @@ class SQLStore(Store):
         return int(self._run("clear", self._sql["clear_ns"], {"ns": namespace}, False))
 
     def now(self) -> float:
-        try:
-            with self.engine().connect() as conn:
-                return float(conn.execute(sa.text("SELECT " + _NOW[self.kind])).scalar_one())
-        except sa.exc.SQLAlchemyError as err:  # e.g. a pooled connection cut by a restart
-            raise StoreError(f"reading the {self.kind} ledger's clock failed: {err}") from err
+        for again in (True, False):
+            try:
+                with self.engine().connect() as conn:
+                    return float(conn.execute(sa.text("SELECT " + _NOW[self.kind])).scalar_one())
+            except sa.exc.DBAPIError as err:
+                # A pooled connection cut by a restart (a governed call's claims run on
+                # the governance store's connections, so nothing else may have noticed):
+                # the pool was invalidated with it, a fresh connection reads once more.
+                if again and err.connection_invalidated:
+                    continue
+                raise StoreError(f"reading the {self.kind} ledger's clock failed: {err}") from err
+            except sa.exc.SQLAlchemyError as err:
+                raise StoreError(f"reading the {self.kind} ledger's clock failed: {err}") from err
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- operator queries ---------------------------------------------------------------
     def list(

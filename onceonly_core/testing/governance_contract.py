@@ -36,7 +36,7 @@ import pytest
 
 from ..errors import ConfigError
 from ..governance.base import GovernanceStore, Want, audit_fields, chain_hash
-from ..stores.base import Store
+from ..stores.base import NewClaim, Store
 
 __all__ = ["GovernanceContract"]
 
@@ -384,6 +384,74 @@ class GovernanceContract:
         rows = gov.audit_rows(tenant, agent_id="a")
         assert [(r["idem_key"], r["decision"]) for r in rows] == [("k1", "unknown")]
         assert two.id is not None and gov.settle(tenant, "a", two.id, [], _entry("k2")) is True
+        assert gov.verify_audit(tenant) == []
+
+    def test_begin_claim_and_complete_join_the_ledger_or_leave_it_alone(
+        self, ledger: Store, gov: GovernanceStore, tenant: str
+    ) -> None:
+        """begin_claim = begin with the ledger's claim in its transaction; a store that
+        cannot join the ledger claims nothing (returns no record) and the caller claims.
+        A refusal (decide's, or a cap's) leaves no claim. complete = the fenced
+        completion and the settle: ``audit`` when it matched, ``lost`` when the token
+        was stale; retried after it committed, it writes nothing more."""
+        day = _day(gov)
+        gov.put_agent(tenant, "a", policy='{"agent_id": "a"}')
+        ns = f"ns-{tenant}"
+        new = NewClaim("pay", "me", 60.0)
+        wants = [Want("spend", day, 5, 10, "spend")]
+
+        def go(snap: dict[str, Any], rec: Any) -> Any:
+            assert snap["agent"] is not None and (rec is None or rec.mine)
+            return True, (wants, _entry("k", decision="unknown", reason="lease_expired"))
+
+        def claimed(key: str, decide: Any = go) -> tuple[Any, Any]:
+            _, res, rec = gov.begin_claim(tenant, "a", "pay", ledger, ns, key, new, decide, 60)
+            if res is not None and res.ok and rec is None:
+                rec = ledger.claim(ns, key, new)  # not joined: the caller claims
+            return res, rec
+
+        res, rec = claimed("k1")
+        assert res is not None and res.ok and res.id and rec is not None and rec.mine
+        assert ledger.get(ns, "k1") is not None
+        too_much = [Want("spend", day, 50, 10, "spend")]
+        no, rec2 = claimed("k2", lambda snap, rec: (True, (too_much, None)))
+        assert no is not None and not no.ok and rec2 is None
+        assert ledger.get(ns, "k2") is None  # the cap refused it: no claim survives
+        none, rec3 = claimed("k3", lambda snap, rec: (False, None))
+        assert none is None and rec3 is None and ledger.get(ns, "k3") is None
+
+        def complete(res: Any, rec: Any) -> bool:
+            return gov.complete(
+                tenant,
+                "a",
+                res.id,
+                [["spend", day, 5]],
+                ledger,
+                ns,
+                rec.key,
+                rec.token,
+                result='"ok"',
+                error=None,
+                ttl=None,
+                audit=_entry(rec.key, token=rec.token),
+                lost=_entry(rec.key, reason="lease_lost"),
+            )
+
+        assert complete(res, rec) is True
+        got = ledger.get(ns, "k1")
+        assert got is not None and (got.state, got.result) == ("succeeded", '"ok"')
+        assert complete(res, rec) is True  # a retry: completed already, nothing written
+        res4, rec4 = claimed("k4")
+        assert res4 is not None and res4.ok and rec4 is not None
+        assert ledger.take_over(ns, "k4", rec4, new, force=True) is not None  # lease lost
+        assert complete(res4, rec4) is False
+        assert gov.holds(tenant, "a") == 0
+        assert gov.counter(tenant, "a", "spend", day) == 10  # both ran: both counted
+        rows = gov.audit_rows(tenant, agent_id="a", newest_first=False)
+        assert [(r["idem_key"], r["decision"], r["reason"]) for r in rows] == [
+            ("k1", "executed", "ok"),
+            ("k4", "executed", "lease_lost"),
+        ]
         assert gov.verify_audit(tenant) == []
 
     def test_timelines_and_webhooks_read_back(self, gov: GovernanceStore, tenant: str) -> None:

@@ -1,0 +1,213 @@
+"""A governed call in two transactions (issue 15): reserve + claim, then settle +
+complete + audit, on every SQL ledger (SQLite, PostgreSQL, MariaDB).
+
+Counted at the seams where a transaction starts: each ledger statement outside the
+governance store is one (autocommitted), each governance-store primitive is one
+(``GovStore._tx``; SQLite's plain reads, ``_read``). Also here: a call a cap refuses
+leaves no ledger record behind, and a lease lost at completion still counts the spend
+and audits ``lease_lost`` once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from onceonly_core import Guard, current_call
+from onceonly_core.errors import LeaseLost
+from onceonly_core.governance import Policy
+from onceonly_core.governance.engine import DAY
+from onceonly_core.stores.sql import SQLStore
+
+PRICE = 4.0
+
+
+@pytest.fixture
+def guard(db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Guard]:
+    monkeypatch.setenv("ONCEONLY_GOV_JOIN", "1")  # the joined path (off by default yet)
+    if db_url.startswith(("postgresql", "mysql")):
+        with SQLStore(db_url) as store:
+            store.migrate()
+    g = Guard(db_url, namespace=namespace, quiet=True)
+    yield g
+    g.close()
+
+
+def capped(g: Guard, cap: float = 100.0) -> None:
+    g.gov.upsert_policy(
+        Policy(
+            agent_id="payer",
+            max_actions_per_hour=1000,
+            max_spend_usd_per_day=cap,
+            pricing_rules={"*": PRICE},
+        )
+    )
+
+
+def spent(g: Guard) -> float:
+    today = int(g.gov.store.now() // DAY) * DAY
+    return g.gov.store.counter(g.namespace, "payer", "spend", today) / 1e6
+
+
+def rows(g: Guard) -> list[tuple[str, str]]:
+    return [(e.decision, e.reason) for e in reversed(g.gov.agent_logs("payer"))]
+
+
+class Transactions:
+    """Counts the transactions a block of calls starts, by where they start."""
+
+    def __init__(self, g: Guard, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ledger = 0
+        self.governance = 0
+        ledger, gov = g.store, g.gov.store
+        for obj, name, side in (
+            (ledger, "_run", "ledger"),
+            (ledger, "get", "ledger"),  # SQLite's read skips _run
+            (gov, "_tx", "governance"),
+            (gov, "_read", "governance"),
+        ):
+            monkeypatch.setattr(obj, name, self._counting(getattr(obj, name), side))
+        self.on = False
+
+    def _counting(self, fn: Callable[..., Any], side: str) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self.on and not getattr(self, "_inside", False):
+                setattr(self, side, getattr(self, side) + 1)
+                self._inside = True  # get() may run _run: one transaction, counted once
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._inside = False
+            return fn(*args, **kwargs)
+
+        return counted
+
+    @property
+    def total(self) -> int:
+        return self.ledger + self.governance
+
+
+def pay(n: int) -> int:
+    return n
+
+
+def test_a_governed_call_commits_twice(guard: Guard, monkeypatch: pytest.MonkeyPatch) -> None:
+    capped(guard)
+    guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="payer")  # warm: schema, pools
+    tx = Transactions(guard, monkeypatch)
+    for n in range(1, 4):
+        tx.on = True
+        r = guard.call_tool(pay, {"n": n}, tool="pay", agent_id="payer")
+        tx.on = False
+        assert (r.decision, r.result, r.spend_usd) == ("executed", n, PRICE)
+        assert (tx.ledger, tx.governance) == (0, 2), n  # begin_claim, complete
+        tx.ledger = tx.governance = 0
+    assert spent(guard) == 4 * PRICE
+    assert rows(guard) == [("executed", "ok")] * 4
+    assert guard.gov.verify_audit() == []
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    # A replay: the claim finds the record, nothing is reserved; its audit row follows.
+    tx.on = True
+    r = guard.call_tool(pay, {"n": 1}, tool="pay", agent_id="payer")
+    tx.on = False
+    assert (r.decision, r.spend_usd) == ("dedup", 0.0)
+    assert tx.total <= 2
+    assert spent(guard) == 4 * PRICE
+
+
+def test_an_async_governed_call_commits_twice(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capped(guard)
+
+    async def apay(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    async def main() -> None:
+        await guard.acall_tool(apay, {"n": 0}, tool="apay", agent_id="payer")
+        tx = Transactions(guard, monkeypatch)
+        tx.on = True
+        r = await guard.acall_tool(apay, {"n": 1}, tool="apay", agent_id="payer")
+        tx.on = False
+        assert (r.decision, r.result, r.spend_usd) == ("executed", 1, PRICE)
+        assert (tx.ledger, tx.governance) == (0, 2)
+
+    asyncio.run(main())
+    assert spent(guard) == 2 * PRICE
+    assert rows(guard) == [("executed", "ok")] * 2
+
+
+def test_a_call_a_cap_refuses_leaves_no_ledger_record(guard: Guard) -> None:
+    capped(guard, cap=PRICE)
+    ran: list[int] = []
+
+    def charge(n: int) -> int:
+        ran.append(n)
+        return n
+
+    assert guard.call_tool(charge, {"n": 1}, tool="charge", agent_id="payer").ok
+    refused = guard.call_tool(charge, {"n": 2}, tool="charge", agent_id="payer")
+    assert (refused.decision, refused.policy_reason) == ("blocked", "daily_spend_exceeded")
+    assert refused.key is not None
+    # The claim made in the refused call's transaction was rolled back with it.
+    assert guard.store.get(guard.namespace, refused.key) is None
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    # Under a raised cap the same call runs as a new key: not an unknown outcome, not
+    # "in progress" behind a claim nobody holds.
+    capped(guard, cap=2 * PRICE)
+    again = guard.call_tool(charge, {"n": 2}, tool="charge", agent_id="payer", lease=30.0)
+    assert (again.decision, again.result, again.token) == ("executed", 2, 1)
+    assert ran == [1, 2]
+    assert spent(guard) == 2 * PRICE
+    assert rows(guard) == [
+        ("executed", "ok"),
+        ("blocked", "daily_spend_exceeded"),
+        ("executed", "ok"),
+    ]
+
+
+def test_a_blocked_call_leaves_no_ledger_record(guard: Guard) -> None:
+    guard.gov.upsert_policy(Policy(agent_id="payer", blocked_tools=["charge"]))
+    r = guard.call_tool(pay, {"n": 1}, tool="charge", agent_id="payer")
+    assert (r.decision, r.policy_reason) == ("blocked", "tool_blocked")
+    assert r.key is not None and guard.store.get(guard.namespace, r.key) is None
+
+
+def test_a_lease_lost_at_completion_counts_the_spend_and_audits_once(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    capped(guard)
+    ns = guard.namespace
+    ledger = guard.store
+    assert isinstance(ledger, SQLStore)
+    tx = Transactions(guard, monkeypatch)
+
+    def taken_over(n: int) -> int:
+        # Another worker takes the key over while the tool runs (token + 1): this
+        # execution's fenced completion can no longer match.
+        ctx = current_call()
+        assert ctx is not None
+        with ledger.engine().begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE onceonly_ledger SET token = token + 1"
+                    " WHERE namespace = :ns AND idem_key = :k"
+                ),
+                {"ns": ns, "k": ctx.key},
+            )
+        return n
+
+    tx.on = True
+    with pytest.raises(LeaseLost):
+        guard.call_tool(taken_over, {"n": 1}, tool="pay", agent_id="payer")
+    tx.on = False
+    assert (tx.ledger, tx.governance) == (0, 2)  # the lost completion settled in its own
+    assert spent(guard) == PRICE  # the tool ran: its spend stays counted
+    assert rows(guard) == [("executed", "lease_lost")]  # audited once
+    assert guard.gov.store.holds(ns, "payer") == 0
+    assert guard.gov.verify_audit() == []
