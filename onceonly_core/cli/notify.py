@@ -112,6 +112,11 @@ def notify_deliver(
 ) -> None:
     """Deliver due notifications; safe beside a server or other deliverers."""
     with _governance(url, namespace) as gov:
+        if not getattr(gov.store, "local_delivery", True):
+            raise CliError(
+                "remote mode: the control plane delivers its own outbox (onceonly serve "
+                "does, in the background); list and retry work from here"
+            )
         d = Deliverer(
             gov.store,  # type: ignore[arg-type]
             Settings.from_env(),

@@ -67,7 +67,10 @@ _GOV_REFUSED = {
     "purge_audit": "audit retention runs on the server (`onceonly retention` there), "
     "not through an agent's key",
 }
-_GOV_EXTRA = ("enqueue_notification",)
+#: The outbox primitives a remote guard uses: writing a standalone event, and the
+#: operator's dead-letter view (list, retry, pending). Claiming and marking rows stay on
+#: the server, which delivers its outbox itself.
+_GOV_EXTRA = ("enqueue_notification", "outbox_list", "outbox_pending", "outbox_retry")
 
 
 class RemoteCall(BaseModel):

@@ -647,3 +647,17 @@ class RemoteGovernanceStore(GovernanceStore):
     def enqueue_notification(self, tenant: str, event: dict[str, Any]) -> int:
         """Write a notification not tied to an audit row into the server's outbox."""
         return int(self._op("enqueue_notification", tenant=tenant, event=event))
+
+    # The dead-letter view of the server's outbox (onceonly notify list / retry, the
+    # dashboard). Delivery itself (claim, mark) is the server's: local_delivery is False.
+    def outbox_list(
+        self, tenant: str | None, state: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return list(self._op("outbox_list", tenant=tenant, state=state, limit=limit))
+
+    def outbox_pending(self, tenant: str | None) -> tuple[int, float | None]:
+        count, due = self._op("outbox_pending", tenant=tenant)
+        return int(count), None if due is None else float(due)
+
+    def outbox_retry(self, tenant: str | None, row_id: str) -> bool:
+        return bool(self._op("outbox_retry", tenant=tenant, row_id=row_id))

@@ -497,3 +497,41 @@ def test_the_cli_reads_and_governs_a_remote_ledger(remote: Any) -> None:
     migrate = _cli(remote, "migrate")
     assert migrate.returncode == 1 and "migrated on the server" in migrate.stderr
     assert "Traceback" not in migrate.stderr + bad.stderr
+
+
+def test_the_dead_letter_view_of_the_servers_outbox_works_remotely(
+    remote: Any, server_db: SQLStore
+) -> None:
+    from onceonly_core.governance.outbox import make_event
+
+    g = remote_guard(remote, agent_id="ops-bot")
+    # A webhook that can never be reached from the server (a refused egress: dead at once).
+    gov = server_db.governance_store()
+    try:
+        hook = {"url": "http://127.0.0.1:9/hook", "secret": "s" * 32, "events": "[]"}
+        gov.add_webhook(remote.name, {**hook, "budget_threshold": None, "enabled": True})
+        gov.enqueue_notification(
+            remote.name, make_event({"type": "tool_failed", "agent_id": "ops-bot"})
+        )
+        rows = g.gov.deliverer().list()
+        assert len(rows) == 1 and rows[0]["destination"].startswith("webhook:")
+        # The server's own deliverer finds the destination refused (loopback) and marks
+        # the row dead; if it has not run yet, do what it would.
+        deadline = time.monotonic() + 20
+        while g.gov.deliverer().list()[0]["state"] != "dead":
+            assert time.monotonic() < deadline, g.gov.deliverer().list()
+            for c in gov.outbox_claim(remote.name, 10, 60.0):
+                gov.outbox_mark(remote.name, c["id"], c["lease_token"], "dead", 0.0, "refused")
+            time.sleep(0.1)
+        assert g.gov.deliverer().pending()[0] == 0
+    finally:
+        gov.close()
+    shown = _cli(remote, "notify", "list", "--state", "dead", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (dead,) = json.loads(shown.stdout)
+    retried = _cli(remote, "notify", "retry", dead["id"])
+    assert retried.returncode == 0, retried.stderr
+    assert [r["state"] for r in g.gov.deliverer().list()] == ["pending"]
+    deliver = _cli(remote, "notify", "deliver")
+    assert deliver.returncode == 1 and "delivers its own outbox" in deliver.stderr
+    g.close()
