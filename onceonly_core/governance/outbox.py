@@ -458,7 +458,11 @@ class Deliverer:
         # Signed afresh per attempt (its own timestamp) under the event's stable id: a
         # receiver's replay cache accepts a resend, and dedupes its effect on the id.
         headers = sign(row["secret"], body, msg_id=c.event_id, timestamp=int(time.time()))
-        self._post(row["url"], body, headers)
+        # A resend may land in the same second as an attempt whose deliverer died after
+        # sending it: the same id, timestamp and signature, which a replay cache refuses
+        # (401/409). Retried with backoff, then, not dead at once: the next attempt is
+        # signed in a later second.
+        self._post(row["url"], body, headers, resend=c.attempts > 1)
 
     def _http(self) -> Any:
         if self._client is None:
@@ -471,7 +475,9 @@ class Deliverer:
             )
         return self._client
 
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+    def _post(
+        self, url: str, body: bytes, headers: dict[str, str], *, resend: bool = False
+    ) -> None:
         import httpx
 
         shown = _safe_url(url) or "(invalid url)"
@@ -491,7 +497,7 @@ class Deliverer:
             raise _Fail(f"{shown}: {type(exc).__name__}") from None
         if 200 <= status < 300:
             return
-        retry = status >= 500 or status in _RETRY_STATUSES
+        retry = status >= 500 or status in _RETRY_STATUSES or (resend and status in (401, 409))
         raise _Fail(f"{shown}: HTTP {status}", final=not retry)
 
     def _email(self, c: _Claim, to: str) -> None:

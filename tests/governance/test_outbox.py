@@ -335,6 +335,44 @@ def test_500s_are_retried_with_backoff_then_dead_then_retried_by_the_cli(
     assert missing.exit_code == 1
 
 
+def test_a_resend_refused_as_a_replay_is_retried_but_a_first_401_is_dead(guard: Guard) -> None:
+    """A deliverer that died after its send leaves a row whose resend may land in the same
+    second (same id, timestamp, signature): the receiver's replay cache answers 401. That
+    resend is retried, not dead; a 401 to a first attempt (a wrong secret) is dead at once."""
+    answers = [401, 401, 200]  # the lost attempt's echo, refused twice, then accepted
+
+    def receiver(req: Request) -> Reply:
+        return Reply(answers.pop(0), b"")
+
+    with loopback(receiver) as hook:
+        guard.gov.add_webhook(hook.url, SECRET, events=["blocked"])
+        guard.call_tool(delete_user, {"user": "u1"}, agent_id="bot")
+        guard.call_tool(delete_user, {"user": "u2"}, agent_id="bot")
+        d = Deliverer(
+            guard.gov.store,  # type: ignore[arg-type]
+            Settings.from_env(max_attempts=5, backoff_base=0.0, lease=1.0),
+            tenant=guard.namespace,
+        )
+        store: Any = guard.gov.store
+        # Attempt 1 of the first event is claimed and lost (its deliverer "died").
+        lost = store.outbox_claim(guard.namespace, 1, 1.0)
+        assert len(lost) == 1
+        deadline = time.monotonic() + 20
+        while answers:
+            assert time.monotonic() < deadline, d.list()
+            d.deliver_due()
+            time.sleep(0.05)
+        got = {r["id"]: r for r in d.list()}
+        first = got[lost[0]["id"]]
+        other = next(r for k, r in got.items() if k != lost[0]["id"])
+        d.close()
+    # The first event's resends: refused once as a replay, retried, delivered.
+    assert first["state"] == "delivered" and first["attempts"] == 3, first
+    # The second event's first attempt got a 401 (a wrong secret): dead, never retried.
+    assert other["state"] == "dead" and other["attempts"] == 1, other
+    assert other["last_error"].endswith("HTTP 401")
+
+
 # -- two deliverers, one send per row ---------------------------------------------------------
 def test_two_deliverers_never_claim_the_same_row(
     guard: Guard, monkeypatch: pytest.MonkeyPatch
