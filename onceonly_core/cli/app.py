@@ -86,7 +86,11 @@ class _Group(TyperGroup):
             lines = str(err).strip().splitlines()
             text = "\n".join(lines[:4])
             hint = f"Check the URL (--url or {URL_ENV})"
-            if not url.startswith("sqlite"):
+            if url.startswith(REMOTE_SCHEMES):
+                hint += " and that the onceonly serve server is running and reachable"
+            elif url.startswith(REDIS_SCHEMES):
+                hint += " and that the Redis server is running and reachable"
+            elif not url.startswith("sqlite"):
                 hint += (
                     " and that the database server is running; a new database needs: "
                     f"onceonly migrate --url '{url}'"

@@ -14,6 +14,7 @@ import typer
 from rich.text import Text
 
 from .. import retention
+from ..stores import REMOTE_SCHEMES
 from ._common import (
     DEFAULT_URL,
     CliError,
@@ -71,6 +72,11 @@ def retention_command(
         raise CliError("--audit-before needs --archive FILE (or --discard to keep no copy)")
     if archive is not None and audit_before is None:
         raise CliError("--archive goes with --audit-before (which audit rows to move)")
+    if url.startswith(REMOTE_SCHEMES):
+        raise CliError(
+            "remote mode: retention runs on the control plane's server, against its "
+            "database (onceonly retention --url <its database URL> there)"
+        )
     with _open(url) as store:
         now = store.now()
         cut = None if audit_before is None else _cutoff(audit_before, now)

@@ -496,7 +496,9 @@ def test_the_cli_reads_and_governs_a_remote_ledger(remote: Any) -> None:
     assert "ONCEONLY_API_KEY" in checks["database"]["fix"]
     migrate = _cli(remote, "migrate")
     assert migrate.returncode == 1 and "migrated on the server" in migrate.stderr
-    assert "Traceback" not in migrate.stderr + bad.stderr
+    kept = _cli(remote, "retention", "--yes")
+    assert kept.returncode == 1 and "retention runs on the control plane" in kept.stderr
+    assert "Traceback" not in migrate.stderr + bad.stderr + kept.stderr
 
 
 def test_the_dead_letter_view_of_the_servers_outbox_works_remotely(
