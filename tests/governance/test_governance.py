@@ -612,3 +612,27 @@ def test_a_store_without_an_outbox_says_so_once_instead_of_dropping_in_silence(
     assert [e["type"] for e in got] == ["run_failed", "run_failed"]  # hooks still run
     warned = [r.getMessage() for r in caplog.records if "no notification outbox" in r.getMessage()]
     assert len(warned) == 1 and "_NoOutbox" in warned[0] and "not delivered" in warned[0]
+
+
+def test_the_hot_path_snapshot_keeps_the_agent_and_global_rows_apart(guard: Guard) -> None:
+    """A capped agent's calls take the one-transaction snapshot (GovernanceStore.begin,
+    the raw-SQL fast path). With a global switch row present, the agent's own row (its
+    kill switch, its caps) stays the agent's on every store."""
+    gov = guard.gov
+    gov.upsert_policy(Policy(agent_id="bot", max_calls_per_tool={"charge_card": 2}))
+    gov.disable_all("drill")
+    gov.enable_all()  # the global row stays, enabled
+    args = {"customer": "c", "amount": 1.0}
+    first = guard.call_tool(charge_card, args, agent_id="bot")
+    assert first.decision == "executed"  # the agent/tool pair is capped from now on
+    gov.disable_agent("bot", "rogue")
+    stopped = guard.call_tool(charge_card, {**args, "amount": 2.0}, agent_id="bot")
+    assert (stopped.decision, stopped.policy_reason) == ("blocked", "agent_disabled")
+    gov.enable_agent("bot")
+    second = guard.call_tool(charge_card, {**args, "amount": 3.0}, agent_id="bot")
+    capped = guard.call_tool(charge_card, {**args, "amount": 4.0}, agent_id="bot")
+    assert second.decision == "executed"
+    assert (capped.decision, capped.policy_reason) == (
+        "blocked",
+        "max_calls_per_tool_exceeded",
+    )
