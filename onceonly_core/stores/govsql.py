@@ -48,6 +48,7 @@ database behind one lock, so tests see exactly the SQL semantics.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -75,6 +76,8 @@ from .governance import (
 )
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
+
+_log = logging.getLogger("onceonly.governance")
 
 T = TypeVar("T")
 #: What a decision asks to reserve: the wants and the sweeper's audit entry, or None.
@@ -306,7 +309,10 @@ class GovStore(GovernanceStore):
         self._snap: Any = None
         self._head_now: Any = None
         self._url: sa.URL | None = None  # the SQL ledger's database (memory: none)
-        self._join = os.environ.get("ONCEONLY_GOV_JOIN", "").strip().lower() in ("1", "true")
+        # On unless ONCEONLY_GOV_JOIN says no (0/false/no/off): the way back to the
+        # separate path (four commits per governed call) while the joined one is new.
+        join = os.environ.get("ONCEONLY_GOV_JOIN", "1").strip().lower()
+        self._join = join not in ("0", "false", "no", "off")
         if ledger.kind == "memory":
             self.kind = "memory"
             self.engine = sa.create_engine(
@@ -743,8 +749,7 @@ class GovStore(GovernanceStore):
 
     # -- a governed call in two transactions: the ledger's claim and completion join ----
     def joins(self, ledger: Store) -> bool:
-        # Off unless ONCEONLY_GOV_JOIN=1 (read when the store opens): issue 15's path is
-        # not switched on by default yet (docs/governance.md).
+        # ONCEONLY_GOV_JOIN=0 (read when the store opens) keeps them apart.
         return (
             self._join and self._url is not None and _sql_ledger(ledger) and ledger.url == self._url
         )
@@ -810,9 +815,19 @@ class GovStore(GovernanceStore):
     ) -> bool:
         """The ledger's fenced completion, then settle()'s steps with the audit entry
         its answer picks: one transaction. The ledger row is locked first (then the
-        hold, then the chain head), the order a concurrent claim's begin takes them."""
-        if not self.joins(ledger):
-            return super().complete(
+        hold, then the chain head), the order a concurrent claim's begin takes them.
+
+        If that transaction fails for good (after :meth:`_tx`'s retries), the completion
+        is recorded alone and the hold settled after it, as on the separate path: the
+        tool ran, and a governance write that keeps failing (the audit chain, the
+        hold) must not leave its ledger record running, whose next caller would see an
+        unknown outcome and, by default, run the tool again. If the ledger cannot be
+        written either, that raises StoreError and the flow retries, as for any
+        completion."""
+
+        def separate() -> bool:
+            return GovernanceStore.complete(
+                self,
                 tenant,
                 agent_id,
                 rid,
@@ -827,6 +842,9 @@ class GovStore(GovernanceStore):
                 audit=audit,
                 lost=lost,
             )
+
+        if not self.joins(ledger):
+            return separate()
         led: Any = ledger
 
         def run(conn: sa.Connection, now: float) -> bool:
@@ -849,7 +867,20 @@ class GovStore(GovernanceStore):
             self._settle_in(conn, now, tenant, agent_id, rid, audit if done else lost)
             return done
 
-        return self._tx(run, read=self._manual, clock=self._clock is not None)
+        try:
+            return self._tx(run, read=self._manual, clock=self._clock is not None)
+        except StoreError as err:
+            # Nothing of it committed, or it committed and only its reply was lost: the
+            # separate path finds that out (a record succeeded with our token counts as
+            # completed; a hold already gone settles nothing), so it is safe either way.
+            _log.warning(
+                "completing %r and settling hold %s in one transaction failed (%s): "
+                "recording the completion on its own",
+                key,
+                rid,
+                err,
+            )
+            return separate()
 
     def _begin(
         self,

@@ -6,6 +6,11 @@ shown not to have executed. Faults are injected deterministically here (an inter
 cancellation inside the tool, a ledger that cannot record a completion, a governance store
 whose settle fails, connections cut under the pool); test_db_restart.py restarts the real
 servers.
+
+The three fault tests run on both governed paths of a SQL ledger: the joined one (the
+default: the ledger's claim and completion inside the governance store's two
+transactions, so a fault lands in the joined transaction) and the separate one
+(``ONCEONLY_GOV_JOIN=0``: the ledger's primitives and the governance store's apart).
 """
 
 from __future__ import annotations
@@ -54,6 +59,30 @@ def spent(g: Guard, agent: str = "payer") -> float:
 
 def rows(g: Guard, agent: str = "payer") -> list[tuple[str, str]]:
     return [(e.decision, e.reason) for e in reversed(g.gov.agent_logs(agent))]
+
+
+@pytest.fixture(params=["joined", "separate"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The governed path (read when the governance store opens, after this fixture)."""
+    monkeypatch.setenv("ONCEONLY_GOV_JOIN", "1" if request.param == "joined" else "0")
+    return str(request.param)
+
+
+def joined_calls(g: Guard, path: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the completions that ran in the joined transaction (the ledger's
+    ``finish_on``); skips the joined variant where the ledger cannot join (memory, Redis)."""
+    if path == "joined" and not g.gov.store.joins(g.store):
+        pytest.skip(f"{type(g.store).__name__} has no joined path")
+    calls: list[int] = []
+    real = getattr(g.store, "finish_on", None)
+    if real is not None:
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(g.store, "finish_on", counted)
+    return calls
 
 
 # -- 1d. spend bounds --------------------------------------------------------------------
@@ -149,12 +178,15 @@ def test_an_interrupt_in_an_unpriced_governed_call_is_audited(guard: Guard) -> N
 
 # -- 1c. a completion the ledger could not record ----------------------------------------
 def test_completion_not_recorded_keeps_the_spend_and_audits_the_run(
-    guard: Guard, monkeypatch: pytest.MonkeyPatch
+    path: str, guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     capped(guard)
+    joined = joined_calls(guard, path, monkeypatch)
     ran: list[str] = []
+    refused: list[int] = []
 
     def refuse(*args: Any, **kwargs: Any) -> bool:
+        refused.append(1)
         raise StoreError("the ledger is gone")
 
     def pay(to: str) -> str:
@@ -163,9 +195,20 @@ def test_completion_not_recorded_keeps_the_spend_and_audits_the_run(
 
     monkeypatch.setattr("onceonly_core.protocol.FINISH_RETRIES", (0.0,))
     monkeypatch.setattr(guard.store, "finish", refuse)
+    if path == "joined":  # the ledger's write inside the joined transaction fails too
+        finish_on = guard.store.finish_on
+
+        def refuse_on(*args: Any, **kwargs: Any) -> bool:
+            finish_on(*args, **kwargs)  # counted by joined_calls
+            raise StoreError("the ledger is gone")
+
+        monkeypatch.setattr(guard.store, "finish_on", refuse_on)
     with pytest.raises(CompletionNotRecorded):
         guard.call_tool(pay, {"to": "x"}, agent_id="payer")
     assert ran == ["x"]
+    # Joined: each of the flow's two attempts tried the joined transaction, then the
+    # completion alone (finish); separate: finish alone, twice.
+    assert (len(joined) >= 2) == (path == "joined") and len(refused) == 2
     assert guard.gov.store.holds(guard.namespace, "payer") == 0
     assert spent(guard) == PRICE  # the tool ran: its spend is not given back
     assert rows(guard) == [("executed", "completion_not_recorded")]
@@ -188,10 +231,21 @@ def failing_settle(store: Any, *, drop_audit: bool = False) -> list[int]:
     return calls
 
 
-def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(guard: Guard) -> None:
+def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(
+    path: str, guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joined: the settle inside the joined transaction fails, so nothing of it commits;
+    the completion is then recorded alone and the separate settle fails too."""
     capped(guard)
     store = guard.gov.store
+    joined = joined_calls(guard, path, monkeypatch)
     calls = failing_settle(store)
+    if path == "joined":
+
+        def settle_in(*args: Any, **kwargs: Any) -> bool:
+            raise StoreError("governance store: server closed the connection unexpectedly")
+
+        monkeypatch.setattr(store, "_settle_in", settle_in)
     ran: list[str] = []
 
     def pay(to: str) -> str:
@@ -200,6 +254,9 @@ def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(guard: Gua
 
     r = guard.call_tool(pay, {"to": "a"}, agent_id="payer", lease=1.0)
     assert r.decision == "executed" and len(calls) == 1  # the caller gets its result
+    assert (len(joined) >= 1) == (path == "joined")
+    rec = guard.store.get(guard.namespace, r.key or "")
+    assert rec is not None and rec.state == "succeeded"  # the completion is recorded
     assert spent(guard) == PRICE  # the hold counts as spent while unresolved
     assert store.holds(guard.namespace, "payer") == 1
     time.sleep(1.2)  # the hold's lease runs out
@@ -209,6 +266,7 @@ def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(guard: Gua
     assert (third.decision, third.policy_reason) == ("blocked", "daily_spend_exceeded")
     assert ran == ["a", "b"] and spent(guard) == 2 * PRICE
     del store.settle  # the database is back
+    monkeypatch.undo()
     time.sleep(1.2)
     assert guard.gov.verify_audit() == []  # sweeps b's hold too, then checks
     runs = [d for d, _ in rows(guard) if d in ("executed", "unknown")]
@@ -217,7 +275,7 @@ def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(guard: Gua
 
 
 def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
-    guard: Guard, store_url: str
+    path: str, guard: Guard, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every connection of the governance pool is cut (server side) while the tool runs:
     the settle fails on its dead connection, runs again on a fresh one, and commits
@@ -256,8 +314,10 @@ def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
         cut()
         return to
 
+    joined = joined_calls(guard, path, monkeypatch)
     r = guard.call_tool(pay, {"to": "x"}, agent_id="payer")
     assert r.decision == "executed"
+    assert (len(joined) >= 1) == (path == "joined")
     assert store.holds(guard.namespace, "payer") == 0
     assert spent(guard) == PRICE * 2  # warm-up + pay, each once
     assert rows(guard) == [("executed", "ok"), ("executed", "ok")]
@@ -265,7 +325,9 @@ def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
 
 
 # -- 2. audit completeness ---------------------------------------------------------------
-def test_verify_reports_an_execution_without_its_audit_row(guard: Guard) -> None:
+def test_verify_reports_an_execution_without_its_audit_row(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
     capped(guard, cap=100.0)
     guard.call_tool(lambda to: to, {"to": "a"}, tool="pay", agent_id="payer")
     report = guard.gov.audit_report()
@@ -273,8 +335,16 @@ def test_verify_reports_an_execution_without_its_audit_row(guard: Guard) -> None
     # An execution whose audit row was never written (the chain itself stays whole):
     store = guard.gov.store
     failing_settle(store, drop_audit=True)
+    real_in = getattr(store, "_settle_in", None)
+    if real_in is not None:  # the joined path settles inside the completion's transaction
+
+        def settle_in(conn: Any, now: float, tenant: str, agent: str, rid: str, audit: Any) -> Any:
+            return real_in(conn, now, tenant, agent, rid, None)
+
+        monkeypatch.setattr(store, "_settle_in", settle_in)
     guard.call_tool(lambda to: to, {"to": "b"}, tool="pay", agent_id="payer")
     del store.settle
+    monkeypatch.undo()
     guard.call_tool(lambda to: to, {"to": "b"}, tool="pay", agent_id="payer")  # a replay
     report = guard.gov.audit_report()
     assert report["executions"] == 2

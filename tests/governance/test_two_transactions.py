@@ -28,7 +28,7 @@ PRICE = 4.0
 
 @pytest.fixture
 def guard(db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Guard]:
-    monkeypatch.setenv("ONCEONLY_GOV_JOIN", "1")  # the joined path (off by default yet)
+    monkeypatch.setenv("ONCEONLY_GOV_JOIN", "1")  # the joined path (the default; set in case the env says 0)
     if db_url.startswith(("postgresql", "mysql")):
         with SQLStore(db_url) as store:
             store.migrate()
