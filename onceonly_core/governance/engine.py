@@ -183,15 +183,15 @@ class Inner:
 @dataclass(slots=True)
 class Complete:
     """A governed call's second transaction, as the flow's completion of an executed
-    call (:attr:`Finish.via`): the ledger's fenced completion, the hold's settle and the
-    audit row — ``audit``, or ``lost`` when the lease was lost — in one commit
-    (:meth:`GovernanceStore.complete`). ``settled``: it returned, so the engine does not
-    settle again."""
+    call (:attr:`Finish.via`): the ledger's fenced completion, the hold's settle (``rid``
+    None: the call reserved nothing) and the audit row — ``audit``, or ``lost`` when the
+    lease was lost — in one commit (:meth:`GovernanceStore.complete`). ``settled``: it
+    returned, so the engine neither settles nor audits again."""
 
     store: GovernanceStore
     tenant: str
     agent_id: str
-    rid: str
+    rid: str | None
     amounts: list[list[Any]]
     audit: dict[str, Any]
     lost: dict[str, Any]
@@ -385,14 +385,15 @@ def governed(gov: Governance, req: Request) -> Generator[Any, Any, ToolResult]:
         return result
     rid = res.id if res is not None else None
     complete = None
-    if rid is not None and claimed is not None:
-        # The completion, the settle and the audit row: one transaction (the flow's).
+    if claimed is not None:
+        # The completion, the hold's settle (if any) and the audit row: one transaction
+        # (the flow's).
         complete = Complete(
             gov.store,
             tenant,
             agent,
             rid,
-            _amounts(v),
+            _amounts(v) if rid is not None else [],
             _audit_entry(req, None, v, "executed", "ok"),
             _audit_entry(req, None, v, "executed", "lease_lost"),
         )

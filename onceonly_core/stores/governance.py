@@ -234,7 +234,7 @@ class GovernanceStore(abc.ABC):
         self,
         tenant: str,
         agent_id: str,
-        rid: str,
+        rid: str | None,
         amounts: list[Any],
         ledger: Store,
         namespace: str,
@@ -248,28 +248,44 @@ class GovernanceStore(abc.ABC):
         lost: dict[str, Any],
     ) -> bool:
         """The tool ran: the ledger's fenced completion (``ledger.finish(ok=True)``)
-        and :meth:`settle` of the hold, with ``audit`` — or, when the completion matched
-        no record (the lease was lost to a take-over), with ``lost`` — in one
-        transaction where the store can. Returns the completion's answer, as ``finish``
-        does. Safe to retry: the settle is idempotent (the hold gone: nothing written),
-        and a record already succeeded with ``token`` counts as completed.
+        and :meth:`settle` of hold ``rid`` (None: the call reserved nothing, so only the
+        audit row is appended), with ``audit`` — or, when the completion matched no record
+        (the lease was lost to a take-over), with ``lost`` — in one transaction where the
+        store can. Returns the completion's answer, as ``finish`` does. Safe to retry:
+        the settle is idempotent (the hold gone: nothing written), a record already
+        succeeded with ``token`` counts as completed, and without a hold a retry appends
+        the audit row only if the call's row is not in yet.
 
-        This default runs the two primitives one after the other; a failed settle
-        leaves the hold, counted as spent, for a sweep to audit."""
-        done: bool = ledger.finish(
+        This default runs the primitives one after the other; a failed settle or append
+        leaves the hold, counted as spent, for a sweep to audit (or, without a hold, an
+        execution without its audit row, which :meth:`verify_audit`'s report shows)."""
+        fresh: bool = ledger.finish(
             namespace, key, token, ok=True, result=result, error=error, ttl=ttl
         )
-        if not done:
-            done = completed_by(ledger.get(namespace, key), token)
+        done = fresh or completed_by(ledger.get(namespace, key), token)
+        entry = audit if done else lost
         try:
-            self.settle(tenant, agent_id, rid, amounts, audit if done else lost)
+            if rid is not None:
+                self.settle(tenant, agent_id, rid, amounts, entry)
+            elif fresh or not self._audited(tenant, agent_id, key, token, entry["decision"]):
+                self.append_audit(tenant, entry)
         except Exception:
             import logging
 
             logging.getLogger("onceonly.governance").exception(
-                "settling budget hold %s failed: it stays counted, a sweep audits it", rid
+                "recording the run of %r (hold %s) failed: a hold stays counted and a "
+                "sweep audits it",
+                key,
+                rid,
             )
         return done
+
+    def _audited(self, tenant: str, agent_id: str, key: str, token: int, decision: str) -> bool:
+        """Whether the call's audit row is in already (a retried completion: rare)."""
+        return any(
+            r.get("idem_key") == key and r.get("token") == token and r.get("decision") == decision
+            for r in self.audit_rows(tenant, agent_id=agent_id, limit=100)
+        )
 
     @abc.abstractmethod
     def reserve(

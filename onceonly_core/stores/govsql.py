@@ -800,7 +800,7 @@ class GovStore(GovernanceStore):
         self,
         tenant: str,
         agent_id: str,
-        rid: str,
+        rid: str | None,
         amounts: list[Any],
         ledger: Store,
         namespace: str,
@@ -850,7 +850,7 @@ class GovStore(GovernanceStore):
         def run(conn: sa.Connection, now: float) -> bool:
             execute = self._runner(conn, begin=True)
             clock = time.time() if now != now else now  # SQLite's ledger clock is the host's
-            done = bool(
+            fresh = bool(
                 led.finish_on(
                     execute,
                     namespace,
@@ -862,9 +862,14 @@ class GovStore(GovernanceStore):
                     now=clock,
                 )
             )
-            if not done:
-                done = completed_by(led.get_on(execute, namespace, key, clock), token)
-            self._settle_in(conn, now, tenant, agent_id, rid, audit if done else lost)
+            done = fresh or completed_by(led.get_on(execute, namespace, key, clock), token)
+            entry = audit if done else lost
+            if rid is None:
+                # Nothing reserved: only the audit row. A completion that matched no row
+                # may be a retry whose row is in already (one row per execution).
+                self._append(conn, now, tenant, entry, check=not fresh)
+            else:
+                self._settle_in(conn, now, tenant, agent_id, rid, entry)
             return done
 
         try:
@@ -1462,7 +1467,13 @@ class GovStore(GovernanceStore):
         )
 
     def _append(
-        self, conn: sa.Connection, now: float, tenant: str, entry: dict[str, Any]
+        self,
+        conn: sa.Connection,
+        now: float,
+        tenant: str,
+        entry: dict[str, Any],
+        *,
+        check: bool = False,
     ) -> tuple[int, str]:
         h = S.audit_heads
         agent_id = entry["agent_id"]
@@ -1485,8 +1496,9 @@ class GovStore(GovernanceStore):
             now = float(head.now)
         else:
             head = conn.execute(_HEAD, {"t": tenant, "a": agent_id}).one()
-        if self._rerun and entry.get("token") is not None:
-            # Rerun after a lost reply: the row may be in already (one row per decision).
+        if (self._rerun or check) and entry.get("token") is not None:
+            # Rerun after a lost reply (or ``check``: a retried completion): the row may
+            # be in already (one row per decision).
             au = S.audit
             dup = conn.execute(
                 sa.select(au.c.seq, au.c.hash).where(

@@ -21,6 +21,7 @@ from onceonly_core import Guard, current_call
 from onceonly_core.errors import LeaseLost
 from onceonly_core.governance import Policy
 from onceonly_core.governance.engine import DAY
+from onceonly_core.stores.base import NewClaim
 from onceonly_core.stores.sql import SQLStore
 
 PRICE = 4.0
@@ -28,7 +29,9 @@ PRICE = 4.0
 
 @pytest.fixture
 def guard(db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Guard]:
-    monkeypatch.setenv("ONCEONLY_GOV_JOIN", "1")  # the joined path (the default; set in case the env says 0)
+    monkeypatch.setenv(
+        "ONCEONLY_GOV_JOIN", "1"
+    )  # the joined path (the default; set in case the env says 0)
     if db_url.startswith(("postgresql", "mysql")):
         with SQLStore(db_url) as store:
             store.migrate()
@@ -117,6 +120,64 @@ def test_a_governed_call_commits_twice(guard: Guard, monkeypatch: pytest.MonkeyP
     assert (r.decision, r.spend_usd) == ("dedup", 0.0)
     assert tx.total <= 2
     assert spent(guard) == 4 * PRICE
+
+
+@pytest.mark.parametrize("policy", ["a policy without caps", "no policy"])
+def test_a_governed_call_without_caps_commits_twice(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """A policy without caps still counts actions and spend (a hold, settled at
+    completion); an agent without a policy reserves nothing: its claim joins the
+    snapshot's transaction and its audit row the completion's. One row per execution,
+    a retried completion included."""
+    if policy != "no policy":
+        guard.gov.upsert_policy(Policy(agent_id="payer", allowed_tools=["pay"]))
+    guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="payer")  # warm: schema, pools
+    tx = Transactions(guard, monkeypatch)
+    for n in range(1, 4):
+        tx.on = True
+        r = guard.call_tool(pay, {"n": n}, tool="pay", agent_id="payer")
+        tx.on = False
+        assert (r.decision, r.result, r.spend_usd) == ("executed", n, 0.0)
+        assert (tx.ledger, tx.governance) == (0, 2), n  # begin_claim, complete
+        tx.ledger = tx.governance = 0
+    assert rows(guard) == [("executed", "ok")] * 4
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
+    # The completion retried after it committed (its reply lost): no second row.
+    store, ledger = guard.gov.store, guard.store
+    rec = ledger.claim(guard.namespace, "retried", NewClaim("pay", "me", 60.0))
+    entry = {
+        "agent_id": "payer",
+        "tool": "pay",
+        "args_digest": None,
+        "args": "{}",
+        "decision": "executed",
+        "reason": "ok",
+        "risk_level": "low",
+        "spend_micros": 0,
+        "run_id": None,
+        "token": rec.token,
+        "idem_key": "retried",
+    }
+    for _ in range(2):
+        done = store.complete(
+            guard.namespace,
+            "payer",
+            None,
+            [],
+            ledger,
+            guard.namespace,
+            "retried",
+            rec.token,
+            result="1",
+            error=None,
+            ttl=None,
+            audit=entry,
+            lost={**entry, "reason": "lease_lost"},
+        )
+        assert done is True
+    assert rows(guard)[-1] == ("executed", "ok") and len(rows(guard)) == 5
+    assert guard.gov.verify_audit() == []
 
 
 def test_an_async_governed_call_commits_twice(
