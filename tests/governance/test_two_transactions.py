@@ -23,6 +23,7 @@ from onceonly_core.governance import Policy
 from onceonly_core.governance.engine import DAY
 from onceonly_core.stores.base import NewClaim
 from onceonly_core.stores.sql import SQLStore
+from onceonly_core.testing.governance_contract import _entry as audit_entry
 
 PRICE = 4.0
 
@@ -98,17 +99,26 @@ def pay(n: int) -> int:
     return n
 
 
-def test_a_governed_call_commits_twice(guard: Guard, monkeypatch: pytest.MonkeyPatch) -> None:
-    capped(guard)
+def three_calls_commit_twice(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch, price: float
+) -> Transactions:
+    """A warm-up call, then three new keys, each in exactly the two governance
+    transactions (begin_claim, complete) and no ledger transaction of its own."""
     guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="payer")  # warm: schema, pools
     tx = Transactions(guard, monkeypatch)
     for n in range(1, 4):
         tx.on = True
         r = guard.call_tool(pay, {"n": n}, tool="pay", agent_id="payer")
         tx.on = False
-        assert (r.decision, r.result, r.spend_usd) == ("executed", n, PRICE)
-        assert (tx.ledger, tx.governance) == (0, 2), n  # begin_claim, complete
+        assert (r.decision, r.result, r.spend_usd) == ("executed", n, price)
+        assert (tx.ledger, tx.governance) == (0, 2), n
         tx.ledger = tx.governance = 0
+    return tx
+
+
+def test_a_governed_call_commits_twice(guard: Guard, monkeypatch: pytest.MonkeyPatch) -> None:
+    capped(guard)
+    tx = three_calls_commit_twice(guard, monkeypatch, PRICE)
     assert spent(guard) == 4 * PRICE
     assert rows(guard) == [("executed", "ok")] * 4
     assert guard.gov.verify_audit() == []
@@ -132,33 +142,13 @@ def test_a_governed_call_without_caps_commits_twice(
     a retried completion included."""
     if policy != "no policy":
         guard.gov.upsert_policy(Policy(agent_id="payer", allowed_tools=["pay"]))
-    guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="payer")  # warm: schema, pools
-    tx = Transactions(guard, monkeypatch)
-    for n in range(1, 4):
-        tx.on = True
-        r = guard.call_tool(pay, {"n": n}, tool="pay", agent_id="payer")
-        tx.on = False
-        assert (r.decision, r.result, r.spend_usd) == ("executed", n, 0.0)
-        assert (tx.ledger, tx.governance) == (0, 2), n  # begin_claim, complete
-        tx.ledger = tx.governance = 0
+    three_calls_commit_twice(guard, monkeypatch, 0.0)
     assert rows(guard) == [("executed", "ok")] * 4
     assert guard.gov.store.holds(guard.namespace, "payer") == 0
     # The completion retried after it committed (its reply lost): no second row.
     store, ledger = guard.gov.store, guard.store
     rec = ledger.claim(guard.namespace, "retried", NewClaim("pay", "me", 60.0))
-    entry = {
-        "agent_id": "payer",
-        "tool": "pay",
-        "args_digest": None,
-        "args": "{}",
-        "decision": "executed",
-        "reason": "ok",
-        "risk_level": "low",
-        "spend_micros": 0,
-        "run_id": None,
-        "token": rec.token,
-        "idem_key": "retried",
-    }
+    entry = audit_entry("retried", agent_id="payer", token=rec.token)
     for _ in range(2):
         done = store.complete(
             guard.namespace,
