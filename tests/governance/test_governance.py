@@ -636,3 +636,9 @@ def test_the_hot_path_snapshot_keeps_the_agent_and_global_rows_apart(guard: Guar
         "blocked",
         "max_calls_per_tool_exceeded",
     )
+    # The global switch, flipped: read as the global row, not lost under the agent's
+    # (MariaDB hands the snapshot's ids back as bytes; "*" sorts before "bot").
+    gov.disable_all("drill")
+    killed = guard.call_tool(charge_card, {**args, "amount": 5.0}, agent_id="bot")
+    assert (killed.decision, killed.policy_reason) == ("blocked", "agent_disabled")
+    assert killed.error == "drill"  # the global row's reason, not the agent's
