@@ -138,3 +138,34 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra)
     return env
+
+
+def cut_connections(url: str) -> None:
+    """Cut every other connection to ``url``'s database from the server side (what a
+    restart does to a pool, without the restart): PostgreSQL terminates their backends,
+    MariaDB/MySQL kills their threads."""
+    import contextlib
+
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(url, poolclass=sa.NullPool)
+    with eng.connect() as conn:
+        if url.startswith("postgresql"):
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        else:
+            ids = conn.execute(
+                sa.text(
+                    "SELECT id FROM information_schema.processlist "
+                    "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+                )
+            ).scalars()
+            for i in list(ids):
+                with contextlib.suppress(sa.exc.DBAPIError):  # gone already
+                    conn.execute(sa.text(f"KILL {int(i)}"))
+        conn.commit()
+    eng.dispose()

@@ -186,3 +186,33 @@ def test_async_on_normal_keeps_the_async_outcomes(tmp_path: Path) -> None:
     with pytest.raises(UnknownOutcome):
         asyncio.run(g.using(on_unknown="raise", wait=0, name=rec[0].tool)(late, 1))
     g.close()
+
+
+def test_a_governed_call_behind_a_held_write_lock_fails_as_a_store_error(tmp_path: Path) -> None:
+    """The governance store's BEGIN IMMEDIATE waits out busy_timeout, and a database
+    still locked after _tx's retries is our StoreError, never the driver's own error;
+    nothing ran. Released, the same call runs."""
+    import sqlite3
+
+    from onceonly_core import Guard
+    from onceonly_core.errors import StoreError
+
+    db = tmp_path / "g.db"
+    g = Guard(store=SQLStore(f"sqlite:///{db}", busy_timeout=0.05), quiet=True)
+    ran: list[int] = []
+
+    def pay(n: int) -> int:
+        ran.append(n)
+        return n
+
+    assert g.call_tool(pay, {"n": 0}, agent_id="a").decision == "executed"  # schema, pools
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
+    with pytest.raises(StoreError, match="locked"):
+        g.call_tool(pay, {"n": 1}, agent_id="a")
+    assert ran == [0]
+    other.execute("COMMIT")
+    assert g.call_tool(pay, {"n": 1}, agent_id="a").decision == "executed"
+    assert ran == [0, 1]
+    other.close()
+    g.close()

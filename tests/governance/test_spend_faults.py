@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from _services import cut_connections
 from onceonly_core import Guard
 from onceonly_core.errors import CompletionNotRecorded, ConfigError, StoreError
 from onceonly_core.governance import Policy
@@ -68,20 +69,29 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
+def joined_hooks(g: Guard) -> list[tuple[Any, str]]:
+    """Where the ledger's completion enters a joined transaction: its statement on the
+    governance store's connection (the ledger's ``finish_on``), or, on PostgreSQL, the
+    governance store's ``_complete_pg`` (the statement sent in one query with the
+    settle's first)."""
+    return [(g.store, "finish_on"), (g.gov.store, "_complete_pg")]
+
+
 def joined_calls(g: Guard, path: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the completions that ran in the joined transaction (the ledger's
-    ``finish_on``); skips the joined variant where the ledger cannot join (memory, Redis)."""
+    """Counts the completions that ran in the joined transaction; skips the joined
+    variant where the ledger cannot join (memory, Redis)."""
     if path == "joined" and not g.gov.store.joins(g.store):
         pytest.skip(f"{type(g.store).__name__} has no joined path")
     calls: list[int] = []
-    real = getattr(g.store, "finish_on", None)
-    if real is not None:
+    for obj, name in joined_hooks(g):
+        real = getattr(obj, name, None)
+        if real is not None:
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            calls.append(1)
-            return real(*args, **kwargs)
+            def counted(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                calls.append(1)
+                return _real(*args, **kwargs)
 
-        monkeypatch.setattr(g.store, "finish_on", counted)
+            monkeypatch.setattr(obj, name, counted)
     return calls
 
 
@@ -196,13 +206,13 @@ def test_completion_not_recorded_keeps_the_spend_and_audits_the_run(
     monkeypatch.setattr("onceonly_core.protocol.FINISH_RETRIES", (0.0,))
     monkeypatch.setattr(guard.store, "finish", refuse)
     if path == "joined":  # the ledger's write inside the joined transaction fails too
-        finish_on = guard.store.finish_on
+        for obj, name in joined_hooks(guard):
 
-        def refuse_on(*args: Any, **kwargs: Any) -> bool:
-            finish_on(*args, **kwargs)  # counted by joined_calls
-            raise StoreError("the ledger is gone")
+            def refuse_on(*args: Any, **kwargs: Any) -> Any:
+                joined.append(1)
+                raise StoreError("the ledger is gone")
 
-        monkeypatch.setattr(guard.store, "finish_on", refuse_on)
+            monkeypatch.setattr(obj, name, refuse_on)
     with pytest.raises(CompletionNotRecorded):
         guard.call_tool(pay, {"to": "x"}, agent_id="payer")
     assert ran == ["x"]
@@ -246,6 +256,7 @@ def test_an_unresolved_settle_stays_counted_and_its_sweeper_audits_it(
             raise StoreError("governance store: server closed the connection unexpectedly")
 
         monkeypatch.setattr(store, "_settle_in", settle_in)
+        monkeypatch.setattr(store, "_chain_hot", settle_in)  # PostgreSQL: its audit row
     ran: list[str] = []
 
     def pay(to: str) -> str:
@@ -287,31 +298,8 @@ def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
     assert isinstance(store, GovStore)
     guard.call_tool(lambda q: q, {"q": "warm"}, tool="warm", agent_id="payer")  # pool in use
 
-    def cut() -> None:
-        eng = sa.create_engine(store_url, poolclass=sa.NullPool)
-        with eng.connect() as conn:
-            if store_url.startswith("postgresql"):
-                conn.execute(
-                    sa.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    )
-                )
-            else:
-                ids = conn.execute(
-                    sa.text(
-                        "SELECT id FROM information_schema.processlist "
-                        "WHERE db = DATABASE() AND id <> CONNECTION_ID()"
-                    )
-                ).scalars()
-                for i in list(ids):
-                    with contextlib.suppress(sa.exc.DBAPIError):  # gone already
-                        conn.execute(sa.text(f"KILL {int(i)}"))
-            conn.commit()
-        eng.dispose()
-
     def pay(to: str) -> str:
-        cut()
+        cut_connections(store_url)
         return to
 
     joined = joined_calls(guard, path, monkeypatch)
@@ -324,10 +312,29 @@ def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
     assert guard.gov.verify_audit() == []
 
 
+def test_the_ledger_clock_is_read_again_after_cut_connections(db_url: str, namespace: str) -> None:
+    """A governed call's claims run on the governance store's connections, so the
+    ledger's own pool may hold only connections a restart has cut: ``now()`` (and so
+    ``list``, ``audit_report``) reads once more on a fresh one instead of failing."""
+    if not db_url.startswith(("postgresql", "mysql")):
+        pytest.skip("a file database has no server connection to lose")
+    with SQLStore(db_url) as store:
+        store.migrate()
+        before = store.now()  # the pool now holds a connection
+        cut_connections(db_url)
+        after = store.now()
+        assert before <= after < before + 60
+        cut_connections(db_url)
+        assert store.list(namespace=namespace) == []
+
+
 # -- 2. audit completeness ---------------------------------------------------------------
 def test_verify_reports_an_execution_without_its_audit_row(
     guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The separate path, whose settle this drops the audit entry of (read when the
+    # governance store opens, in capped()).
+    monkeypatch.setenv("ONCEONLY_GOV_JOIN", "0")
     capped(guard, cap=100.0)
     guard.call_tool(lambda to: to, {"to": "a"}, tool="pay", agent_id="payer")
     report = guard.gov.audit_report()
@@ -335,16 +342,8 @@ def test_verify_reports_an_execution_without_its_audit_row(
     # An execution whose audit row was never written (the chain itself stays whole):
     store = guard.gov.store
     failing_settle(store, drop_audit=True)
-    real_in = getattr(store, "_settle_in", None)
-    if real_in is not None:  # the joined path settles inside the completion's transaction
-
-        def settle_in(conn: Any, now: float, tenant: str, agent: str, rid: str, audit: Any) -> Any:
-            return real_in(conn, now, tenant, agent, rid, None)
-
-        monkeypatch.setattr(store, "_settle_in", settle_in)
     guard.call_tool(lambda to: to, {"to": "b"}, tool="pay", agent_id="payer")
     del store.settle
-    monkeypatch.undo()
     guard.call_tool(lambda to: to, {"to": "b"}, tool="pay", agent_id="payer")  # a replay
     report = guard.gov.audit_report()
     assert report["executions"] == 2
