@@ -320,7 +320,8 @@ def test_the_ledger_clock_is_read_again_after_cut_connections(db_url: str, names
         pytest.skip("a file database has no server connection to lose")
     with SQLStore(db_url) as store:
         store.migrate()
-        before = store.now()  # the pool now holds a connection
+        assert store.list(namespace=namespace) == []  # in use: schema checked, pool filled
+        before = store.now()
         cut_connections(db_url)
         after = store.now()
         assert before <= after < before + 60
