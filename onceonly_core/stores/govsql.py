@@ -482,6 +482,7 @@ class GovStore(GovernanceStore):
             import psycopg
 
             self._client_cursor: Any = psycopg.ClientCursor
+            self._pipelined = psycopg.Pipeline.is_supported()
         self._hot = {k: _paramstyle(v, self.kind) for k, v in _HOT[dialect].items()}
         self._counter_sql: dict[int, tuple[str, str]] = {}
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
@@ -495,32 +496,41 @@ class GovStore(GovernanceStore):
         begin: bool = False,
         commit: bool = False,
     ) -> Any:
-        """One pre-rendered statement on the transaction's DBAPI cursor; a driver error
+        """One pre-rendered statement (or several joined by :data:`_SEP`, PostgreSQL's
+        hand-kept transactions only) on the transaction's DBAPI cursor; a driver error
         comes out as SQLAlchemy's (with a lost connection invalidated), so that
         :meth:`_tx` retries it as it does any other.
 
         PostgreSQL (``_manual``: the hot path runs on the autocommit pool and keeps its
         transaction itself): ``begin`` sends the transaction's BEGIN and ``commit`` its
-        COMMIT in the same query as the statement (psycopg's client-side binding, the
-        simple query protocol: one round trip for all of them). Elsewhere they are
-        ignored: the transaction is SQLAlchemy's."""
+        COMMIT with the statements, in one round trip: in psycopg's pipeline mode, so
+        that every statement is a server-side prepared one (planning the claim's CTE
+        afresh each time, as the simple query protocol must, costs more than the round
+        trip it saves), or, where libpq has no pipeline mode, in one simple query with
+        client-side binding. Elsewhere they are ignored: the transaction is
+        SQLAlchemy's."""
         raw = conn.connection
         dbc: Any = raw.dbapi_connection
         manual = self._manual and (begin or commit)
-        if manual:
+        cur: Any = None
+        try:
+            if not manual:
+                cur = raw.cursor()
+                cur.execute(sql, params)
+                return cur
             if begin and dbc.info.transaction_status != _PG_IDLE:
                 begin = False  # already in this primitive's transaction
+            if self._pipelined:
+                return _piped(dbc, sql.split(_SEP), params, begin, commit)
             if begin:
-                sql = "BEGIN ISOLATION LEVEL READ COMMITTED; " + sql
+                sql = f"{_PG_BEGIN}{_SEP}{sql}"
             if commit:
-                sql += "; COMMIT"
+                sql = f"{sql}{_SEP}COMMIT"
             cur = self._client_cursor(dbc)
-        else:
-            cur = raw.cursor()
-        try:
             cur.execute(sql, params)
-            if manual and begin:
+            if begin:
                 cur.nextset()  # past BEGIN's empty result, to the statement's
+            return cur
         except self._dbapi_error as err:
             gone = self.engine.dialect.is_disconnect(err, raw.dbapi_connection, cur)  # type: ignore[arg-type]
             if gone:
@@ -528,7 +538,6 @@ class GovStore(GovernanceStore):
             raise sa.exc.DBAPIError.instance(
                 sql, params, err, self._dbapi_error, connection_invalidated=gone
             ) from err
-        return cur
 
     def _end_manual(self, conn: sa.Connection, *, commit: bool) -> None:
         """A transaction the hot path keeps by hand (PostgreSQL, on the autocommit pool)
@@ -922,7 +931,7 @@ class GovStore(GovernanceStore):
         sql, params = finish
         p = {**params, "rid": rid, "t": tenant, "a": audit["agent_id"], "holder": holder}
         p["g"] = GENESIS
-        cur = self._exec(conn, f"{sql}; {self._hot['settle']}", p, begin=True)
+        cur = self._exec(conn, f"{sql}{_SEP}{self._hot['settle']}", p, begin=True)
         fresh = cur.rowcount == 1
         cur.nextset()  # past the UPDATE's count, to the settle's row
         got = cur.fetchone()
@@ -1083,7 +1092,7 @@ class GovStore(GovernanceStore):
         if self._manual:
             # The counters' update, the hold and the COMMIT in one query: one round trip
             # (the caps were checked above, on the rows this transaction has locked).
-            update = f"{_paramstyle(sql, self.kind)}; " if add else ""
+            update = f"{_paramstyle(sql, self.kind)}{_SEP}" if add else ""
             self._exec(
                 conn, update + self._hot["hold"], {**hold, **p} if add else hold, commit=True
             )
@@ -2000,6 +2009,52 @@ def _outbox_scope(tenant: str | None) -> Any:
 
 #: libpq's PQTRANS_IDLE: no transaction open on the connection.
 _PG_IDLE = 0
+_PG_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
+#: Joins the statements of one query the hot path builds (never found inside one).
+_SEP = ";\n"
+
+
+class _Results:
+    """The cursors of a pipeline's statements, read as one multi-statement cursor: the
+    first statement's result first, ``nextset()`` moves to the next one."""
+
+    def __init__(self, cursors: list[Any]) -> None:
+        self._cursors = cursors
+        self._at = 0
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursors[self._at].rowcount)
+
+    def nextset(self) -> bool | None:
+        self._at += 1
+        return True if self._at < len(self._cursors) else None
+
+    def fetchone(self) -> Any:
+        return self._cursors[self._at].fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursors[self._at].fetchall())
+
+
+def _piped(
+    dbc: Any, statements: list[str], params: Mapping[str, Any], begin: bool, commit: bool
+) -> _Results:
+    """BEGIN, the statements and COMMIT in psycopg's pipeline mode: sent together, one
+    round trip, each statement prepared by the server after its first few runs. A
+    failing one raises when the pipeline syncs, on leaving the block; the statements
+    after it are not run."""
+    cursors = []
+    with dbc.pipeline():
+        if begin:
+            dbc.execute(_PG_BEGIN)
+        for sql in statements:
+            cur = dbc.cursor()
+            cur.execute(sql, params)
+            cursors.append(cur)
+        if commit:
+            dbc.execute("COMMIT")
+    return _Results(cursors)
 
 
 class _Refused(Exception):
