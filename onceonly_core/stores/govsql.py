@@ -521,7 +521,17 @@ class GovStore(GovernanceStore):
             if begin and dbc.info.transaction_status != _PG_IDLE:
                 begin = False  # already in this primitive's transaction
             if self._pipelined:
-                return _piped(dbc, sql.split(_SEP), params, begin, commit)
+                statements = [(one, params) for one in sql.split(_SEP)]
+                ride = getattr(self._local, "ride", None)
+                if ride is None or not begin:
+                    return _piped(dbc, statements, begin, commit)
+                # A read riding along (begin_claim's snapshot, see _begin): first after
+                # BEGIN, its rows kept for the caller, the statements' results returned.
+                self._local.ride = None
+                out = _piped(dbc, [ride, *statements], begin, commit)
+                self._local.ridden = out.fetchall()
+                out.nextset()
+                return out
             if begin:
                 sql = f"{_PG_BEGIN}{_SEP}{sql}"
             if commit:
@@ -972,9 +982,23 @@ class GovStore(GovernanceStore):
             snap: dict[str, Any] = {"now": now, "agent": None, "global": None, "tool": None}
             tools: list[dict[str, Any]] = []
             expired = False
-            # PostgreSQL: an autocommit read (READ COMMITTED reads each statement's own
-            # snapshot anyway); the transaction begins with the counters' locks.
-            got = self._exec(conn, hot["snap"], p).fetchall()
+            rec = None
+            got = None
+            if claim is not None and self._manual and self._pipelined:
+                # PostgreSQL, joined: the snapshot rides in the claim's round trip, after
+                # its BEGIN (READ COMMITTED: each statement reads what is committed, as
+                # the autocommit read below does); see _exec.
+                self._local.ride = (hot["snap"], p)
+                try:
+                    rec = claim(conn, now)
+                finally:
+                    self._local.ride = None
+                    got = self._local.__dict__.pop("ridden", None)
+            if got is None:
+                # PostgreSQL: an autocommit read (READ COMMITTED reads each statement's
+                # own snapshot anyway); the transaction begins with the claim or the
+                # counters' locks.
+                got = self._exec(conn, hot["snap"], p).fetchall()
             for kind, clock, ident, text, flag, reason in got:
                 if isinstance(ident, bytes):  # MySQL: the UNION's id column comes as binary
                     ident = ident.decode()
@@ -994,12 +1018,13 @@ class GovStore(GovernanceStore):
             # An agent-scoped registration overrides the global one.
             for t in sorted(tools, key=lambda r: r["scope_id"] != "global"):
                 snap["tool"] = t
-            rec = None
             if claim is not None:
                 # The ledger's claim, in this transaction (a rerun after a lost reply
                 # finds the record its first attempt claimed: not ``mine`` then, which
-                # the caller's decision treats as any held key).
-                rec = claim(conn, now)
+                # the caller's decision treats as any held key). On PostgreSQL it ran
+                # above, with the snapshot.
+                if rec is None:
+                    rec = claim(conn, now)
                 if rec.mine and not first:
                     first.append(rec)
             go, plan = decide(snap, rec)
@@ -2038,7 +2063,7 @@ class _Results:
 
 
 def _piped(
-    dbc: Any, statements: list[str], params: Mapping[str, Any], begin: bool, commit: bool
+    dbc: Any, statements: list[tuple[str, Mapping[str, Any]]], begin: bool, commit: bool
 ) -> _Results:
     """BEGIN, the statements and COMMIT in psycopg's pipeline mode: sent together, one
     round trip, each statement prepared by the server after its first few runs. A
@@ -2048,7 +2073,7 @@ def _piped(
     with dbc.pipeline():
         if begin:
             dbc.execute(_PG_BEGIN)
-        for sql in statements:
+        for sql, params in statements:
             cur = dbc.cursor()
             cur.execute(sql, params)
             cursors.append(cur)

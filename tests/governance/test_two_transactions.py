@@ -262,3 +262,32 @@ def test_a_lease_lost_at_completion_counts_the_spend_and_audits_once(
     assert rows(guard) == [("executed", "lease_lost")]  # audited once
     assert guard.gov.store.holds(ns, "payer") == 0
     assert guard.gov.verify_audit() == []
+
+
+def test_a_governed_call_on_postgresql_takes_five_round_trips(
+    guard: Guard, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each query of the hot path is one round trip (BEGIN, its statements and COMMIT
+    pipelined): BEGIN + snapshot + claim; the counters' locks; their update + the hold
+    + COMMIT; BEGIN + the ledger's completion + the hold's delete and the chain head;
+    the audit row + the head's move + COMMIT."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the pipelined hot path is PostgreSQL's")
+    capped(guard)
+    guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="payer")  # warm: schema, pools
+    store = guard.gov.store
+    if not getattr(store, "_pipelined", False):
+        pytest.skip("libpq without pipeline mode: one simple query per round trip instead")
+    queries: list[str] = []
+    real = store._exec
+
+    def counted(conn: Any, sql: str, params: Any, **kw: Any) -> Any:
+        queries.append(sql)
+        return real(conn, sql, params, **kw)
+
+    monkeypatch.setattr(store, "_exec", counted)
+    r = guard.call_tool(pay, {"n": 1}, tool="pay", agent_id="payer")
+    assert (r.decision, r.spend_usd) == ("executed", PRICE)
+    assert len(queries) == 5, queries
+    assert rows(guard) == [("executed", "ok")] * 2
+    assert guard.gov.verify_audit() == []
