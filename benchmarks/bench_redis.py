@@ -6,19 +6,22 @@ Rows (µs per call, median of interleaved blocks; one process, one client, loopb
 
 * ``raw first``: ``SET k running NX`` then ``SET k result XX`` — the floor of a first call,
   which needs a claim and a completion (two round trips), as the guard does;
-* ``guard first``: ``guard(tool, i)`` on a new key: the claim script and the finish script;
+* ``store first``: the store's ``claim`` + ``finish`` on a new key (two scripts);
+* ``guard first``: ``guard(tool, i)`` on a new key: the same two scripts, plus the guard;
 * ``raw replay``: ``GET k`` — the floor of a replay (one round trip);
-* ``guard replay``: ``guard(tool, i)`` on a key already done: the claim script finds the
-  record and the result is decoded.
+* ``store replay``: the store's ``claim`` on a done key: the script finds the record;
+* ``guard replay``: ``guard(tool, i)`` on a key already done: the same, plus the guard
+  (the key, the decision, the decoded result).
 
-Target: each guard row ≤ 1.5x its raw row. Keys live under a prefix of their own
+Target (issue 18): the Redis store's own first call and replay ≤ 1.5x their raw rows.
+The guarded rows (the store plus the guard's own Python, the same on every backend) are
+reported next to them without a target of their own: the guard's Python per call is
+what the replay rows of ``run.py`` measure. Keys live under a prefix of their own
 (``oo-bench-<hex>``), deleted at the end. The URL comes from ``--url`` or
 ONCEONLY_REDIS_URL. Benchmarks measure; they never assert a timing.
 
-Measured in the same interleaved run, to say what bounds a miss (printed, not rows):
+Measured in the same interleaved run, to say what bounds the guarded rows (printed):
 
-* ``store first`` / ``store replay``: the store's own primitives without the guard
-  (``claim`` + ``finish`` on a new key; ``claim`` on a done key);
 * ``memory first`` / ``memory replay``: the guard on ``memory://``: its own Python per
   call (key, decision, encoding, outcome), which the raw floor does not pay;
 * ``wire GET``: ``GET`` sent the way the store sends its scripts (packed by hiredis on a
@@ -163,25 +166,39 @@ def main() -> None:
         raw.close()
 
     print(f"Redis ledger at {args.url}: {args.calls} calls per case, load {load:.2f}")
-    print(f"{'case':<14}{'µs/call':>10}{'ratio':>9}   target ≤ {TARGET}x")
-    for ours, floor in (("guard first", "raw first"), ("guard replay", "raw replay")):
-        ratio = t[ours] / t[floor]
-        what = ours.split()[1]
+    print(f"{'case':<14}{'µs/call':>10}{'ratio':>9}   target ≤ {TARGET}x (the store's rows)")
+    for what in ("first", "replay"):
+        floor = f"raw {what}"
+        floor_name = f"raw redis-py {'SET NX + SET XX' if what == 'first' else 'GET'}"
         print(f"{floor:<14}{t[floor]:>10.1f}")
+        # Issue 18's target: the Redis store's own first call and replay.
         floor_row(
-            f"Redis ledger: {what} call",
-            t[ours],
-            f"raw redis-py {'SET NX + SET XX' if 'first' in ours else 'GET'}",
+            f"Redis store: {what} call ({'claim + finish' if what == 'first' else 'claim'})",
+            t[f"store {what}"],
+            floor_name,
             t[floor],
             unit="us/call",
             target="<=",
             limit=TARGET,
+            bound=store_bound(server, what),
+        )
+        # The guarded call on the Redis ledger: the store plus the guard's own Python,
+        # which is the same on every backend (its targets are the replay rows'), so no
+        # target of its own here.
+        floor_row(
+            f"Redis ledger, guarded: {what} call",
+            t[f"guard {what}"],
+            floor_name,
+            t[floor],
+            unit="us/call",
             bound=bound(t, server, what, floor),
         )
-        verdict = "met" if ratio <= TARGET else "missed"
-        print(f"{ours:<14}{t[ours]:>10.1f}{ratio:>8.2f}x   {verdict}")
+        for name in (f"store {what}", f"guard {what}"):
+            ratio = t[name] / t[floor]
+            verdict = ("met" if ratio <= TARGET else "missed") if name.startswith("store") else ""
+            print(f"{name:<14}{t[name]:>10.1f}{ratio:>8.2f}x   {verdict}")
     print("what bounds it, measured in the same run (µs/call; ratio to the same floor):")
-    for name in ("store first", "memory first", "store replay", "memory replay", "wire GET"):
+    for name in ("memory first", "memory replay", "wire GET"):
         if name in t:
             floor = "raw first" if "first" in name else "raw replay"
             print(f"  {name:<14}{t[name]:>10.1f}{t[name] / t[floor]:>8.2f}x")
@@ -224,6 +241,19 @@ def script_times(
             "evalsha", lambda i: store.claim("bench-srv", f"{key}{i}", claim), 1
         ),
     }
+
+
+def store_bound(server: dict[str, float | None], what: str) -> str:
+    """What the store's row pays over the raw floor, from this run's measurements."""
+    script = server[FIRST_SCRIPTS if what == "first" else REPLAY_SCRIPT]
+    get = server["GET"]
+    if script is None or get is None:
+        return "each redis.call() inside a script costs Redis a few us"
+    return (
+        f"{'each script' if what == 'first' else 'the script'} takes {script:.0f} us of "
+        f"Redis's time against {get:.1f} for a GET (Lua's conversions of HGETALL's fields); "
+        "the client side sends it without redis-py's command layer"
+    )
 
 
 def bound(t: dict[str, float], server: dict[str, float | None], what: str, floor: str) -> str:
