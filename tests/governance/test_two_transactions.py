@@ -291,3 +291,22 @@ def test_a_governed_call_on_postgresql_takes_five_round_trips(
     assert len(queries) == 5, queries
     assert rows(guard) == [("executed", "ok")] * 2
     assert guard.gov.verify_audit() == []
+
+
+def test_without_pipeline_mode_the_same_groups_go_as_simple_queries(
+    guard: Guard, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq before 14 has no pipeline mode: each group (BEGIN, its statements, COMMIT)
+    goes as one simple query instead, with the same outcome."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("the pipelined hot path is PostgreSQL's")
+    capped(guard)
+    monkeypatch.setattr(guard.gov.store, "_pipelined", False)
+    tx = three_calls_commit_twice(guard, monkeypatch, PRICE)
+    assert tx.total == 0
+    r = guard.call_tool(pay, {"n": 1}, tool="pay", agent_id="payer")  # a replay
+    assert (r.decision, r.result, r.spend_usd) == ("dedup", 1, 0.0)
+    assert spent(guard) == 4 * PRICE
+    assert rows(guard) == [("executed", "ok")] * 4 + [("dedup", "dedup")]
+    assert guard.gov.verify_audit() == []
+    assert guard.gov.store.holds(guard.namespace, "payer") == 0
