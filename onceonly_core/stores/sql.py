@@ -452,17 +452,36 @@ class SQLStore(Store):
             self.migrate()
 
     def _schema_version(self) -> str | None:
-        try:
-            with self.engine().connect() as conn:
-                if not sa.inspect(conn).has_table(VERSION_TABLE):
-                    return None
-                row = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).first()
-        except sa.exc.SQLAlchemyError as err:
-            raise StoreError(
-                f"cannot reach the ledger at {self.url.render_as_string(hide_password=True)}: "
-                f"{err.__cause__ or err}"
-            ) from err
-        return None if row is None else str(row[0])
+        def read(conn: sa.Connection) -> str | None:
+            if not sa.inspect(conn).has_table(VERSION_TABLE):
+                return None
+            row = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).first()
+            return None if row is None else str(row[0])
+
+        shown = self.url.render_as_string(hide_password=True)
+        return self._read_once_more(
+            read, lambda err: f"cannot reach the ledger at {shown}: {err.__cause__ or err}"
+        )
+
+    def _read_once_more(
+        self, read: Callable[[sa.Connection], _R], failed: Callable[[BaseException], str]
+    ) -> _R:
+        """A read on the operator engine. A pooled connection cut by a restart (a governed
+        call's claims run on the governance store's connections, so nothing else may have
+        noticed) fails it and is invalidated with the pool: the read runs once more on a
+        fresh connection, which a read can always do. Anything else is a StoreError
+        (``failed`` words it)."""
+        for again in (True, False):
+            try:
+                with self.engine().connect() as conn:
+                    return read(conn)
+            except sa.exc.DBAPIError as err:
+                if again and err.connection_invalidated:
+                    continue
+                raise StoreError(failed(err)) from err
+            except sa.exc.SQLAlchemyError as err:
+                raise StoreError(failed(err)) from err
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the ledger schema with Alembic (``onceonly migrate``)."""
@@ -726,20 +745,11 @@ class SQLStore(Store):
         return int(self._run("clear", self._sql["clear_ns"], {"ns": namespace}, False))
 
     def now(self) -> float:
-        for again in (True, False):
-            try:
-                with self.engine().connect() as conn:
-                    return float(conn.execute(sa.text("SELECT " + _NOW[self.kind])).scalar_one())
-            except sa.exc.DBAPIError as err:
-                # A pooled connection cut by a restart (a governed call's claims run on
-                # the governance store's connections, so nothing else may have noticed):
-                # the pool was invalidated with it, a fresh connection reads once more.
-                if again and err.connection_invalidated:
-                    continue
-                raise StoreError(f"reading the {self.kind} ledger's clock failed: {err}") from err
-            except sa.exc.SQLAlchemyError as err:
-                raise StoreError(f"reading the {self.kind} ledger's clock failed: {err}") from err
-        raise AssertionError("unreachable")  # pragma: no cover
+        sql = sa.text("SELECT " + _NOW[self.kind])
+        return self._read_once_more(
+            lambda conn: float(conn.execute(sql).scalar_one()),
+            lambda err: f"reading the {self.kind} ledger's clock failed: {err}",
+        )
 
     # -- operator queries ---------------------------------------------------------------
     def list(

@@ -315,7 +315,8 @@ def test_a_settle_retried_after_cut_connections_counts_and_audits_once(
 def test_the_ledger_clock_is_read_again_after_cut_connections(db_url: str, namespace: str) -> None:
     """A governed call's claims run on the governance store's connections, so the
     ledger's own pool may hold only connections a restart has cut: ``now()`` (and so
-    ``list``, ``audit_report``) reads once more on a fresh one instead of failing."""
+    ``list``, ``audit_report``, and a first use's schema check) reads once more on a
+    fresh one instead of failing."""
     if not db_url.startswith(("postgresql", "mysql")):
         pytest.skip("a file database has no server connection to lose")
     with SQLStore(db_url) as store:
@@ -325,6 +326,11 @@ def test_the_ledger_clock_is_read_again_after_cut_connections(db_url: str, names
         cut_connections(db_url)
         after = store.now()
         assert before <= after < before + 60
+        cut_connections(db_url)
+        assert store.list(namespace=namespace) == []
+    # A store whose first use (the schema check) comes after the cut: the same.
+    with SQLStore(db_url) as store:
+        assert store.now() > 0  # pooled, schema not checked yet
         cut_connections(db_url)
         assert store.list(namespace=namespace) == []
 
