@@ -71,8 +71,13 @@ def _leaky_text(s: dict[str, str]) -> str:
 
 
 def _dump(engine: sa.Engine) -> dict[str, str]:
-    """``table.column`` -> every value of that column as text, for every onceonly table."""
-    out: dict[str, str] = {}
+    """``table.column`` -> every value of that column as text, for every onceonly table.
+
+    Every row of the shared test database, whatever earlier runs left there, so the
+    values are collected in lists and joined once (linear: appending to one growing
+    string per value was quadratic and, with a few megabyte results stored by the
+    result-size tests, ran past the test's timeout once the database had grown)."""
+    parts: dict[str, list[str]] = {}
     md = sa.MetaData()
     names = [n for n in sa.inspect(engine).get_table_names() if n.startswith("onceonly")]
     assert len(names) >= 10, names
@@ -83,9 +88,8 @@ def _dump(engine: sa.Engine) -> dict[str, str]:
                 for col, value in row._mapping.items():
                     if isinstance(value, (bytes, bytearray, memoryview)):
                         value = bytes(value).decode("utf-8", "replace")
-                    out.setdefault(f"{table.name}.{col}", "")
-                    out[f"{table.name}.{col}"] += f"{value}\n"
-    return out
+                    parts.setdefault(f"{table.name}.{col}", []).append(f"{value}")
+    return {where: "\n".join(values) for where, values in parts.items()}
 
 
 class _Capture(logging.Handler):
