@@ -210,8 +210,9 @@ class Complete:
             result=fin.result,
             error=fin.error,
             ttl=fin.ttl,
+            # Both rows carry the run's token: a retried completion finds its row by it.
             audit={**self.audit, "token": fin.token},
-            lost=self.lost,
+            lost={**self.lost, "token": fin.token},
         )
         self.settled = True
         return done

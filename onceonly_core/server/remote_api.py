@@ -67,10 +67,18 @@ _GOV_REFUSED = {
     "purge_audit": "audit retention runs on the server (`onceonly retention` there), "
     "not through an agent's key",
 }
-#: The outbox primitives a remote guard uses: writing a standalone event, and the
-#: operator's dead-letter view (list, retry, pending). Claiming and marking rows stay on
-#: the server, which delivers its outbox itself.
-_GOV_EXTRA = ("enqueue_notification", "outbox_list", "outbox_pending", "outbox_retry")
+#: Beyond the abstract primitives: a retried completion's audit append (checked on the
+#: server, in the append's transaction), and the outbox primitives a remote guard uses:
+#: writing a standalone event, and the operator's dead-letter view (list, retry,
+#: pending). Claiming and marking rows stay on the server, which delivers its outbox
+#: itself.
+_GOV_EXTRA = (
+    "append_audit_once",
+    "enqueue_notification",
+    "outbox_list",
+    "outbox_pending",
+    "outbox_retry",
+)
 
 
 class RemoteCall(BaseModel):

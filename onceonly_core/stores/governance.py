@@ -116,6 +116,10 @@ def audit_fields(row: Any) -> dict[str, Any]:
     }
 
 
+#: ``audit_rows``' limit that reads every row (no store keeps more).
+_EVERY_ROW = 2**62
+
+
 def completed_by(rec: Record | None, token: int) -> bool:
     """A completion that matched no row was ours after all: an earlier attempt committed
     and lost only its reply (the record is succeeded with our token: no one else can
@@ -267,8 +271,11 @@ class GovernanceStore(abc.ABC):
         try:
             if rid is not None:
                 self.settle(tenant, agent_id, rid, amounts, entry)
-            elif fresh or not self._audited(tenant, agent_id, key, token, entry["decision"]):
+            elif fresh:
                 self.append_audit(tenant, entry)
+            else:
+                # Matched no row: a retry whose row may be in already, or a lost lease.
+                self.append_audit_once(tenant, entry)
         except Exception:
             import logging
 
@@ -280,12 +287,25 @@ class GovernanceStore(abc.ABC):
             )
         return done
 
-    def _audited(self, tenant: str, agent_id: str, key: str, token: int, decision: str) -> bool:
-        """Whether the call's audit row is in already (a retried completion: rare)."""
-        return any(
-            r.get("idem_key") == key and r.get("token") == token and r.get("decision") == decision
-            for r in self.audit_rows(tenant, agent_id=agent_id, limit=100)
-        )
+    def append_audit_once(self, tenant: str, entry: dict[str, Any]) -> None:
+        """:meth:`append_audit`, unless the call's row is in already: a row of the same
+        agent with the same key, token and decision (a retried completion whose first
+        attempt committed and lost its reply). An entry without a token is appended.
+
+        This default reads all of the agent's rows before appending (so it is exact
+        however many rows came after; it runs only for a completion that matched no
+        ledger row). A store that can look in the append's own transaction overrides
+        it; the SQL store does."""
+        token = entry.get("token")
+        if token is not None:
+            for r in self.audit_rows(tenant, agent_id=entry["agent_id"], limit=_EVERY_ROW):
+                if (r.get("idem_key"), r.get("token"), r.get("decision")) == (
+                    entry.get("idem_key"),
+                    token,
+                    entry["decision"],
+                ):
+                    return
+        self.append_audit(tenant, entry)
 
     @abc.abstractmethod
     def reserve(

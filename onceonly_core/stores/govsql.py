@@ -1562,6 +1562,14 @@ class GovStore(GovernanceStore):
             clock=self._clock is not None,  # the clock rides on the head read
         )
 
+    def append_audit_once(self, tenant: str, entry: dict[str, Any]) -> None:
+        # The duplicate check runs under the chain head's lock, in the append's own
+        # transaction: a concurrent retry of the same completion waits, then finds it.
+        self._tx(
+            lambda conn, now: self._append(conn, now, tenant, entry, check=True),
+            clock=self._clock is not None,
+        )
+
     def _append(
         self,
         conn: sa.Connection,

@@ -576,6 +576,9 @@ class RemoteGovernanceStore(GovernanceStore):
         seq, digest = self._op("append_audit", tenant=tenant, entry=entry)
         return int(seq), str(digest)
 
+    def append_audit_once(self, tenant: str, entry: dict[str, Any]) -> None:
+        self._op("append_audit_once", tenant=tenant, entry=entry)  # checked on the server
+
     def audit_rows(
         self,
         tenant: str,

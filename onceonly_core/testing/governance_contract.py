@@ -60,6 +60,33 @@ def _entry(key: str, decision: str = "executed", **kw: Any) -> dict[str, Any]:
     }
 
 
+def _complete(
+    gov: GovernanceStore,
+    tenant: str,
+    ledger: Store,
+    ns: str,
+    rec: Any,
+    rid: str | None,
+    amounts: list[Any],
+) -> bool:
+    """gov.complete of claim ``rec`` (its result ``"ok"``), for hold ``rid``."""
+    return gov.complete(
+        tenant,
+        "a",
+        rid,
+        amounts,
+        ledger,
+        ns,
+        rec.key,
+        rec.token,
+        result='"ok"',
+        error=None,
+        ttl=None,
+        audit=_entry(rec.key, token=rec.token),
+        lost=_entry(rec.key, token=rec.token, reason="lease_lost"),
+    )
+
+
 def _day(gov: GovernanceStore) -> int:
     return int(gov.now() // DAY) * DAY
 
@@ -421,21 +448,7 @@ class GovernanceContract:
         assert none is None and rec3 is None and ledger.get(ns, "k3") is None
 
         def complete(res: Any, rec: Any) -> bool:
-            return gov.complete(
-                tenant,
-                "a",
-                res.id,
-                [["spend", day, 5]],
-                ledger,
-                ns,
-                rec.key,
-                rec.token,
-                result='"ok"',
-                error=None,
-                ttl=None,
-                audit=_entry(rec.key, token=rec.token),
-                lost=_entry(rec.key, reason="lease_lost"),
-            )
+            return _complete(gov, tenant, ledger, ns, rec, res.id, [["spend", day, 5]])
 
         assert complete(res, rec) is True
         got = ledger.get(ns, "k1")
@@ -452,6 +465,33 @@ class GovernanceContract:
             ("k1", "executed", "ok"),
             ("k4", "executed", "lease_lost"),
         ]
+        assert gov.verify_audit(tenant) == []
+
+    def test_a_completion_without_a_hold_audits_once_however_often_it_is_retried(
+        self, ledger: Store, gov: GovernanceStore, tenant: str
+    ) -> None:
+        """complete with ``rid=None`` (the call reserved nothing): the completion and
+        its audit row. Retried after it committed (its reply lost) — even behind more
+        of the agent's rows than one page of ``audit_rows`` — it appends nothing more;
+        a lost lease's row is appended once too."""
+        ns = f"ns-{tenant}"
+        new = NewClaim("pay", "me", 60.0)
+        rec = ledger.claim(ns, "k1", new)
+
+        def complete(rec: Any) -> bool:
+            return _complete(gov, tenant, ledger, ns, rec, None, [])
+
+        assert complete(rec) is True
+        for i in range(120):  # other calls of the same agent, after it
+            gov.append_audit(tenant, _entry(f"other-{i}", token=1))
+        assert complete(rec) is True  # the retry: completed already
+        lost = ledger.claim(ns, "k2", new)
+        assert ledger.take_over(ns, "k2", lost, new, force=True) is not None
+        assert complete(lost) is False
+        assert complete(lost) is False  # the lease-lost row, retried
+        rows = gov.audit_rows(tenant, agent_id="a", limit=1000, newest_first=False)
+        mine = [(r["idem_key"], r["reason"]) for r in rows if not r["idem_key"].startswith("o")]
+        assert mine == [("k1", "ok"), ("k2", "lease_lost")]
         assert gov.verify_audit(tenant) == []
 
     def test_timelines_and_webhooks_read_back(self, gov: GovernanceStore, tenant: str) -> None:

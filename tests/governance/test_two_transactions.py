@@ -237,12 +237,14 @@ def test_a_lease_lost_at_completion_counts_the_spend_and_audits_once(
     ledger = guard.store
     assert isinstance(ledger, SQLStore)
     tx = Transactions(guard, monkeypatch)
+    ran: list[int] = []
 
     def taken_over(n: int) -> int:
         # Another worker takes the key over while the tool runs (token + 1): this
         # execution's fenced completion can no longer match.
         ctx = current_call()
         assert ctx is not None
+        ran.append(ctx.token)
         with ledger.engine().begin() as conn:
             conn.execute(
                 sa.text(
@@ -260,6 +262,8 @@ def test_a_lease_lost_at_completion_counts_the_spend_and_audits_once(
     assert (tx.ledger, tx.governance) == (0, 2)  # the lost completion settled in its own
     assert spent(guard) == PRICE  # the tool ran: its spend stays counted
     assert rows(guard) == [("executed", "lease_lost")]  # audited once
+    # with the run's token: a retried completion would find its row by it
+    assert [r["token"] for r in guard.gov.store.audit_rows(ns, agent_id="payer")] == ran
     assert guard.gov.store.holds(ns, "payer") == 0
     assert guard.gov.verify_audit() == []
 
