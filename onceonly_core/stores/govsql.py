@@ -57,6 +57,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard, TypeVar
 
 import sqlalchemy as sa
@@ -495,6 +496,7 @@ class GovStore(GovernanceStore):
         *,
         begin: bool = False,
         commit: bool = False,
+        before: _Before | None = None,
     ) -> Any:
         """One pre-rendered statement (or several joined by :data:`_SEP`, PostgreSQL's
         hand-kept transactions only) on the transaction's DBAPI cursor; a driver error
@@ -508,7 +510,11 @@ class GovStore(GovernanceStore):
         afresh each time, as the simple query protocol must, costs more than the round
         trip it saves), or, where libpq has no pipeline mode, in one simple query with
         client-side binding. Elsewhere they are ignored: the transaction is
-        SQLAlchemy's."""
+        SQLAlchemy's.
+
+        ``before``: a read to send first, right after BEGIN, in the same round trip
+        (pipeline mode only, and only when this statement begins the transaction); its
+        rows land in ``before.rows``, which stays None when it was not sent."""
         raw = conn.connection
         dbc: Any = raw.dbapi_connection
         manual = self._manual and (begin or commit)
@@ -522,15 +528,11 @@ class GovStore(GovernanceStore):
                 begin = False  # already in this primitive's transaction
             if self._pipelined:
                 statements = [(one, params) for one in sql.split(_SEP)]
-                ride = getattr(self._local, "ride", None)
-                if ride is None or not begin:
+                if before is None or not begin:
                     return _piped(dbc, statements, begin, commit)
-                # A read riding along (begin_claim's snapshot, see _begin): first after
-                # BEGIN, its rows kept for the caller, the statements' results returned.
-                self._local.ride = None
-                out = _piped(dbc, [ride, *statements], begin, commit)
-                self._local.ridden = out.fetchall()
-                out.nextset()
+                out = _piped(dbc, [(before.sql, before.params), *statements], begin, commit)
+                before.rows = out.fetchall()
+                out.nextset()  # to the statements' results
                 return out
             if begin:
                 sql = f"{_PG_BEGIN}{_SEP}{sql}"
@@ -794,9 +796,9 @@ class GovStore(GovernanceStore):
             )
         led: Any = ledger  # a SQLStore (claim_on, get_on, finish_on)
 
-        def claim(conn: sa.Connection, now: float) -> Record:
+        def claim(conn: sa.Connection, now: float, before: _Before | None) -> Record:
             return led.claim_on(  # type: ignore[no-any-return]
-                self._runner(conn, begin=True), namespace, key, new, now
+                self._runner(conn, begin=True, before=before), namespace, key, new, now
             )
 
         def unclaim(conn: sa.Connection) -> None:
@@ -810,11 +812,12 @@ class GovStore(GovernanceStore):
             return no.snap, no.res, None
 
     def _runner(
-        self, conn: sa.Connection, *, begin: bool = False
+        self, conn: sa.Connection, *, begin: bool = False, before: _Before | None = None
     ) -> Callable[[str, dict[str, Any]], Any]:
         """The ledger's statements on this transaction's cursor (``begin``: PostgreSQL's
-        hand-kept transaction starts with the first of them)."""
-        return lambda sql, params: self._exec(conn, sql, params, begin=begin)
+        hand-kept transaction starts with the first of them, and ``before`` is sent
+        ahead of that one; see :meth:`_exec`)."""
+        return lambda sql, params: self._exec(conn, sql, params, begin=begin, before=before)
 
     def complete(
         self,
@@ -870,8 +873,7 @@ class GovStore(GovernanceStore):
         def run(conn: sa.Connection, now: float) -> bool:
             execute = self._runner(conn, begin=True)
             clock = time.time() if now != now else now  # SQLite's ledger clock is the host's
-            hot = not (self._rerun or audit.get("notify") or lost.get("notify"))
-            if rid is not None and self._manual and hot:
+            if rid is not None and self._manual and self._hot_audit(audit, lost):
                 return self._complete_pg(
                     conn,
                     led._finish(namespace, key, token, True, result, error, ttl),
@@ -961,7 +963,7 @@ class GovStore(GovernanceStore):
         key: str,
         decide: Callable[[dict[str, Any], Any], tuple[bool, Plan]],
         lease: float,
-        claim: Callable[[sa.Connection, float], Record] | None = None,
+        claim: Callable[[sa.Connection, float, _Before | None], Record] | None = None,
         unclaim: Callable[[sa.Connection], None] = lambda conn: None,
     ) -> tuple[dict[str, Any], Reservation | None, Record | None]:
         rid = uuid.uuid4().hex  # chosen once: a rerun after a lost reply finds its own hold
@@ -985,15 +987,12 @@ class GovStore(GovernanceStore):
             rec = None
             got = None
             if claim is not None and self._manual and self._pipelined:
-                # PostgreSQL, joined: the snapshot rides in the claim's round trip, after
+                # PostgreSQL, joined: the snapshot goes in the claim's round trip, after
                 # its BEGIN (READ COMMITTED: each statement reads what is committed, as
-                # the autocommit read below does); see _exec.
-                self._local.ride = (hot["snap"], p)
-                try:
-                    rec = claim(conn, now)
-                finally:
-                    self._local.ride = None
-                    got = self._local.__dict__.pop("ridden", None)
+                # the autocommit read below does).
+                snapshot = _Before(hot["snap"], p)
+                rec = claim(conn, now, snapshot)
+                got = snapshot.rows
             if got is None:
                 # PostgreSQL: an autocommit read (READ COMMITTED reads each statement's
                 # own snapshot anyway); the transaction begins with the claim or the
@@ -1024,7 +1023,7 @@ class GovStore(GovernanceStore):
                 # the caller's decision treats as any held key). On PostgreSQL it ran
                 # above, with the snapshot.
                 if rec is None:
-                    rec = claim(conn, now)
+                    rec = claim(conn, now, None)
                 if rec.mine and not first:
                     first.append(rec)
             go, plan = decide(snap, rec)
@@ -1281,6 +1280,15 @@ class GovStore(GovernanceStore):
         # BEGIN and COMMIT sent in the queries of the first and the last statement.
         return self._tx(run, read=self._manual, clock=self._clock is not None)
 
+    def _hot_audit(self, *entries: dict[str, Any]) -> bool:
+        """Whether the hot statements can append these audit entries: not with a
+        notification (its outbox rows are written by _append), not on a rerun after a
+        lost reply (whose row may be in: _append checks), and not on MySQL (no hot settle
+        statements: the general path)."""
+        if self._rerun or self._dialect == "mysql":
+            return False
+        return not any(e.get("notify") for e in entries)
+
     def _settle_in(
         self,
         conn: sa.Connection,
@@ -1292,9 +1300,8 @@ class GovStore(GovernanceStore):
     ) -> bool:
         """settle()'s steps in the caller's transaction."""
         r = S.reservations
-        hot = audit is not None and not audit.get("notify") and self._dialect != "mysql"
-        if hot and not self._rerun:
-            return self._settle_hot(conn, now, tenant, agent_id, rid, audit)  # type: ignore[arg-type]
+        if audit is not None and self._hot_audit(audit):
+            return self._settle_hot(conn, now, tenant, agent_id, rid, audit)
         if self._manual:  # on the autocommit pool (see settle): a transaction of our
             self._exec(conn, "SELECT 1", {}, begin=True)  # own, committed by _tx
         # The DELETE is the decision: if the hold is gone, a sweep (or our own
@@ -2045,6 +2052,15 @@ _PG_IDLE = 0
 _PG_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
 #: Joins the statements of one query the hot path builds (never found inside one).
 _SEP = ";\n"
+
+
+@dataclass(slots=True)
+class _Before:
+    """A read sent ahead of a transaction's first statement (:meth:`GovStore._exec`)."""
+
+    sql: str
+    params: Mapping[str, Any]
+    rows: list[Any] | None = None
 
 
 class _Results:
