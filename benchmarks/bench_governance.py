@@ -110,7 +110,7 @@ def setup(url: str) -> tuple[Guard, Guard, Guard]:
     ledger's claim and completion, issue 15), and the governed one on the separate path
     (``ONCEONLY_GOV_JOIN=0``: the ledger's primitives apart from governance's)."""
     ns = f"bench-gov-{uuid.uuid4().hex[:8]}"
-    if not url.startswith("sqlite"):
+    if not url.startswith(("sqlite", "memory")):
         with SQLStore(url) as s:
             s.migrate()
     plain = Guard(url, namespace=ns + "-p", quiet=True)

@@ -48,6 +48,7 @@ import sqlalchemy as sa
 
 from ..errors import ConfigError, MissingExtraError, SchemaError, StoreError
 from .base import CLEARED, RUNNING, SUCCEEDED, NewClaim, Record, Store, WouldBlock
+from .pins import ThreadPins
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
@@ -214,32 +215,6 @@ def _exact_record(row: Sequence[Any], mine: bool = False) -> Record:
     return rec
 
 
-class _Pinned:
-    """A pooled connection pinned to one thread (a ``threading.local`` holds this): the
-    thread's statements skip the pool's checkout and checkin. When the thread ends its
-    local is dropped and a finalizer checks the connection back in."""
-
-    __slots__ = ("__weakref__", "conn", "pid")
-
-    def __init__(self, conn: Any, pid: int) -> None:
-        self.conn = conn
-        self.pid = pid
-
-
-def _unpin(store_ref: weakref.ReferenceType[SQLStore], conn: Any) -> None:
-    store = store_ref()
-    if store is not None:
-        with store._pin_lock:
-            store._pinned -= 1
-    with contextlib.suppress(Exception):  # a pool closed meanwhile: nothing to return to
-        conn.close()  # back to the pool (or closed, if the pool is full or disposed)
-
-
-#: Pinned holders of a parent process, kept referenced in a forked child: finalizing one
-#: there would hand the parent's socket back to a pool (and close it under the parent).
-_FORKED_AWAY: list[Any] = []
-
-
 class _Conn(sqlite3.Connection):
     """sqlite3.Connection, weak-referenceable (so close() can reach every thread's)."""
 
@@ -307,11 +282,7 @@ class SQLStore(Store):
         self._engine: sa.Engine | None = None
         # Up to pool_size threads keep a connection pinned; others check one out per
         # statement, so a large thread pool never waits for a pinned connection.
-        self._pin_max = pool_size
-        self._pinned = 0
-        self._pin_lock = threading.Lock()
-        self._pins = threading.local()
-        self._held_all: weakref.WeakSet[_Pinned] = weakref.WeakSet()
+        self._pins: ThreadPins[Any] = ThreadPins(pool_size)
         self._open(pool_size, connect_timeout)
 
     # -- connections (a database server; SQLiteStore overrides) -------------------------
@@ -348,26 +319,25 @@ class SQLStore(Store):
         """The SQLAlchemy engine for operator queries and migrations."""
         assert self._engine is not None
         if self._pid != os.getpid():
-            self._engine.dispose(close=False)  # never reuse a parent's sockets after fork
-            self._pid = os.getpid()
-            self._forget_pins()
+            self._forked()
         return self._engine
 
-    def _forget_pins(self) -> None:
-        """In a forked child: the parent's pinned connections are the parent's; keep them
-        referenced (never finalized here) and start counting afresh."""
-        _FORKED_AWAY.append(self._pins)
-        self._pins = threading.local()
-        self._pinned = 0
+    def _forked(self) -> None:
+        """In a forked child: never reuse a parent's sockets (the pool's or the pinned
+        ones, which stay the parent's)."""
+        assert self._engine is not None
+        self._engine.dispose(close=False)
+        self._pid = os.getpid()
+        self._pins.forget()
 
     def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
         """Execute one statement; return the first row (fetch) or the rowcount."""
         if not self._ready:
             self._ensure_schema()
-        held: _Pinned | None = getattr(self._pins, "held", None)
-        if held is None or held.pid != os.getpid():
-            held = self._pin()
-        conn = held.conn if held is not None else self._checkout()
+        if self._pid != os.getpid():
+            self._forked()
+        pinned = self._pins.get(self._checkout)
+        conn = pinned if pinned is not None else self._checkout()
         try:
             cur = conn.cursor()
             cur.execute(sql, params)
@@ -380,39 +350,16 @@ class SQLStore(Store):
             # A dead connection (server restarted) must not go back to the pool; a pinned
             # one is unpinned, so the thread's next statement runs on a fresh connection.
             conn.invalidate()
-            if held is not None:
-                self._pins.held = None  # its finalizer checks the invalidated one in
+            if pinned is not None:
+                self._pins.drop()  # its finalizer checks the invalidated one in
             raise StoreError(f"{self.kind} ledger: {name} failed: {err}") from err
         finally:
-            if held is None:
+            if pinned is None:
                 conn.close()
-
-    def _pin(self) -> _Pinned | None:
-        """Pin a pooled connection to this thread, or None when pool_size threads hold
-        one already (then this thread checks one out per statement)."""
-        with self._pin_lock:
-            if self._pinned >= self._pin_max:
-                return None
-            self._pinned += 1
-        try:
-            conn = self._checkout()  # after a fork: a fresh pool (and a fresh count)
-        except BaseException:
-            with self._pin_lock:
-                self._pinned -= 1
-            raise
-        held = _Pinned(conn, self._pid)
-        fin = weakref.finalize(held, _unpin, weakref.ref(self), conn)
-        fin.atexit = False  # at exit the engine is disposed anyway
-        self._pins.held = held
-        self._held_all.add(held)
-        return held
 
     def _checkout(self) -> Any:
         if self._pid != os.getpid():
-            assert self._engine is not None
-            self._engine.dispose(close=False)
-            self._pid = os.getpid()
-            self._forget_pins()
+            self._forked()
         assert self._engine is not None
         try:
             return self._engine.raw_connection()
@@ -824,14 +771,11 @@ class SQLStore(Store):
 
     def close(self) -> None:
         # Pinned connections are checked out for good: close them here (dispose() leaves
-        # checked-out connections open). A thread still holding one gets pid -1 and so
-        # pins afresh if it runs another statement.
+        # checked-out connections open); a thread that runs another statement pins afresh.
         if self._pid == os.getpid():
-            for held in list(self._held_all):
-                held.pid = -1
-                with contextlib.suppress(Exception):
-                    held.conn.invalidate()
-        self._pins = threading.local()
+            self._pins.close_all()
+        else:
+            self._pins.forget()
         if self._engine is not None:
             self._engine.dispose()
 

@@ -11,37 +11,14 @@ schema lock moved to a separate file.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from _sqlite import holder_lock_state
 from onceonly_core.stores import NewClaim
 from onceonly_core.stores.sql import SQLStore
-
-# SQLite's lock bytes (os_unix.c): SHARED_FIRST = PENDING_BYTE + 2, SHARED_SIZE = 510.
-SHARED_FIRST = 0x40000000 + 2
-SHARED_SIZE = 510
-
-PROBE = f"""
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-try:
-    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, {SHARED_SIZE}, {SHARED_FIRST})
-except OSError:
-    print("held")
-else:
-    print("free")
-"""
-
-
-def holder_lock_state(db: Path) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(db)], capture_output=True, text=True, check=True
-    )
-    return out.stdout.strip()
 
 
 def test_creating_the_schema_keeps_sqlite_s_shared_lock(tmp_path: Path) -> None:
