@@ -392,3 +392,28 @@ def test_output_is_always_json_safe_and_idempotent(structure: Any) -> None:
     once = r.redact(structure)
     json.dumps(once, allow_nan=False).encode("utf-8")
     assert r.redact(once) == once
+
+
+# Pieces of every built-in shape (and near misses), glued at random: the one search for
+# any shape (the fast path that skips the subs) must answer as the patterns do one by one.
+_PIECES = [
+    "sk_live_", "rk_test_", "pk_", "whsec_", "sk-", "ghp_", "github_pat_", "xoxb-", "AIza",
+    "AKIA", "ASIA", "eyJ", "eyJhbGciOi", ".", "Bearer ", "BEARER ", "bearer\t", "Basic ",
+    "basic ", "https://", "u:", "p@ss", "@", "host", "-----BEGIN RSA PRIVATE KEY-----",
+    "-----END RSA PRIVATE KEY-----", "\n", " ", "A", "Z", "0", "9", "abcdefgh", "ABCDEFGH",
+    "12345678", "_-", "+/=", "Zm9vOmJhcg==", "token=", "4242 4242 4242 4242",
+]  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join))
+def test_one_search_finds_a_shape_where_the_patterns_one_by_one_do(text: str) -> None:
+    from onceonly_core.redact import _ANY_DEFAULT, _CARD_RUN, DEFAULT_PATTERNS
+
+    assert (_ANY_DEFAULT.search(text) is not None) == any(p.search(text) for p in DEFAULT_PATTERNS)
+    r = Redactor()
+    one_by_one = text
+    for p in DEFAULT_PATTERNS:
+        repl = r._group_replacer() if "secret" in p.groupindex else r.mask
+        one_by_one = p.sub(repl, one_by_one)
+    assert r.redact_text(text) == _CARD_RUN.sub(r._cards, r._pairs(one_by_one))
