@@ -72,9 +72,7 @@ def _child(store: SQLStore, parent: object, ns: str, out: multiprocessing.Queue[
     out.put(f"{mine} {'parent' if own is parent else 'own'}")
 
 
-def test_a_forked_child_never_uses_its_parent_s_connection(
-    store: SQLStore, namespace: str
-) -> None:
+def test_a_forked_child_never_uses_its_parent_s_connection(store: SQLStore, namespace: str) -> None:
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
     assert store.claim(namespace, "parent", NEW).mine
