@@ -453,14 +453,14 @@ class GovStore(GovernanceStore):
                 if self._lock is not None:
                     with self._lock, self.engine.begin() as conn:
                         return fn(conn, self._now(conn))
-                pins = self._pins
-                pinned = pins.get(self.engine.connect) if pins is not None else None
-                if pinned is not None and not pinned.in_transaction():  # (not nested)
+                pins = self._pins  # SQLite: this thread's own connection
+                pinned = None if pins is None else pins.get(self.engine.connect)
+                if pins is not None and pinned is not None and not pinned.in_transaction():
                     try:
                         with pinned.begin():
                             return fn(pinned, self._now(pinned))
                     except sa.exc.DBAPIError:
-                        pins.drop()  # type: ignore[union-attr]  # the next one: a fresh one
+                        pins.drop()  # the thread's next transaction: a fresh connection
                         raise
                 if read and self._reader is not None:
                     with self._reader.connect() as conn:

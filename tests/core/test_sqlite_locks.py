@@ -183,6 +183,9 @@ def test_a_governed_call_behind_a_held_write_lock_fails_as_a_store_error(tmp_pat
         return n
 
     assert g.call_tool(pay, {"n": 0}, agent_id="a").decision == "executed"  # schema, pools
+    pins = g.gov.store._pins
+    assert pins is not None
+    first = pins.get(g.gov.store.engine.connect)  # this thread's governance connection
     other = sqlite3.connect(str(db), isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another connection holds the write lock
     with pytest.raises(StoreError, match="locked"):
@@ -190,6 +193,8 @@ def test_a_governed_call_behind_a_held_write_lock_fails_as_a_store_error(tmp_pat
     assert ran == [0]
     other.execute("COMMIT")
     assert g.call_tool(pay, {"n": 1}, agent_id="a").decision == "executed"
+    # The driver's error unpinned the thread's connection: the call ran on a fresh one.
+    assert pins.get(g.gov.store.engine.connect) is not first
     assert ran == [0, 1]
     other.close()
     g.close()
