@@ -104,9 +104,11 @@ def evaluate(
     day, hour = int(now // DAY) * DAY, int(now // HOUR) * HOUR
     cap = policy.cap_for(tool)
     if cap is not None:
-        verdict.wants.append(Want(_tool_metric(tool), day, 1, cap, "max_calls_per_tool_exceeded"))
+        verdict.wants.append(
+            Want(_tool_metric(tool), day, 1, cap, "max_calls_per_tool_exceeded", DAY)
+        )
     verdict.wants.append(
-        Want("actions", hour, 1, policy.max_actions_per_hour, "max_actions_per_hour_exceeded")
+        Want("actions", hour, 1, policy.max_actions_per_hour, "max_actions_per_hour_exceeded", HOUR)
     )
     spend_cap = policy.max_spend_usd_per_day
     verdict.wants.append(
@@ -116,6 +118,7 @@ def evaluate(
             verdict.spend,
             None if spend_cap is None else _cap_micros(spend_cap),
             "daily_spend_exceeded",
+            DAY,
         )
     )
     return verdict

@@ -58,6 +58,9 @@ class Want:
     amount: int
     cap: int | None
     reason: str
+    #: the window's length in seconds (0: not said); a store may use it to lock the
+    #: next call's counters early (the PostgreSQL store does)
+    span: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,9 @@ there is no ``pool_pre_ping`` round trip on checkout.
 
 A governed call is two transactions, ``begin`` and ``settle``, whose statements are
 pre-rendered per dialect and run on the DBAPI cursor (the rest uses SQLAlchemy Core);
-on PostgreSQL they are sent in psycopg's pipeline mode, so each transaction is two or
-three round trips with its BEGIN and COMMIT (see ``_HOT``).
+on PostgreSQL they are written in libpq's pipeline mode (:mod:`.pgpipe`), three round
+trips in all with their BEGIN and COMMIT once the process knows the agent's counters and
+chain head (``_early``, ``_complete_one``; see ``_HOT`` and docs/statements.md).
 
 The in-process ``memory://`` store gets the same tables in a private in-memory SQLite
 database behind one lock, so tests see exactly the SQL semantics.
@@ -47,6 +48,7 @@ database behind one lock, so tests see exactly the SQL semantics.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -224,6 +226,32 @@ _HOT_MOVE = (
     "UPDATE onceonly_audit_heads SET seq = :seq, hash = :hash"
     " WHERE tenant = :tenant AND agent_id = :agent_id"
 )
+# PostgreSQL's settle in one statement, after the ledger's fenced completion in the same
+# transaction (``GovStore._complete_one``): the hold's delete (only if that completion
+# is ours: the record is final with our token), then the chain head's lock (the order
+# every transaction takes them in: ledger row, hold, head), the audit row hashed by the
+# server over the head it follows (``chain_hash``: the row's canonical JSON is sent in
+# two parts around its seq, which only the locked head knows), and the head's move.
+# Returns the holds deleted and the rows appended; a hold deleted with no head to follow
+# raises division_by_zero, which rolls the whole transaction back (see _complete_one).
+_HOT_SETTLE_ONE = (
+    "WITH d AS (DELETE FROM onceonly_reservations"
+    " WHERE id = :rid AND tenant = :t AND agent_id = :holder AND EXISTS (SELECT 1 FROM"
+    " onceonly_ledger WHERE namespace = :ns AND idem_key = :k AND token = :token"
+    " AND state = :state) RETURNING id),"
+    " h AS (SELECT seq, hash FROM onceonly_audit_heads WHERE tenant = :t AND agent_id = :a"
+    " AND EXISTS (SELECT 1 FROM d) FOR UPDATE),"
+    " n AS (SELECT seq + 1 AS seq, hash AS prev, encode(sha256(convert_to(hash || chr(10)"
+    " || :pre || (seq + 1)::text || :post, 'UTF8')), 'hex') AS hash FROM h),"
+    " i AS (INSERT INTO onceonly_audit (" + _AUDIT_COLS + ") SELECT :au_tenant,"
+    " :au_agent_id, n.seq, :au_tool, :au_args_digest, :au_args, :au_decision, :au_reason,"
+    " :au_risk_level, :au_spend_micros, :au_run_id, :au_token, :au_idem_key,"
+    " :au_created_at, n.prev, n.hash FROM n RETURNING seq),"
+    " u AS (UPDATE onceonly_audit_heads x SET seq = n.seq, hash = n.hash FROM n"
+    " WHERE x.tenant = :t AND x.agent_id = :a RETURNING x.seq)"
+    " SELECT (SELECT count(*) FROM d), CASE WHEN EXISTS (SELECT 1 FROM d)"
+    " THEN 1 / (SELECT count(*) FROM i)::int END"
+)
 _HOT = {
     # SQLite (and the memory store): BEGIN IMMEDIATE already holds the write lock, so a
     # plain read of a counter or of the chain head is as good as a locked one.
@@ -251,6 +279,7 @@ _HOT = {
         " DO UPDATE SET seq = onceonly_audit_heads.seq"
         f" RETURNING seq, hash, {_CLOCK['postgresql']}",
         "append": f"WITH i AS ({_HOT_AUDIT}) {_HOT_MOVE}",
+        "settle_one": _HOT_SETTLE_ONE,
     },
     "mysql": {
         "snap": _HOT_SNAP.replace("{clock}", _CLOCK["mysql"]),
@@ -259,6 +288,7 @@ _HOT = {
 }
 
 
+@functools.lru_cache(maxsize=512)
 def _paramstyle(sql: str, kind: str) -> str:
     """``:name`` placeholders as the driver wants them (sqlite3 takes them as they are;
     psycopg and PyMySQL take ``%(name)s``). ``::`` casts are left alone."""
@@ -505,8 +535,20 @@ class GovStore(GovernanceStore):
 
             self._client_cursor: Any = psycopg.ClientCursor
             self._pipelined = psycopg.Pipeline.is_supported()
+            if self._pipelined:
+                from . import pgpipe  # psycopg's: imported only for PostgreSQL
+
+                self._pipe = pgpipe.run
         self._hot = {k: _paramstyle(v, self.kind) for k, v in _HOT[dialect].items()}
         self._counter_sql: dict[int, tuple[str, str]] = {}
+        self._early_sql: dict[int, str] = {}
+        #: PostgreSQL: the chains whose head this process has seen (their completions
+        #: take one round trip) and the database clock's offset from the host's
+        self._heads: set[tuple[str, str]] = set()
+        self._skew = 0.0
+        #: (tenant, agent, tool) -> the (metric, window length) pairs its last call
+        #: needed; the next call's claim locks them early (PostgreSQL; see _early)
+        self._guess: dict[tuple[str, str, str], tuple[tuple[str, int], ...]] = {}
         self._dbapi_error: type[Exception] = self.engine.dialect.loaded_dbapi.Error
 
     def _exec(
@@ -526,16 +568,17 @@ class GovStore(GovernanceStore):
 
         PostgreSQL (``_manual``: the hot path runs on the autocommit pool and keeps its
         transaction itself): ``begin`` sends the transaction's BEGIN and ``commit`` its
-        COMMIT with the statements, in one round trip: in psycopg's pipeline mode, so
-        that every statement is a server-side prepared one (planning the claim's CTE
-        afresh each time, as the simple query protocol must, costs more than the round
-        trip it saves), or, where libpq has no pipeline mode, in one simple query with
-        client-side binding. Elsewhere they are ignored: the transaction is
+        COMMIT with the statements, in one round trip: in libpq's pipeline mode, written
+        at once (:mod:`.pgpipe`), every statement a server-side prepared one (planning
+        the claim's CTE afresh each time, as the simple query protocol must, costs more
+        than the round trip it saves), or, where libpq has no pipeline mode, in one
+        simple query with client-side binding. Elsewhere they are ignored: the transaction is
         SQLAlchemy's.
 
         ``before``: a read to send first, right after BEGIN, in the same round trip
         (pipeline mode only, and only when this statement begins the transaction); its
-        rows land in ``before.rows``, which stays None when it was not sent."""
+        rows land in ``before.rows``, which stays None when it was not sent; and
+        ``before.then``, a statement to send last, its rows in ``before.then_rows``."""
         raw = conn.connection
         dbc: Any = raw.dbapi_connection
         manual = self._manual and (begin or commit)
@@ -549,9 +592,15 @@ class GovStore(GovernanceStore):
                 begin = False  # already in this primitive's transaction
             if self._pipelined:
                 statements = [(one, params) for one in sql.split(_SEP)]
+                first = _PG_BEGIN if begin else None
                 if before is None or not begin:
-                    return _piped(dbc, statements, begin, commit)
-                out = _piped(dbc, [(before.sql, before.params), *statements], begin, commit)
+                    return self._pipe(dbc, statements, begin=first, commit=commit)
+                both = [(before.sql, before.params), *statements]
+                if before.then is not None:
+                    both.append(before.then)
+                out = self._pipe(dbc, both, begin=first, commit=commit)
+                if before.then is not None:
+                    before.then_rows = out.rows_at(len(both) - 1)
                 before.rows = out.fetchall()
                 out.nextset()  # to the statements' results
                 return out
@@ -818,6 +867,9 @@ class GovStore(GovernanceStore):
         led: Any = ledger  # a SQLStore (claim_on, get_on, finish_on)
 
         def claim(conn: sa.Connection, now: float, before: _Before | None) -> Record:
+            if before is not None:
+                ours = {"ns": namespace, "k": key, "owner": new.owner}
+                self._early(before, now, tenant, agent_id, tool, ours)
             return led.claim_on(  # type: ignore[no-any-return]
                 self._runner(conn, begin=True, before=before), namespace, key, new, now
             )
@@ -895,9 +947,15 @@ class GovStore(GovernanceStore):
             execute = self._runner(conn, begin=True)
             clock = time.time() if now != now else now  # SQLite's ledger clock is the host's
             if rid is not None and self._manual and self._hot_audit(audit, lost):
-                return self._complete_pg(
+                finish = led._finish(namespace, key, token, True, result, error, ttl)
+                chain = (tenant, audit["agent_id"])
+                if chain in self._heads:
+                    one = self._complete_one(conn, finish, tenant, agent_id, rid, audit)
+                    if one is not None:
+                        return one
+                out = self._complete_pg(
                     conn,
-                    led._finish(namespace, key, token, True, result, error, ttl),
+                    finish,
                     lambda: completed_by(led.get_on(execute, namespace, key, clock), token),
                     tenant,
                     agent_id,
@@ -905,6 +963,8 @@ class GovStore(GovernanceStore):
                     audit,
                     lost,
                 )
+                self._heads.add(chain)
+                return out
             fresh = bool(
                 led.finish_on(
                     execute,
@@ -941,6 +1001,57 @@ class GovStore(GovernanceStore):
                 err,
             )
             return separate()
+
+    def _complete_one(
+        self,
+        conn: sa.Connection,
+        finish: tuple[str, dict[str, Any]],
+        tenant: str,
+        holder: str,
+        rid: str,
+        audit: dict[str, Any],
+    ) -> bool | None:
+        """PostgreSQL's joined completion in one round trip: BEGIN, the ledger's fenced
+        UPDATE, the settle (:data:`_HOT_SETTLE_ONE`) and COMMIT. Its audit row's
+        ``created_at`` is the host's clock corrected by the database clock's offset
+        seen at the last begin (the two-trip path reads the database's clock under the
+        head's lock); the rest is as :meth:`_complete_pg` writes it.
+
+        None when it wrote nothing and :meth:`_complete_pg` must run instead: the
+        completion matched no record of ours (a lost lease: its entry depends on what
+        the record says), or the agent's chain head is gone (deleted by hand: the
+        transaction was rolled back)."""
+        sql, params = finish
+        created = self._clock() if self._clock is not None else time.time() + self._skew
+        fields = audit_fields(_Row({**audit, "tenant": tenant, "seq": 0, "created_at": created}))
+        body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # Quotes inside a JSON string are escaped, so the marker is the key itself.
+        cut = body.index(_SEQ_MARK)
+        p = {f"au_{k}": v for k, v in fields.items()}
+        p.update(params)
+        p.update(
+            rid=rid,
+            t=tenant,
+            a=audit["agent_id"],
+            holder=holder,
+            pre=body[:cut] + ',"seq":',
+            post=body[cut + len(_SEQ_MARK) :],
+        )
+        try:
+            cur = self._exec(
+                conn, f"{sql}{_SEP}{self._hot['settle_one']}", p, begin=True, commit=True
+            )
+        except sa.exc.DBAPIError as err:
+            if getattr(err.orig, "sqlstate", None) != _DIVISION_BY_ZERO:
+                raise
+            # A hold deleted with no chain head to follow: nothing of it committed.
+            self._heads.discard((tenant, audit["agent_id"]))
+            conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+            return None
+        if cur.rowcount != 1:
+            return None  # not our completion: nothing was written (the delete waits on it)
+        cur.nextset()
+        return True
 
     def _complete_pg(
         self,
@@ -1007,6 +1118,7 @@ class GovStore(GovernanceStore):
             expired = False
             rec = None
             got = None
+            locked: list[Any] | None = None
             if claim is not None and self._manual and self._pipelined:
                 # PostgreSQL, joined: the snapshot goes in the claim's round trip, after
                 # its BEGIN (READ COMMITTED: each statement reads what is committed, as
@@ -1014,6 +1126,7 @@ class GovStore(GovernanceStore):
                 snapshot = _Before(hot["snap"], p)
                 rec = claim(conn, now, snapshot)
                 got = snapshot.rows
+                locked = snapshot.then_rows
             if got is None:
                 # PostgreSQL: an autocommit read (READ COMMITTED reads each statement's
                 # own snapshot anyway); the transaction begins with the claim or the
@@ -1024,6 +1137,8 @@ class GovStore(GovernanceStore):
                     ident = ident.decode()
                 if kind == 0:
                     now = snap["now"] = float(clock)
+                    if self._manual and self._clock is None:
+                        self._skew = now - time.time()
                 elif kind == 1:
                     snap["global" if ident == "*" else "agent"] = {
                         "agent_id": ident,
@@ -1054,6 +1169,18 @@ class GovStore(GovernanceStore):
                 return snap, None, rec  # nothing reserved: the commit ends a read (or a claim)
             wants, audit = plan
             keys = sorted({(w.metric, w.window) for w in wants})
+            if self._manual:
+                self._learn(tenant, agent_id, tool, wants)
+            if locked is not None:
+                found = {(m, int(w)): int(u) for m, w, u in locked}
+                if expired or any(k not in found for k in keys):
+                    # The counters locked early are not all this call needs (a window
+                    # began between the two clock readings, the policy changed), or
+                    # expired holds must be swept first (whose locks come before the
+                    # counters'): start again without locking early, so that every
+                    # transaction takes its locks in the one order.
+                    raise _Again
+                locked = [found[k] for k in keys]
             if self._rerun:
                 r = S.reservations
                 if conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None:
@@ -1071,7 +1198,18 @@ class GovStore(GovernanceStore):
                     self._exec(conn, "SELECT 1", {}, begin=True)
                 self._sweep(conn, now, tenant, agent_id)
             res = self._hold(
-                conn, now, tenant, agent_id, namespace, key, wants, keys, lease, audit, rid
+                conn,
+                now,
+                tenant,
+                agent_id,
+                namespace,
+                key,
+                wants,
+                keys,
+                lease,
+                audit,
+                rid,
+                locked,
             )
             if not res.ok and rec is not None:
                 # A cap refused: the claim is taken back, in this transaction (the
@@ -1081,7 +1219,71 @@ class GovStore(GovernanceStore):
                 return snap, res, None
             return snap, res, rec
 
-        return self._tx(run, read=self._manual, clock=self._clock is not None)
+        try:
+            return self._tx(run, read=self._manual, clock=self._clock is not None)
+        except _Again:  # rolled back: nothing of it committed
+            self._local.early = False
+            try:
+                return self._tx(run, read=self._manual, clock=self._clock is not None)
+            finally:
+                self._local.early = True
+
+    def _learn(self, tenant: str, agent_id: str, tool: str, wants: Sequence[Want]) -> None:
+        """Remember which counters (metric, window length) this agent's call of this
+        tool locked, for the next call to lock in its first round trip (PostgreSQL)."""
+        shape = tuple(sorted({(w.metric, w.span) for w in wants}))
+        where = (tenant, agent_id, tool)
+        if self._guess.get(where) == shape:
+            return
+        if len(self._guess) >= 4096:
+            self._guess.clear()
+        self._guess[where] = shape if all(span > 0 for _, span in shape) else ()
+
+    def _early(
+        self,
+        before: _Before,
+        now: float,
+        tenant: str,
+        agent_id: str,
+        tool: str,
+        ledger_params: dict[str, Any],
+    ) -> None:
+        """PostgreSQL: have the claim's round trip also lock (creating them at 0) the
+        counters this agent's last call of this tool needed, in the windows of the
+        database's clock, if the claim is ours (a replay locks nothing). The caps are
+        still checked in Python, on the values those locks return (see ``_hold``)."""
+        shape = self._guess.get((tenant, agent_id, tool))
+        if not shape or not getattr(self._local, "early", True):
+            return
+        n = len(shape)
+        sql = self._early_sql.get(n)
+        if sql is None:
+            values = ", ".join(f"(:gm{i}, :gs{i})" for i in range(n))
+            clock = _CLOCK["postgresql"] if self._clock is None else ":now"
+            sql = self._early_sql[n] = _paramstyle(
+                f"WITH c AS (SELECT {clock}::float8 AS now)"
+                " INSERT INTO onceonly_counters (tenant, agent_id, metric, window_start, used)"
+                " SELECT :t, :a, v.m, (floor(c.now / v.s) * v.s)::bigint, 0"
+                f" FROM c, (VALUES {values}) AS v(m, s)"
+                " WHERE EXISTS (SELECT 1 FROM onceonly_ledger WHERE namespace = :ns"
+                " AND idem_key = :k AND owner = :owner AND state = 'running')"
+                " ORDER BY 3, 4 ON CONFLICT (tenant, agent_id, metric, window_start)"
+                " DO UPDATE SET used = onceonly_counters.used"
+                " RETURNING metric, window_start, used",
+                self.kind,
+            )
+        p: dict[str, Any] = {
+            "t": tenant,
+            "a": agent_id,
+            "ns": ledger_params["ns"],
+            "k": ledger_params["k"],
+            "owner": ledger_params["owner"],
+        }
+        if self._clock is not None:  # a clock of the caller's (tests): the snapshot's
+            p["now"] = now
+        for i, (metric, span) in enumerate(shape):
+            p[f"gm{i}"], p[f"gs{i}"] = metric, span
+        before.then = (sql, p)
 
     def _hold(
         self,
@@ -1096,10 +1298,16 @@ class GovStore(GovernanceStore):
         lease: float,
         audit: dict[str, Any] | None,
         rid: str,
+        locked: list[int] | None = None,
     ) -> Reservation:
         """reserve()'s steps 2-4 on the DBAPI cursor: lock and read the counters, check
-        every cap in order, add every amount and insert the hold, or write nothing."""
-        used = self._hot_counters(conn, tenant, agent_id, keys)
+        every cap in order, add every amount and insert the hold, or write nothing.
+        ``locked``: the counters' values, in ``keys``' order, if this transaction has
+        locked them already (PostgreSQL's early lock)."""
+        if locked is None:
+            used = self._hot_counters(conn, tenant, agent_id, keys)
+        else:
+            used = dict(zip(keys, locked, strict=True))
         for w in wants:
             k = (w.metric, w.window)
             if w.cap is not None and used[k] + w.amount > w.cap:
@@ -2070,6 +2278,10 @@ def _outbox_scope(tenant: str | None) -> Any:
     return sa.true() if tenant is None else S.outbox.c.tenant == tenant
 
 
+#: An audit row's canonical JSON (seq 0) around its seq: ``…,"seq":0,"spend_micros"…``.
+_SEQ_MARK = ',"seq":0'
+_DIVISION_BY_ZERO = "22012"
+
 #: libpq's PQTRANS_IDLE: no transaction open on the connection.
 _PG_IDLE = 0
 _PG_BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED"
@@ -2089,49 +2301,15 @@ class _Before:
     sql: str
     params: Mapping[str, Any]
     rows: list[Any] | None = None
+    #: a statement to send after the transaction's first statement, in the same round
+    #: trip, and its rows (None: not sent)
+    then: tuple[str, Mapping[str, Any]] | None = None
+    then_rows: list[Any] | None = None
 
 
-class _Results:
-    """The cursors of a pipeline's statements, read as one multi-statement cursor: the
-    first statement's result first, ``nextset()`` moves to the next one."""
-
-    def __init__(self, cursors: list[Any]) -> None:
-        self._cursors = cursors
-        self._at = 0
-
-    @property
-    def rowcount(self) -> int:
-        return int(self._cursors[self._at].rowcount)
-
-    def nextset(self) -> bool | None:
-        self._at += 1
-        return True if self._at < len(self._cursors) else None
-
-    def fetchone(self) -> Any:
-        return self._cursors[self._at].fetchone()
-
-    def fetchall(self) -> list[Any]:
-        return list(self._cursors[self._at].fetchall())
-
-
-def _piped(
-    dbc: Any, statements: list[tuple[str, Mapping[str, Any]]], begin: bool, commit: bool
-) -> _Results:
-    """BEGIN, the statements and COMMIT in psycopg's pipeline mode: sent together, one
-    round trip, each statement prepared by the server after its first few runs. A
-    failing one raises when the pipeline syncs, on leaving the block; the statements
-    after it are not run."""
-    cursors = []
-    with dbc.pipeline():
-        if begin:
-            dbc.execute(_PG_BEGIN)
-        for sql, params in statements:
-            cur = dbc.cursor()
-            cur.execute(sql, params)
-            cursors.append(cur)
-        if commit:
-            dbc.execute("COMMIT")
-    return _Results(cursors)
+class _Again(Exception):
+    """begin's early counter locks were not the right ones: roll back, start again
+    without them."""
 
 
 class _Refused(Exception):

@@ -268,13 +268,15 @@ def test_a_lease_lost_at_completion_counts_the_spend_and_audits_once(
     assert guard.gov.verify_audit() == []
 
 
-def test_a_governed_call_on_postgresql_takes_five_round_trips(
+def test_a_governed_call_on_postgresql_takes_three_round_trips(
     guard: Guard, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each query of the hot path is one round trip (BEGIN, its statements and COMMIT
-    pipelined): BEGIN + snapshot + claim; the counters' locks; their update + the hold
-    + COMMIT; BEGIN + the ledger's completion + the hold's delete and the chain head;
-    the audit row + the head's move + COMMIT."""
+    pipelined): BEGIN + snapshot + claim + the counters' locks (known from the agent's
+    last call of the tool; the first call locks them in a trip of their own); their
+    update + the hold + COMMIT; BEGIN + the ledger's completion + the settle (the hold's
+    delete, the chain head's lock, the audit row hashed by the server, the head's move)
+    + COMMIT (the first completion of a chain in this process reads the head first)."""
     if not db_url.startswith("postgresql"):
         pytest.skip("the pipelined hot path is PostgreSQL's")
     capped(guard)
@@ -292,7 +294,7 @@ def test_a_governed_call_on_postgresql_takes_five_round_trips(
     monkeypatch.setattr(store, "_exec", counted)
     r = guard.call_tool(pay, {"n": 1}, tool="pay", agent_id="payer")
     assert (r.decision, r.spend_usd) == ("executed", PRICE)
-    assert len(queries) == 5, queries
+    assert len(queries) == 3, queries
     assert rows(guard) == [("executed", "ok")] * 2
     assert guard.gov.verify_audit() == []
 
