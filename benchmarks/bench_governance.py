@@ -200,9 +200,10 @@ def bench(label: str, url: str, raw: Callable[[int], None], calls: int) -> list[
     res = interleave({"raw": raw, "plain": p, "governed": g, "separate": s}, calls)
     stmts, txs = COUNTS[label] = count_statements(gov, lambda: g(10**9 + 1))
     print(
-        f"{label}: per governed call (the default, joined path): {stmts} statements in "
-        f"{txs} transactions, the ledger's claim and completion included (BEGIN/COMMIT "
-        f"not counted; nothing comes on top); governed / plain = "
+        f"{label}: per governed call (the default, joined path): {stmts} statements "
+        f"(PostgreSQL: pipelines, one round trip each) in {txs} transactions, the "
+        f"ledger's claim and completion included (BEGIN/COMMIT not counted; nothing comes "
+        f"on top); governed / plain = "
         f"{res['governed'] / res['plain']:.2f}x"
     )
     sst, stx = count_statements(separate, lambda: s(10**9 + 1))
@@ -227,10 +228,15 @@ def _bound(label: str) -> str:
     )
     if label == "postgresql":
         return (
-            f"{what}; the rest is the governed call's client-side work per call (the "
-            "verdict, the audit entry and its hash, redaction, the engine's generator, "
-            "the governance store's connection checkout) and the extra statements' round "
-            "trips on the same 2 cores as the server"
+            f"{txs} transactions in {stmts} round trips in all (each one pipeline written "
+            "at once: BEGIN + policy snapshot + the ledger's claim + the counters' early "
+            "locks; the counters' update + the hold + COMMIT; BEGIN + the ledger's fenced "
+            "completion + the hold's delete, the chain head's lock, the audit row hashed "
+            "by the server and the head's move + COMMIT), as many commits as the plain "
+            "call's claim and completion; the rest is the extra round trip, the rows the "
+            "commits write (hold, counters, audit row, head) and the governed call's "
+            "client-side work per call (the verdict, the audit entry, redaction, the "
+            "engine's generator) on the same 2 cores as the server"
         )
     return (
         f"{what}; the rest is the governed call's Python per call (the verdict, the audit "

@@ -226,31 +226,43 @@ _HOT_MOVE = (
     "UPDATE onceonly_audit_heads SET seq = :seq, hash = :hash"
     " WHERE tenant = :tenant AND agent_id = :agent_id"
 )
-# PostgreSQL's settle in one statement, after the ledger's fenced completion in the same
-# transaction (``GovStore._complete_one``): the hold's delete (only if that completion
-# is ours: the record is final with our token), then the chain head's lock (the order
-# every transaction takes them in: ledger row, hold, head), the audit row hashed by the
-# server over the head it follows (``chain_hash``: the row's canonical JSON is sent in
-# two parts around its seq, which only the locked head knows), and the head's move.
-# Returns the holds deleted and the rows appended; a hold deleted with no head to follow
-# raises division_by_zero, which rolls the whole transaction back (see _complete_one).
-_HOT_SETTLE_ONE = (
-    "WITH d AS (DELETE FROM onceonly_reservations"
+
+
+# PostgreSQL: an audit row appended in one statement, the server hashing it under the
+# chain head's lock (``GovStore._append_one``). ``gate``: a CTE written before it (the
+# hold's delete; the ledger's fenced completion) without whose row nothing is appended;
+# the head is locked after it, the order every transaction takes its locks in (ledger
+# row, hold, head). The row's canonical JSON (``chain_hash``) is sent in two parts around
+# its seq, which only the locked head knows. Returns the gate's rows, then the new seq and
+# hash (NULL when nothing was appended); a gate passed with no head to follow raises
+# division_by_zero, which rolls the whole transaction back.
+def _append_one_sql(gate: str = "", gate_name: str = "") -> str:
+    passed = f"EXISTS (SELECT 1 FROM {gate_name})" if gate_name else "TRUE"
+    return (
+        f"WITH {gate + ', ' if gate else ''}"
+        "h AS (SELECT seq, hash FROM onceonly_audit_heads WHERE tenant = :t AND agent_id = :a"
+        f" AND {passed} FOR UPDATE),"
+        " n AS (SELECT seq + 1 AS seq, hash AS prev, encode(sha256(convert_to(hash || chr(10)"
+        " || :pre || (seq + 1)::text || :post, 'UTF8')), 'hex') AS hash FROM h),"
+        " i AS (INSERT INTO onceonly_audit (" + _AUDIT_COLS + ") SELECT :au_tenant,"
+        " :au_agent_id, n.seq, :au_tool, :au_args_digest, :au_args, :au_decision, :au_reason,"
+        " :au_risk_level, :au_spend_micros, :au_run_id, :au_token, :au_idem_key,"
+        " :au_created_at, n.prev, n.hash FROM n RETURNING seq, hash),"
+        " u AS (UPDATE onceonly_audit_heads x SET seq = n.seq, hash = n.hash FROM n"
+        " WHERE x.tenant = :t AND x.agent_id = :a RETURNING x.seq)"
+        f" SELECT {f'(SELECT count(*) FROM {gate_name})' if gate_name else '1'},"
+        f" (SELECT seq FROM i), (SELECT hash FROM i), CASE WHEN {passed}"
+        " THEN 1 / (SELECT count(*) FROM i)::int END"
+    )
+
+
+#: The settle's gate: the hold's delete, only if the ledger's completion (sent before it
+#: in the same transaction) is ours: the record is final with our token.
+_HOLD_GATE = (
+    "d AS (DELETE FROM onceonly_reservations"
     " WHERE id = :rid AND tenant = :t AND agent_id = :holder AND EXISTS (SELECT 1 FROM"
     " onceonly_ledger WHERE namespace = :ns AND idem_key = :k AND token = :token"
-    " AND state = :state) RETURNING id),"
-    " h AS (SELECT seq, hash FROM onceonly_audit_heads WHERE tenant = :t AND agent_id = :a"
-    " AND EXISTS (SELECT 1 FROM d) FOR UPDATE),"
-    " n AS (SELECT seq + 1 AS seq, hash AS prev, encode(sha256(convert_to(hash || chr(10)"
-    " || :pre || (seq + 1)::text || :post, 'UTF8')), 'hex') AS hash FROM h),"
-    " i AS (INSERT INTO onceonly_audit (" + _AUDIT_COLS + ") SELECT :au_tenant,"
-    " :au_agent_id, n.seq, :au_tool, :au_args_digest, :au_args, :au_decision, :au_reason,"
-    " :au_risk_level, :au_spend_micros, :au_run_id, :au_token, :au_idem_key,"
-    " :au_created_at, n.prev, n.hash FROM n RETURNING seq),"
-    " u AS (UPDATE onceonly_audit_heads x SET seq = n.seq, hash = n.hash FROM n"
-    " WHERE x.tenant = :t AND x.agent_id = :a RETURNING x.seq)"
-    " SELECT (SELECT count(*) FROM d), CASE WHEN EXISTS (SELECT 1 FROM d)"
-    " THEN 1 / (SELECT count(*) FROM i)::int END"
+    " AND state = :state) RETURNING id)"
 )
 _HOT = {
     # SQLite (and the memory store): BEGIN IMMEDIATE already holds the write lock, so a
@@ -279,7 +291,8 @@ _HOT = {
         " DO UPDATE SET seq = onceonly_audit_heads.seq"
         f" RETURNING seq, hash, {_CLOCK['postgresql']}",
         "append": f"WITH i AS ({_HOT_AUDIT}) {_HOT_MOVE}",
-        "settle_one": _HOT_SETTLE_ONE,
+        "settle_one": _append_one_sql(_HOLD_GATE, "d"),
+        "append_one": _append_one_sql(),
     },
     "mysql": {
         "snap": _HOT_SNAP.replace("{clock}", _CLOCK["mysql"]),
@@ -545,7 +558,8 @@ class GovStore(GovernanceStore):
         #: PostgreSQL: the chains whose head this process has seen (their completions
         #: take one round trip) and the database clock's offset from the host's
         self._heads: set[tuple[str, str]] = set()
-        self._skew = 0.0
+        self._skew: float | None = None
+        self._finish_sql: dict[str, str] = {}
         #: (tenant, agent, tool) -> the (metric, window length) pairs its last call
         #: needed; the next call's claim locks them early (PostgreSQL; see _early)
         self._guess: dict[tuple[str, str, str], tuple[tuple[str, int], ...]] = {}
@@ -946,9 +960,14 @@ class GovStore(GovernanceStore):
         def run(conn: sa.Connection, now: float) -> bool:
             execute = self._runner(conn, begin=True)
             clock = time.time() if now != now else now  # SQLite's ledger clock is the host's
-            if rid is not None and self._manual and self._hot_audit(audit, lost):
+            hot = self._manual and self._hot_audit(audit, lost)
+            chain = (tenant, audit["agent_id"])
+            if hot and rid is None and self._one_append(*chain):
                 finish = led._finish(namespace, key, token, True, result, error, ttl)
-                chain = (tenant, audit["agent_id"])
+                if self._finish_append_one(conn, finish, tenant, audit):
+                    return True  # completed and audited in one statement
+            if hot and rid is not None:
+                finish = led._finish(namespace, key, token, True, result, error, ttl)
                 if chain in self._heads:
                     one = self._complete_one(conn, finish, tenant, agent_id, rid, audit)
                     if one is not None:
@@ -1012,46 +1031,96 @@ class GovStore(GovernanceStore):
         audit: dict[str, Any],
     ) -> bool | None:
         """PostgreSQL's joined completion in one round trip: BEGIN, the ledger's fenced
-        UPDATE, the settle (:data:`_HOT_SETTLE_ONE`) and COMMIT. Its audit row's
-        ``created_at`` is the host's clock corrected by the database clock's offset
-        seen at the last begin (the two-trip path reads the database's clock under the
-        head's lock); the rest is as :meth:`_complete_pg` writes it.
+        UPDATE, the settle (the hold's delete gating :meth:`_append_one`) and COMMIT; the
+        rest is as :meth:`_complete_pg` writes it.
 
         None when it wrote nothing and :meth:`_complete_pg` must run instead: the
         completion matched no record of ours (a lost lease: its entry depends on what
         the record says), or the agent's chain head is gone (deleted by hand: the
         transaction was rolled back)."""
         sql, params = finish
-        created = self._clock() if self._clock is not None else time.time() + self._skew
-        fields = audit_fields(_Row({**audit, "tenant": tenant, "seq": 0, "created_at": created}))
+        p = {**params, "rid": rid, "holder": holder}
+        cur = self._append_one(
+            conn, tenant, audit, self._hot["settle_one"], p, first=sql, begin=True, commit=True
+        )
+        if cur is None or cur.rowcount != 1:
+            return None  # not our completion: nothing was written (the delete waits on it)
+        return True
+
+    def _finish_append_one(
+        self,
+        conn: sa.Connection,
+        finish: tuple[str, dict[str, Any]],
+        tenant: str,
+        entry: dict[str, Any],
+    ) -> bool | None:
+        """A joined completion without a hold (an agent without a policy), in one
+        statement: the ledger's fenced UPDATE gating :meth:`_append_one`. True: completed
+        and audited; None: nothing written (not our completion, or no chain head), the
+        general steps must run."""
+        sql, params = finish
+        one = self._finish_sql.get(sql)
+        if one is None:
+            gate = f"f AS ({sql} RETURNING 1)"
+            one = self._finish_sql[sql] = _paramstyle(_append_one_sql(gate, "f"), self.kind)
+        cur = self._append_one(conn, tenant, entry, one, params)
+        if cur is None:
+            return None
+        row = cur.fetchone()
+        return True if row is not None and int(row[0]) == 1 else None
+
+    def _one_append(self, tenant: str, agent_id: str) -> bool:
+        """Whether this chain's next append can be one statement: PostgreSQL, its head
+        seen by this process, and a clock offset known for its ``created_at``."""
+        return (
+            self._manual
+            and (tenant, agent_id) in self._heads
+            and (self._skew is not None or self._clock is not None)
+        )
+
+    def _append_one(
+        self,
+        conn: sa.Connection,
+        tenant: str,
+        entry: dict[str, Any],
+        sql: str,
+        params: dict[str, Any],
+        *,
+        first: str | None = None,
+        begin: bool = False,
+        commit: bool = False,
+    ) -> Any:
+        """PostgreSQL: ``entry`` appended to its chain by one statement (``sql``, built
+        by :func:`_append_one_sql`; ``first``: a statement sent before it, in the same
+        transaction), the server hashing the row under the head's lock. Its
+        ``created_at`` is the host's clock corrected by the database clock's offset
+        last seen (:attr:`_skew`); the general path reads the database's clock under the
+        head's lock. Returns the results (``first``'s, then the append's row: the gate's
+        rows, seq, hash), or None when the chain head was missing: nothing of the
+        transaction committed (the caller runs the general steps, which create it)."""
+        created = self._clock() if self._clock is not None else time.time() + (self._skew or 0.0)
+        fields = audit_fields(_Row({**entry, "tenant": tenant, "seq": 0, "created_at": created}))
         body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         # Quotes inside a JSON string are escaped, so the marker is the key itself.
         cut = body.index(_SEQ_MARK)
         p = {f"au_{k}": v for k, v in fields.items()}
         p.update(params)
         p.update(
-            rid=rid,
             t=tenant,
-            a=audit["agent_id"],
-            holder=holder,
+            a=entry["agent_id"],
             pre=body[:cut] + ',"seq":',
             post=body[cut + len(_SEQ_MARK) :],
         )
+        statement = sql if first is None else f"{first}{_SEP}{sql}"
         try:
-            cur = self._exec(
-                conn, f"{sql}{_SEP}{self._hot['settle_one']}", p, begin=True, commit=True
-            )
+            return self._exec(conn, statement, p, begin=begin, commit=commit)
         except sa.exc.DBAPIError as err:
             if getattr(err.orig, "sqlstate", None) != _DIVISION_BY_ZERO:
                 raise
-            # A hold deleted with no chain head to follow: nothing of it committed.
-            self._heads.discard((tenant, audit["agent_id"]))
+            # A gate passed with no chain head to follow: nothing of it committed.
+            self._heads.discard((tenant, entry["agent_id"]))
             conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
             return None
-        if cur.rowcount != 1:
-            return None  # not our completion: nothing was written (the delete waits on it)
-        cur.nextset()
-        return True
 
     def _complete_pg(
         self,
@@ -1792,11 +1861,26 @@ class GovStore(GovernanceStore):
 
     # -- audit ----------------------------------------------------------------------------
     def append_audit(self, tenant: str, entry: dict[str, Any]) -> tuple[int, str]:
-        """Append one decision to the agent's hash chain; returns (seq, hash)."""
-        return self._tx(
-            lambda conn, now: self._append(conn, now, tenant, entry),
-            clock=self._clock is not None,  # the clock rides on the head read
-        )
+        """Append one decision to the agent's hash chain; returns (seq, hash).
+
+        PostgreSQL, a chain this process has seen: one statement on the autocommit pool
+        (:meth:`_append_one`); else the general steps, on SQLAlchemy Core."""
+        one = self._one_append(tenant, entry["agent_id"]) and self._hot_audit(entry)
+
+        def run(conn: sa.Connection, now: float) -> tuple[int, str]:
+            if not one:
+                return self._append(conn, now, tenant, entry)
+            if not self._rerun:
+                cur = self._append_one(conn, tenant, entry, self._hot["append_one"], {})
+                if cur is not None:
+                    _, seq, digest, _ = cur.fetchone()
+                    return int(seq), str(digest)
+            # On the autocommit pool: a transaction of our own, committed by _tx.
+            self._exec(conn, "SELECT 1", {}, begin=True)
+            return self._append(conn, now, tenant, entry)
+
+        # The database's clock rides on the head read (a clock of the caller's: its own).
+        return self._tx(run, read=one, clock=self._clock is not None)
 
     def append_audit_once(self, tenant: str, entry: dict[str, Any]) -> None:
         # The duplicate check runs under the chain head's lock, in the append's own
@@ -1834,6 +1918,8 @@ class GovStore(GovernanceStore):
         if now != now:  # NaN: the transaction has not read the clock; read it with the head
             head = conn.execute(self._head_now, {"t": tenant, "a": agent_id}).one()
             now = float(head.now)
+            if self._manual and self._clock is None:
+                self._skew = now - time.time()
         else:
             head = conn.execute(_HEAD, {"t": tenant, "a": agent_id}).one()
         if (self._rerun or check) and entry.get("token") is not None:
@@ -1857,6 +1943,8 @@ class GovStore(GovernanceStore):
         digest = chain_hash(head.hash, fields)
         conn.execute(_AUDIT, {**fields, "prev_hash": head.hash, "hash": digest})
         conn.execute(_MOVE_HEAD, {"t": tenant, "a": agent_id, "seq": seq, "hash": digest})
+        if self._manual:  # the head exists now: this chain's next appends take one statement
+            self._heads.add((tenant, agent_id))
         if entry.get("notify"):
             # The decision's notification, in the decision's transaction: both commit or
             # neither. A rerun after a lost reply returned above if the row is in; an

@@ -330,3 +330,136 @@ def test_a_lease_lost_on_the_one_trip_path_is_settled_the_two_trip_way(
     assert logs == [("executed", "ok")] * 2 + [("executed", "lease_lost")]
     assert store.holds(guard.namespace, "payer") == 0
     assert guard.gov.verify_audit() == []
+
+
+def test_an_agent_without_a_policy_completes_and_audits_in_one_statement(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No hold: the ledger's fenced completion gates the append, in one statement."""
+    store = guard.gov.store
+    got: list[Any] = []
+    real = store._finish_append_one
+
+    def spy(*a: Any) -> Any:
+        got.append(out := real(*a))
+        return out
+
+    monkeypatch.setattr(store, "_finish_append_one", spy)
+    for n in range(4):
+        r = guard.call_tool(pay, {"n": n}, tool="pay", agent_id="free")
+        assert (r.decision, r.result) == ("executed", n)
+    assert got == [True] * 3  # the first completion of the chain went the general way
+    logs = [(e.decision, e.reason) for e in reversed(guard.gov.agent_logs("free"))]
+    assert logs == [("executed", "ok")] * 4
+    assert guard.gov.verify_audit() == []
+
+
+def test_a_lease_lost_without_a_hold_is_audited_once_the_general_way(
+    guard: Guard, db_url: str
+) -> None:
+    guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="free")  # the chain is known
+    engine = sa.create_engine(db_url)
+
+    def taken_over(n: int) -> int:
+        ctx = current_call()
+        assert ctx is not None
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE onceonly_ledger SET token = token + 1"
+                    " WHERE namespace = :ns AND idem_key = :k"
+                ),
+                {"ns": guard.namespace, "k": ctx.key},
+            )
+        return n
+
+    try:
+        with pytest.raises(LeaseLost):
+            guard.call_tool(taken_over, {"n": 1}, tool="pay", agent_id="free")
+    finally:
+        engine.dispose()
+    logs = [(e.decision, e.reason) for e in reversed(guard.gov.agent_logs("free"))]
+    assert logs == [("executed", "ok"), ("executed", "lease_lost")]
+    assert guard.gov.verify_audit() == []
+
+
+def test_replays_are_audited_in_one_statement(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy(guard)
+    call(guard, 0)
+    store = guard.gov.store
+    ones: list[Any] = []
+    real = store._append_one
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        ones.append(a[3])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store, "_append_one", spy)
+    for _ in range(3):
+        assert call(guard, 0).decision == "dedup"
+    assert ones == [store._hot["append_one"]] * 3
+    logs = [e.decision for e in reversed(guard.gov.agent_logs("payer"))]
+    assert logs == ["executed", "dedup", "dedup", "dedup"]
+    assert guard.gov.verify_audit() == []
+
+
+def test_a_standalone_append_remakes_a_head_deleted_by_hand(guard: Guard, db_url: str) -> None:
+    policy(guard)
+    call(guard, 0)
+    assert call(guard, 0).decision == "dedup"  # appended in one statement
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for table in ("onceonly_audit", "onceonly_audit_heads"):
+                conn.execute(
+                    sa.text(f"DELETE FROM {table} WHERE tenant = :t"), {"t": guard.namespace}
+                )
+    finally:
+        engine.dispose()
+    assert call(guard, 0).decision == "dedup"  # no head: rolled back, the general way
+    assert call(guard, 0).decision == "dedup"  # one statement again
+    assert [e.decision for e in guard.gov.agent_logs("payer")] == ["dedup", "dedup"]
+    # the chain walks (the execution's own row went with the rows deleted by hand, so
+    # the ledger cross-check of verify_audit would rightly report it)
+    assert guard.gov.store.verify_audit(guard.namespace) == []
+
+
+def test_concurrent_one_statement_appends_to_one_chain_stay_a_chain(guard: Guard) -> None:
+    """Eight threads append to one agent's chain at once, each under the head's lock
+    taken by its own statement (READ COMMITTED: a waiter re-reads the head it locked)."""
+    store = guard.gov.store
+    entry = {
+        "agent_id": "busy",
+        "tool": "pay",
+        "args_digest": None,
+        "args": "{}",
+        "decision": "dedup",
+        "reason": "dedup",
+        "risk_level": "low",
+        "spend_micros": 0,
+        "run_id": None,
+        "token": None,
+        "idem_key": None,
+    }
+    store.append_audit(guard.namespace, entry)  # the general way: the head now exists
+    assert store._one_append(guard.namespace, "busy")  # the next ones: one statement each
+    errors: list[BaseException] = []
+
+    def appender(i: int) -> None:
+        try:
+            for j in range(25):
+                store.append_audit(guard.namespace, {**entry, "args": f'{{"i": {i}, "j": {j}}}'})
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=appender, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    rows = store.audit_rows(guard.namespace, agent_id="busy", limit=1000)
+    assert sorted(r["seq"] for r in rows) == list(range(1, 202))
+    assert guard.gov.verify_audit() == []
