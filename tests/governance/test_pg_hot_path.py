@@ -94,6 +94,26 @@ def spent(g: Guard) -> float:
     return g.gov.store.counter(g.namespace, "payer", "spend", today) / 1e6
 
 
+def taking_over(g: Guard, engine: sa.Engine) -> Any:
+    """A tool during whose run another worker takes its key over (token + 1): its fenced
+    completion can no longer match."""
+
+    def taken_over(n: int) -> int:
+        ctx = current_call()
+        assert ctx is not None
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE onceonly_ledger SET token = token + 1"
+                    " WHERE namespace = :ns AND idem_key = :k"
+                ),
+                {"ns": g.namespace, "k": ctx.key},
+            )
+        return n
+
+    return taken_over
+
+
 def test_after_the_first_call_a_governed_call_takes_three_round_trips(
     guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -296,19 +316,7 @@ def test_a_lease_lost_on_the_one_trip_path_is_settled_the_two_trip_way(
     call(guard, 0)
     call(guard, 1)  # the head is known: completions try one round trip
     engine = sa.create_engine(db_url)
-
-    def taken_over(n: int) -> int:
-        ctx = current_call()
-        assert ctx is not None
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "UPDATE onceonly_ledger SET token = token + 1"
-                    " WHERE namespace = :ns AND idem_key = :k"
-                ),
-                {"ns": guard.namespace, "k": ctx.key},
-            )
-        return n
+    taken_over = taking_over(guard, engine)
 
     tried: list[Any] = []
     store = guard.gov.store
@@ -359,19 +367,7 @@ def test_a_lease_lost_without_a_hold_is_audited_once_the_general_way(
 ) -> None:
     guard.call_tool(pay, {"n": 0}, tool="pay", agent_id="free")  # the chain is known
     engine = sa.create_engine(db_url)
-
-    def taken_over(n: int) -> int:
-        ctx = current_call()
-        assert ctx is not None
-        with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "UPDATE onceonly_ledger SET token = token + 1"
-                    " WHERE namespace = :ns AND idem_key = :k"
-                ),
-                {"ns": guard.namespace, "k": ctx.key},
-            )
-        return n
+    taken_over = taking_over(guard, engine)
 
     try:
         with pytest.raises(LeaseLost):
