@@ -160,3 +160,39 @@ def test_two_replicas_one_winner_per_key(pg_url: str, replicas: list[str]) -> No
     for c in clients:
         c.close()
     cp.close()
+
+
+def test_a_job_row_is_one_autocommitted_statement_on_the_database_s_clock(pg_url: str) -> None:
+    """Key-mode /ai/run's job row on PostgreSQL: one INSERT (no clock read first; sent in
+    autocommit, so no BEGIN or COMMIT round trip either), committed when it returns,
+    stamped with the database's clock; a retry after a lost reply (the same tenant, key
+    and token) is a no-op, not an error."""
+    import sqlalchemy as sa
+
+    from onceonly_core.server.db import ServerDB, jobs
+    from onceonly_core.stores.sql import SQLStore
+
+    engine = sa.create_engine(pg_url)
+    with SQLStore(pg_url) as ledger:
+        db = ServerDB(engine, ledger.now)
+        db.ensure()
+        sent: list[str] = []
+        sa.event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+        tenant = _tenant()
+        other = sa.create_engine(pg_url)
+        try:
+            db.enqueue(tenant, "job-1", 1, "lease_x", "{}", 60.0)
+            assert len(sent) == 1 and sent[0].startswith("INSERT")  # no clock read first
+            with other.connect() as conn:  # committed by the statement itself
+                seen = conn.execute(sa.select(jobs.c.token).where(jobs.c.tenant == tenant))
+                assert seen.all() == [(1,)]
+            db.enqueue(tenant, "job-1", 1, "lease_x", "{}", 60.0)  # the retry
+            now = ledger.now()
+            with engine.connect() as conn:
+                rows = conn.execute(sa.select(jobs).where(jobs.c.tenant == tenant)).all()
+        finally:
+            engine.dispose()
+            other.dispose()
+    assert len(rows) == 1
+    assert rows[0].state == "queued" and rows[0].token == 1
+    assert now - 5 < rows[0].created_at <= now
