@@ -446,7 +446,11 @@ def test_the_server_delivers_across_a_restart_mid_delivery(
                     p.terminate()
                 p.wait(30)
     ids = [r.headers["webhook-id"] for r in hook.requests]
-    assert ids == [killed[0], killed[0]] and all(r.verified for r in hook.requests)
+    # Sent again after the kill under the same id (receivers dedupe on it). At least once,
+    # not exactly twice: with the test's 1 s lease a loaded machine can let the restarted
+    # server's own claim lapse before it marks the row, and send once more (seen in CI).
+    assert len(ids) >= 2 and set(ids) == {killed[0]}, ids
+    assert all(r.verified for r in hook.requests)
 
 
 # -- the server's stored preferences choose the e-mails ----------------------------------------
