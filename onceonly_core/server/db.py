@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from ..errors import ConfigError, StoreError
+from ..stores.sql import _NOW as _LEDGER_NOW
 
 __all__ = ["KEY_PREFIX", "TENANT_RE", "KeyInfo", "ServerDB", "hash_key"]
 
@@ -93,8 +94,8 @@ class KeyInfo:
     rate_limit: float | None
 
 
-#: PostgreSQL's clock, as the ledger reads it (``SQLStore.now``), inside a statement.
-_PG_CLOCK: Any = sa.literal_column("EXTRACT(EPOCH FROM statement_timestamp())::float8")
+#: PostgreSQL's clock inside a statement: the ledger's own expression (``SQLStore.now``).
+_PG_CLOCK: Any = sa.literal_column(_LEDGER_NOW["postgresql"])
 
 
 class ServerDB:

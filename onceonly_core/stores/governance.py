@@ -91,10 +91,15 @@ DecideClaim = Callable[
 ]
 
 
+def chain_body(fields: dict[str, Any]) -> str:
+    """The row's canonical JSON, as :func:`chain_hash` hashes it (the PostgreSQL store
+    sends it to the server to hash there: one serialization for both)."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def chain_hash(prev: str, fields: dict[str, Any]) -> str:
     """sha256 over the previous hash and the row's canonical JSON."""
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
+    return hashlib.sha256(f"{prev}\n{chain_body(fields)}".encode()).hexdigest()
 
 
 def audit_fields(row: Any) -> dict[str, Any]:

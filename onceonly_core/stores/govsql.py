@@ -75,6 +75,7 @@ from .governance import (
     Reservation,
     Want,
     audit_fields,
+    chain_body,
     chain_hash,
     completed_by,
 )
@@ -236,6 +237,7 @@ _HOT_MOVE = (
 # its seq, which only the locked head knows. Returns the gate's rows, then the new seq and
 # hash (NULL when nothing was appended); a gate passed with no head to follow raises
 # division_by_zero, which rolls the whole transaction back.
+@functools.lru_cache(maxsize=64)
 def _append_one_sql(gate: str = "", gate_name: str = "") -> str:
     passed = f"EXISTS (SELECT 1 FROM {gate_name})" if gate_name else "TRUE"
     return (
@@ -559,7 +561,6 @@ class GovStore(GovernanceStore):
         #: take one round trip) and the database clock's offset from the host's
         self._heads: set[tuple[str, str]] = set()
         self._skew: float | None = None
-        self._finish_sql: dict[str, str] = {}
         #: (tenant, agent, tool) -> the (metric, window length) pairs its last call
         #: needed; the next call's claim locks them early (PostgreSQL; see _early)
         self._guess: dict[tuple[str, str, str], tuple[tuple[str, int], ...]] = {}
@@ -968,7 +969,7 @@ class GovStore(GovernanceStore):
                     return True  # completed and audited in one statement
             if hot and rid is not None:
                 finish = led._finish(namespace, key, token, True, result, error, ttl)
-                if chain in self._heads:
+                if self._one_append(*chain):
                     one = self._complete_one(conn, finish, tenant, agent_id, rid, audit)
                     if one is not None:
                         return one
@@ -1059,10 +1060,7 @@ class GovStore(GovernanceStore):
         and audited; None: nothing written (not our completion, or no chain head), the
         general steps must run."""
         sql, params = finish
-        one = self._finish_sql.get(sql)
-        if one is None:
-            gate = f"f AS ({sql} RETURNING 1)"
-            one = self._finish_sql[sql] = _paramstyle(_append_one_sql(gate, "f"), self.kind)
+        one = _paramstyle(_append_one_sql(f"f AS ({sql} RETURNING 1)", "f"), self.kind)
         cur = self._append_one(conn, tenant, entry, one, params)
         if cur is None:
             return None
@@ -1100,7 +1098,7 @@ class GovStore(GovernanceStore):
         transaction committed (the caller runs the general steps, which create it)."""
         created = self._clock() if self._clock is not None else time.time() + (self._skew or 0.0)
         fields = audit_fields(_Row({**entry, "tenant": tenant, "seq": 0, "created_at": created}))
-        body = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        body = chain_body(fields)
         # Quotes inside a JSON string are escaped, so the marker is the key itself.
         cut = body.index(_SEQ_MARK)
         p = {f"au_{k}": v for k, v in fields.items()}

@@ -31,6 +31,7 @@ from onceonly_core.governance import Policy
 from onceonly_core.governance.engine import DAY, HOUR
 from onceonly_core.stores.governance import Want
 from onceonly_core.stores.sql import SQLStore
+from onceonly_core.testing.governance_contract import _entry as audit_entry
 
 PRICE = 2.0
 
@@ -114,6 +115,19 @@ def taking_over(g: Guard, engine: sa.Engine) -> Any:
     return taken_over
 
 
+def decisions(store: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per time begin decided on a plan (twice: it started again)."""
+    seen: list[int] = []
+    real = store._learn
+
+    def learn(*a: Any) -> None:
+        seen.append(1)
+        real(*a)
+
+    monkeypatch.setattr(store, "_learn", learn)
+    return seen
+
+
 def test_after_the_first_call_a_governed_call_takes_three_round_trips(
     guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,14 +203,7 @@ def test_a_window_that_began_between_the_clock_readings_starts_again(
             before.then = (sql.replace("(floor(c.now", f"{HOUR} + (floor(c.now", 1), p)
 
     monkeypatch.setattr(store, "_early", an_hour_on)
-    again: list[int] = []
-    real_learn = store._learn
-
-    def learn(*a: Any) -> None:
-        again.append(1)
-        real_learn(*a)
-
-    monkeypatch.setattr(store, "_learn", learn)
+    again = decisions(store, monkeypatch)
     r = call(guard, 1)
     assert (r.decision, r.spend_usd) == ("executed", PRICE)
     assert len(again) == 2  # decided twice: the second time without early locks
@@ -250,8 +257,10 @@ def test_expired_holds_are_swept_before_the_counters_are_locked(
     res = store.reserve(guard.namespace, "payer", guard.namespace, "crashed", wants, lease=0.001)
     assert res.ok
     time.sleep(0.05)
+    decided = decisions(store, monkeypatch)
     r = call(guard, 1)
     assert (r.decision, r.spend_usd) == ("executed", PRICE)
+    assert len(decided) == 2  # the early locks rolled back; swept, then locked in order
     assert store.holds(guard.namespace, "payer") == 0  # swept
     assert spent(guard) == 2 * PRICE + 1.0  # the crashed hold's amount stays spent
     assert guard.gov.verify_audit() == []
@@ -426,19 +435,7 @@ def test_concurrent_one_statement_appends_to_one_chain_stay_a_chain(guard: Guard
     """Eight threads append to one agent's chain at once, each under the head's lock
     taken by its own statement (READ COMMITTED: a waiter re-reads the head it locked)."""
     store = guard.gov.store
-    entry = {
-        "agent_id": "busy",
-        "tool": "pay",
-        "args_digest": None,
-        "args": "{}",
-        "decision": "dedup",
-        "reason": "dedup",
-        "risk_level": "low",
-        "spend_micros": 0,
-        "run_id": None,
-        "token": None,
-        "idem_key": None,
-    }
+    entry = audit_entry("busy-key", "dedup", agent_id="busy", reason="dedup", idem_key=None)
     store.append_audit(guard.namespace, entry)  # the general way: the head now exists
     assert store._one_append(guard.namespace, "busy")  # the next ones: one statement each
     errors: list[BaseException] = []
