@@ -385,7 +385,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=8, help="serve --threads (0: not given)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="serve --threads (0: not given, serve's default)"
+    )
     ap.add_argument(
         "--server-root", default="", help="run `serve` from this source tree (A/B runs)"
     )

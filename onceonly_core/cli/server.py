@@ -193,12 +193,14 @@ def serve(
     ] = None,
     dashboard_port: Annotated[int, typer.Option(help="The dashboard's port.")] = 8765,
     threads: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Request threads per worker process; each holds one pooled database "
-            "connection (PostgreSQL's max_connections must cover workers x threads x 2)."
+            help="Request threads per worker process (default: 2 x CPUs, from 4 to 16); "
+            "each holds one pooled database connection (PostgreSQL's max_connections must "
+            "cover workers x threads x 2).",
+            min=1,
         ),
-    ] = 16,
+    ] = None,
     access_log: Annotated[
         bool,
         typer.Option(
@@ -225,7 +227,8 @@ def serve(
     os.environ[URL_ENV] = db
     os.environ["ONCEONLY_SERVER_JOB_WORKERS"] = str(job_workers)
     os.environ["ONCEONLY_SERVER_HANDLERS"] = json.dumps(handler or [])
-    os.environ["ONCEONLY_SERVER_THREADS"] = str(threads)
+    if threads is not None:
+        os.environ["ONCEONLY_SERVER_THREADS"] = str(threads)
     uvicorn.run(
         "onceonly_core.cli.server:_factory",
         factory=True,
@@ -256,10 +259,11 @@ def _factory() -> Any:
     """The app for uvicorn's worker processes (settings come through the environment)."""
     from ..server import create_app
 
+    threads = os.environ.get("ONCEONLY_SERVER_THREADS")
     app = create_app(
         os.environ.get(URL_ENV),
         job_workers=int(os.environ.get("ONCEONLY_SERVER_JOB_WORKERS", "1")),
-        threads=int(os.environ.get("ONCEONLY_SERVER_THREADS", "16")),
+        threads=int(threads) if threads else None,  # None: default_threads()
     )
     for pattern, fn in _handlers(json.loads(os.environ.get("ONCEONLY_SERVER_HANDLERS", "[]"))):
         app.state.control.jobs.register(pattern, fn)

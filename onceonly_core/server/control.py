@@ -177,6 +177,19 @@ class Usage:
 Handler = Callable[[JobContext], Any]
 
 
+def default_threads(cpus: int | None = None) -> int:
+    """Request threads per server process when none are given: twice the CPUs, from 4 to 16.
+
+    Measured with 64 clients on 2 cores (benchmarks/README.md): 8 threads per worker gave a
+    p99 of 130 ms to 1 s and fewer requests per second than 2 to 4 threads (p99 40 to 75
+    ms); threads beyond what the CPUs can run only wait for the GIL and for each other in
+    the database. The floor of 4 keeps a few slow tool-mode runs (up to
+    ``max_tool_timeout_ms`` each) from holding every thread; raise ``--threads`` where
+    tools are slow."""
+    n = cpus if cpus is not None else (os.cpu_count() or 2)
+    return min(16, max(4, 2 * n))
+
+
 class ControlPlane:
     """Tenants, keys, usage, the lease keyspace and job workers over one ledger."""
 
@@ -195,7 +208,7 @@ class ControlPlane:
         job_lease: float = 30.0,
         job_poll: float = 0.2,
         egress_allow: str | list[str] | None = None,
-        threads: int = 16,
+        threads: int | None = None,
     ) -> None:
         url = url or os.environ.get("ONCEONLY_DB_URL") or "sqlite:///onceonly.db"
         if url.startswith(("memory:", *REDIS_SCHEMES)):
@@ -208,7 +221,7 @@ class ControlPlane:
         #: pool holds as many connections: with fewer, SQLAlchemy opens and closes an
         #: overflow connection per request under load (a PostgreSQL connect costs
         #: milliseconds of CPU on both sides), which is what sank 64 clients.
-        self.threads = max(1, int(threads))
+        self.threads = default_threads() if threads is None else max(1, int(threads))
         store = open_store(url, pool_size=self.threads)
         if not isinstance(store, SQLStore):
             store.close()

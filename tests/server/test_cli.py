@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -151,3 +152,66 @@ def test_serve_also_serves_a_tenant_s_dashboard(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+# -- request threads -----------------------------------------------------------------------
+def test_request_threads_default_to_twice_the_cpus_from_4_to_16(tmp_path: Path) -> None:
+    from onceonly_core.server.control import default_threads
+
+    assert [default_threads(n) for n in (1, 2, 3, 8, 64)] == [4, 4, 6, 16, 16]
+    cp = ControlPlane(f"sqlite:///{tmp_path}/l.db")
+    try:
+        assert cp.threads == default_threads()
+    finally:
+        cp.close()
+    cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", threads=3)
+    cp.close()
+    assert cp.threads == 3
+    res = CliRunner().invoke(_serve_app(), ["serve", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
+
+
+def _serve_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    def version() -> None:  # a second command, so typer keeps the group
+        pass
+
+    register(app)
+    return app
+
+
+def test_a_sync_route_takes_one_trip_to_the_thread_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FastAPI hops to the thread pool a second time to validate a sync endpoint's value;
+    the app's routes take one hop per request (what /v1/ai/run measured: ParsedRoute)."""
+    import anyio.to_thread
+    from fastapi.testclient import TestClient
+
+    from onceonly_core.server import create_app
+
+    cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", job_workers=0)
+    key = cp.keys.create_key("acme")
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(fn, *args, **kw)
+
+    try:
+        with TestClient(create_app(control=cp)) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            assert http.get("/v1/me", headers=auth).status_code == 200  # warms the key cache
+            monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+            hops.clear()
+            r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "ttl": 60})
+            assert r.status_code == 200 and r.json()["status"] == "acquired", r.text
+            assert len(hops) == 1, hops
+            hops.clear()
+            r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "tool": "x"})
+            assert r.status_code == 422 and len(hops) == 1, (r.text, hops)  # errors too
+    finally:
+        cp.close()
