@@ -337,10 +337,22 @@ class Deliverer:
 
     # -- passes ---------------------------------------------------------------------------
     def deliver_due(self, limit: int = 50) -> int:
-        """One pass: claim due rows, send each, mark it. Never raises for a send."""
+        """One pass: claim due rows, send each, mark it. Never raises for a send.
+
+        A claim is a lease: once it ends, another deliverer may claim the row and send it
+        too (a second Slack message or e-mail, which no receiver dedupes). So a pass
+        claims only as many rows as it can send inside one lease at the send timeout
+        each, and starts no send after the first with less than a timeout of its lease
+        left: those rows are due again when their lease ends (their claim counts as an
+        attempt, as a crash's does)."""
+        s = self.settings
         with self._lock:
-            claims = self.claim(limit)
-            for c in claims:
+            started = time.monotonic()
+            claims = self.claim(min(limit, max(1, int(s.lease // s.timeout))))
+            for i, c in enumerate(claims):
+                if i and time.monotonic() - started + s.timeout > s.lease:
+                    log.info("outbox: %d claimed rows left for their lease to end", len(claims) - i)
+                    return i
                 try:
                     self._send(c)
                 except _Fail as err:

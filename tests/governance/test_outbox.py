@@ -399,6 +399,38 @@ def test_two_deliverers_never_claim_the_same_row(
     assert len(both) == 40 and len(set(both)) == 40
 
 
+def test_a_pass_sends_nothing_its_lease_cannot_cover(guard: Guard) -> None:
+    """Two deliverers, a slow receiver (0.6 s a send) and a 2 s lease at a 1 s timeout: a
+    pass that claimed every due row at once would still be sending after its lease ended,
+    and the other deliverer would claim and send those rows a second time."""
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def slow(req: Request) -> Reply:
+        with lock:
+            got.append(req.headers["webhook-id"])
+        return Reply(204, b"", delay=0.6)
+
+    with loopback(slow) as hook:
+        guard.gov.add_webhook(hook.url, SECRET)
+        store: Any = guard.gov.store
+        for i in range(6):
+            store.enqueue_notification(guard.namespace, {"type": "run_failed", "data": {"i": i}})
+        assert len(rows(guard)) == 6
+        settings = Settings.from_env(lease=2.0, timeout=1.0, backoff_base=0.0)
+        ds = [Deliverer(store, settings, tenant=guard.namespace) for _ in range(2)]
+        threads = [threading.Thread(target=d.drain, args=(30,)) for d in ds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for d in ds:
+            d.close()
+    states = [r["state"] for r in rows(guard)]
+    assert states == ["delivered"] * 6, states
+    assert len(got) == 6 and len(set(got)) == 6, sorted(got)  # each event sent once
+
+
 # -- the server delivers, across its own restart ---------------------------------------------
 def test_the_server_delivers_across_a_restart_mid_delivery(
     guard: Guard, db_url: str, tmp_path: Path
