@@ -36,8 +36,8 @@ from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
 from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
 from ..redact import default_redactor
 from ..stores import FAILED, REDIS_SCHEMES, RUNNING, SUCCEEDED, NewClaim, Record, open_store
-from ..stores.sql import SQLStore
-from .db import ServerDB
+from ..stores.sql import PostgresStore, SQLStore
+from .db import JOB_WITH_CLAIM, ServerDB, job_params
 
 __all__ = ["ControlPlane", "JobContext", "LeaseError", "iso"]
 
@@ -414,7 +414,16 @@ class ControlPlane:
             lease=float(eff),
             run_id=str(run_id)[:255] if run_id else None,
         )
-        rec: Record | None = self.ledger.claim(ns, key, new)
+        rec: Record | None
+        if job and isinstance(self.ledger, PostgresStore):
+            # The job row is written by the claim's own statement when the claim is new:
+            # one round trip and one commit for both (a take-over below enqueues apart).
+            params = job_params(tenant, key, lease_id, json.dumps(metadata or {}), eff)
+            self.keys.ensure()
+            rec = self.ledger.claim_with(ns, key, new, JOB_WITH_CLAIM, params)
+            queued = rec.mine
+        else:
+            rec, queued = self.ledger.claim(ns, key, new), False
         for _ in range(10):
             if rec is None:
                 rec = self.ledger.claim(ns, key, new)
@@ -433,7 +442,7 @@ class ControlPlane:
         else:
             raise StoreError(f"lease on {key!r} did not settle")
         assert rec is not None
-        if job:
+        if job and not queued:
             try:
                 self.keys.enqueue(tenant, key, rec.token, lease_id, json.dumps(metadata or {}), eff)
             except Exception:

@@ -94,18 +94,59 @@ class KeyInfo:
     rate_limit: float | None
 
 
+#: The columns a new run's row renews on a finished row of the same (tenant, key, token).
+_RENEW = ("lease_id", "meta", "taken_until", "worker", "attempts", "ttl", "created_at")
+
+
+def _upsert(kind: str) -> str:
+    """What a job row's INSERT does on a row with the same (tenant, key, token): a finished
+    one (``done``) is an earlier run of the key whose ledger row retention has since
+    deleted, so the key's new lease started again at token 1; it is replaced by the new
+    run. A live one is this run's own row (a retry after a lost reply): left as it is."""
+    if kind == "mysql":
+        # Assignments run left to right and see the ones before: ``state`` goes last.
+        sets = [f"{c} = IF(state = 'done', VALUES({c}), {c})" for c in _RENEW]
+        sets.append("state = IF(state = 'done', VALUES(state), state)")
+        return f" ON DUPLICATE KEY UPDATE {', '.join(sets)}"
+    sets = [f"{c} = excluded.{c}" for c in (*_RENEW, "state")]
+    return (
+        f" ON CONFLICT (tenant, job_key, token) DO UPDATE SET {', '.join(sets)}"
+        f" WHERE {jobs.name}.state = 'done'"
+    )
+
+
+_JOB_NAMES = [c.name for c in jobs.columns if c.name != "created_at"]
+_JOB_INSERT = f"INSERT INTO {jobs.name} ({', '.join(_JOB_NAMES)}, created_at) "
+
+
 def _enqueue_sql(kind: str) -> str:
     """A job row's INSERT, as the driver's own SQL text: built once per dialect, not once
     per request (building and cache-keying the Core statement took ~60 % of an enqueue's
     CPU). ``created_at`` is the ledger's clock expression (``stores.sql._NOW``): the
     database's own clock on PostgreSQL and MariaDB (no clock read before it), the host's
-    on SQLite. On PostgreSQL a retry after a lost reply finds its row in (DO NOTHING)."""
-    names = [c.name for c in jobs.columns if c.name != "created_at"]
-    values = ", ".join(f"%({n})s" for n in names)
-    sql = f"INSERT INTO {jobs.name} ({', '.join(names)}, created_at) VALUES ({values}, {{now}})"
-    if kind == "postgresql":
-        sql += " ON CONFLICT DO NOTHING"
-    return _render(sql, kind)
+    on SQLite."""
+    values = ", ".join(f"%({n})s" for n in _JOB_NAMES)
+    return _render(f"{_JOB_INSERT}VALUES ({values}, {{now}}){_upsert(kind)}", kind)
+
+
+#: A key-mode run's job row written by its lease's own claim, in the claim's statement
+#: (PostgreSQL: ``PostgresStore.claim_with``; ``ins`` is the claimed row, whose token the
+#: job carries). Parameters: :func:`job_params`.
+JOB_WITH_CLAIM = (
+    f"{_JOB_INSERT}SELECT %(j_tenant)s, %(j_key)s, ins.token, %(j_lease)s, %(j_meta)s, "
+    f"'queued', NULL, NULL, 0, %(j_ttl)s, {{now}} FROM ins{_upsert('postgresql')}"
+)
+
+
+def job_params(tenant: str, key: str, lease_id: str, meta_json: str, ttl: float) -> dict[str, Any]:
+    """:data:`JOB_WITH_CLAIM`'s parameters."""
+    return {
+        "j_tenant": tenant,
+        "j_key": key,
+        "j_lease": lease_id,
+        "j_meta": meta_json,
+        "j_ttl": ttl,
+    }
 
 
 _ENQUEUE_SQL = {k: _enqueue_sql(k) for k in ("postgresql", "mysql", "sqlite")}
@@ -357,7 +398,8 @@ class ServerDB:
         sql = _ENQUEUE_SQL[kind]
         if kind == "sqlite":
             row["now"] = self.now()
-        # PostgreSQL: one autocommitted statement, no BEGIN or COMMIT round trip.
+        # PostgreSQL: one autocommitted statement, no BEGIN or COMMIT round trip. A retry
+        # after a lost reply finds its own row and leaves it (see _enqueue_sql).
         self.tx(lambda conn: conn.exec_driver_sql(sql, row), autocommit=kind == "postgresql")
 
     def take_jobs(self, worker: str, lease: float, limit: int = 4) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import sqlite3
@@ -157,6 +158,17 @@ _PG_CLAIM = (
     "AND NOT EXISTS (SELECT 1 FROM ins)"
 )
 _SQLITE_INSERT = _SQL["insert"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
+
+
+@functools.lru_cache(maxsize=16)
+def _pg_claim_with(also: str) -> str:
+    """The claim CTE with one more data-modifying CTE, ``also``, which reads the row the
+    claim inserted as ``ins`` (no row when the key was taken: then it writes nothing)."""
+    head = f"RETURNING {_COLS}) "
+    assert _PG_CLAIM.count(head) == 1
+    return _render(_PG_CLAIM.replace(head, f"RETURNING {_COLS}), also AS ({also}) "), "postgresql")
+
+
 # The same claim-or-read CTE for a row born finished (claim_done).
 _PG_CLAIM_DONE = _PG_CLAIM.replace(_SQL["insert"], _SQL["insert_done"])
 _SQLITE_INSERT_DONE = _SQL["insert_done"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
@@ -1044,6 +1056,20 @@ class PostgresStore(SQLStore):
         params["result"] = result
         params["ttl"] = float(ttl)
         return self._claim_cte(namespace, key, self._claim_done_sql, params)
+
+    def claim_with(
+        self, namespace: str, key: str, new: NewClaim, also: str, params: dict[str, Any]
+    ) -> Record:
+        """:meth:`claim`, and in the same statement, only when the claim inserts the row,
+        ``also``: an ``INSERT … SELECT … FROM ins`` of a row that belongs with the new
+        claim (``ins`` is the claimed row: ``ins.token``, ...). Both commit together or
+        neither does: one round trip and one commit where a claim and then a write took
+        two (the server's key-mode ``/ai/run`` writes its job row so). ``also`` takes
+        ``%(name)s`` parameters from ``params``, named apart from the claim's own."""
+        claim = self._claim_params(namespace, key, new)
+        if claim.keys() & params.keys():
+            raise ConfigError(f"claim_with: parameters {sorted(claim.keys() & params.keys())}")
+        return self._claim_cte(namespace, key, _pg_claim_with(also), {**claim, **params})
 
     def _claim_cte(self, namespace: str, key: str, sql: str, params: dict[str, Any]) -> Record:
         for _ in range(3):
