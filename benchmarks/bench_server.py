@@ -45,12 +45,21 @@ from bench_common import floor_row  # noqa: E402
 from onceonly_core.server import create_key  # noqa: E402
 from onceonly_core.stores.sql import SQLStore  # noqa: E402
 
+# Every request a new key. Each wrk thread runs the script in a Lua state of its own, whose
+# math.random is seeded alike: keys from a counter and random() alone repeat across threads,
+# and every key after the first thread's is a duplicate (answered without a write: the
+# bench ran so before stop 25). setup() gives each thread its own id instead.
 LUA = """
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
 local n = 0
 local t = "%s"
 request = function()
   n = n + 1
-  local body = '{"key": "' .. t .. '-' .. n .. '-' .. math.random(1e9) .. '", "ttl": 3600}'
+  local body = '{"key": "' .. t .. '-' .. tid .. '-' .. n .. '", "ttl": 3600}'
   return wrk.format("POST", "%s", {["Content-Type"] = "application/json",
     ["Authorization"] = "Bearer %s"}, body)
 end
@@ -95,9 +104,10 @@ def wrk(
     tmp: Path,
     statuses: bool = False,
     path: str = "/v1/check-lock",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     script = tmp / f"cl-{conns}.lua"
-    script.write_text(LUA % (uuid.uuid4().hex[:8], path, key) + (LUA_STATUSES if statuses else ""))
+    prefix = uuid.uuid4().hex[:8]
+    script.write_text(LUA % (prefix, path, key) + (LUA_STATUSES if statuses else ""))
     out = subprocess.run(
         [
             "wrk",
@@ -128,12 +138,31 @@ def wrk(
     if statuses:
         codes = Counter(re.findall(r"STATUS (\d+)", out))
         print(f"non-2xx status codes at {conns} clients: {dict(codes) or 'none'}")
+    sent = re.search(r"(\d+) requests in", out)
     return {
         "rps": rps,
         "p50": pct("50"),
         "p99": pct("99"),
         "non2xx": float(errors.group(1)) if errors else 0.0,
+        "requests": float(sent.group(1)) if sent else 0.0,
+        "prefix": prefix,
     }
+
+
+def keys_written(url: str, namespace: str, prefix: str) -> int:
+    """Ledger rows of one wrk run (its keys start with ``prefix``)."""
+    import sqlalchemy as sa
+
+    # SQLite: the query (?synchronous=...) is the store's option, not the driver's.
+    engine = sa.create_engine(url.split("?")[0] if url.startswith("sqlite") else url)
+    try:
+        with engine.connect() as c:
+            q = sa.text(
+                "SELECT count(*) FROM onceonly_ledger WHERE namespace = :ns AND idem_key LIKE :p"
+            )
+            return int(c.execute(q, {"ns": namespace, "p": f"{prefix}-%"}).scalar_one())
+    finally:
+        engine.dispose()
 
 
 # -- the floor: raw single-row INSERTs from N connections ------------------------------
@@ -309,7 +338,7 @@ def run(label: str, url: str, args: argparse.Namespace, tmp: Path) -> list[str]:
         stderr=subprocess.DEVNULL,
     )
     rows = []
-    results: dict[tuple[str, int], dict[str, float]] = {}
+    results: dict[tuple[str, int], dict[str, Any]] = {}
     floors: dict[int, float] = {}
     used: dict[int, int] = {}
     kind, target = _floor_target(label, url, tmp)
@@ -322,6 +351,14 @@ def run(label: str, url: str, args: argparse.Namespace, tmp: Path) -> list[str]:
                 r = results[path, conns] = wrk(
                     port, key, conns, args.seconds, tmp, args.statuses, path=path
                 )
+                # Every request a new key, or the figure is a duplicate's (no write).
+                ns = f"{tenant}/{'make' if path == '/v1/check-lock' else 'ai'}"
+                written = keys_written(url, ns, str(r["prefix"]))
+                if written < r["requests"]:
+                    FAILURES.append(
+                        f"{label} {path} at {conns} clients: {int(r['requests'])} requests "
+                        f"wrote {written} keys (requests repeated keys)"
+                    )
                 rows.append(
                     f"| {label} | {name} | {conns} | {r['rps']:,.0f} | {r['p50']:.1f} | "
                     f"{r['p99']:.1f} | {int(r['non2xx'])} |"
