@@ -65,6 +65,15 @@ def guard(db_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Itera
     g = Guard(db_url, namespace=namespace, quiet=True)
     g.gov.upsert_policy(Policy(agent_id="bot", blocked_tools=["delete_*"]))
     yield g
+    if db_url.startswith(("postgresql", "mysql")):
+        # The shared databases: no pending row is left for a later test's server, whose
+        # deliverer serves every tenant, to work through first.
+        import sqlalchemy as sa
+
+        from onceonly_core.stores.schema import outbox
+
+        with g.gov.store.engine.begin() as conn:  # type: ignore[attr-defined]
+            conn.execute(sa.delete(outbox).where(outbox.c.tenant == namespace))
     g.close()
 
 
