@@ -36,7 +36,7 @@ from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
 from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
 from ..redact import default_redactor
 from ..stores import FAILED, REDIS_SCHEMES, RUNNING, SUCCEEDED, NewClaim, Record, open_store
-from ..stores.sql import PostgresStore, SQLStore
+from ..stores.sql import PostgresStore, SQLiteStore, SQLStore
 from .db import JOB_WITH_CLAIM, ServerDB, job_params
 
 __all__ = ["ControlPlane", "JobContext", "LeaseError", "iso"]
@@ -415,9 +415,10 @@ class ControlPlane:
             run_id=str(run_id)[:255] if run_id else None,
         )
         rec: Record | None
-        if job and isinstance(self.ledger, PostgresStore):
-            # The job row is written by the claim's own statement when the claim is new:
-            # one round trip and one commit for both (a take-over below enqueues apart).
+        if job and isinstance(self.ledger, (PostgresStore, SQLiteStore)):
+            # The job row is written with the claim (one statement on PostgreSQL, one
+            # transaction on SQLite) when the claim is new: one commit for both. MariaDB,
+            # and a take-over below, enqueue apart.
             params = job_params(tenant, key, lease_id, json.dumps(metadata or {}), eff)
             self.keys.ensure()
             rec = self.ledger.claim_with(ns, key, new, JOB_WITH_CLAIM, params)

@@ -129,12 +129,13 @@ def _enqueue_sql(kind: str) -> str:
     return _render(f"{_JOB_INSERT}VALUES ({values}, {{now}}){_upsert(kind)}", kind)
 
 
-#: A key-mode run's job row written by its lease's own claim, in the claim's statement
-#: (PostgreSQL: ``PostgresStore.claim_with``; ``ins`` is the claimed row, whose token the
-#: job carries). Parameters: :func:`job_params`.
+#: A key-mode run's job row written by its lease's own claim, in the claim's statement on
+#: PostgreSQL and its transaction on SQLite (``claim_with``; ``ins`` is the claimed row,
+#: whose token the job carries; the upsert is the same text in both). Parameters:
+#: :func:`job_params`.
 JOB_WITH_CLAIM = (
     f"{_JOB_INSERT}SELECT %(j_tenant)s, %(j_key)s, ins.token, %(j_lease)s, %(j_meta)s, "
-    f"'queued', NULL, NULL, 0, %(j_ttl)s, {{now}} FROM ins{_upsert('postgresql')}"
+    f"'queued', NULL, NULL, 0, %(j_ttl)s, {{now}} FROM ins WHERE TRUE{_upsert('postgresql')}"
 )
 
 

@@ -169,6 +169,23 @@ def _pg_claim_with(also: str) -> str:
     return _render(_PG_CLAIM.replace(head, f"RETURNING {_COLS}), also AS ({also}) "), "postgresql")
 
 
+@functools.lru_cache(maxsize=16)
+def _sqlite_also(also: str) -> str:
+    """``also`` on SQLite: ``ins`` read back from the ledger (the claim just inserted it, in
+    the same transaction)."""
+    ins = f"WITH ins AS (SELECT {_COLS} FROM {_T} WHERE namespace = %(ns)s AND idem_key = %(k)s) "
+    return _render(ins + also, "sqlite")
+
+
+def _with_params(
+    store: SQLStore, namespace: str, key: str, new: NewClaim, params: dict[str, Any]
+) -> dict[str, Any]:
+    claim = store._claim_params(namespace, key, new)
+    if claim.keys() & params.keys() or "now" in params:
+        raise ConfigError(f"claim_with: parameter names {sorted(params)} clash with the claim's")
+    return {**claim, **params}
+
+
 # The same claim-or-read CTE for a row born finished (claim_done).
 _PG_CLAIM_DONE = _PG_CLAIM.replace(_SQL["insert"], _SQL["insert_done"])
 _SQLITE_INSERT_DONE = _SQL["insert_done"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
@@ -1017,6 +1034,43 @@ class SQLiteStore(SQLStore):
             return self._mine_done(namespace, key, new, float(params["now"]), result, float(ttl))
         return self._held(namespace, key)
 
+    def claim_with(
+        self, namespace: str, key: str, new: NewClaim, also: str, params: dict[str, Any]
+    ) -> Record:
+        """:meth:`claim`, and in the same transaction, only when the claim inserts the row,
+        ``also``: an ``INSERT … SELECT … FROM ins WHERE …`` of a row that belongs with the
+        new claim, where ``ins`` is the claimed row (``ins.token``, ...). Both commit
+        together or neither does: one commit where a claim and then a write took two (the
+        server's key-mode ``/ai/run`` writes its job row so). ``also`` takes ``%(name)s``
+        parameters from ``params``, named apart from the claim's own, and ``{now}``; the
+        same text serves PostgreSQL, where ``ins`` is the claim CTE's ``RETURNING``. (Its
+        SELECT needs a WHERE clause, ``WHERE TRUE`` at least, for SQLite to parse an
+        ``ON CONFLICT`` after it.)"""
+        found = self.get(namespace, key)  # read first, as claim does: off the write lock
+        if found is not None:
+            return found
+        p = _with_params(self, namespace, key, new, params)
+        p["now"] = time.time()
+        sql = _sqlite_also(also)
+        conn = self._sqlite_conn()
+        try:
+            # One write transaction for both rows: taken at BEGIN (IMMEDIATE), so the
+            # busy timeout applies there and not between the two INSERTs.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = conn.execute(self._claim_sql, p).rowcount
+                if inserted == 1:
+                    conn.execute(sql, p)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise StoreError(f"SQLite ledger {self.path}: claim failed: {err}") from err
+        if inserted == 1:
+            return self._mine(namespace, key, new, float(p["now"]))
+        return self._held(namespace, key)
+
     def now(self) -> float:
         return time.time()
 
@@ -1061,15 +1115,11 @@ class PostgresStore(SQLStore):
         self, namespace: str, key: str, new: NewClaim, also: str, params: dict[str, Any]
     ) -> Record:
         """:meth:`claim`, and in the same statement, only when the claim inserts the row,
-        ``also``: an ``INSERT … SELECT … FROM ins`` of a row that belongs with the new
-        claim (``ins`` is the claimed row: ``ins.token``, ...). Both commit together or
-        neither does: one round trip and one commit where a claim and then a write took
-        two (the server's key-mode ``/ai/run`` writes its job row so). ``also`` takes
-        ``%(name)s`` parameters from ``params``, named apart from the claim's own."""
-        claim = self._claim_params(namespace, key, new)
-        if claim.keys() & params.keys():
-            raise ConfigError(f"claim_with: parameters {sorted(claim.keys() & params.keys())}")
-        return self._claim_cte(namespace, key, _pg_claim_with(also), {**claim, **params})
+        ``also`` (see :meth:`SQLiteStore.claim_with`): one round trip and one commit where
+        a claim and then a write took two."""
+        return self._claim_cte(
+            namespace, key, _pg_claim_with(also), _with_params(self, namespace, key, new, params)
+        )
 
     def _claim_cte(self, namespace: str, key: str, sql: str, params: dict[str, Any]) -> Record:
         for _ in range(3):
