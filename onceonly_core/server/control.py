@@ -415,11 +415,12 @@ class ControlPlane:
             run_id=str(run_id)[:255] if run_id else None,
         )
         rec: Record | None
+        meta_json = json.dumps(metadata or {})
         if job and isinstance(self.ledger, (PostgresStore, SQLiteStore)):
             # The job row is written with the claim (one statement on PostgreSQL, one
             # transaction on SQLite) when the claim is new: one commit for both. MariaDB,
             # and a take-over below, enqueue apart.
-            params = job_params(tenant, key, lease_id, json.dumps(metadata or {}), eff)
+            params = job_params(tenant, key, lease_id, meta_json, eff)
             self.keys.ensure()
             rec = self.ledger.claim_with(ns, key, new, JOB_WITH_CLAIM, params)
             queued = rec.mine
@@ -445,7 +446,7 @@ class ControlPlane:
         assert rec is not None
         if job and not queued:
             try:
-                self.keys.enqueue(tenant, key, rec.token, lease_id, json.dumps(metadata or {}), eff)
+                self.keys.enqueue(tenant, key, rec.token, lease_id, meta_json, eff)
             except Exception:
                 err = json.dumps({"error_code": "enqueue_failed"})
                 self.ledger.finish(ns, key, rec.token, ok=False, error=err, ttl=60.0)

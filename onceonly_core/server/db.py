@@ -129,25 +129,40 @@ def _enqueue_sql(kind: str) -> str:
     return _render(f"{_JOB_INSERT}VALUES ({values}, {{now}}){_upsert(kind)}", kind)
 
 
+def new_job(
+    tenant: str, key: str, token: int, lease_id: str, meta_json: str, ttl: float
+) -> dict[str, Any]:
+    """A queued job row's columns but ``created_at`` (the statement's clock)."""
+    return {
+        "tenant": tenant,
+        "job_key": key,
+        "token": token,
+        "lease_id": lease_id,
+        "meta": meta_json,
+        "state": "queued",
+        "taken_until": None,
+        "worker": None,
+        "attempts": 0,
+        "ttl": ttl,
+    }
+
+
 #: A key-mode run's job row written by its lease's own claim, in the claim's statement on
 #: PostgreSQL and its transaction on SQLite (``claim_with``; ``ins`` is the claimed row,
 #: whose token the job carries; the upsert is the same text in both). Parameters:
 #: :func:`job_params`.
 JOB_WITH_CLAIM = (
-    f"{_JOB_INSERT}SELECT %(j_tenant)s, %(j_key)s, ins.token, %(j_lease)s, %(j_meta)s, "
-    f"'queued', NULL, NULL, 0, %(j_ttl)s, {{now}} FROM ins WHERE TRUE{_upsert('postgresql')}"
+    _JOB_INSERT
+    + "SELECT "
+    + ", ".join("ins.token" if n == "token" else f"%(j_{n})s" for n in _JOB_NAMES)
+    + f", {{now}} FROM ins WHERE TRUE{_upsert('postgresql')}"
 )
 
 
 def job_params(tenant: str, key: str, lease_id: str, meta_json: str, ttl: float) -> dict[str, Any]:
-    """:data:`JOB_WITH_CLAIM`'s parameters."""
-    return {
-        "j_tenant": tenant,
-        "j_key": key,
-        "j_lease": lease_id,
-        "j_meta": meta_json,
-        "j_ttl": ttl,
-    }
+    """:data:`JOB_WITH_CLAIM`'s parameters: :func:`new_job`'s row, the token from the claim."""
+    row = new_job(tenant, key, 0, lease_id, meta_json, ttl)
+    return {f"j_{n}": v for n, v in row.items() if n != "token"}
 
 
 _ENQUEUE_SQL = {k: _enqueue_sql(k) for k in ("postgresql", "mysql", "sqlite")}
@@ -383,18 +398,7 @@ class ServerDB:
     def enqueue(
         self, tenant: str, key: str, token: int, lease_id: str, meta_json: str, ttl: float
     ) -> None:
-        row = {
-            "tenant": tenant,
-            "job_key": key,
-            "token": token,
-            "lease_id": lease_id,
-            "meta": meta_json,
-            "state": "queued",
-            "taken_until": None,
-            "worker": None,
-            "attempts": 0,
-            "ttl": ttl,
-        }
+        row = new_job(tenant, key, token, lease_id, meta_json, ttl)
         kind = "mysql" if self.kind == "mariadb" else self.kind
         sql = _ENQUEUE_SQL[kind]
         if kind == "sqlite":

@@ -177,15 +177,6 @@ def _sqlite_also(also: str) -> str:
     return _render(ins + also, "sqlite")
 
 
-def _with_params(
-    store: SQLStore, namespace: str, key: str, new: NewClaim, params: dict[str, Any]
-) -> dict[str, Any]:
-    claim = store._claim_params(namespace, key, new)
-    if claim.keys() & params.keys() or "now" in params:
-        raise ConfigError(f"claim_with: parameter names {sorted(params)} clash with the claim's")
-    return {**claim, **params}
-
-
 # The same claim-or-read CTE for a row born finished (claim_done).
 _PG_CLAIM_DONE = _PG_CLAIM.replace(_SQL["insert"], _SQL["insert_done"])
 _SQLITE_INSERT_DONE = _SQL["insert_done"] + " ON CONFLICT (namespace, idem_key) DO NOTHING"
@@ -529,6 +520,16 @@ class SQLStore(Store):
             "run": new.run_id,
             "caller": new.caller,
         }
+
+    def _with_params(
+        self, namespace: str, key: str, new: NewClaim, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``claim_with``'s parameters: the claim's and ``also``'s, which must not clash."""
+        claim = self._claim_params(namespace, key, new)
+        clash = sorted(claim.keys() & params.keys() | {"now"} & params.keys())
+        if clash:
+            raise ConfigError(f"claim_with: parameter names {clash} are the claim's own")
+        return {**claim, **params}
 
     def _held(self, namespace: str, key: str) -> Record:
         """The record a claim lost to (read after the insert found the key taken)."""
@@ -1049,7 +1050,7 @@ class SQLiteStore(SQLStore):
         found = self.get(namespace, key)  # read first, as claim does: off the write lock
         if found is not None:
             return found
-        p = _with_params(self, namespace, key, new, params)
+        p = self._with_params(namespace, key, new, params)
         p["now"] = time.time()
         sql = _sqlite_also(also)
         conn = self._sqlite_conn()
@@ -1118,7 +1119,7 @@ class PostgresStore(SQLStore):
         ``also`` (see :meth:`SQLiteStore.claim_with`): one round trip and one commit where
         a claim and then a write took two."""
         return self._claim_cte(
-            namespace, key, _pg_claim_with(also), _with_params(self, namespace, key, new, params)
+            namespace, key, _pg_claim_with(also), self._with_params(namespace, key, new, params)
         )
 
     def _claim_cte(self, namespace: str, key: str, sql: str, params: dict[str, Any]) -> Record:

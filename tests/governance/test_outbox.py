@@ -440,6 +440,42 @@ def test_a_pass_sends_nothing_its_lease_cannot_cover(guard: Guard) -> None:
     assert len(got) == 6 and len(set(got)) == 6, sorted(got)  # each event sent once
 
 
+def test_a_pass_starts_no_send_its_lease_cannot_cover(guard: Guard) -> None:
+    """A send can outlast the timeout, which bounds each step of it (connect, write, read;
+    each SMTP command), not the whole: here every send takes 2.2 s (the deliverer's test
+    hook waits after it). After one, a 3 s lease has less than a 1 s timeout left, so the
+    pass leaves its other claimed rows to lapse instead of sending them while another
+    deliverer may claim them."""
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def receiver(req: Request) -> Reply:
+        with lock:
+            got.append(req.headers["webhook-id"])
+        return Reply(204, b"")
+
+    with loopback(receiver) as hook:
+        guard.gov.add_webhook(hook.url, SECRET)
+        store: Any = guard.gov.store
+        for i in range(3):
+            store.enqueue_notification(guard.namespace, {"type": "run_failed", "data": {"i": i}})
+        settings = Settings.from_env(lease=3.0, timeout=1.0, backoff_base=0.0)
+        ds = [
+            Deliverer(store, settings, tenant=guard.namespace, on_sent=lambda c: time.sleep(2.2))
+            for _ in range(2)
+        ]
+        threads = [threading.Thread(target=d.drain, args=(40,)) for d in ds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for d in ds:
+            d.close()
+    states = [r["state"] for r in rows(guard)]
+    assert states == ["delivered"] * 3, states
+    assert len(got) == 3 and len(set(got)) == 3, sorted(got)  # each event sent once
+
+
 # -- the server delivers, across its own restart ---------------------------------------------
 def test_the_server_delivers_across_a_restart_mid_delivery(
     guard: Guard, db_url: str, tmp_path: Path

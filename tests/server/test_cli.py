@@ -22,13 +22,7 @@ from onceonly_core.server.db import KEY_PREFIX, hash_key  # noqa: E402
 
 
 def test_create_key_prints_once_and_stores_hash(tmp_path: Path) -> None:
-    app = typer.Typer()
-
-    @app.command()
-    def version() -> None:  # a second command, so typer keeps the group
-        pass
-
-    register(app)
+    app = _cli_app()
     url = f"sqlite:///{tmp_path}/l.db"
     runner = CliRunner()
     res = runner.invoke(app, ["server", "create-key", "--tenant", "acme", "--url", url])
@@ -167,11 +161,11 @@ def test_request_threads_default_to_twice_the_cpus_from_4_to_16(tmp_path: Path) 
     cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", threads=3)
     cp.close()
     assert cp.threads == 3
-    res = CliRunner().invoke(_serve_app(), ["serve", "--threads", "0"])
+    res = CliRunner().invoke(_cli_app(), ["serve", "--threads", "0"])
     assert res.exit_code == 2 and "--threads" in res.output
 
 
-def _serve_app() -> typer.Typer:
+def _cli_app() -> typer.Typer:
     app = typer.Typer()
 
     @app.command()

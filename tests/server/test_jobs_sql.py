@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -112,4 +113,77 @@ def test_the_claim_writes_the_job_row_with_it(db_url: str, monkeypatch: pytest.M
     finally:
         with cp.keys.engine.begin() as conn:
             conn.execute(sa.delete(jobs).where(jobs.c.tenant == tenant))
+        cp.close()
+
+
+def test_a_held_key_s_second_run_writes_no_job_row(db_url: str) -> None:
+    """``claim_with``'s INSERT writes only for the claim that inserted the ledger row: a
+    second run of a live key is answered ``polling`` and queues nothing."""
+    cp = ControlPlane(db_url, job_workers=0, migrate=True)
+    tenant = f"jq{uuid.uuid4().hex[:10]}"
+    try:
+        first = cp.lease(tenant, "k", 60, {"n": 1}, job=True)
+        second = cp.lease(tenant, "k", 60, {"n": 2}, job=True)
+        assert first["status"] == "acquired" and second["status"] == "polling"
+        q = sa.select(jobs).where(jobs.c.tenant == tenant)
+        with cp.keys.engine.connect() as conn:
+            (row,) = [r._asdict() for r in conn.execute(q)]
+        assert (row["lease_id"], row["meta"]) == (first["lease_id"], '{"n": 1}')
+        # Finished: the run is answered completed, and its done job row is not run again
+        # (a job INSERT for a claim that inserted nothing would queue it anew).
+        cp.keys.job_done(row)
+        cp.complete(tenant, "k", first["lease_id"], {"ok": 1}, None)
+        assert cp.lease(tenant, "k", 60, {"n": 3}, job=True)["status"] == "completed"
+        with cp.keys.engine.connect() as conn:
+            (after,) = [r._asdict() for r in conn.execute(q)]
+        assert after["state"] == "done" and after["lease_id"] == first["lease_id"]
+    finally:
+        with cp.keys.engine.begin() as conn:
+            conn.execute(sa.delete(jobs).where(jobs.c.tenant == tenant))
+        cp.close()
+
+
+def test_claim_with_refuses_parameter_names_of_the_claim_s_own(db_url: str) -> None:
+    from onceonly_core.errors import ConfigError
+    from onceonly_core.stores import NewClaim
+    from onceonly_core.stores.sql import SQLStore
+
+    store = SQLStore(db_url, auto_migrate=True)
+    try:
+        if not hasattr(store, "claim_with"):
+            pytest.skip("MariaDB has no claim_with")
+        new = NewClaim("t", "owner", 30.0)
+        for clash in ({"k": "x"}, {"now": 1.0}):
+            with pytest.raises(ConfigError, match="the claim's own"):
+                store.claim_with(f"cw-{uuid.uuid4().hex[:8]}", "k", new, "SELECT 1", clash)
+    finally:
+        store.close()
+
+
+def test_on_sqlite_a_claim_that_lost_the_race_writes_no_job_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reads first; a run that read nothing and then lost the INSERT to another
+    (the race between the two) must not write its job row over the winner's finished
+    one."""
+    cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", job_workers=0)
+    tenant = "acme"
+    try:
+        first = cp.lease(tenant, "k", 60, {"n": 1}, job=True)
+        with cp.keys.engine.connect() as conn:
+            (row,) = [r._asdict() for r in conn.execute(sa.select(jobs))]
+        cp.keys.job_done(row)
+        cp.complete(tenant, "k", first["lease_id"], {"ok": 1}, None)
+        real, calls = cp.ledger.get, []
+
+        def raced(namespace: str, key: str) -> object:  # the read before the winner's write
+            calls.append(key)
+            return None if len(calls) == 1 else real(namespace, key)
+
+        monkeypatch.setattr(cp.ledger, "get", raced)
+        assert cp.lease(tenant, "k", 60, {"n": 2}, job=True)["status"] == "completed"
+        with cp.keys.engine.connect() as conn:
+            (after,) = [r._asdict() for r in conn.execute(sa.select(jobs))]
+        assert after["state"] == "done" and after["lease_id"] == first["lease_id"]
+    finally:
         cp.close()
