@@ -408,27 +408,30 @@ def test_two_deliverers_never_claim_the_same_row(
     assert len(both) == 40 and len(set(both)) == 40
 
 
-def test_a_pass_sends_nothing_its_lease_cannot_cover(guard: Guard) -> None:
-    """Two deliverers, a slow receiver (0.6 s a send) and a 2 s lease at a 1 s timeout: a
-    pass that claimed every due row at once would still be sending after its lease ended,
-    and the other deliverer would claim and send those rows a second time."""
+def two_deliverers_send(
+    guard: Guard, events: int, lease: float, delay: float = 0.0, after_send: float = 0.0
+) -> list[str]:
+    """``events`` notifications to one webhook (answering after ``delay``), drained by two
+    deliverers at once (``lease``, a 1 s timeout; ``after_send``: the time each send takes
+    beyond it); the webhook-ids received, once all are delivered."""
     got: list[str] = []
     lock = threading.Lock()
 
-    def slow(req: Request) -> Reply:
+    def receiver(req: Request) -> Reply:
         with lock:
             got.append(req.headers["webhook-id"])
-        return Reply(204, b"", delay=0.6)
+        return Reply(204, b"", delay=delay)
 
-    with loopback(slow) as hook:
+    with loopback(receiver) as hook:
         guard.gov.add_webhook(hook.url, SECRET)
         store: Any = guard.gov.store
-        for i in range(6):
+        for i in range(events):
             store.enqueue_notification(guard.namespace, {"type": "run_failed", "data": {"i": i}})
-        assert len(rows(guard)) == 6
-        settings = Settings.from_env(lease=2.0, timeout=1.0, backoff_base=0.0)
-        ds = [Deliverer(store, settings, tenant=guard.namespace) for _ in range(2)]
-        threads = [threading.Thread(target=d.drain, args=(30,)) for d in ds]
+        assert len(rows(guard)) == events
+        settings = Settings.from_env(lease=lease, timeout=1.0, backoff_base=0.0)
+        slow = (lambda c: time.sleep(after_send)) if after_send else None
+        ds = [Deliverer(store, settings, tenant=guard.namespace, on_sent=slow) for _ in range(2)]
+        threads = [threading.Thread(target=d.drain, args=(40,)) for d in ds]
         for t in threads:
             t.start()
         for t in threads:
@@ -436,7 +439,15 @@ def test_a_pass_sends_nothing_its_lease_cannot_cover(guard: Guard) -> None:
         for d in ds:
             d.close()
     states = [r["state"] for r in rows(guard)]
-    assert states == ["delivered"] * 6, states
+    assert states == ["delivered"] * events, states
+    return got
+
+
+def test_a_pass_sends_nothing_its_lease_cannot_cover(guard: Guard) -> None:
+    """Two deliverers, a slow receiver (0.6 s a send) and a 2 s lease at a 1 s timeout: a
+    pass that claimed every due row at once would still be sending after its lease ended,
+    and the other deliverer would claim and send those rows a second time."""
+    got = two_deliverers_send(guard, 6, lease=2.0, delay=0.6)
     assert len(got) == 6 and len(set(got)) == 6, sorted(got)  # each event sent once
 
 
@@ -446,33 +457,7 @@ def test_a_pass_starts_no_send_its_lease_cannot_cover(guard: Guard) -> None:
     hook waits after it). After one, a 3 s lease has less than a 1 s timeout left, so the
     pass leaves its other claimed rows to lapse instead of sending them while another
     deliverer may claim them."""
-    got: list[str] = []
-    lock = threading.Lock()
-
-    def receiver(req: Request) -> Reply:
-        with lock:
-            got.append(req.headers["webhook-id"])
-        return Reply(204, b"")
-
-    with loopback(receiver) as hook:
-        guard.gov.add_webhook(hook.url, SECRET)
-        store: Any = guard.gov.store
-        for i in range(3):
-            store.enqueue_notification(guard.namespace, {"type": "run_failed", "data": {"i": i}})
-        settings = Settings.from_env(lease=3.0, timeout=1.0, backoff_base=0.0)
-        ds = [
-            Deliverer(store, settings, tenant=guard.namespace, on_sent=lambda c: time.sleep(2.2))
-            for _ in range(2)
-        ]
-        threads = [threading.Thread(target=d.drain, args=(40,)) for d in ds]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        for d in ds:
-            d.close()
-    states = [r["state"] for r in rows(guard)]
-    assert states == ["delivered"] * 3, states
+    got = two_deliverers_send(guard, 3, lease=3.0, after_send=2.2)
     assert len(got) == 3 and len(set(got)) == 3, sorted(got)  # each event sent once
 
 
