@@ -6,7 +6,9 @@ a string for 401/413/422/429 (the client shows it as the message), an object wit
 ``error`` and ``message`` for 400/402/404/409 (the client exposes it as ``.detail``).
 """
 
+import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import itertools
@@ -19,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import date, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -237,6 +239,60 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite, pa
 
 #: Where :class:`BodyLimit` leaves the body it parsed, for the route (parsed once).
 PARSED_BODY = "onceonly.parsed_body"
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Where :class:`BodyLimit` leaves the app's count of requests in progress.
+IN_FLIGHT = "onceonly.in_flight"
+
+
+class InFlight:
+    """Requests of one app in progress in this process (from the body's read to the
+    response's end), and the loop's tasks that are not requests. Read and written on
+    the event loop thread only."""
+
+    __slots__ = ("base", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        #: the loop's tasks when no request is in progress (the server's own), counted
+        #: at startup (lifespan); None (never alone) where no lifespan ran
+        self.base: int | None = None
+
+    def alone(self) -> bool:
+        """No other request in progress, and none arrived and waiting to start: each
+        request is a task from its arrival, counted before it reaches the app."""
+        return self.n == 1 and self.base is not None and len(asyncio.all_tasks()) <= self.base + 1
+
+
+#: The in-progress count of the request the current task serves (set per request by
+#: :class:`ParsedRoute`, read by its endpoint wrapper).
+_flight: contextvars.ContextVar[InFlight | None] = contextvars.ContextVar(
+    "onceonly_in_flight", default=None
+)
+
+
+def inline_when_alone(
+    when: Callable[[dict[str, Any]], bool] | None = None,
+) -> Callable[[F], F]:
+    """Mark a sync endpoint whose work is a few bounded database statements (no tool,
+    no outbound call; ``when(kwargs)`` says so per request, if given): when it is the
+    only request the process has in progress, :class:`ParsedRoute` runs it on the event
+    loop instead of in the thread pool.
+
+    Why: with one request in progress the loop has nothing else to do while the
+    statement runs, and the pool's round trip (a queue, two cross-thread wake-ups) is
+    a quarter of a request's latency (benchmarks/README.md). With others in progress it
+    runs in the pool as before: blocking the loop then would stall their responses."""
+
+    def mark(fn: F) -> F:
+        fn.__onceonly_inline__ = when or _always  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def _always(_: dict[str, Any]) -> bool:
+    return True
 
 
 def check_json_body(body: bytes) -> Any:
@@ -301,14 +357,24 @@ class BodyLimit:
     bodies or URLs no backend can hold (:func:`check_json_body`) with 422, before any
     route runs: a 5xx is a double execution for the client, which fails open on it."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, flight: InFlight | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.flight = flight if flight is not None else InFlight()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        flight = self.flight
+        scope[IN_FLIGHT] = flight
+        flight.n += 1
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            flight.n -= 1
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         refused = _url_refusal(scope)
         if refused is not None:
             await _refuse(send, 422, refused)
@@ -396,9 +462,16 @@ class ParsedRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         if not inspect.iscoroutinefunction(endpoint):
             sync = endpoint
+            inline: Callable[[dict[str, Any]], bool] | None = getattr(
+                sync, "__onceonly_inline__", None
+            )
 
             @functools.wraps(sync)
             async def endpoint(*args: Any, **kw: Any) -> Any:
+                if inline is not None:
+                    flight = _flight.get()
+                    if flight is not None and flight.alone() and inline(kw):
+                        return sync(*args, **kw)  # alone: see inline_when_alone
                 return await run_in_threadpool(sync, *args, **kw)
 
         super().__init__(path, endpoint, **kwargs)
@@ -407,7 +480,11 @@ class ParsedRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def parsed(request: Request) -> Response:
-            return await handler(ParsedRequest(request.scope, request.receive, request._send))
+            token = _flight.set(request.scope.get(IN_FLIGHT))
+            try:
+                return await handler(ParsedRequest(request.scope, request.receive, request._send))
+            finally:
+                _flight.reset(token)
 
         return parsed
 
@@ -440,13 +517,16 @@ def create_app(
     control: ControlPlane | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_metadata_bytes: int = 2048,
+    inline: bool = True,
     **options: Any,
 ) -> FastAPI:
     """Build the app. ``options`` go to :class:`ControlPlane` (``job_workers``,
-    ``migrate``, ``default_lock_ttl``, ...) unless ``control`` is given."""
+    ``migrate``, ``default_lock_ttl``, ...) unless ``control`` is given. ``inline=False``:
+    every sync route runs in the thread pool (see :func:`inline_when_alone`)."""
     cp = control if control is not None else ControlPlane(url, **options)
     limiter = RateLimiter()
     limits_cache: dict[str, tuple[dict[str, Any], float]] = {}
+    flight = InFlight()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -467,6 +547,8 @@ def create_app(
         # The tenants' /v1/me/notifications choices, for decisions on this server's database
         # only (an embedded guard in the same process has no tenants table).
         outbox.preferences = functools.partial(_stored_prefs, cp.gov_store.engine)
+        if inline:
+            flight.base = len(asyncio.all_tasks())  # the server's own tasks and this one
         try:
             yield
         finally:
@@ -513,7 +595,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, flight=flight)
 
     @app.exception_handler(ApiFailure)
     async def _api_failure(_: Request, exc: ApiFailure) -> JSONResponse:
@@ -701,6 +783,7 @@ def create_app(
 
     # -- check-lock ---------------------------------------------------------------------
     @app.post("/v1/check-lock")
+    @inline_when_alone()
     def check_lock(body: CheckLockBody, request: Request, k: Auth) -> JSONResponse:
         check_meta(body.metadata)
         quota(k.tenant, "make")
@@ -717,6 +800,7 @@ def create_app(
         return cp.lease(k.tenant, body.key, body.ttl, body.metadata)
 
     @app.post("/v1/ai/run")
+    @inline_when_alone(lambda kw: kw["body"].key is not None)  # a job's lease; a tool: never
     def ai_run(body: RunBody, k: Auth) -> dict[str, Any]:
         if body.key is not None:
             if body.agent_id or body.tool:

@@ -176,36 +176,179 @@ def _cli_app() -> typer.Typer:
     return app
 
 
+# -- where the sync routes run ------------------------------------------------------------
+def _count_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions sent to the thread pool from now on."""
+    import anyio.to_thread
+
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
+        target = getattr(fn, "func", fn)  # run_in_threadpool sends a functools.partial
+        hops.append(getattr(target, "__name__", repr(target)))
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    return hops
+
+
 def test_a_sync_route_takes_one_trip_to_the_thread_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FastAPI hops to the thread pool a second time to validate a sync endpoint's value;
     the app's routes take one hop per request (what /v1/ai/run measured: ParsedRoute)."""
-    import anyio.to_thread
     from fastapi.testclient import TestClient
 
     from onceonly_core.server import create_app
 
     cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", job_workers=0)
     key = cp.keys.create_key("acme")
-    hops: list[str] = []
-    real = anyio.to_thread.run_sync
+    try:
+        with TestClient(create_app(control=cp, inline=False)) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            assert http.get("/v1/me", headers=auth).status_code == 200  # warms the key cache
+            hops = _count_hops(monkeypatch)
+            r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "ttl": 60})
+            assert r.status_code == 200 and r.json()["status"] == "acquired", r.text
+            assert hops == ["ai_run"], hops
+            hops.clear()
+            r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "tool": "x"})
+            assert r.status_code == 422 and hops == ["ai_run"], (r.text, hops)  # errors too
+    finally:
+        cp.close()
 
-    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await real(fn, *args, **kw)
 
+def test_alone_a_check_lock_or_a_job_lease_runs_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no other request in progress, /v1/check-lock and a key-mode /v1/ai/run skip
+    the thread pool; a tool run (any length) and the unmarked routes never do."""
+    from fastapi.testclient import TestClient
+
+    from onceonly_core.server import create_app
+
+    cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", job_workers=0)
+    key = cp.keys.create_key("acme")
     try:
         with TestClient(create_app(control=cp)) as http:
             auth = {"Authorization": f"Bearer {key}"}
             assert http.get("/v1/me", headers=auth).status_code == 200  # warms the key cache
-            monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
-            hops.clear()
+            hops = _count_hops(monkeypatch)
+            r = http.post("/v1/check-lock", headers=auth, json={"key": "k1", "ttl": 60})
+            assert r.status_code == 200 and r.json()["status"] == "locked", r.text
+            r = http.post("/v1/check-lock", headers=auth, json={"key": "k1", "ttl": 60})
+            assert r.json()["status"] == "duplicate", r.text
             r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "ttl": 60})
             assert r.status_code == 200 and r.json()["status"] == "acquired", r.text
-            assert len(hops) == 1, hops
+            assert hops == [], hops
+            r = http.post("/v1/ai/run", headers=auth, json={"agent_id": "bot", "tool": "nope"})
+            assert r.status_code == 200 and hops == ["ai_run"], (r.text, hops)
             hops.clear()
-            r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "tool": "x"})
-            assert r.status_code == 422 and len(hops) == 1, (r.text, hops)  # errors too
+            r = http.post("/v1/ai/lease", headers=auth, json={"key": "job-2", "ttl": 60})
+            assert r.status_code == 200 and hops == ["ai_lease"], (r.text, hops)
     finally:
         cp.close()
+
+
+@pytest.mark.timeout(60)
+def test_with_another_request_in_progress_a_check_lock_runs_in_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocking the event loop for one request would stall the others' responses: with
+    one in progress (a lease held inside its database call), a check-lock hops."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from onceonly_core.server import create_app
+
+    cp = ControlPlane(f"sqlite:///{tmp_path}/l.db", job_workers=0)
+    key = cp.keys.create_key("acme")
+    entered, release = threading.Event(), threading.Event()
+    real_lease = cp.lease
+
+    def held_lease(*args: Any, **kw: Any) -> Any:
+        entered.set()
+        assert release.wait(30)
+        return real_lease(*args, **kw)
+
+    monkeypatch.setattr(cp, "lease", held_lease)
+    try:
+        with TestClient(create_app(control=cp)) as http:
+            auth = {"Authorization": f"Bearer {key}"}
+            assert http.get("/v1/me", headers=auth).status_code == 200
+            hops = _count_hops(monkeypatch)
+            first: list[httpx.Response] = []
+            t = threading.Thread(
+                target=lambda: first.append(
+                    http.post("/v1/ai/lease", headers=auth, json={"key": "j", "ttl": 60})
+                )
+            )
+            t.start()
+            assert entered.wait(30)
+            r = http.post("/v1/check-lock", headers=auth, json={"key": "k2", "ttl": 60})
+            assert r.status_code == 200 and r.json()["status"] == "locked", r.text
+            assert hops == ["ai_lease", "check_lock"], hops
+            release.set()
+            t.join(30)
+            assert first and first[0].status_code == 200, first
+    finally:
+        release.set()
+        cp.close()
+
+
+def test_a_request_waiting_to_start_is_not_alone() -> None:
+    """A request is a task from its arrival, before it reaches the app: one that has
+    arrived and not started yet counts (the in-progress count alone would miss it)."""
+    import asyncio
+
+    from onceonly_core.server.app import InFlight
+
+    async def main() -> list[bool]:
+        flight = InFlight()
+        assert not (flight.n == 1 and flight.alone())  # no lifespan ran: never alone
+        flight.base = len(asyncio.all_tasks())  # the server's own: this task
+        flight.n = 1
+
+        async def request() -> bool:
+            return flight.alone()
+
+        seen = [await asyncio.create_task(request())]
+        waiting = asyncio.create_task(asyncio.sleep(0))  # arrived, not started
+        seen.append(await asyncio.create_task(request()))
+        await waiting
+        seen.append(await asyncio.create_task(request()))
+        flight.n = 2
+        seen.append(await asyncio.create_task(request()))
+        return seen
+
+    assert asyncio.run(main()) == [True, False, True, False]
+
+
+def test_serve_no_inline_keeps_every_route_in_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve --no-inline` reaches the workers' app (through the environment)."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from onceonly_core.cli.server import _factory
+    from onceonly_core.server import create_key
+
+    url = f"sqlite:///{tmp_path}/l.db"
+    key = create_key(url, "acme")
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: started.append(kw))
+    for name in ("ONCEONLY_SERVER_INLINE", "ONCEONLY_SERVER_JOB_WORKERS", "ONCEONLY_DB_URL"):
+        monkeypatch.setenv(name, "")  # restored after the test (serve sets them)
+    res = CliRunner().invoke(
+        _cli_app(), ["serve", "--url", url, "--no-inline", "--job-workers", "0"]
+    )
+    assert res.exit_code == 0 and started, res.output
+    with TestClient(_factory()) as http:
+        auth = {"Authorization": f"Bearer {key}"}
+        assert http.get("/v1/me", headers=auth).status_code == 200
+        hops = _count_hops(monkeypatch)
+        r = http.post("/v1/check-lock", headers=auth, json={"key": "k", "ttl": 60})
+        assert r.status_code == 200 and hops == ["check_lock"], (r.text, hops)
