@@ -36,7 +36,7 @@ from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
 from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
 from ..redact import default_redactor
 from ..stores import FAILED, REDIS_SCHEMES, RUNNING, SUCCEEDED, NewClaim, Record, open_store
-from ..stores.sql import PostgresStore, SQLiteStore, SQLStore
+from ..stores.sql import MySQLStore, PostgresStore, SQLiteStore, SQLStore
 from .db import JOB_WITH_CLAIM, ServerDB, job_params
 
 __all__ = ["ControlPlane", "JobContext", "LeaseError", "iso"]
@@ -416,13 +416,14 @@ class ControlPlane:
         )
         rec: Record | None
         meta_json = json.dumps(metadata or {})
-        if job and isinstance(self.ledger, (PostgresStore, SQLiteStore)):
+        if job and isinstance(self.ledger, (PostgresStore, SQLiteStore, MySQLStore)):
             # The job row is written with the claim (one statement on PostgreSQL, one
-            # transaction on SQLite) when the claim is new: one commit for both. MariaDB,
-            # and a take-over below, enqueue apart.
+            # transaction on SQLite and MariaDB) when the claim is new: one commit for
+            # both. A take-over below enqueues apart.
             params = job_params(tenant, key, lease_id, meta_json, eff)
             self.keys.ensure()
-            rec = self.ledger.claim_with(ns, key, new, JOB_WITH_CLAIM, params)
+            also = JOB_WITH_CLAIM[self.ledger.kind]
+            rec = self.ledger.claim_with(ns, key, new, also, params)
             queued = rec.mine
         else:
             rec, queued = self.ledger.claim(ns, key, new), False

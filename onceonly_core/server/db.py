@@ -105,8 +105,11 @@ def _upsert(kind: str) -> str:
     run. A live one is this run's own row (a retry after a lost reply): left as it is."""
     if kind == "mysql":
         # Assignments run left to right and see the ones before: ``state`` goes last.
-        sets = [f"{c} = IF(state = 'done', VALUES({c}), {c})" for c in _RENEW]
-        sets.append("state = IF(state = 'done', VALUES(state), state)")
+        # Columns named with their table: the claim's INSERT … SELECT reads a ledger row
+        # (``ins``) with a ``state`` of its own.
+        t = jobs.name
+        sets = [f"{t}.{c} = IF({t}.state = 'done', VALUES({c}), {t}.{c})" for c in _RENEW]
+        sets.append(f"{t}.state = IF({t}.state = 'done', VALUES(state), {t}.state)")
         return f" ON DUPLICATE KEY UPDATE {', '.join(sets)}"
     sets = [f"{c} = excluded.{c}" for c in (*_RENEW, "state")]
     return (
@@ -151,12 +154,18 @@ def new_job(
 #: PostgreSQL and its transaction on SQLite (``claim_with``; ``ins`` is the claimed row,
 #: whose token the job carries; the upsert is the same text in both). Parameters:
 #: :func:`job_params`.
-JOB_WITH_CLAIM = (
-    _JOB_INSERT
-    + "SELECT "
-    + ", ".join("ins.token" if n == "token" else f"%(j_{n})s" for n in _JOB_NAMES)
-    + f", {{now}} FROM ins WHERE TRUE{_upsert('postgresql')}"
-)
+def _job_with_claim(kind: str) -> str:
+    return (
+        _JOB_INSERT
+        + "SELECT "
+        + ", ".join("ins.token" if n == "token" else f"%(j_{n})s" for n in _JOB_NAMES)
+        + f", {{now}} FROM ins WHERE TRUE{_upsert(kind)}"
+    )
+
+
+#: A new key's job row, written by the claim that inserted its ledger row (the ``also``
+#: of ``claim_with``, per ledger kind): ``ins`` is the claimed row.
+JOB_WITH_CLAIM = {k: _job_with_claim(k) for k in ("postgresql", "mysql", "sqlite")}
 
 
 def job_params(tenant: str, key: str, lease_id: str, meta_json: str, ttl: float) -> dict[str, Any]:

@@ -170,11 +170,14 @@ def _pg_claim_with(also: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _sqlite_also(also: str) -> str:
-    """``also`` on SQLite: ``ins`` read back from the ledger (the claim just inserted it, in
-    the same transaction)."""
+def _also_reading_ins(also: str, kind: str) -> str:
+    """``also`` where no data-modifying CTE hands it the claimed row (SQLite, MySQL):
+    ``ins`` read back from the ledger, which the claim just wrote in the same transaction.
+    The CTE goes before the INSERT's ``SELECT``, where both SQLite and MariaDB/MySQL
+    take it."""
+    at = also.index("SELECT ")
     ins = f"WITH ins AS (SELECT {_COLS} FROM {_T} WHERE namespace = %(ns)s AND idem_key = %(k)s) "
-    return _render(ins + also, "sqlite")
+    return _render(also[:at] + ins + also[at:], kind)
 
 
 # The same claim-or-read CTE for a row born finished (claim_done).
@@ -352,6 +355,16 @@ class SQLStore(Store):
 
     def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
         """Execute one statement; return the first row (fetch) or the rowcount."""
+
+        def one(cur: Any) -> Any:
+            cur.execute(sql, params)
+            return cur.fetchone() if fetch else cur.rowcount
+
+        return self._on_cursor(name, one)
+
+    def _on_cursor(self, name: str, work: Callable[[Any], _R]) -> _R:
+        """``work(cursor)`` on this thread's pinned connection (or a checked-out one); a
+        driver error other than an integrity error discards the connection."""
         if not self._ready:
             self._ensure_schema()
         if self._pid != os.getpid():
@@ -360,8 +373,7 @@ class SQLStore(Store):
         conn = pinned if pinned is not None else self._checkout()
         try:
             cur = conn.cursor()
-            cur.execute(sql, params)
-            out = cur.fetchone() if fetch else cur.rowcount
+            out = work(cur)
             cur.close()
             return out
         except self._integrity:
@@ -1052,7 +1064,7 @@ class SQLiteStore(SQLStore):
             return found
         p = self._with_params(namespace, key, new, params)
         p["now"] = time.time()
-        sql = _sqlite_also(also)
+        sql = _also_reading_ins(also, "sqlite")
         conn = self._sqlite_conn()
         try:
             # One write transaction for both rows: taken at BEGIN (IMMEDIATE), so the
@@ -1141,6 +1153,36 @@ class MySQLStore(SQLStore):
 
     kind = "mysql"
     _DRIVER = ("pymysql", "mysql", "PyMySQL")
+
+    def claim_with(
+        self, namespace: str, key: str, new: NewClaim, also: str, params: dict[str, Any]
+    ) -> Record:
+        """:meth:`claim`, and in the same transaction, only when the claim inserts the row,
+        ``also`` (see :meth:`SQLiteStore.claim_with`; ``ins`` read back from the ledger,
+        as there): one commit where a claim and then a write took two."""
+        p = self._with_params(namespace, key, new, params)
+        sql = _also_reading_ins(also, "mysql")
+
+        def both(cur: Any) -> bool:
+            # An explicit transaction on the autocommit connection: the claim's INSERT
+            # and ``also`` commit together or not at all. A duplicate key fails the
+            # claim's INSERT (insert first, as claim does): rolled back, nothing written.
+            cur.execute("START TRANSACTION")
+            try:
+                cur.execute(self._claim_sql, p)
+                cur.execute(sql, p)
+            except self._integrity:
+                cur.execute("ROLLBACK")
+                return False
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+            return True
+
+        if self._on_cursor("claim", both):
+            return self._mine(namespace, key, new, time.time())
+        return self._held(namespace, key)
 
     def _with_driver(self, url: sa.URL) -> sa.URL:
         if url.drivername in ("mysql", "mariadb"):

@@ -85,9 +85,7 @@ def test_a_key_run_again_after_retention_purged_it_queues_a_new_job(db_url: str)
 
 def test_the_claim_writes_the_job_row_with_it(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A new key's lease and job row: one statement on PostgreSQL, one transaction on
-    SQLite (no separate enqueue), so both commit or neither does."""
-    if db_url.startswith("mysql"):
-        pytest.skip("MariaDB writes the job row after the claim")
+    SQLite and MariaDB (no separate enqueue), so both commit or neither does."""
     from onceonly_core.errors import StoreError
     from onceonly_core.server import control
 
@@ -102,7 +100,10 @@ def test_the_claim_writes_the_job_row_with_it(db_url: str, monkeypatch: pytest.M
         out = cp.lease(tenant, "k1", 60, {"a": 1}, job=True)
         assert out["status"] == "acquired"
         # A job row that cannot be written fails the claim with it: no lease is left.
-        broken = control.JOB_WITH_CLAIM.replace("ins.token", "ins.no_such_column")
+        broken = {
+            k: v.replace("ins.token", "ins.no_such_column")
+            for k, v in control.JOB_WITH_CLAIM.items()
+        }
         monkeypatch.setattr(control, "JOB_WITH_CLAIM", broken)
         with pytest.raises(StoreError):
             cp.lease(tenant, "k2", 60, {}, job=True)
@@ -150,8 +151,6 @@ def test_claim_with_refuses_parameter_names_of_the_claim_s_own(db_url: str) -> N
 
     store = SQLStore(db_url, auto_migrate=True)
     try:
-        if not hasattr(store, "claim_with"):
-            pytest.skip("MariaDB has no claim_with")
         new = NewClaim("t", "owner", 30.0)
         for clash in ({"k": "x"}, {"now": 1.0}):
             with pytest.raises(ConfigError, match="the claim's own"):
@@ -186,4 +185,47 @@ def test_on_sqlite_a_claim_that_lost_the_race_writes_no_job_row(
             (after,) = [r._asdict() for r in conn.execute(sa.select(jobs))]
         assert after["state"] == "done" and after["lease_id"] == first["lease_id"]
     finally:
+        cp.close()
+
+
+@pytest.mark.timeout(120)
+def test_racing_runs_of_one_key_queue_one_job(db_url: str) -> None:
+    """Eight threads run each key at once: one lease is acquired per key, and its job row
+    (written with the claim) is the only one, the winner's."""
+    import threading
+
+    cp = ControlPlane(db_url, job_workers=0, migrate=True)
+    tenant, keys, n = f"jq{uuid.uuid4().hex[:10]}", [f"k{i}" for i in range(12)], 8
+    answers: dict[str, list[dict[str, object]]] = {k: [] for k in keys}
+    errors: list[BaseException] = []
+    try:
+        for key in keys:
+            start = threading.Barrier(n)
+
+            def run(key: str = key, start: threading.Barrier = start) -> None:
+                start.wait()
+                try:
+                    answers[key].append(cp.lease(tenant, key, 60, {"k": key}, job=True))
+                except BaseException as err:  # reported below, with the thread's answer
+                    errors.append(err)
+
+            threads = [threading.Thread(target=run) for _ in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert not errors, errors
+        with cp.keys.engine.connect() as conn:
+            rows = [
+                r._asdict() for r in conn.execute(sa.select(jobs).where(jobs.c.tenant == tenant))
+            ]
+        for key in keys:
+            won = [a for a in answers[key] if a["status"] == "acquired"]
+            assert len(answers[key]) == n and len(won) == 1, answers[key]
+            (row,) = [r for r in rows if r["job_key"] == key]
+            assert row["lease_id"] == won[0]["lease_id"] and row["state"] == "queued"
+        assert len(rows) == len(keys)
+    finally:
+        with cp.keys.engine.begin() as conn:
+            conn.execute(sa.delete(jobs).where(jobs.c.tenant == tenant))
         cp.close()
