@@ -150,10 +150,6 @@ def new_job(
     }
 
 
-#: A key-mode run's job row written by its lease's own claim, in the claim's statement on
-#: PostgreSQL and its transaction on SQLite (``claim_with``; ``ins`` is the claimed row,
-#: whose token the job carries; the upsert is the same text in both). Parameters:
-#: :func:`job_params`.
 def _job_with_claim(kind: str) -> str:
     return (
         _JOB_INSERT
@@ -163,8 +159,10 @@ def _job_with_claim(kind: str) -> str:
     )
 
 
-#: A new key's job row, written by the claim that inserted its ledger row (the ``also``
-#: of ``claim_with``, per ledger kind): ``ins`` is the claimed row.
+#: A key-mode run's job row written by its lease's own claim (the ``also`` of
+#: ``claim_with``), per ledger kind: in the claim's statement on PostgreSQL, in its
+#: transaction on SQLite and MariaDB/MySQL. ``ins`` is the claimed row, whose token the
+#: job carries. Parameters: :func:`job_params`.
 JOB_WITH_CLAIM = {k: _job_with_claim(k) for k in ("postgresql", "mysql", "sqlite")}
 
 

@@ -1136,7 +1136,12 @@ class PostgresStore(SQLStore):
 
     def _claim_cte(self, namespace: str, key: str, sql: str, params: dict[str, Any]) -> Record:
         for _ in range(3):
-            row = self._run("claim", sql, params, True)
+            try:
+                row = self._run("claim", sql, params, True)
+            except self._integrity as err:
+                # Never a taken key (the claim's ON CONFLICT DO NOTHING): a constraint
+                # of claim_with's second write. A store failure, like any other.
+                raise StoreError(f"{self.kind} ledger: claim failed: {err}") from err
             if row is not None:
                 return _exact_record(row[1:], mine=bool(row[0]))
         # Fell between a concurrent insert and our snapshot three times in a row:
@@ -1165,15 +1170,18 @@ class MySQLStore(SQLStore):
 
         def both(cur: Any) -> bool:
             # An explicit transaction on the autocommit connection: the claim's INSERT
-            # and ``also`` commit together or not at all. A duplicate key fails the
-            # claim's INSERT (insert first, as claim does): rolled back, nothing written.
+            # and ``also`` commit together or not at all.
             cur.execute("START TRANSACTION")
             try:
-                cur.execute(self._claim_sql, p)
-                cur.execute(sql, p)
-            except self._integrity:
-                cur.execute("ROLLBACK")
-                return False
+                try:
+                    cur.execute(self._claim_sql, p)
+                except self._integrity:  # the key is taken (insert first, as claim does)
+                    cur.execute("ROLLBACK")
+                    return False
+                try:
+                    cur.execute(sql, p)
+                except self._integrity as err:  # not a taken key: ``also``'s own failure
+                    raise StoreError(f"{self.kind} ledger: claim failed: {err}") from err
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise

@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 
 import sqlalchemy as sa
 
+from onceonly_core.server import db as control_db
 from onceonly_core.server.control import ControlPlane
 from onceonly_core.server.db import jobs
 
@@ -157,6 +158,28 @@ def test_claim_with_refuses_parameter_names_of_the_claim_s_own(db_url: str) -> N
                 store.claim_with(f"cw-{uuid.uuid4().hex[:8]}", "k", new, "SELECT 1", clash)
     finally:
         store.close()
+
+
+def test_a_constraint_the_second_write_breaks_fails_the_claim_as_a_store_error(
+    db_url: str,
+) -> None:
+    """``also`` refused by a constraint (here NOT NULL) is not a taken key: the claim fails
+    with StoreError (a 503, like any store failure), not a raw driver error (a 500), and
+    leaves no ledger row."""
+    from onceonly_core.errors import StoreError
+    from onceonly_core.stores import NewClaim
+
+    cp = ControlPlane(db_url, job_workers=0, migrate=True)
+    ns = f"cw-{uuid.uuid4().hex[:8]}"
+    null_tenant = control_db.JOB_WITH_CLAIM[cp.ledger.kind].replace("%(j_tenant)s", "NULL", 1)
+    params = control_db.job_params("acme", "k", "lease_x", "{}", 60)
+    try:
+        cp.keys.ensure()
+        with pytest.raises(StoreError, match="claim failed"):
+            cp.ledger.claim_with(ns, "k", NewClaim("t", "o", 30.0), null_tenant, params)
+        assert cp.ledger.get(ns, "k") is None
+    finally:
+        cp.close()
 
 
 def test_on_sqlite_a_claim_that_lost_the_race_writes_no_job_row(
