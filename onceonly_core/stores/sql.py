@@ -1055,10 +1055,11 @@ class SQLiteStore(SQLStore):
         new claim, where ``ins`` is the claimed row (``ins.token``, ...). Both commit
         together or neither does: one commit where a claim and then a write took two (the
         server's key-mode ``/ai/run`` writes its job row so). ``also`` takes ``%(name)s``
-        parameters from ``params``, named apart from the claim's own, and ``{now}``; the
-        same text serves PostgreSQL, where ``ins`` is the claim CTE's ``RETURNING``. (Its
-        SELECT needs a WHERE clause, ``WHERE TRUE`` at least, for SQLite to parse an
-        ``ON CONFLICT`` after it.)"""
+        parameters from ``params``, named apart from the claim's own, and ``{now}``. On
+        PostgreSQL ``ins`` is the claim CTE's ``RETURNING``; here and on MySQL it is a CTE
+        reading the row back (``_also_reading_ins``); only the upsert clause differs per
+        dialect (``server.db.JOB_WITH_CLAIM``). (Its SELECT needs a WHERE clause, ``WHERE
+        TRUE`` at least, for SQLite to parse an ``ON CONFLICT`` after it.)"""
         found = self.get(namespace, key)  # read first, as claim does: off the write lock
         if found is not None:
             return found
