@@ -171,10 +171,19 @@ class Codec:
 
     # -- decoding -----------------------------------------------------------------------
     def decode(self, text: str) -> Any:
+        # The replay path: json's C scanner straight on the text (what json.loads runs,
+        # without its Python wrapper and whitespace regexes). Our encoder writes no
+        # surrounding whitespace; anything it did not parse whole (whitespace, trailing
+        # data, not JSON) goes through json.loads, which parses or names the error.
         try:
-            raw = json.loads(text)
-        except ValueError as err:
-            raise CodecError(f"stored result is not valid JSON: {err}") from err
+            raw, end = _scan(text, 0)
+        except (StopIteration, ValueError):
+            end = -1
+        if end != len(text):
+            try:
+                raw = json.loads(text)
+            except ValueError as err:
+                raise CodecError(f"stored result is not valid JSON: {err}") from err
         if '"$"' not in text:
             return raw  # plain JSON: nothing tagged inside
         try:
@@ -238,3 +247,6 @@ class Codec:
 
 
 default_codec = Codec()
+
+#: json's own scanner, as json.loads uses it (the C one where built): (value, end).
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]

@@ -328,11 +328,13 @@ def _flat(d: dict[Any, Any], digits: int | None) -> str | None:
     """The hot path of :func:`canonical`: the bound arguments of most tool calls are a
     small dict of ASCII-str names to ASCII strings, ints, finite floats, None or bools.
 
-    Returns exactly the text the walker writes for such a dict (distinct ASCII names
-    encode distinctly, so sorting the pairs sorts by encoded name), or None for anything
-    else, which the walker then handles, errors and all.
+    Returns exactly the text the walker writes for such a dict, or None for anything
+    else, which the walker then handles, errors and all. Each pair is written as one
+    string and the strings are sorted: no encoded name (``s<len>:<name>``) is a prefix
+    of another, so two pairs differ first inside their names, and sorting the pairs
+    sorts by encoded name, as the walker does.
     """
-    items = []
+    parts = []
     for k, v in d.items():
         if type(k) is not str or not k.isascii():
             return None
@@ -340,25 +342,28 @@ def _flat(d: dict[Any, Any], digits: int | None) -> str | None:
         if t is str:
             if not v.isascii():
                 return None
-            enc = f"s{len(v)}:{v}"
+            parts.append(f"s{len(k)}:{k}:s{len(v)}:{v}")
         elif t is int:
-            enc = f"n{_int(v, '')};"
+            if -_PLAIN_LIMIT < v < _PLAIN_LIMIT:
+                parts.append(f"s{len(k)}:{k}:n{v};")
+            else:
+                parts.append(f"s{len(k)}:{k}:n{_int(v, '')};")
         elif t is float:
             if v != v or v in _INFINITE:
                 return None
             try:
-                enc = f"n{_float(v, '', digits)};"
+                parts.append(f"s{len(k)}:{k}:n{_float(v, '', digits)};")
             except FingerprintError:  # rounded to infinity: the walker names the argument
                 return None
         elif v is None:
-            enc = "z"
+            parts.append(f"s{len(k)}:{k}:z")
         elif t is bool:
-            enc = "T" if v else "F"
+            parts.append(f"s{len(k)}:{k}:T" if v else f"s{len(k)}:{k}:F")
         else:
             return None
-        items.append((f"s{len(k)}:{k}", enc))
-    items.sort()
-    return "{" + "".join([f"{name}:{enc}" for name, enc in items]) + "}"
+    if len(parts) > 1:
+        parts.sort()
+    return "{" + "".join(parts) + "}"
 
 
 def canonical(value: Any, *, float_digits: int | None = None, path: str = "args") -> str:
@@ -465,16 +470,14 @@ class Signature:
             kwargs = {**self.partial_kw, **kwargs}
         if self._fast and len(args) <= self._npos:
             names = self._names
-            out: dict[str, Any] = {}
-            for i, a in enumerate(args):
-                out[names[i]] = a
+            out: dict[str, Any] = dict(zip(names, args, strict=False))  # len(args) <= npos
             ok = True
             for k, val in kwargs.items():
                 if k in out or k not in names:
                     ok = False
                     break
                 out[k] = val
-            if ok:
+            if ok and len(out) < len(names):
                 empty = inspect.Parameter.empty
                 for name, default in zip(names, self._defaults, strict=True):
                     if name not in out:
@@ -482,8 +485,10 @@ class Signature:
                             ok = False
                             break
                         out[name] = default
-                if ok:
-                    return {n: out[n] for n in names}
+            if ok:
+                # Positional arguments then defaults are in parameter order already;
+                # keywords may not be.
+                return {n: out[n] for n in names} if kwargs else out
         bound = self._sig.bind(*args, **kwargs)  # raises the usual TypeError
         bound.apply_defaults()
         return dict(bound.arguments)
@@ -516,7 +521,17 @@ def derive_key(
 
 
 def digest(tool: str, canonical_text: str, workflow: str | None = None) -> str:
-    h = hashlib.sha256()
-    h.update(f"{SCHEME}\0{workflow or ''}\0{tool}\0".encode())
+    # The hash of the (scheme, workflow, tool) prefix is kept per tool and workflow and
+    # copied: a key costs one update of the arguments' text.
+    head = _HEADS.get((tool, workflow))
+    if head is None:
+        head = hashlib.sha256(f"{SCHEME}\0{workflow or ''}\0{tool}\0".encode())
+        if len(_HEADS) >= 4096:
+            _HEADS.clear()
+        _HEADS[(tool, workflow)] = head
+    h = head.copy()
     h.update(canonical_text.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+_HEADS: dict[tuple[str, str | None], Any] = {}

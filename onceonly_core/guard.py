@@ -49,6 +49,7 @@ from .protocol import (
     Ran,
     decide,
     flow,
+    replayed,
     run_async,
     run_sync,
     safe_str,
@@ -991,8 +992,8 @@ class Guard:
 
     def _key(self, spec: _Spec, bound: Mapping[str, Any]) -> tuple[str, str, str | None, Options]:
         opts = spec.opts
-        ns = self.current_namespace()
         wf = _workflow.get()
+        ns = self.namespace if wf is None else f"{self.namespace}/{wf}"  # current_namespace()
         if opts.key is not None:
             key = opts.key if isinstance(opts.key, str) else opts.key(**bound)
             if not isinstance(key, str):
@@ -1048,7 +1049,10 @@ class Guard:
         call = self._prepare(spec, bound, force)
         if _reentrant(call):
             return fn(*args, **kwargs)
-        return self._after(self._execute(call, functools.partial(fn, *args, **kwargs), bound))
+        done = self._replayed(call)
+        if done is None:
+            done = self._execute(call, functools.partial(fn, *args, **kwargs), bound)
+        return self._after(done)
 
     async def _ainvoke(
         self,
@@ -1076,6 +1080,19 @@ class Guard:
         return self._after(await self._aexecute(call, thunk, True, bound))
 
     # -- claim → execute → fenced completion, on the flow of protocol.py -------------------
+    def _replayed(self, call: Call) -> Outcome | None:
+        """The replay hot path (:func:`protocol.replayed`): the claim, and the replay
+        when that is the decision, before any thunk, closure or generator is built.
+        None: the flow goes on from ``call.claimed``. With an observer (telemetry) the
+        whole call goes through the flow, inside its span."""
+        if call.claimed is not None or self._observer is not None:
+            return None
+        try:
+            return replayed(call, self.store)
+        except BaseException as err:
+            self._after_error(call, err)
+            raise
+
     def _execute(
         self,
         call: Call,
@@ -1086,6 +1103,9 @@ class Guard:
     ) -> Outcome:
         """Claim → execute → fenced completion. The tool's own exception propagates
         (and is appended to ``seen``, so a caller can tell it from our errors)."""
+        done = self._replayed(call)
+        if done is not None:
+            return done
         store = self.store
 
         def execute(ctx: CallContext) -> Ran:
@@ -1454,7 +1474,10 @@ class Guard:
     def _after(self, outcome: Outcome) -> Any:
         decision = outcome.decision
         kind = "executed" if decision == "reconciled" else decision
-        self._count("attempts", kind)
+        with self._stats_lock:
+            stats = self._stats
+            stats.attempts += 1
+            setattr(stats, kind, getattr(stats, kind) + 1)
         self._emit(kind, outcome)
         return outcome.value  # for "blocked": blocked_return, BLOCKED unless the tool set one
 

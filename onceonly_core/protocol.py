@@ -373,6 +373,23 @@ FINISH_RETRIES = (0.05, 0.2, 0.5, 1.0)
 Op = StoreOp | Sleep | Execute | Reconcile
 
 
+def replayed(call: Call, store: Store) -> Outcome | None:
+    """The flow's first step, flat, for the sync hot path: claim the key; when the record
+    found is one to replay, the replay's Outcome (no generator, no driver); otherwise
+    None, with the record left in ``call.claimed`` for :func:`flow` to go on from.
+    The decision is :func:`decide`'s, as in the flow; a claim that fails raises as it
+    would there (before anything ran)."""
+    rec = call.claimed = store.claim(call.namespace, call.key, call.new)
+    if (
+        rec is not None
+        and not rec.mine
+        and not call.force
+        and decide(rec, call.opts, call.digest) == REPLAY
+    ):
+        return _replay(call, rec)
+    return None
+
+
 def flow(call: Call) -> Generator[Op, Any, Outcome]:
     ns, key, opts = call.namespace, call.key, call.opts
     rec: Record | None = call.claimed

@@ -116,9 +116,12 @@ class Record:
         )
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class NewClaim:
-    """What a caller writes when it claims or takes over a key."""
+    """What a caller writes when it claims or takes over a key. Treat it as read-only.
+
+    Not ``frozen``: a frozen dataclass sets each field through ``object.__setattr__``,
+    ~0.7 µs per construction here, and one is built on every guarded call."""
 
     tool: str
     owner: str

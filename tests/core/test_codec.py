@@ -242,6 +242,20 @@ def test_corrupt_stored_results_raise_codec_error(text: str) -> None:
         default_codec.decode(text)
 
 
+@pytest.mark.parametrize("text", ["7 ", " 7", '\n{"a": [1, 2]}\t', "7x", "[1,]", "{", "", "1 2"])
+def test_decode_reads_stored_text_exactly_as_json_loads(text: str) -> None:
+    # decode() runs json's scanner straight on the text (the replay path) and hands what
+    # it did not parse whole to json.loads: surrounding whitespace is read, trailing data
+    # or a broken document is a CodecError, as with json.loads.
+    try:
+        expected: Any = json.loads(text)
+    except ValueError:
+        with pytest.raises(CodecError, match="not valid JSON"):
+            default_codec.decode(text)
+    else:
+        assert default_codec.decode(text) == expected
+
+
 class Money:
     def __init__(self, cents: int, currency: str) -> None:
         self.cents, self.currency = cents, currency

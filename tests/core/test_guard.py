@@ -193,6 +193,52 @@ def test_exactly_once_then_replay(g: Guard) -> None:
     assert rec.tool == tool_identity(tool)
 
 
+class CountingStore(MemoryStore):
+    """A MemoryStore that records which primitive each call of the guard used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def claim(self, namespace: str, key: str, new: NewClaim) -> Any:
+        self.ops.append("claim")
+        return super().claim(namespace, key, new)
+
+    def get(self, namespace: str, key: str) -> Any:
+        self.ops.append("get")
+        return super().get(namespace, key)
+
+    def finish(self, *args: Any, **kwargs: Any) -> Any:
+        self.ops.append("finish")
+        return super().finish(*args, **kwargs)
+
+
+@pytest.mark.parametrize("way", ["guard", "run_call"])
+def test_a_replay_is_one_claim_with_its_hooks_and_stats(way: str) -> None:
+    # The replay hot path (protocol.replayed) answers from the claim's record alone:
+    # no second read, no write; the on_replay hook and the stats see it as before.
+    store = CountingStore()
+    g = Guard(store=store, quiet=True)
+    seen: list[Outcome] = []
+    g.on_replay(seen.append)
+
+    def pay(order: str) -> dict[str, str]:
+        return {"paid": order}
+
+    def call() -> Any:
+        if way == "guard":
+            return g(pay, "o-1")
+        return g.run_call("pay", {"order": "o-1"}, lambda: pay("o-1"), scope=GLOBAL).result
+
+    assert call() == {"paid": "o-1"}
+    assert store.ops == ["claim", "finish"]
+    store.ops.clear()
+    assert call() == {"paid": "o-1"}
+    assert store.ops == ["claim"]
+    assert [(o.decision, o.value) for o in seen] == [("replayed", {"paid": "o-1"})]
+    assert g.stats()["replayed"] == 1 and g.stats()["executed"] == 1
+
+
 def test_exactly_once_then_replay_async(g: Guard) -> None:
     runs: list[int] = []
 
