@@ -12,6 +12,7 @@ used or closed (:meth:`~ThreadPins.forget`).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -25,6 +26,19 @@ class _Conn(Protocol):
 
 
 C = TypeVar("C", bound=_Conn)
+
+#: This process's id, kept current in a forked child (``os.register_at_fork``): the
+#: stores compare it on every statement to notice a fork, and ``os.getpid()`` is a
+#: system call (~0.13 µs) where this is a list read.
+PID = [os.getpid()]
+
+
+def _after_fork() -> None:
+    PID[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 #: A parent's pinned connections, kept referenced in a forked child: finalizing one
 #: there would hand the parent's socket (or open database file) back to a pool, or

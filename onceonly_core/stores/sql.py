@@ -49,7 +49,7 @@ import sqlalchemy as sa
 
 from ..errors import ConfigError, MissingExtraError, SchemaError, StoreError
 from .base import CLEARED, RUNNING, SUCCEEDED, NewClaim, Record, Store, WouldBlock
-from .pins import ThreadPins
+from .pins import PID, ThreadPins
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
@@ -367,7 +367,7 @@ class SQLStore(Store):
         driver error other than an integrity error discards the connection."""
         if not self._ready:
             self._ensure_schema()
-        if self._pid != os.getpid():
+        if self._pid != PID[0]:
             self._forked()
         pinned = self._pins.get(self._checkout)
         conn = pinned if pinned is not None else self._checkout()
@@ -390,7 +390,7 @@ class SQLStore(Store):
                 conn.close()
 
     def _checkout(self) -> Any:
-        if self._pid != os.getpid():
+        if self._pid != PID[0]:
             self._forked()
         assert self._engine is not None
         try:
@@ -851,7 +851,7 @@ class SQLiteStore(SQLStore):
             self._ensure_schema()
         local = self._local
         conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
+        if conn is None or local.pid != PID[0]:
             conn = self._sqlite_conn()
         try:
             row = conn.execute(self._GET, (time.time(), namespace, key)).fetchone()
@@ -885,7 +885,7 @@ class SQLiteStore(SQLStore):
     def _sqlite_conn(self) -> sqlite3.Connection:
         local = self._local
         conn = local.conn
-        if conn is None or local.pid != os.getpid():
+        if conn is None or local.pid != PID[0]:
             # One connection per thread (sqlite3 connections are not thread-safe), in
             # autocommit mode: each statement is its own transaction.
             conn = local.conn = self._connect(self._busy)

@@ -11,6 +11,7 @@ schema lock moved to a separate file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,25 @@ def test_a_governed_call_behind_a_held_write_lock_fails_as_a_store_error(tmp_pat
     assert ran == [0, 1]
     other.close()
     g.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_opens_its_own_sqlite_connection(tmp_path: Path) -> None:
+    # The store notices a fork by comparing its connection's pid with stores.pins.PID,
+    # which os.register_at_fork keeps current: a child that used its parent's sqlite3
+    # connection would share its locks and its transaction state.
+    store = SQLStore(f"sqlite:///{tmp_path / 'f.db'}")
+    assert store.claim("ns", "k", NewClaim("tool", "me", 30.0)).mine
+    parent = store._sqlite_conn()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        code = 1
+        try:
+            rec = store.get("ns", "k")
+            code = 0 if rec is not None and store._sqlite_conn() is not parent else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store._sqlite_conn() is parent  # the parent keeps its own
+    store.close()
