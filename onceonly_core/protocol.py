@@ -474,16 +474,7 @@ def flow(call: Call) -> Generator[Op, Any, Outcome]:
     ran: Ran = yield Execute(_context(call, rec))
     if ran.ok:
         yield from _record_success(call, rec, ran.value, call.complete)
-        return Outcome(
-            "executed",
-            call.tool,
-            ns,
-            key,
-            ran.value,
-            record=rec,
-            token=rec.token,
-            attempt=rec.attempt,
-        )
+        return Outcome("executed", call.tool, ns, key, ran.value, None, rec, rec.token, rec.attempt)
     assert ran.error is not None
     if isinstance(ran.error, Exception):
         # The tool failed: release the key (a failure is not a result) so a retry runs.
@@ -523,15 +514,9 @@ def _replay(call: Call, rec: Record) -> Outcome:
         reason = (rec.error or "no result").removeprefix(NOT_STORED)
         raise ResultNotStored(call.namespace, rec.key, call.tool, reason)
     value = call.codec.decode(rec.result)
+    # Positional (value, error, record, token, attempt): half the cost of keywords.
     return Outcome(
-        "replayed",
-        call.tool,
-        call.namespace,
-        call.key,
-        value,
-        record=rec,
-        token=rec.token,
-        attempt=rec.attempt,
+        "replayed", call.tool, call.namespace, call.key, value, None, rec, rec.token, rec.attempt
     )
 
 
