@@ -36,6 +36,7 @@ from ..limits import DEFAULT_MAX_RESULT_BYTES, check_text
 from ..protocol import NOT_STORED, REPLAY, WAIT, Options, decide, safe_str
 from ..redact import default_redactor
 from ..stores import FAILED, REDIS_SCHEMES, RUNNING, SUCCEEDED, NewClaim, Record, open_store
+from ..stores.pins import dispose
 from ..stores.sql import MySQLStore, PostgresStore, SQLiteStore, SQLStore
 from .db import JOB_WITH_CLAIM, ServerDB, job_params
 
@@ -321,7 +322,7 @@ class ControlPlane:
         if self._gov_store is not None:
             self._gov_store.close()
         if self._server_db_engine is not None:
-            self._server_db_engine.dispose()
+            dispose(self._server_db_engine)
         self.ledger.close()
 
     # -- check-lock ---------------------------------------------------------------------

@@ -79,7 +79,7 @@ from .governance import (
     chain_hash,
     completed_by,
 )
-from .pins import ThreadPins
+from .pins import ThreadPins, dispose
 
 __all__ = ["GENESIS", "GovStore", "Reservation", "Want", "chain_hash"]
 
@@ -2355,9 +2355,9 @@ class GovStore(GovernanceStore):
     def close(self) -> None:
         if self._pins is not None:
             self._pins.close_all()
-        self.engine.dispose()
+        dispose(self.engine)
         if self._reader is not None:
-            self._reader.dispose()
+            dispose(self._reader)
 
 
 def _outbox_scope(tenant: str | None) -> Any:

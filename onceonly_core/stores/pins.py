@@ -109,6 +109,26 @@ class ThreadPins(Generic[C]):
         self.count = 0
 
 
+def dispose(engine: Any) -> None:
+    """``engine.dispose()``, and a connection still checked out of the old pool is closed
+    when it comes back: otherwise its check-in parks it in a pool that nothing uses any
+    more, and it stays open until the garbage collector finds that pool (psycopg then
+    warns that a connection was deleted while still open). A statement in flight while
+    its store closes (a server request, a job worker) comes back that way."""
+    import sqlalchemy as sa
+
+    old = engine.pool
+    engine.dispose()
+    # Pool events move to the new pool at dispose(); this one is the old pool's alone.
+    sa.event.listen(old, "checkin", _close_on_checkin)
+
+
+def _close_on_checkin(dbapi_connection: Any, _record: Any) -> None:
+    if dbapi_connection is not None:
+        with contextlib.suppress(Exception):  # already broken: nothing left to close
+            dbapi_connection.close()
+
+
 def _unpin(pins_ref: weakref.ReferenceType[ThreadPins[Any]], conn: _Conn) -> None:
     pins = pins_ref()
     if pins is not None:

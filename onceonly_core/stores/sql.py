@@ -49,7 +49,7 @@ import sqlalchemy as sa
 
 from ..errors import ConfigError, MissingExtraError, SchemaError, StoreError
 from .base import CLEARED, RUNNING, SUCCEEDED, NewClaim, Record, Store, WouldBlock
-from .pins import PID, ThreadPins
+from .pins import PID, ThreadPins, dispose
 from .schema import HEAD, VERSION_TABLE, ledger
 
 if TYPE_CHECKING:
@@ -819,7 +819,7 @@ class SQLStore(Store):
         else:
             self._pins.forget()
         if self._engine is not None:
-            self._engine.dispose()
+            dispose(self._engine)
 
 
 class _Local(threading.local):

@@ -88,3 +88,30 @@ def test_a_forked_child_never_uses_its_parent_s_connection(store: SQLStore, name
     assert store.claim(namespace, "parent-again", NEW).mine
     rec = store.get(namespace, "child")
     assert rec is not None and rec.state == "running"
+
+
+def test_a_connection_checked_in_after_close_is_closed(store: SQLStore, namespace: str) -> None:
+    # A statement in flight while its store closes (a server request, a job worker)
+    # checks its connection in to the disposed pool afterwards: closed there, not parked
+    # open in a pool nothing uses (psycopg warns when one is garbage-collected open, and
+    # under filterwarnings=error that fails whichever test is running at the time).
+    assert store.claim(namespace, "k", NEW).mine
+    late = store._checkout()
+    dbapi = late.dbapi_connection
+    store.close()
+    late.close()  # the check-in, after the pool was disposed
+    assert _is_closed(dbapi)
+    # A closed store still runs afresh, on the new pool, whose check-ins pool as usual.
+    assert store.claim(namespace, "k2", NEW).mine
+    again = store._checkout()
+    kept = again.dbapi_connection
+    again.close()
+    assert not _is_closed(kept)
+    store.close()
+
+
+def _is_closed(dbapi: object) -> bool:
+    closed = getattr(dbapi, "closed", None)  # psycopg
+    if isinstance(closed, bool):
+        return closed
+    return not dbapi.open  # type: ignore[attr-defined]  # PyMySQL
