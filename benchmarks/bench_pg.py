@@ -582,7 +582,8 @@ def sizes(t: Target, settings: Settings, progress: Callable[[str], None]) -> lis
         what = {
             "raw": f"raw psycopg INSERT + UPDATE, 1 client, {label} in table",
             "first": f"guard, pg 1 client, first call, {label} in ledger",
-            "dup": f"guard, pg 1 client, duplicate, {label} in ledger",
+            "dup": f"guard, pg 1 client, duplicate seen done before (a retry), {label} in ledger",
+            "cold": f"guard, pg 1 client, duplicate seen for the first time, {label} in ledger",
             "read": f"raw psycopg SELECT of the stored row by primary key, {label} in ledger",
         }[kind]
         results.append(
@@ -591,7 +592,7 @@ def sizes(t: Target, settings: Settings, progress: Callable[[str], None]) -> lis
                 what,
                 "us/call",
                 values,
-                n_dup if kind in ("dup", "read") else n_first,
+                n_dup if kind in ("dup", "cold", "read") else n_first,
                 len(values),
                 "synchronous_commit=on",
                 group=group,
@@ -611,7 +612,9 @@ def _measure_sizes(
     chunks = 10
     warm = 50
     out: dict[str, list[float]] = {
-        f"pg.size.{tag}.{kind}": [] for tag in live for kind in ("raw", "first", "dup", "read")
+        f"pg.size.{tag}.{kind}": []
+        for tag in live
+        for kind in ("raw", "first", "dup", "cold", "read")
     }
     for r in range(reps):
         with contextlib.ExitStack() as stack:
@@ -642,6 +645,21 @@ def _measure_sizes(
                 calls[f"pg.size.{tag}.dup"] = lambda i, g=g: g(
                     ours.tool, DUP_BASE + (i * 7919) % DUP_TARGETS
                 )
+                # A replay is a retry in the same process (the key seen done: one read)
+                # or the first sight of a done key (the claim): `dup` times the former
+                # (every target replayed once before the timing), `cold` the latter, on
+                # a second Guard that forgets what it has seen before each call.
+                for j in range(DUP_TARGETS):
+                    g(ours.tool, DUP_BASE + j)
+                cold = Guard(t.url, namespace=ns, quiet=True)
+                stack.callback(cold.close)
+                cold(ours.tool, NEW_BASE - 10**6)  # connect: setup
+
+                def first_sight(i: int, g: Any = cold) -> Any:
+                    g._done.clear()
+                    return g(ours.tool, DUP_BASE + (i * 7919) % DUP_TARGETS)
+
+                calls[f"pg.size.{tag}.cold"] = first_sight
                 dup_keys = [g.key_for(ours.tool, DUP_BASE + j) for j in range(DUP_TARGETS)]
 
                 def read(i: int, cur: Any = cur, ns: str = ns, keys: list[str] = dup_keys) -> None:
@@ -652,7 +670,7 @@ def _measure_sizes(
                 calls[f"pg.size.{tag}.read"] = read
             ran = ours.RUNS[0]
             for name, call in calls.items():
-                if not name.endswith((".dup", ".read")):
+                if not name.endswith((".dup", ".cold", ".read")):
                     for i in range(-warm, 0):
                         call(i)
             total = dict.fromkeys(calls, 0.0)
@@ -662,7 +680,7 @@ def _measure_sizes(
                     for k in calls
                     if k.endswith(f".{kind}")
                     or (kind == "first" and k.endswith(".raw"))
-                    or (kind == "dup" and k.endswith(".read"))
+                    or (kind == "dup" and k.endswith((".read", ".cold")))
                 ]
                 size = -(-n // chunks)
                 done = 0
@@ -678,7 +696,7 @@ def _measure_sizes(
                 if g(ours.tool, DUP_BASE + 3) != DUP_BASE + 3:
                     raise BenchError("the duplicate did not replay the stored result")
             for name, t_us in total.items():
-                n_name = n_dup if name.endswith((".dup", ".read")) else n_first
+                n_name = n_dup if name.endswith((".dup", ".cold", ".read")) else n_first
                 out[name].append(t_us / n_name)
         # The next repetition starts from the same ledgers: drop this one's new rows.
         for tag, t in live.items():

@@ -320,6 +320,8 @@ class Guard:
         self._gen = 0
         self._warned_unscoped = False
         self._stats = Stats()
+        #: Keys this Guard saw completed, (namespace, key): read before claiming again.
+        self._done: dict[tuple[str, str], None] = {}
         self._stats_lock = threading.Lock()
         self._hooks: dict[str, list[Callable[[Outcome], Any]]] = {
             "executed": [],
@@ -1087,11 +1089,35 @@ class Guard:
         whole call goes through the flow, inside its span."""
         if call.claimed is not None or self._observer is not None:
             return None
+        store = self.store
         try:
-            return replayed(call, self.store)
+            if not store.read_before_claim:
+                return replayed(call, store)
+            # A key this Guard has seen done (executed or replayed) is read before it is
+            # claimed: a retry's replay is then one read (see Store.read_before_claim).
+            done = self._done
+            seen = (call.namespace, call.key)
+            out = replayed(call, store, seen in done)
+            if out is not None:
+                if len(done) >= _DONE_KEYS:
+                    done.clear()  # bounded: the next replays claim first, once
+                done[seen] = None
+            return out
         except BaseException as err:
             self._after_error(call, err)
             raise
+
+    def _saw_done(self, outcome: Outcome) -> Outcome:
+        """Remember a completed key for :meth:`_replayed`'s read-first (server stores)."""
+        if (
+            outcome.decision in ("executed", "replayed", "reconciled")
+            and self.store.read_before_claim
+        ):
+            done = self._done
+            if len(done) >= _DONE_KEYS:
+                done.clear()
+            done[(outcome.namespace, outcome.key)] = None
+        return outcome
 
     def _execute(
         self,
@@ -1143,7 +1169,7 @@ class Guard:
             obs = self._observer
             if obs is not None:
                 return obs.run(call, run_sync, flow(call), store, execute, reconcile)
-            return run_sync(flow(call), store, execute, reconcile)
+            return self._saw_done(run_sync(flow(call), store, execute, reconcile))
         except BaseException as err:
             self._after_error(call, err)
             raise
@@ -1512,6 +1538,9 @@ class Guard:
             except Exception:  # a hook must never turn a done effect into an error
                 log.exception("onceonly %s hook %r failed", kind, hook)
 
+
+#: How many completed keys a Guard remembers for reading before claiming.
+_DONE_KEYS = 1024
 
 _MARKS = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}
 

@@ -373,12 +373,21 @@ FINISH_RETRIES = (0.05, 0.2, 0.5, 1.0)
 Op = StoreOp | Sleep | Execute | Reconcile
 
 
-def replayed(call: Call, store: Store) -> Outcome | None:
+def replayed(call: Call, store: Store, read_first: bool = False) -> Outcome | None:
     """The flow's first step, flat, for the sync hot path: claim the key; when the record
     found is one to replay, the replay's Outcome (no generator, no driver); otherwise
     None, with the record left in ``call.claimed`` for :func:`flow` to go on from.
     The decision is :func:`decide`'s, as in the flow; a claim that fails raises as it
-    would there (before anything ran)."""
+    would there (before anything ran).
+
+    ``read_first``: read the record before claiming (a key the caller has seen done, on
+    a store whose claim costs more than a read): a record to replay is replayed from the
+    read, as it would be from the claim's (a claim of a held key changes nothing); any
+    other record, or none, and the claim runs as usual."""
+    if read_first and not call.force:
+        seen = store.get(call.namespace, call.key)
+        if seen is not None and decide(seen, call.opts, call.digest) == REPLAY:
+            return _replay(call, seen)
     rec = call.claimed = store.claim(call.namespace, call.key, call.new)
     if (
         rec is not None

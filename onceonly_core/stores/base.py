@@ -147,6 +147,13 @@ class Store(abc.ABC):
     #: The backend's name: ``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``.
     kind: str = "custom"
 
+    #: True when :meth:`claim` of a held key costs the server more than :meth:`get`
+    #: (PostgreSQL's claim is an insert attempt and a read, MySQL's an insert that fails
+    #: and a read): a guard then reads first for the keys it has itself seen completed,
+    #: so that a retry's replay is one read. Others claim first (SQLite's claim reads
+    #: first anyway; the memory and Redis stores answer both in one step).
+    read_before_claim: bool = False
+
     #: The longest namespace this store holds (remote mode's is shorter: the server puts
     #: the tenant in front of it).
     max_namespace: int = MAX_NAMESPACE

@@ -1102,6 +1102,7 @@ class PostgresStore(SQLStore):
     statement (a CTE), one round trip; the server's clock."""
 
     kind = "postgresql"
+    read_before_claim = True
     _CLAIM = _PG_CLAIM
     _CLAIM_DONE = _PG_CLAIM_DONE
     _to_record = staticmethod(_exact_record)  # psycopg: float8, bigint, text as typed
@@ -1158,6 +1159,7 @@ class MySQLStore(SQLStore):
     The server's clock, read in UTC."""
 
     kind = "mysql"
+    read_before_claim = True
     _DRIVER = ("pymysql", "mysql", "PyMySQL")
 
     def claim_with(

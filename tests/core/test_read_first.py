@@ -1,0 +1,126 @@
+"""A retry's replay on a server database is one read (Store.read_before_claim).
+
+PostgreSQL's claim is an insert attempt and a read, MySQL's an insert that fails and a
+read; for a key the Guard has itself seen completed, the replay reads first. What must
+hold: a record that is not one to replay (cleared, expired, running) still goes through
+the claim, so the rules of docs/guarantees.md are unchanged; a key the Guard has not
+seen is claimed first, as before; SQLite (whose claim reads first anyway) is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from onceonly_core import Guard
+
+
+def pay(order: str) -> dict[str, str]:
+    RUNS.append(order)
+    return {"paid": order}
+
+
+RUNS: list[str] = []
+
+
+def _spy(g: Guard) -> list[str]:
+    """Record the ledger primitives the guard calls (the store's own inner calls too)."""
+    store: Any = g.store
+    ops: list[str] = []
+    for name in ("get", "claim", "finish", "take_over"):
+        real = getattr(store, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            ops.append(_name)
+            return _real(*args, **kwargs)
+
+        setattr(store, name, spy)
+    return ops
+
+
+@pytest.fixture(autouse=True)
+def _runs() -> None:
+    RUNS.clear()
+
+
+def test_a_retry_s_replay_reads_instead_of_claiming(db_url: str, namespace: str) -> None:
+    g = Guard(db_url, namespace=namespace, quiet=True)
+    try:
+        # The server databases read first; SQLite's claim is a read first already.
+        assert g.store.read_before_claim is (not db_url.startswith("sqlite"))
+        ops = _spy(g)
+        assert g(pay, "o-1") == {"paid": "o-1"}
+        ops.clear()
+        assert g(pay, "o-1") == {"paid": "o-1"}  # a retry in the same process
+        if g.store.read_before_claim:
+            assert ops == ["get"]
+        else:
+            assert ops[0] == "claim"
+        assert RUNS == ["o-1"]
+        assert g.stats()["replayed"] == 1
+
+        # Another Guard (another worker) has not seen the key: it claims first.
+        other = Guard(db_url, namespace=namespace, quiet=True)
+        try:
+            other_ops = _spy(other)
+            assert other(pay, "o-1") == {"paid": "o-1"}
+            assert other_ops[0] == "claim"
+            other_ops.clear()
+            assert other(pay, "o-1") == {"paid": "o-1"}  # now it has
+            if other.store.read_before_claim:
+                assert other_ops == ["get"]
+        finally:
+            other.close()
+        assert RUNS == ["o-1"]
+    finally:
+        g.close()
+
+
+def test_a_seen_key_cleared_elsewhere_runs_again(db_url: str, namespace: str) -> None:
+    # The read finds a cleared record: not one to replay, so the claim runs, takes the
+    # key over and the tool runs, exactly as without the read.
+    g = Guard(db_url, namespace=namespace, quiet=True)
+    other = Guard(db_url, namespace=namespace, quiet=True)
+    try:
+        assert g(pay, "o-2") == {"paid": "o-2"}
+        assert other.clear(g.key_for(pay, "o-2"))
+        ops = _spy(g)
+        assert g(pay, "o-2") == {"paid": "o-2"}
+        assert RUNS == ["o-2", "o-2"]
+        if g.store.read_before_claim:
+            assert ops[:2] == ["get", "claim"] and "take_over" in ops
+        assert g(pay, "o-2") == {"paid": "o-2"}  # and replays again
+        assert RUNS == ["o-2", "o-2"]
+    finally:
+        g.close()
+        other.close()
+
+
+def test_an_expired_seen_key_is_taken_over(db_url: str, namespace: str) -> None:
+    g = Guard(db_url, namespace=namespace, quiet=True)
+    try:
+        once = g.using(ttl=0.05)
+        assert once(pay, "o-3") == {"paid": "o-3"}
+        time.sleep(0.3)  # the result expires (on the ledger's clock)
+        ops = _spy(g)
+        assert once(pay, "o-3") == {"paid": "o-3"}  # read, not replayable: claimed, runs
+        assert RUNS == ["o-3", "o-3"]
+        if g.store.read_before_claim:
+            assert ops[:2] == ["get", "claim"] and "take_over" in ops
+    finally:
+        g.close()
+
+
+def test_forced_calls_never_read_first(db_url: str, namespace: str) -> None:
+    g = Guard(db_url, namespace=namespace, quiet=True)
+    try:
+        assert g(pay, "o-4") == {"paid": "o-4"}
+        ops = _spy(g)
+        assert g.force(pay, "o-4") == {"paid": "o-4"}
+        assert RUNS == ["o-4", "o-4"]
+        if g.store.read_before_claim:
+            assert ops[0] == "claim"
+    finally:
+        g.close()
