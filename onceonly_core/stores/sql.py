@@ -306,6 +306,7 @@ class SQLStore(Store):
         # Up to pool_size threads keep a connection pinned; others check one out per
         # statement, so a large thread pool never waits for a pinned connection.
         self._pins: ThreadPins[Any] = ThreadPins(pool_size)
+        self._cursors = threading.local()  # .conn, .cursor: a pinned connection's cursor
         self._open(pool_size, connect_timeout)
 
     # -- connections (a database server; SQLiteStore overrides) -------------------------
@@ -372,10 +373,20 @@ class SQLStore(Store):
         pinned = self._pins.get(self._checkout)
         conn = pinned if pinned is not None else self._checkout()
         try:
-            cur = conn.cursor()
-            out = work(cur)
-            cur.close()
-            return out
+            if pinned is None:
+                cur = conn.cursor()
+                out = work(cur)
+                cur.close()
+                return out
+            # A pinned connection keeps one cursor for its thread: psycopg builds its
+            # adapters' Transformer per cursor, ~14 us per statement measured. Cached by
+            # connection: after a driver error the thread pins a new one, and a new cursor.
+            held = self._cursors
+            cur = getattr(held, "cursor", None)
+            if cur is None or held.conn is not conn:
+                cur = held.cursor = conn.cursor()
+                held.conn = conn
+            return work(cur)
         except self._integrity:
             raise
         except self._dbapi_error as err:

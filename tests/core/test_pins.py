@@ -115,3 +115,27 @@ def _is_closed(dbapi: object) -> bool:
     if isinstance(closed, bool):
         return closed
     return not dbapi.open  # type: ignore[attr-defined]  # PyMySQL
+
+
+def test_a_pinned_connection_keeps_one_cursor(store: SQLStore, namespace: str) -> None:
+    # psycopg builds a Transformer per cursor (~14 us a statement): a thread's pinned
+    # connection keeps one; a new pin (after a driver error, or a new thread) gets its own.
+    assert store.claim(namespace, "a", NEW).mine
+    first = store._cursors.cursor
+    assert store.get(namespace, "a") is not None
+    assert store.claim(namespace, "b", NEW).mine
+    assert store._cursors.cursor is first
+    store._pins.drop()  # what a driver error does (after invalidating the connection)
+    gc.collect()
+    assert store.get(namespace, "b") is not None
+    assert store._cursors.cursor is not first
+    got: list[object] = []
+
+    def other() -> None:
+        store.get(namespace, "a")
+        got.append(store._cursors.cursor)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert got and got[0] is not store._cursors.cursor  # per thread
