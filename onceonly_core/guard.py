@@ -1095,13 +1095,9 @@ class Guard:
                 return replayed(call, store)
             # A key this Guard has seen done (executed or replayed) is read before it is
             # claimed: a retry's replay is then one read (see Store.read_before_claim).
-            done = self._done
-            seen = (call.namespace, call.key)
-            out = replayed(call, store, seen in done)
+            out = replayed(call, store, (call.namespace, call.key) in self._done)
             if out is not None:
-                if len(done) >= _DONE_KEYS:
-                    done.clear()  # bounded: the next replays claim first, once
-                done[seen] = None
+                self._remember(out)
             return out
         except BaseException as err:
             self._after_error(call, err)
@@ -1113,11 +1109,14 @@ class Guard:
             outcome.decision in ("executed", "replayed", "reconciled")
             and self.store.read_before_claim
         ):
-            done = self._done
-            if len(done) >= _DONE_KEYS:
-                done.clear()
-            done[(outcome.namespace, outcome.key)] = None
+            self._remember(outcome)
         return outcome
+
+    def _remember(self, outcome: Outcome) -> None:
+        done = self._done
+        if len(done) >= _DONE_KEYS:
+            done.clear()  # bounded: forgotten together; their next replays claim first
+        done[(outcome.namespace, outcome.key)] = None
 
     def _execute(
         self,
@@ -1539,7 +1538,8 @@ class Guard:
                 log.exception("onceonly %s hook %r failed", kind, hook)
 
 
-#: How many completed keys a Guard remembers for reading before claiming.
+#: At most this many completed keys a Guard remembers for reading before claiming
+#: (all forgotten at once when full).
 _DONE_KEYS = 1024
 
 _MARKS = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}

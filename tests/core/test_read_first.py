@@ -9,6 +9,7 @@ seen is claimed first, as before; SQLite (whose claim reads first anyway) is unc
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -124,3 +125,17 @@ def test_forced_calls_never_read_first(db_url: str, namespace: str) -> None:
             assert ops[0] == "claim"
     finally:
         g.close()
+
+
+def test_the_keys_remembered_are_bounded(namespace: str) -> None:
+    # The read-first memory is per Guard and bounded (guard._DONE_KEYS): a long-lived
+    # worker does not grow it without end.
+    guard_module = importlib.import_module("onceonly_core.guard")
+
+    g = Guard("memory://", namespace=namespace, quiet=True)
+    g.store.read_before_claim = True  # type: ignore[misc]  # as a server store
+    for i in range(guard_module._DONE_KEYS + 10):
+        g(pay, f"k{i}")
+    assert 0 < len(g._done) <= guard_module._DONE_KEYS
+    assert g(pay, f"k{guard_module._DONE_KEYS + 9}") == {"paid": f"k{guard_module._DONE_KEYS + 9}"}
+    assert len(RUNS) == guard_module._DONE_KEYS + 10  # the replay ran nothing
