@@ -29,11 +29,12 @@ Locks are taken in one order everywhere: hold rows, the chain head, the counters
 
 Isolation: PostgreSQL READ COMMITTED with ``SELECT … FOR UPDATE`` row locks; MySQL and
 MariaDB READ COMMITTED (no gap locks, so concurrent holds of one agent do not deadlock
-on the reservations index); SQLite ``BEGIN IMMEDIATE`` (one writer at a time). A
-deadlock or serialization failure is retried a few times with backoff. A lost connection
-(a database restart) is retried on a fresh connection for up to ``RECONNECT_FOR`` seconds,
-which is why the primitives are idempotent (see ``GovStore._tx``; a timeline event may be
-posted twice after a lost reply, a webhook is added by an operator and not retried);
+on the holds' key, tenant + agent + id: their only index since revision 0005); SQLite
+``BEGIN IMMEDIATE`` (one writer at a time). A deadlock or serialization failure is
+retried a few times with backoff. A lost connection (a database restart) is retried on a
+fresh connection for up to ``RECONNECT_FOR`` seconds, which is why the primitives are
+idempotent (see ``GovStore._tx``; a timeline event may be posted twice after a lost
+reply, a webhook is added by an operator and not retried);
 there is no ``pool_pre_ping`` round trip on checkout.
 
 A governed call is two transactions, ``begin`` and ``settle``, whose statements are
@@ -795,10 +796,8 @@ class GovStore(GovernanceStore):
         def run(conn: sa.Connection, now: float) -> Reservation:
             who = {"t": tenant, "a": agent_id}
             keys = sorted({(w.metric, w.window) for w in wants})
-            if (
-                self._rerun
-                and conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None
-            ):
+            mine = sa.and_(r.c.tenant == tenant, r.c.agent_id == agent_id, r.c.id == rid)
+            if self._rerun and conn.execute(sa.select(r.c.id).where(mine)).first() is not None:
                 # The first attempt committed and only its reply was lost.
                 used = self._lock_counters(conn, tenant, agent_id, keys)
                 return Reservation(True, rid, None, 0, now, used)
@@ -1250,7 +1249,8 @@ class GovStore(GovernanceStore):
                 locked = [found[k] for k in keys]
             if self._rerun:
                 r = S.reservations
-                if conn.execute(sa.select(r.c.id).where(r.c.id == rid)).first() is not None:
+                mine = sa.and_(r.c.tenant == tenant, r.c.agent_id == agent_id, r.c.id == rid)
+                if conn.execute(sa.select(r.c.id).where(mine)).first() is not None:
                     # The first attempt committed and only its reply was lost (its
                     # claim with it: the record it claimed is ours).
                     used = self._lock_counters(conn, tenant, agent_id, keys)
@@ -1477,7 +1477,7 @@ class GovStore(GovernanceStore):
         q = (
             sa.select(r.c.id, r.c.agent_id, r.c.audit)
             .where(r.c.tenant == tenant, r.c.lease_until < now)
-            .order_by(r.c.id)
+            .order_by(r.c.agent_id, r.c.id)  # the key's order: the order rows are locked in
             .with_for_update()
         )
         if agent_id is not None:
@@ -1485,7 +1485,12 @@ class GovStore(GovernanceStore):
         expired = conn.execute(q).all()
         if not expired:
             return 0
-        conn.execute(sa.delete(r).where(r.c.id.in_([e.id for e in expired])))
+        conn.execute(
+            sa.delete(r).where(
+                r.c.tenant == tenant,
+                sa.tuple_(r.c.agent_id, r.c.id).in_([(e.agent_id, e.id) for e in expired]),
+            )
+        )
         for e in sorted(expired, key=lambda e: (e.agent_id, e.id)):
             if e.audit:
                 entry = json.loads(e.audit)
@@ -1685,7 +1690,7 @@ class GovStore(GovernanceStore):
             row = conn.execute(sa.select(r.c.amounts).where(mine).with_for_update()).first()
             if row is None:
                 return False  # swept as spent (and audited) meanwhile: that stands
-            conn.execute(sa.delete(r).where(r.c.id == rid))
+            conn.execute(sa.delete(r).where(mine))
             # Lock order everywhere: hold rows, then the chain head, then the counters
             # (reserve's sweep takes them in that order too): no deadlock between them.
             if audit is not None:
@@ -1699,6 +1704,8 @@ class GovStore(GovernanceStore):
         r = S.reservations
 
         def run(conn: sa.Connection, now: float) -> bool:
+            # By id alone: a scan of the holds in flight (the key leads with tenant and
+            # agent, which this primitive is not given; nothing on the call path uses it).
             res = conn.execute(sa.update(r).where(r.c.id == rid).values(lease_until=now + lease))
             return bool(res.rowcount)
 

@@ -8,7 +8,6 @@ message and exit status 1, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -30,6 +29,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
 import onceonly_core.cli.app as cli_app
+from _services import fresh_database
 from onceonly_core import Guard
 from onceonly_core.cli import build_app
 from onceonly_core.stores.base import NewClaim
@@ -428,25 +428,6 @@ def test_password_is_not_echoed() -> None:
 
 
 # -- server databases: a new database has no schema until `onceonly migrate` --------------
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty database on the test server (dropped afterwards)."""
-    name = f"oo_cli_{uuid.uuid4().hex[:10]}"
-    base = sa.make_url(server_url)
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            force = " WITH (FORCE)" if base.get_backend_name() == "postgresql" else ""
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE {name}{force}"))
-    finally:
-        admin.dispose()
-
-
 def _missing_schema_then_migrate(url: str) -> None:
     shown = sa.make_url(url).render_as_string(hide_password=True)
     for command in ("show", "stats"):

@@ -3,11 +3,8 @@ to fix, and never creates or migrates anything; on SQLite, PostgreSQL and MariaD
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ pytest.importorskip("rich")
 import sqlalchemy as sa
 from typer.testing import CliRunner, Result
 
+from _services import fresh_database
 from onceonly_core import Guard
 from onceonly_core.cli import build_app
 from onceonly_core.stores.schema import HEAD
@@ -114,25 +112,6 @@ def test_an_unreachable_server_is_red() -> None:
 
 
 # -- server databases ------------------------------------------------------------------
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty database on the test server (dropped afterwards)."""
-    name = f"oo_doc_{uuid.uuid4().hex[:10]}"
-    base = sa.make_url(server_url)
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            force = " WITH (FORCE)" if base.get_backend_name() == "postgresql" else ""
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE {name}{force}"))
-    finally:
-        admin.dispose()
-
-
 @pytest.fixture(params=["pg", "mysql"])
 def server_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("pg_url" if request.param == "pg" else "mysql_url"))

@@ -4,7 +4,6 @@ dashboard, the demo), real databases for the server cases."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -12,13 +11,12 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from _services import fresh_database
 from onceonly_core import Guard
 from onceonly_core.errors import ConfigError, MissingExtraError, SchemaError
 
@@ -215,25 +213,6 @@ def test_worker_names_a_handler_it_cannot_load(tmp_path: Path) -> None:
 
 
 # -- the demo never migrates a server database ------------------------------------------
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, empty database on the test server (dropped afterwards)."""
-    name = f"oo_first_{uuid.uuid4().hex[:10]}"
-    base = sa.make_url(server_url)
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            force = " WITH (FORCE)" if base.get_backend_name() == "postgresql" else ""
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE {name}{force}"))
-    finally:
-        admin.dispose()
-
-
 def _tables(url: str) -> list[str]:
     engine = sa.create_engine(url, poolclass=sa.NullPool)
     try:

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import onceonly_core
+from _services import fresh_database
 from onceonly_core import SchemaError
 from onceonly_core.stores import schema
 from onceonly_core.stores.sql import SQLStore
@@ -103,3 +105,88 @@ def test_without_auto_migrate_a_missing_schema_is_a_clear_error(tmp_path: Path) 
     with pytest.raises(SchemaError, match="migrate"):
         store.get("ns", "k")
     store.close()
+
+
+# -- revision 0005: budget holds keyed by (tenant, agent, id) ------------------------------
+# Alembic's comparison does not look at primary keys or SQLite's WITHOUT ROWID: checked here.
+HOLDS = schema.reservations.name
+
+
+def holds_shape(url: str) -> tuple[list[str], list[str], bool | None]:
+    """The holds table's key columns, its index names and (SQLite) whether it has a rowid."""
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    try:
+        inspector = sa.inspect(engine)
+        key = inspector.get_pk_constraint(HOLDS)["constrained_columns"]
+        indexes = sorted(str(i["name"]) for i in inspector.get_indexes(HOLDS))
+        rowid = None
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                sql = conn.execute(
+                    sa.text("SELECT sql FROM sqlite_master WHERE name = :n"), {"n": HOLDS}
+                ).scalar_one()
+            rowid = "WITHOUT ROWID" not in sql.upper()
+        return list(key), indexes, rowid
+    finally:
+        engine.dispose()
+
+
+def test_holds_are_keyed_by_tenant_agent_and_id(migrated: SQLStore) -> None:
+    key, indexes, rowid = holds_shape(migrated.url.render_as_string(hide_password=False))
+    assert key == ["tenant", "agent_id", "id"]
+    assert indexes == []  # the key is the only index
+    assert rowid in (None, False)  # SQLite: the table is the key's b-tree
+
+
+@pytest.fixture(params=["sqlite", "pg", "mysql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: a new SQLite file, or a new database on the test server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/holds.db"
+        return
+    server = request.getfixturevalue("pg_url" if request.param == "pg" else "mysql_url")
+    with fresh_database(str(server)) as url:
+        yield url
+
+
+def test_revision_0005_keeps_the_holds_in_flight_both_ways(empty_url: str) -> None:
+    store = SQLStore(empty_url, auto_migrate=False)
+    try:
+        store.migrate("0004")
+        assert holds_shape(empty_url) == (
+            ["id"],
+            ["ix_onceonly_reservations_agent"],
+            None if "sqlite" not in empty_url else True,
+        )
+        cols = ("id", "tenant", "agent_id", "namespace", "idem_key", "amounts", "lease_until")
+        rows = [
+            (f"h{i}", "t", f"agent-{i % 2}", "ns", f"k{i}", '[["spend", 0, 5]]', 100.0 + i)
+            for i in range(3)
+        ]
+        insert = sa.text(
+            f"INSERT INTO {HOLDS} ({', '.join(cols)}, created_at, audit)"
+            f" VALUES ({', '.join(':' + c for c in cols)}, 1.0, '{{}}')"
+        )
+        with store.engine().begin() as conn:
+            conn.execute(insert, [dict(zip(cols, r, strict=True)) for r in rows])
+
+        def held() -> list[tuple[Any, ...]]:
+            q = f"SELECT {', '.join(cols)} FROM {HOLDS} ORDER BY id"
+            with store.engine().connect() as conn:
+                found = conn.execute(sa.text(q))
+                return [tuple(v.decode() if isinstance(v, bytes) else v for v in r) for r in found]
+
+        store.migrate()  # up to 0005: every hold in flight is still there
+        assert holds_shape(empty_url)[:2] == (["tenant", "agent_id", "id"], [])
+        assert held() == rows
+        assert diff(store, schema.metadata) == []
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with store.engine().begin() as conn:  # and back down: the holds survive that too
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0004")
+        assert holds_shape(empty_url)[:2] == (["id"], ["ix_onceonly_reservations_agent"])
+        assert held() == rows
+    finally:
+        store.close()
