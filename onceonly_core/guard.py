@@ -49,6 +49,7 @@ from .protocol import (
     Ran,
     decide,
     flow,
+    replay_of,
     replayed,
     run_async,
     run_sync,
@@ -1209,7 +1210,20 @@ class Guard:
             obs = self._observer
             if obs is not None:
                 return await obs.arun(call, run_async, flow(call), store, execute, reconcile)
-            return await run_async(flow(call), store, execute, reconcile)
+            if (
+                store.read_before_claim
+                and not call.force
+                and call.claimed is None
+                and (call.namespace, call.key) in self._done
+            ):
+                # A retry of a key this Guard has seen done: one read (in a worker thread,
+                # as every blocking primitive), and the replay from it; anything else goes
+                # on to the claim (see Store.read_before_claim). A read needs no shield: a
+                # cancellation leaves nothing behind.
+                out = replay_of(call, await asyncio.to_thread(store.get, call.namespace, call.key))
+                if out is not None:
+                    return self._saw_done(out)
+            return self._saw_done(await run_async(flow(call), store, execute, reconcile))
         except BaseException as err:
             self._after_error(call, err)
             raise

@@ -385,9 +385,9 @@ def replayed(call: Call, store: Store, read_first: bool = False) -> Outcome | No
     read, as it would be from the claim's (a claim of a held key changes nothing); any
     other record, or none, and the claim runs as usual."""
     if read_first and not call.force:
-        seen = store.get(call.namespace, call.key)
-        if seen is not None and decide(seen, call.opts, call.digest) == REPLAY:
-            return _replay(call, seen)
+        out = replay_of(call, store.get(call.namespace, call.key))
+        if out is not None:
+            return out
     rec = call.claimed = store.claim(call.namespace, call.key, call.new)
     if (
         rec is not None
@@ -396,6 +396,14 @@ def replayed(call: Call, store: Store, read_first: bool = False) -> Outcome | No
         and decide(rec, call.opts, call.digest) == REPLAY
     ):
         return _replay(call, rec)
+    return None
+
+
+def replay_of(call: Call, seen: Record | None) -> Outcome | None:
+    """The replay of a record read before any claim (``read_first``), when :func:`decide`
+    says to replay it; None for any other record, or none: the claim decides then."""
+    if seen is not None and decide(seen, call.opts, call.digest) == REPLAY:
+        return _replay(call, seen)
     return None
 
 

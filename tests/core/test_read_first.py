@@ -9,6 +9,7 @@ seen is claimed first, as before; SQLite (whose claim reads first anyway) is unc
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
 from typing import Any
@@ -139,3 +140,56 @@ def test_the_keys_remembered_are_bounded(namespace: str) -> None:
     assert 0 < len(g._done) <= guard_module._DONE_KEYS
     assert g(pay, f"k{guard_module._DONE_KEYS + 9}") == {"paid": f"k{guard_module._DONE_KEYS + 9}"}
     assert len(RUNS) == guard_module._DONE_KEYS + 10  # the replay ran nothing
+
+
+# -- async calls: the same read first, in a worker thread --------------------------------------
+async def apay(order: str) -> dict[str, str]:
+    RUNS.append(order)
+    return {"paid": order}
+
+
+def test_an_async_retry_s_replay_reads_instead_of_claiming(db_url: str, namespace: str) -> None:
+    async def main() -> None:
+        g = Guard(db_url, namespace=namespace, quiet=True)
+        other = Guard(db_url, namespace=namespace, quiet=True)
+        try:
+            ops = _spy(g)
+            assert await g(apay, "a-1") == {"paid": "a-1"}
+            assert ops[0] == "claim"  # not seen yet: claimed first
+            ops.clear()
+            assert await g(apay, "a-1") == {"paid": "a-1"}  # a retry in the same process
+            assert ops[0] == ("get" if g.store.read_before_claim else "claim")
+            assert ops == ["get"] or not g.store.read_before_claim  # SQLite's claim reads
+            other_ops = _spy(other)
+            assert await other(apay, "a-1") == {"paid": "a-1"}  # another worker claims
+            assert other_ops[0] == "claim"
+            assert RUNS == ["a-1"]
+            assert g.stats()["replayed"] == 1
+        finally:
+            g.close()
+            other.close()
+
+    asyncio.run(main())
+
+
+def test_an_async_retry_of_a_key_cleared_elsewhere_runs_again(db_url: str, namespace: str) -> None:
+    async def main() -> None:
+        g = Guard(db_url, namespace=namespace, quiet=True)
+        other = Guard(db_url, namespace=namespace, quiet=True)
+        try:
+            assert await g(apay, "a-2") == {"paid": "a-2"}
+            assert other.clear(g.key_for(apay, "a-2"))
+            ops = _spy(g)
+            assert await g(apay, "a-2") == {"paid": "a-2"}  # read: cleared, so claimed
+            assert RUNS == ["a-2", "a-2"]
+            if g.store.read_before_claim:
+                assert ops[:2] == ["get", "claim"] and "take_over" in ops
+            ops.clear()
+            assert await g.force(apay, "a-2") == {"paid": "a-2"}  # forced: never a read
+            assert ops[0] == "claim"
+            assert RUNS == ["a-2", "a-2", "a-2"]
+        finally:
+            g.close()
+            other.close()
+
+    asyncio.run(main())
