@@ -74,6 +74,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("onceonly")
+# The audited arguments' JSON (json.dumps(..., sort_keys=True)), built once: json.dumps
+# with any non-default option builds a new JSONEncoder per call.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -1330,7 +1333,7 @@ class Guard:
             # not an argument worth auditing either.
             skip = set(spec.opts.exclude)
             shown = {k: v for k, v in bound.items() if k not in skip}
-            redacted = json.dumps(self.gov.redactor.redact(shown), sort_keys=True)
+            redacted = _SORTED_JSON.encode(self.gov.redactor.redact(shown))
 
         def would_replay(rec: Record) -> bool:
             assert call is not None
@@ -1489,7 +1492,7 @@ class Guard:
             namespace=self.current_namespace(),
             key=None,
             args_digest=None,
-            args_json=json.dumps(self.gov.redactor.redact(dict(args or {})), sort_keys=True),
+            args_json=_SORTED_JSON.encode(self.gov.redactor.redact(dict(args or {}))),
             spend_usd=None,
             run_id=_label(run_id, "run id") or _run_id.get(),
             lease=self._defaults.lease,

@@ -159,7 +159,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         markers.update(mark for name, mark in _SERVICE_FIXTURES.items() if name in fixturenames)
         callspec = getattr(item, "callspec", None)
         if callspec is not None:
-            for fixture in ("db_url", "any_url", "store_url", "gov_url"):
+            for fixture in ("db_url", "any_url", "store_url", "gov_url", "empty_url"):
                 backend = callspec.params.get(fixture)
                 if backend in _SERVICE_PARAMS:
                     markers.add(_SERVICE_PARAMS[backend])

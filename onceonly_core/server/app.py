@@ -822,10 +822,12 @@ def create_app(
         return tool_result_json(res)
 
     @app.get("/v1/ai/status")
+    @inline_when_alone()  # one read of the ledger (a client polling its job)
     def ai_status(key: Annotated[str, Query(min_length=1, max_length=255)], k: Auth) -> Any:
         return cp.status(k.tenant, key)
 
     @app.get("/v1/ai/result")
+    @inline_when_alone()  # one or two reads of the ledger
     def ai_result(key: Annotated[str, Query(min_length=1, max_length=255)], k: Auth) -> Any:
         return cp.result(k.tenant, key)
 

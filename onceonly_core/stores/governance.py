@@ -91,10 +91,14 @@ DecideClaim = Callable[
 ]
 
 
+# Built once: json.dumps with any non-default option builds a new JSONEncoder per call.
+_CHAIN_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def chain_body(fields: dict[str, Any]) -> str:
     """The row's canonical JSON, as :func:`chain_hash` hashes it (the PostgreSQL store
     sends it to the server to hash there: one serialization for both)."""
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CHAIN_JSON.encode(fields)
 
 
 def chain_hash(prev: str, fields: dict[str, Any]) -> str:

@@ -222,8 +222,9 @@ def test_a_sync_route_takes_one_trip_to_the_thread_pool(
 def test_alone_a_check_lock_or_a_job_lease_runs_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With no other request in progress, /v1/check-lock and a key-mode /v1/ai/run skip
-    the thread pool; a tool run (any length) and the unmarked routes never do."""
+    """With no other request in progress, /v1/check-lock, a key-mode /v1/ai/run and the
+    job's /v1/ai/status and /v1/ai/result skip the thread pool; a tool run (any length)
+    and the unmarked routes never do."""
     from fastapi.testclient import TestClient
 
     from onceonly_core.server import create_app
@@ -241,6 +242,10 @@ def test_alone_a_check_lock_or_a_job_lease_runs_on_the_event_loop(
             assert r.json()["status"] == "duplicate", r.text
             r = http.post("/v1/ai/run", headers=auth, json={"key": "job-1", "ttl": 60})
             assert r.status_code == 200 and r.json()["status"] == "acquired", r.text
+            r = http.get("/v1/ai/status", headers=auth, params={"key": "job-1"})
+            assert r.status_code == 200 and r.json()["status"] == "in_progress", r.text
+            r = http.get("/v1/ai/result", headers=auth, params={"key": "job-1"})
+            assert r.status_code == 200 and r.json()["ok"] is False, r.text
             assert hops == [], hops
             r = http.post("/v1/ai/run", headers=auth, json={"agent_id": "bot", "tool": "nope"})
             assert r.status_code == 200 and hops == ["ai_run"], (r.text, hops)

@@ -56,6 +56,13 @@ def _sqlite_rebuild(key: sa.PrimaryKeyConstraint, rowid: bool) -> None:
     op.rename_table(f"{_T}_new", _T)
 
 
+def _shape() -> tuple[list[str], set[str]]:
+    """The holds table's key columns and index names, as the database has them now."""
+    inspector = sa.inspect(op.get_bind())
+    key = list(inspector.get_pk_constraint(_T)["constrained_columns"])
+    return key, {str(i["name"]) for i in inspector.get_indexes(_T)}
+
+
 def upgrade() -> None:
     name = op.get_bind().dialect.name
     if name == "sqlite":
@@ -65,25 +72,35 @@ def upgrade() -> None:
             rowid=False,
         )
         return
-    op.drop_index("ix_onceonly_reservations_agent", table_name=_T)
-    if name == "postgresql":
-        op.execute(
-            f"ALTER TABLE {_T} DROP CONSTRAINT onceonly_reservations_pkey,"
-            " ADD CONSTRAINT pk_onceonly_reservations PRIMARY KEY (tenant, agent_id, id)"
-        )
-    else:  # MySQL / MariaDB: one rebuild of the clustered index
-        op.execute(f"ALTER TABLE {_T} DROP PRIMARY KEY, ADD PRIMARY KEY (tenant, agent_id, id)")
+    # Each step checks first: MariaDB's DDL is not transactional, so a run interrupted
+    # half-way is finished by running it again.
+    key, indexes = _shape()
+    if key == ["id"]:
+        if name == "postgresql":
+            op.execute(
+                f"ALTER TABLE {_T} DROP CONSTRAINT onceonly_reservations_pkey,"
+                " ADD CONSTRAINT pk_onceonly_reservations PRIMARY KEY (tenant, agent_id, id)"
+            )
+        else:  # MySQL / MariaDB: one rebuild of the clustered index
+            op.execute(f"ALTER TABLE {_T} DROP PRIMARY KEY, ADD PRIMARY KEY (tenant, agent_id, id)")
+    if "ix_onceonly_reservations_agent" in indexes:
+        op.drop_index("ix_onceonly_reservations_agent", table_name=_T)
 
 
 def downgrade() -> None:
     name = op.get_bind().dialect.name
     if name == "sqlite":
         _sqlite_rebuild(sa.PrimaryKeyConstraint("id"), rowid=True)
-    elif name == "postgresql":
-        op.execute(
-            f"ALTER TABLE {_T} DROP CONSTRAINT pk_onceonly_reservations,"
-            " ADD CONSTRAINT onceonly_reservations_pkey PRIMARY KEY (id)"
-        )
-    else:
-        op.execute(f"ALTER TABLE {_T} DROP PRIMARY KEY, ADD PRIMARY KEY (id)")
-    op.create_index("ix_onceonly_reservations_agent", _T, ["tenant", "agent_id", "lease_until"])
+        op.create_index("ix_onceonly_reservations_agent", _T, ["tenant", "agent_id", "lease_until"])
+        return
+    key, indexes = _shape()
+    if "ix_onceonly_reservations_agent" not in indexes:
+        op.create_index("ix_onceonly_reservations_agent", _T, ["tenant", "agent_id", "lease_until"])
+    if key != ["id"]:
+        if name == "postgresql":
+            op.execute(
+                f"ALTER TABLE {_T} DROP CONSTRAINT pk_onceonly_reservations,"
+                " ADD CONSTRAINT onceonly_reservations_pkey PRIMARY KEY (id)"
+            )
+        else:
+            op.execute(f"ALTER TABLE {_T} DROP PRIMARY KEY, ADD PRIMARY KEY (id)")
