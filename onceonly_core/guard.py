@@ -1375,7 +1375,7 @@ class Guard:
             try:
                 if call is None or _reentrant(call):
                     return self._unledgered(spec, req, thunk())
-                extra = self._joined(op, call)
+                extra = self._joined(op, call, req.agent_id)
                 outcome = self._execute(call, thunk, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
@@ -1412,7 +1412,7 @@ class Guard:
             try:
                 if call is None or _reentrant(call):
                     return self._unledgered(spec, req, await _acall(thunk, is_async, None))
-                extra = self._joined(op, call)
+                extra = self._joined(op, call, req.agent_id)
                 outcome = await self._aexecute(call, thunk, is_async, bound, extra, seen)
             except Exception as err:
                 return _failure(err, call, seen)
@@ -1461,19 +1461,21 @@ class Guard:
         """The ledger record of this call, if any (is it a replay? then it costs nothing)."""
         return None if call is None else self.store.get(call.namespace, call.key)
 
-    def _joined(self, op: Inner | None, call: Call) -> Callable[[], Any] | None:
+    def _joined(self, op: Inner | None, call: Call, agent: str | None) -> Callable[[], Any] | None:
         """Hand the flow what the governed call's transactions did for it (the claim
         begin_claim made, the completion that settles the hold); the hold's extender."""
         if op is None:
             return None
         call.claimed, call.complete = op.claimed, op.complete
-        return self._extender(op.reservation, call)
+        return self._extender(op.reservation, call, agent)
 
-    def _extender(self, rid: str | None, call: Call) -> Callable[[], Any] | None:
-        """A heartbeat add-on that keeps a budget hold alive as long as the claim."""
-        return (
-            None if rid is None else functools.partial(self.gov.store.extend, rid, call.opts.lease)
-        )
+    def _extender(self, rid: str | None, call: Call, agent: str | None) -> Callable[[], Any] | None:
+        """A heartbeat add-on that keeps a budget hold alive as long as the claim (found
+        by its key: the tenant, the agent that reserved it, its id)."""
+        if rid is None or agent is None:
+            return None
+        gov = self.gov
+        return functools.partial(gov.store.extend_hold, gov.tenant, agent, rid, call.opts.lease)
 
     def _unledgered(self, spec: _Spec, req: Request, value: Any) -> tuple[str, Outcome]:
         """A read-only, unlimited or re-entrant call ran without a claim of its own."""

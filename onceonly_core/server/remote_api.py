@@ -224,9 +224,12 @@ def remote_router(cp: ControlPlane, auth: Callable[..., Any]) -> APIRouter:
         if "namespace" in a:
             a["namespace"] = server_ns(tenant, a["namespace"])
         if op == "extend":
-            mine = {h["id"] for h in store.pending_holds(tenant)}
+            mine = {h["id"]: h["agent_id"] for h in store.pending_holds(tenant)}
             if a["rid"] not in mine:
                 return False  # gone, or another tenant's: the same answer
+            # By its key (the tenant's holds just read name its agent): no scan of every
+            # tenant's holds in flight.
+            return store.extend_hold(tenant, mine[a["rid"]], a["rid"], a["lease"])
         if op in ("put_tool", "add_webhook"):
             url = a["values"].get("url")
             if url:

@@ -365,6 +365,13 @@ class GovernanceStore(abc.ABC):
     def extend(self, rid: str, lease: float) -> bool:
         """Move the hold's lease to now + ``lease`` (False if it is gone)."""
 
+    def extend_hold(self, tenant: str, agent_id: str, rid: str, lease: float) -> bool:
+        """:meth:`extend` for a hold whose tenant and agent the caller knows (the
+        heartbeat of the call that reserved it): a store keyed by them finds the hold
+        without a scan (the SQL stores, since revision 0005). A hold of another tenant
+        or agent is not extended (False). The default calls :meth:`extend`."""
+        return self.extend(rid, lease)
+
     @abc.abstractmethod
     def sweep(self, tenant: str, agent_id: str | None = None) -> int:
         """Settle every hold whose lease expired *as spent* (the tool may have run),

@@ -1705,8 +1705,20 @@ class GovStore(GovernanceStore):
 
         def run(conn: sa.Connection, now: float) -> bool:
             # By id alone: a scan of the holds in flight (the key leads with tenant and
-            # agent, which this primitive is not given; nothing on the call path uses it).
+            # agent, which this primitive is not given); the call path's heartbeat uses
+            # extend_hold, which has them.
             res = conn.execute(sa.update(r).where(r.c.id == rid).values(lease_until=now + lease))
+            return bool(res.rowcount)
+
+        return self._tx(run)
+
+    def extend_hold(self, tenant: str, agent_id: str, rid: str, lease: float) -> bool:
+        r = S.reservations
+        mine = sa.and_(r.c.tenant == tenant, r.c.agent_id == agent_id, r.c.id == rid)
+
+        def run(conn: sa.Connection, now: float) -> bool:
+            # One row by its key (tenant, agent_id, id): no scan, whatever is in flight.
+            res = conn.execute(sa.update(r).where(mine).values(lease_until=now + lease))
             return bool(res.rowcount)
 
         return self._tx(run)

@@ -232,6 +232,7 @@ class GovernanceContract:
         kept = gov.reserve(tenant, "b", "ns", "k9", wants, lease=60, audit=entry)
         assert kept.id
         assert gov.extend(kept.id, 60) is True
+        assert gov.extend_hold(tenant, "b", kept.id, 60) is True  # by its key, as the heartbeat
         deadline = time.monotonic() + 10
         while not any(h["expired"] for h in gov.pending_holds(tenant)):
             assert time.monotonic() < deadline, "the hold never expired by the store's clock"

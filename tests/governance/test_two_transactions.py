@@ -316,3 +316,67 @@ def test_without_pipeline_mode_the_same_groups_go_as_simple_queries(
     assert rows(guard) == [("executed", "ok")] * 4 + [("dedup", "dedup")]
     assert guard.gov.verify_audit() == []
     assert guard.gov.store.holds(guard.namespace, "payer") == 0
+
+
+def test_a_long_call_keeps_its_hold_by_its_key(guard: Guard) -> None:
+    # The heartbeat that keeps the claim alive extends the hold too, found by its key
+    # (tenant, agent, id: extend_hold), so a call running past its lease is not swept
+    # as expired while it runs.
+    import threading
+    import time
+
+    capped(guard)
+    store = guard.gov.store
+    calls: list[tuple[str, str, str]] = []
+    real = store.extend_hold
+
+    def spy(tenant: str, agent_id: str, rid: str, lease: float) -> bool:
+        calls.append((tenant, agent_id, rid))
+        return real(tenant, agent_id, rid, lease)
+
+    store.extend_hold = spy  # type: ignore[method-assign]
+    running, done = threading.Event(), threading.Event()
+
+    def slow(order: str) -> str:
+        running.set()
+        assert done.wait(20)
+        return order
+
+    results: list[Any] = []
+    t = threading.Thread(
+        target=lambda: results.append(
+            guard.call_tool(slow, {"order": "o-long"}, agent_id="payer", lease=0.6, scope="s")
+        )
+    )
+    t.start()
+    try:
+        assert running.wait(20)
+        time.sleep(1.5)  # well past the lease: held only by the heartbeat
+        holds = store.pending_holds(guard.namespace)
+        assert [h["agent_id"] for h in holds] == ["payer"]
+        assert not holds[0]["expired"], holds
+        assert calls and set(calls) == {(guard.namespace, "payer", holds[0]["id"])}, calls
+    finally:
+        done.set()
+        t.join(20)
+    assert results and results[0].decision == "executed", results
+    assert store.holds(guard.namespace, "payer") == 0
+    assert spent(guard) == PRICE
+
+
+def test_extend_hold_extends_only_the_hold_of_that_tenant_and_agent(guard: Guard) -> None:
+    store = guard.gov.store
+    wants = [store_want(guard)]
+    held = store.reserve(guard.namespace, "payer", "ns", "k-x", wants, lease=60)
+    assert held.ok and held.id
+    assert store.extend_hold(guard.namespace, "payer", held.id, 60) is True
+    assert store.extend_hold(guard.namespace, "other", held.id, 60) is False
+    assert store.extend_hold("another-tenant", "payer", held.id, 60) is False
+    assert store.extend_hold(guard.namespace, "payer", "no-such-hold", 60) is False
+
+
+def store_want(g: Guard) -> Any:
+    from onceonly_core.stores.governance import Want
+
+    today = int(g.gov.store.now() // DAY) * DAY
+    return Want("spend", today, 1, 10**12, "spend")
