@@ -1097,15 +1097,23 @@ class Guard:
         try:
             if not store.read_before_claim:
                 return replayed(call, store)
-            # A key this Guard has seen done (executed or replayed) is read before it is
-            # claimed: a retry's replay is then one read (see Store.read_before_claim).
-            out = replayed(call, store, (call.namespace, call.key) in self._done)
+            out = replayed(call, store, self._reads_first(call))
             if out is not None:
                 self._remember(out)
             return out
         except BaseException as err:
             self._after_error(call, err)
             raise
+
+    def _reads_first(self, call: Call) -> bool:
+        """A key this Guard has seen done (executed or replayed), on a store whose claim
+        costs more than a read, is read before it is claimed: a retry's replay is then one
+        read (see Store.read_before_claim). Forced calls always claim."""
+        return (
+            self.store.read_before_claim
+            and not call.force
+            and (call.namespace, call.key) in self._done
+        )
 
     def _saw_done(self, outcome: Outcome) -> Outcome:
         """Remember a completed key for :meth:`_replayed`'s read-first (server stores)."""
@@ -1213,19 +1221,13 @@ class Guard:
             obs = self._observer
             if obs is not None:
                 return await obs.arun(call, run_async, flow(call), store, execute, reconcile)
-            if (
-                store.read_before_claim
-                and not call.force
-                and call.claimed is None
-                and (call.namespace, call.key) in self._done
-            ):
-                # A retry of a key this Guard has seen done: one read (in a worker thread,
-                # as every blocking primitive), and the replay from it; anything else goes
-                # on to the claim (see Store.read_before_claim). A read needs no shield: a
-                # cancellation leaves nothing behind.
+            if call.claimed is None and self._reads_first(call):
+                # The read in a worker thread, as every blocking primitive; it needs no
+                # shield: a cancellation leaves nothing behind.
                 out = replay_of(call, await asyncio.to_thread(store.get, call.namespace, call.key))
                 if out is not None:
-                    return self._saw_done(out)
+                    self._remember(out)
+                    return out
             return self._saw_done(await run_async(flow(call), store, execute, reconcile))
         except BaseException as err:
             self._after_error(call, err)
