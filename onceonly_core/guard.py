@@ -56,7 +56,7 @@ from .protocol import (
     safe_str,
 )
 from .stores import Record, Store, check_url, open_store
-from .stores.base import MAX_LABEL, NewClaim, check_labels
+from .stores.base import MAX_LABEL, NewClaim, WouldBlock, check_labels
 
 if TYPE_CHECKING:
     from .contract import Classification
@@ -1027,7 +1027,14 @@ class Guard:
     def _prepare(self, spec: _Spec, bound: Mapping[str, Any], force: bool) -> Call:
         ns, key, digest, opts = self._key(spec, bound)
         new = NewClaim(
-            spec.name, self._owner, opts.lease, digest, _run_id.get(), _caller.get() or self._caller
+            spec.name,
+            self._owner,
+            opts.lease,
+            digest,
+            _run_id.get(),
+            _caller.get() or self._caller,
+            # Keys seen done are read first (_reads_first); the rest are new here.
+            self.store.read_before_claim and (ns, key) not in self._done,
         )
         return Call(ns, key, spec.name, digest, opts, new, self.codec, force)
 
@@ -1097,8 +1104,9 @@ class Guard:
         try:
             if not store.read_before_claim:
                 return replayed(call, store)
-            out = replayed(call, store, self._reads_first(call))
-            if out is not None:
+            first = self._reads_first(call)
+            out = replayed(call, store, first)
+            if out is not None and not first:  # a key read first is remembered already
                 self._remember(out)
             return out
         except BaseException as err:
@@ -1108,12 +1116,9 @@ class Guard:
     def _reads_first(self, call: Call) -> bool:
         """A key this Guard has seen done (executed or replayed), on a store whose claim
         costs more than a read, is read before it is claimed: a retry's replay is then one
-        read (see Store.read_before_claim). Forced calls always claim."""
-        return (
-            self.store.read_before_claim
-            and not call.force
-            and (call.namespace, call.key) in self._done
-        )
+        read (see Store.read_before_claim). Forced calls always claim. (``first_sight``
+        is :meth:`_prepare`'s lookup of the key among those seen done.)"""
+        return self.store.read_before_claim and not call.force and not call.new.first_sight
 
     def _saw_done(self, outcome: Outcome) -> Outcome:
         """Remember a completed key for :meth:`_replayed`'s read-first (server stores)."""
@@ -1179,7 +1184,9 @@ class Guard:
         try:
             obs = self._observer
             if obs is not None:
-                return obs.run(call, run_sync, flow(call), store, execute, reconcile)
+                return self._saw_done(
+                    obs.run(call, run_sync, flow(call), store, execute, reconcile)
+                )
             return self._saw_done(run_sync(flow(call), store, execute, reconcile))
         except BaseException as err:
             self._after_error(call, err)
@@ -1220,14 +1227,16 @@ class Guard:
         try:
             obs = self._observer
             if obs is not None:
-                return await obs.arun(call, run_async, flow(call), store, execute, reconcile)
+                return self._saw_done(
+                    await obs.arun(call, run_async, flow(call), store, execute, reconcile)
+                )
             if call.claimed is None and self._reads_first(call):
-                # The read in a worker thread, as every blocking primitive; it needs no
-                # shield: a cancellation leaves nothing behind.
-                out = replay_of(call, await asyncio.to_thread(store.get, call.namespace, call.key))
+                # The read where the flow would run a primitive: on the loop when the
+                # store runs it at once (SQLite WAL NORMAL), else in a worker thread; it
+                # needs no shield: a cancellation leaves nothing behind.
+                out = replay_of(call, await _aget(store, call.namespace, call.key))
                 if out is not None:
-                    self._remember(out)
-                    return out
+                    return out  # a key read first is remembered already
             return self._saw_done(await run_async(flow(call), store, execute, reconcile))
         except BaseException as err:
             self._after_error(call, err)
@@ -1562,6 +1571,17 @@ class Guard:
 #: At most this many completed keys a Guard remembers for reading before claiming
 #: (all forgotten at once when full).
 _DONE_KEYS = 1024
+
+
+async def _aget(store: Store, namespace: str, key: str) -> Record | None:
+    """``store.get`` from a coroutine, as :func:`protocol.run_async` runs a primitive."""
+    if store.nowait:
+        try:
+            return store.run_nowait(lambda s: s.get(namespace, key))
+        except WouldBlock:  # pragma: no cover - a read in WAL mode does not wait
+            pass
+    return await asyncio.to_thread(store.get, namespace, key)
+
 
 _MARKS = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}
 

@@ -129,6 +129,11 @@ class NewClaim:
     args_digest: str | None = None
     run_id: str | None = None
     caller: str | None = None
+    #: A hint, never a rule: the caller has not seen this key completed lately (a
+    #: guard's first call of it). A store whose claim reads before it writes (SQLite)
+    #: then writes first, which saves the read on a new key; a key completed elsewhere
+    #: costs it an insert attempt and then the read. Every answer stays the same.
+    first_sight: bool = False
 
 
 class Store(abc.ABC):
@@ -147,11 +152,12 @@ class Store(abc.ABC):
     #: The backend's name: ``memory``, ``sqlite``, ``postgresql``, ``mysql``, ``redis``.
     kind: str = "custom"
 
-    #: True when :meth:`claim` of a held key costs the server more than :meth:`get`
-    #: (PostgreSQL's claim is an insert attempt and a read, MySQL's an insert that fails
-    #: and a read): a guard then reads first for the keys it has itself seen completed,
-    #: so that a retry's replay is one read. Others claim first (SQLite's claim reads
-    #: first anyway; the memory and Redis stores answer both in one step).
+    #: True when :meth:`claim` of a held key costs more than :meth:`get` (PostgreSQL's
+    #: claim is an insert attempt and a read, MySQL's an insert that fails and a read;
+    #: SQLite's takes the write lock, or reads first when not told otherwise): a guard
+    #: then reads first for the keys it has itself seen completed, so that a retry's
+    #: replay is one read, and claims the others with ``NewClaim.first_sight``. Others
+    #: claim first (the memory and Redis stores answer both in one step).
     read_before_claim: bool = False
 
     #: The longest namespace this store holds (remote mode's is shorter: the server puts

@@ -242,6 +242,10 @@ class _Conn(sqlite3.Connection):
     """sqlite3.Connection, weak-referenceable (so close() can reach every thread's)."""
 
 
+class _Disconnected(StoreError):
+    """A statement failed because its connection was dead (see SQLStore._on_cursor)."""
+
+
 class SQLStore(Store):
     """A ledger in one SQL database, selected by URL.
 
@@ -331,6 +335,8 @@ class SQLStore(Store):
         )
         self._dbapi_error: type[BaseException] = self._engine.dialect.loaded_dbapi.Error
         self._integrity: type[BaseException] = self._engine.dialect.loaded_dbapi.IntegrityError
+        #: (error, DBAPI connection, cursor) -> whether the connection is dead
+        self._disconnect: Callable[[Any, Any, Any], bool] = self._engine.dialect.is_disconnect
 
     def _with_driver(self, url: sa.URL) -> sa.URL:
         """The URL with our driver when it names none."""
@@ -363,9 +369,20 @@ class SQLStore(Store):
 
         return self._on_cursor(name, one)
 
-    def _on_cursor(self, name: str, work: Callable[[Any], _R]) -> _R:
+    def _on_cursor(self, name: str, work: Callable[[Any], _R], *, read: bool = False) -> _R:
         """``work(cursor)`` on this thread's pinned connection (or a checked-out one); a
-        driver error other than an integrity error discards the connection."""
+        driver error other than an integrity error discards the connection. ``read``:
+        ``work`` only reads, so when the connection turns out dead (a database restart,
+        a connection cut by the server) it runs once more on a fresh one; a write never
+        does here, since one whose reply was lost may have committed."""
+        if not read:
+            return self._on_cursor_once(name, work, last=True)
+        try:
+            return self._on_cursor_once(name, work, last=False)
+        except _Disconnected:
+            return self._on_cursor_once(name, work, last=True)
+
+    def _on_cursor_once(self, name: str, work: Callable[[Any], _R], *, last: bool) -> _R:
         if not self._ready:
             self._ensure_schema()
         if self._pid != PID[0]:
@@ -392,10 +409,14 @@ class SQLStore(Store):
         except self._dbapi_error as err:
             # A dead connection (server restarted) must not go back to the pool; a pinned
             # one is unpinned, so the thread's next statement runs on a fresh connection.
+            gone = self._disconnect(err, conn.dbapi_connection, None)
             conn.invalidate()
             if pinned is not None:
                 self._pins.drop()  # its finalizer checks the invalidated one in
-            raise StoreError(f"{self.kind} ledger: {name} failed: {err}") from err
+            text = f"{self.kind} ledger: {name} failed: {err}"
+            if gone and not last:
+                raise _Disconnected(text) from err
+            raise StoreError(text) from err
         finally:
             if pinned is None:
                 conn.close()
@@ -489,7 +510,13 @@ class SQLStore(Store):
 
     # -- primitives ---------------------------------------------------------------------
     def get(self, namespace: str, key: str) -> Record | None:
-        row = self._run("get", self._sql["get"], {"ns": namespace, "k": key}, True)
+        sql, params = self._sql["get"], {"ns": namespace, "k": key}
+
+        def one(cur: Any) -> Any:
+            cur.execute(sql, params)
+            return cur.fetchone()
+
+        row = self._on_cursor("get", one, read=True)
         return None if row is None else self._to_record(row)
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
@@ -845,9 +872,14 @@ class _Local(threading.local):
 class SQLiteStore(SQLStore):
     """The embedded ledger: one file, one connection per thread, the host's clock.
 
-    Reads first (a local read costs microseconds and keeps replays off the write lock)."""
+    A claim reads first (a local read costs microseconds and keeps replays off the write
+    lock), unless its caller says it has not seen the key completed
+    (``NewClaim.first_sight``, a guard's first call of a key): then it inserts first, the
+    read a new key would miss saved. A guard reads first itself for the keys it has seen
+    completed (``read_before_claim``), so a retry's replay stays one read."""
 
     kind = "sqlite"
+    read_before_claim = True
     _CLAIM = _SQLITE_INSERT
     _CLAIM_DONE = _SQLITE_INSERT_DONE
     # The column affinities (REAL, INTEGER, TEXT) return exactly the types we wrote.
@@ -1029,9 +1061,10 @@ class SQLiteStore(SQLStore):
         return None if row is None else str(row[0])
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
-        found = self.get(namespace, key)
-        if found is not None:
-            return found
+        if not new.first_sight:  # off the write lock when the key may well be there
+            found = self.get(namespace, key)
+            if found is not None:
+                return found
         params = self._claim_params(namespace, key, new)
         try:
             inserted = self._run("claim", self._claim_sql, params, False)

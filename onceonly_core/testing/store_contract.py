@@ -153,6 +153,24 @@ class StoreContract:
         assert again.state == state
         assert stable(get(store, namespace, "k")) == before
 
+    @pytest.mark.parametrize("state", ["running", "succeeded", "cleared"])
+    def test_first_sight_is_a_hint_that_changes_no_answer(
+        self, store: Store, namespace: str, state: str
+    ) -> None:
+        # NewClaim.first_sight says the caller has not seen the key completed; a store
+        # may skip work on it (SQLite inserts before reading), never answer otherwise.
+        fresh = store.claim(namespace, "new", new("w1", first_sight=True))
+        assert fresh.mine and (fresh.state, fresh.token) == ("running", 1)
+        rec = store.claim(namespace, "k", new("w1"))
+        if state != "running":
+            assert store.finish(namespace, "k", rec.token, ok=True, result='"r"')
+        if state == "cleared":
+            assert store.clear(namespace, "k") is True
+        before = stable(get(store, namespace, "k"))
+        again = store.claim(namespace, "k", new("w2", first_sight=True))
+        assert not again.mine and again.state == state
+        assert stable(get(store, namespace, "k")) == before
+
     def test_claim_is_exclusive_under_concurrency(self, store: Store, namespace: str) -> None:
         n = 8
         barrier = threading.Barrier(n)

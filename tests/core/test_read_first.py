@@ -1,10 +1,12 @@
-"""A retry's replay on a server database is one read (Store.read_before_claim).
+"""A retry's replay is one read, a first call one claim (Store.read_before_claim).
 
 PostgreSQL's claim is an insert attempt and a read, MySQL's an insert that fails and a
-read; for a key the Guard has itself seen completed, the replay reads first. What must
+read, SQLite's a read and then an insert (off the write lock for a key that is there);
+for a key the Guard has itself seen completed, the replay reads first, and any other
+key is claimed with ``NewClaim.first_sight``, which spares SQLite's read. What must
 hold: a record that is not one to replay (cleared, expired, running) still goes through
 the claim, so the rules of docs/guarantees.md are unchanged; a key the Guard has not
-seen is claimed first, as before; SQLite (whose claim reads first anyway) is unchanged.
+seen is claimed first, and replays if it was done elsewhere.
 """
 
 from __future__ import annotations
@@ -50,29 +52,28 @@ def _runs() -> None:
 def test_a_retry_s_replay_reads_instead_of_claiming(db_url: str, namespace: str) -> None:
     g = Guard(db_url, namespace=namespace, quiet=True)
     try:
-        # The server databases read first; SQLite's claim is a read first already.
-        assert g.store.read_before_claim is (not db_url.startswith("sqlite"))
+        assert g.store.read_before_claim
         ops = _spy(g)
         assert g(pay, "o-1") == {"paid": "o-1"}
+        # A first call: the claim and the completion, no read (SQLite's claim inserts
+        # first when told the key is new here).
+        assert ops == ["claim", "finish"]
         ops.clear()
         assert g(pay, "o-1") == {"paid": "o-1"}  # a retry in the same process
-        if g.store.read_before_claim:
-            assert ops == ["get"]
-        else:
-            assert ops[0] == "claim"
+        assert ops == ["get"]
         assert RUNS == ["o-1"]
         assert g.stats()["replayed"] == 1
 
-        # Another Guard (another worker) has not seen the key: it claims first.
+        # Another Guard (another worker) has not seen the key: it claims first, finds
+        # the record (a read after the insert attempt) and replays it.
         other = Guard(db_url, namespace=namespace, quiet=True)
         try:
             other_ops = _spy(other)
             assert other(pay, "o-1") == {"paid": "o-1"}
-            assert other_ops[0] == "claim"
+            assert other_ops[0] == "claim" and "finish" not in other_ops
             other_ops.clear()
             assert other(pay, "o-1") == {"paid": "o-1"}  # now it has
-            if other.store.read_before_claim:
-                assert other_ops == ["get"]
+            assert other_ops == ["get"]
         finally:
             other.close()
         assert RUNS == ["o-1"]
@@ -91,8 +92,7 @@ def test_a_seen_key_cleared_elsewhere_runs_again(db_url: str, namespace: str) ->
         ops = _spy(g)
         assert g(pay, "o-2") == {"paid": "o-2"}
         assert RUNS == ["o-2", "o-2"]
-        if g.store.read_before_claim:
-            assert ops[:2] == ["get", "claim"] and "take_over" in ops
+        assert ops[:2] == ["get", "claim"] and "take_over" in ops
         assert g(pay, "o-2") == {"paid": "o-2"}  # and replays again
         assert RUNS == ["o-2", "o-2"]
     finally:
@@ -109,8 +109,7 @@ def test_an_expired_seen_key_is_taken_over(db_url: str, namespace: str) -> None:
         ops = _spy(g)
         assert once(pay, "o-3") == {"paid": "o-3"}  # read, not replayable: claimed, runs
         assert RUNS == ["o-3", "o-3"]
-        if g.store.read_before_claim:
-            assert ops[:2] == ["get", "claim"] and "take_over" in ops
+        assert ops[:2] == ["get", "claim"] and "take_over" in ops
     finally:
         g.close()
 
@@ -122,8 +121,7 @@ def test_forced_calls_never_read_first(db_url: str, namespace: str) -> None:
         ops = _spy(g)
         assert g.force(pay, "o-4") == {"paid": "o-4"}
         assert RUNS == ["o-4", "o-4"]
-        if g.store.read_before_claim:
-            assert ops[0] == "claim"
+        assert ops[0] == "claim"
     finally:
         g.close()
 
@@ -142,7 +140,7 @@ def test_the_keys_remembered_are_bounded(namespace: str) -> None:
     assert len(RUNS) == guard_module._DONE_KEYS + 10  # the replay ran nothing
 
 
-# -- async calls: the same read first, in a worker thread --------------------------------------
+# -- async calls: the same read first (on the loop where the store allows it) ------------
 async def apay(order: str) -> dict[str, str]:
     RUNS.append(order)
     return {"paid": order}
@@ -155,11 +153,10 @@ def test_an_async_retry_s_replay_reads_instead_of_claiming(db_url: str, namespac
         try:
             ops = _spy(g)
             assert await g(apay, "a-1") == {"paid": "a-1"}
-            assert ops[0] == "claim"  # not seen yet: claimed first
+            assert ops == ["claim", "finish"]  # not seen yet: claimed first, no read
             ops.clear()
             assert await g(apay, "a-1") == {"paid": "a-1"}  # a retry in the same process
-            assert ops[0] == ("get" if g.store.read_before_claim else "claim")
-            assert ops == ["get"] or not g.store.read_before_claim  # SQLite's claim reads
+            assert ops == ["get"]
             other_ops = _spy(other)
             assert await other(apay, "a-1") == {"paid": "a-1"}  # another worker claims
             assert other_ops[0] == "claim"
@@ -182,8 +179,7 @@ def test_an_async_retry_of_a_key_cleared_elsewhere_runs_again(db_url: str, names
             ops = _spy(g)
             assert await g(apay, "a-2") == {"paid": "a-2"}  # read: cleared, so claimed
             assert RUNS == ["a-2", "a-2"]
-            if g.store.read_before_claim:
-                assert ops[:2] == ["get", "claim"] and "take_over" in ops
+            assert ops[:2] == ["get", "claim"] and "take_over" in ops
             ops.clear()
             assert await g.force(apay, "a-2") == {"paid": "a-2"}  # forced: never a read
             assert ops[0] == "claim"

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from _sqlite import holder_lock_state
+from _sqlite import count_thread_hops, holder_lock_state
 from onceonly_core.stores import NewClaim
 from onceonly_core.stores.sql import SQLStore
 
@@ -52,14 +51,7 @@ def test_async_calls_on_normal_wait_for_a_held_write_lock_off_the_event_loop(
         ran.append(x)
         return x
 
-    hops: list[object] = []
-    to_thread = asyncio.to_thread
-
-    def counted(fn: Any, /, *args: Any) -> Any:
-        hops.append(fn)
-        return to_thread(fn, *args)
-
-    monkeypatch.setattr(asyncio, "to_thread", counted)
+    hops = count_thread_hops(monkeypatch)
     assert asyncio.run(g(tool, 0)) == 0  # the first use checks the schema, in a thread
     hops.clear()
     assert asyncio.run(g(tool, 1)) == 1  # nobody holds the lock: no worker thread
