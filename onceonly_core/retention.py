@@ -95,6 +95,7 @@ def archive_audit(
         if archive is not None:
             out = open(archive, "a", encoding="utf-8")  # noqa: SIM115 - closed below
         for tenant in tenants if tenants is not None else _tenants(gov):
+            low: float | None = None  # no row older than this is left
             for cut, rows in _batches(gov, tenant, before, batch):
                 if out is not None:
                     for row in rows:
@@ -102,7 +103,8 @@ def archive_audit(
                     # Durable before the delete: the archive is the only copy after it.
                     out.flush()
                     os.fsync(out.fileno())
-                n = gov.purge_audit(tenant, cut)
+                n = gov.purge_audit(tenant, cut, after=low)
+                low = cut
                 if n != len(rows):  # another purge ran at the same time
                     log.warning(
                         "retention: %s: archived %d audit rows before %s, purged %d",
@@ -143,12 +145,19 @@ def _batches(
 
     from .stores import schema as S
 
-    au = S.audit
+    au, h = S.audit, S.audit_heads
+    low: float | None = None  # no row older than this is left (the previous cut)
     while True:
+        mine = au.c.tenant == tenant
+        if low is not None:
+            # Read the time index from the last cut on: on PostgreSQL the rows earlier
+            # batches deleted stay in it until a vacuum, and walking past them again on
+            # every batch would cost time in the square of the rows.
+            mine = sa.and_(mine, au.c.created_at >= low)
         with gov.engine.connect() as conn:
             nth = conn.execute(
                 sa.select(au.c.created_at)
-                .where(au.c.tenant == tenant, au.c.created_at < before)
+                .where(mine, au.c.created_at < before)
                 .order_by(au.c.created_at)
                 .limit(1)
                 .offset(batch - 1)
@@ -157,26 +166,32 @@ def _batches(
                 cut = before
             else:
                 cut = float(nth)
-                first = conn.execute(
-                    sa.select(sa.func.min(au.c.created_at)).where(au.c.tenant == tenant)
-                ).scalar()
+                first = conn.execute(sa.select(sa.func.min(au.c.created_at)).where(mine)).scalar()
                 if first is not None and float(first) >= cut:  # a whole batch at one time
                     cut = min(before, math.nextafter(cut, math.inf))
             # Per agent, its rows up to the last one before the cut: one range of the
-            # chain's unique index each (the rows below were purged by earlier batches),
-            # so a batch costs its own rows, not the table's.
+            # chain's unique index each, from the chain's base (the rows below were
+            # purged by earlier batches), so a batch costs its own rows, not the table's.
             last = conn.execute(
                 sa.select(au.c.agent_id, sa.func.max(au.c.seq))
-                .where(au.c.tenant == tenant, au.c.created_at < cut)
+                .where(mine, au.c.created_at < cut)
                 .group_by(au.c.agent_id)
             ).all()
+            bases = dict(
+                conn.execute(
+                    sa.select(h.c.agent_id, h.c.base_seq).where(h.c.tenant == tenant)
+                ).all()
+            )
             rows = []
             for agent, top in last:
                 rows += [
                     r._asdict()
                     for r in conn.execute(
                         sa.select(au).where(
-                            au.c.tenant == tenant, au.c.agent_id == agent, au.c.seq <= top
+                            au.c.tenant == tenant,
+                            au.c.agent_id == agent,
+                            au.c.seq > bases.get(agent, 0),
+                            au.c.seq <= top,
                         )
                     ).all()
                 ]
@@ -186,3 +201,4 @@ def _batches(
         yield cut, rows
         if cut >= before:
             return
+        low = cut  # the caller purged up to the cut before asking for more

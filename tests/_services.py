@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -174,22 +172,8 @@ def cut_connections(url: str) -> None:
     eng.dispose()
 
 
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
+def fresh_database(server_url: str) -> contextlib.AbstractContextManager[str]:
     """A new, empty database on the test server (dropped afterwards)."""
-    import sqlalchemy as sa
+    from onceonly_core.testing.databases import scratch_database
 
-    name = f"oo_test_{uuid.uuid4().hex[:10]}"
-    base = sa.make_url(server_url)
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            force = " WITH (FORCE)" if base.get_backend_name() == "postgresql" else ""
-            with admin.connect() as conn:
-                conn.execute(sa.text(f"DROP DATABASE {name}{force}"))
-    finally:
-        admin.dispose()
+    return scratch_database(server_url)

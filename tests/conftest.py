@@ -41,16 +41,28 @@ _SERVICE_FIXTURES = {"pg_url": "pg", "mysql_url": "mysql", "redis_url": "redis"}
 _SERVICE_PARAMS = {"postgresql": "pg", "mysql": "mysql", "redis": "redis"}
 
 
+def _migrated(url: str) -> str:
+    """The shared server database at the code's schema (the stores do not migrate a
+    server database themselves: ``onceonly migrate`` does), once per test session, so
+    that no test depends on another having migrated it first."""
+    from onceonly_core.stores.sql import SQLStore
+
+    with SQLStore(url) as store:
+        store.migrate()
+    return url
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> str:
-    """SQLAlchemy URL of a reachable PostgreSQL database (``ONCEONLY_PG_URL``)."""
-    return service_url(POSTGRES)
+    """SQLAlchemy URL of a reachable PostgreSQL database (``ONCEONLY_PG_URL``), migrated."""
+    return _migrated(service_url(POSTGRES))
 
 
 @pytest.fixture(scope="session")
 def mysql_url() -> str:
-    """SQLAlchemy URL of a reachable MariaDB/MySQL database (``ONCEONLY_MYSQL_URL``)."""
-    return service_url(MYSQL)
+    """SQLAlchemy URL of a reachable MariaDB/MySQL database (``ONCEONLY_MYSQL_URL``),
+    migrated."""
+    return _migrated(service_url(MYSQL))
 
 
 @pytest.fixture(scope="session")

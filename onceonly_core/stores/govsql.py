@@ -2083,40 +2083,37 @@ class GovStore(GovernanceStore):
 
         return self._read(run)
 
-    def purge_audit(self, tenant: str, before: float) -> int:
-        """Delete audit rows older than ``before``; chains keep verifying from the cut."""
+    def purge_audit(self, tenant: str, before: float, *, after: float | None = None) -> int:
+        """Delete audit rows older than ``before``; chains keep verifying from the cut.
+
+        Per agent, every row up to the last one recorded before ``before`` goes, and the
+        chain's base moves to that row. ``after``: no row older than this is left (the
+        previous cut of a batched purge, ``retention.archive_audit``), so the time index
+        is read from there, past no row an earlier batch deleted. Each range read starts
+        where something is left: the rows from the chain's base on, by its key, and the
+        time index from ``after``; so a batch costs its own rows, not the table's (on
+        PostgreSQL the deleted rows stay in the indexes until a vacuum)."""
         au, h = S.audit, S.audit_heads
 
         def run(conn: sa.Connection, now: float) -> int:
             total = 0
-            agents = [
-                r.agent_id
-                for r in conn.execute(sa.select(h.c.agent_id).where(h.c.tenant == tenant)).all()
-            ]
-            for agent in sorted(agents):
-                last = conn.execute(
-                    sa.select(au.c.seq, au.c.hash)
-                    .where(au.c.tenant == tenant, au.c.agent_id == agent, au.c.created_at < before)
-                    .order_by(au.c.seq.desc())
-                    .limit(1)
-                ).first()
-                if last is None:
-                    continue
-                conn.execute(
-                    sa.select(h.c.seq)
-                    .where(h.c.tenant == tenant, h.c.agent_id == agent)
-                    .with_for_update()
-                )
+            old = sa.and_(au.c.tenant == tenant, au.c.created_at < before)
+            if after is not None:
+                old = sa.and_(old, au.c.created_at >= after)
+            tops = conn.execute(
+                sa.select(au.c.agent_id, sa.func.max(au.c.seq)).where(old).group_by(au.c.agent_id)
+            ).all()
+            for agent, top in sorted(tops):
+                head = sa.and_(h.c.tenant == tenant, h.c.agent_id == agent)
+                base = conn.execute(sa.select(h.c.base_seq).where(head).with_for_update()).scalar()
+                if base is None or int(base) >= int(top):
+                    continue  # purged already (by a concurrent purge with a later cut)
+                mine = sa.and_(au.c.tenant == tenant, au.c.agent_id == agent)
+                last = conn.execute(sa.select(au.c.hash).where(mine, au.c.seq == top)).scalar_one()
                 total += conn.execute(
-                    sa.delete(au).where(
-                        au.c.tenant == tenant, au.c.agent_id == agent, au.c.seq <= last.seq
-                    )
+                    sa.delete(au).where(mine, au.c.seq > base, au.c.seq <= top)
                 ).rowcount
-                conn.execute(
-                    sa.update(h)
-                    .where(h.c.tenant == tenant, h.c.agent_id == agent)
-                    .values(base_seq=last.seq, base_hash=last.hash)
-                )
+                conn.execute(sa.update(h).where(head).values(base_seq=top, base_hash=last))
             return total
 
         return self._tx(run)

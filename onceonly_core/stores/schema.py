@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 #: The Alembic revision this code expects; tests check it equals the scripts' head.
-HEAD = "0005"
+HEAD = "0006"
 #: Our own version table, so a user's Alembic setup in the same database is untouched.
 VERSION_TABLE = "onceonly_alembic_version"
 
@@ -91,6 +91,14 @@ ledger = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
     sa.Index("ix_onceonly_ledger_updated_at", "updated_at"),
+    # Retention's batches walk this (0006); only records with a ttl are in it, except
+    # on MySQL/MariaDB (no partial indexes).
+    sa.Index(
+        "ix_onceonly_ledger_expires_at",
+        "expires_at",
+        postgresql_where=sa.text("expires_at IS NOT NULL"),
+        sqlite_where=sa.text("expires_at IS NOT NULL"),
+    ),
 )
 
 

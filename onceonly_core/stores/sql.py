@@ -820,6 +820,14 @@ class SQLStore(Store):
     def purge_expired(self, namespace: str | None, before: float, limit: int = 1000) -> int:
         if not self._ready:
             self._ensure_schema()
+        try:
+            with self.engine().begin() as conn:
+                return int(conn.execute(self._expired_batch(namespace, before, limit)).rowcount)
+        except sa.exc.SQLAlchemyError as err:
+            raise StoreError(f"deleting expired records failed: {err}") from err
+
+    def _expired_batch(self, namespace: str | None, before: float, limit: int) -> sa.Delete:
+        """The DELETE of at most ``limit`` expired records (see :meth:`purge_expired`)."""
         t = ledger
         expired = sa.and_(
             t.c.state == SUCCEEDED,
@@ -831,18 +839,24 @@ class SQLStore(Store):
             expired = sa.and_(t.c.namespace == namespace, expired)
         if self.kind == "mysql":
             # MySQL/MariaDB refuse LIMIT in an IN subquery but take DELETE … LIMIT.
-            stmt = sa.delete(t).where(expired).with_dialect_options(mysql_limit=limit)
-        else:
-            # One statement bounded to ``limit`` rows; the outer WHERE repeats the
-            # condition so a record taken over meanwhile (PostgreSQL re-checks it on the
-            # row's newest version) is kept.
-            batch = sa.select(t.c.namespace, t.c.idem_key).where(expired).limit(limit)
-            stmt = sa.delete(t).where(sa.tuple_(t.c.namespace, t.c.idem_key).in_(batch), expired)
-        try:
-            with self.engine().begin() as conn:
-                return int(conn.execute(stmt).rowcount)
-        except sa.exc.SQLAlchemyError as err:
-            raise StoreError(f"deleting expired records failed: {err}") from err
+            return sa.delete(t).where(expired).with_dialect_options(mysql_limit=limit)
+        # One statement bounded to ``limit`` rows, found oldest first along the expiry
+        # index (0006): each batch starts where the index does, past only what earlier
+        # batches deleted, never through the whole table. The outer WHERE re-checks the
+        # state and the token, so a record taken over meanwhile (PostgreSQL re-checks it
+        # on the row's newest version) is kept; it names no expiry, so the rows are found
+        # by their key from the batch, not by a second walk of the expiry index.
+        batch = (
+            sa.select(t.c.namespace, t.c.idem_key)
+            .where(expired)
+            .order_by(t.c.expires_at)
+            .limit(limit)
+        )
+        return sa.delete(t).where(
+            sa.tuple_(t.c.namespace, t.c.idem_key).in_(batch),
+            t.c.state == SUCCEEDED,
+            t.c.token == 1,
+        )
 
     def governance_store(self) -> GovernanceStore:
         from .govsql import GovStore

@@ -24,6 +24,9 @@ raced by threads and by processes. Subclass it in a test module and give it your
 a ledger's ``governance_store()``: caps and holds under concurrency, settle/release/sweep at
 most once, approvals used once, the audit chain. Give it a ``ledger`` fixture.
 
+``scratch_database`` (:mod:`onceonly_core.testing.databases`) gives a test an empty
+database of its own on a PostgreSQL or MySQL/MariaDB server, dropped afterwards.
+
 See docs/custom-store.md. ``MemoryStore`` (``onceonly_core.MemoryStore``) is the in-process
 test double for code that uses a Guard.
 """

@@ -4,14 +4,17 @@ are archived to JSON lines before they are purged, and the chains keep verifying
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from onceonly_core import Guard, retention
 from onceonly_core.governance import Policy
+from onceonly_core.stores import schema
 from onceonly_core.stores.sql import SQLStore
 
 
@@ -106,3 +109,63 @@ def test_the_command_applies_retention(db_url: str, namespace: str, tmp_path: Pa
     assert len(archive.read_text().splitlines()) == 3
     refused = CliRunner().invoke(build_app(), [*args, "--yes"])
     assert refused.exit_code == 1 and "--archive" in refused.output
+
+
+# -- at scale: each batch costs its own rows (issue 15; benchmarks/bench_retention.py) ----
+def test_a_batch_of_expired_records_is_found_along_the_expiry_index(db_url: str) -> None:
+    # Without an index (before revision 0006) each batch scanned the table, or on
+    # PostgreSQL the namespace's rows, dead ones of earlier batches included: N records
+    # took time in N². The plan of a batch over every namespace (the command's default)
+    # reads the expiry index; MySQL/MariaDB's DELETE ... LIMIT has it to use.
+    with SQLStore(db_url, auto_migrate=True) as store:
+        store.ensure_schema()
+        engine = store.engine()
+        with engine.connect() as conn:
+            names = {i["name"] for i in sa.inspect(conn).get_indexes(schema.ledger.name)}
+            assert "ix_onceonly_ledger_expires_at" in names
+            if store.kind == "mysql":
+                return
+            stmt = store._expired_batch(None, 1e12, 1000)
+            sql = str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
+            explain = "EXPLAIN QUERY PLAN " if store.kind == "sqlite" else "EXPLAIN "
+            plan = " ".join(str(r) for r in conn.execute(sa.text(explain + sql)))
+            conn.rollback()
+    assert "ix_onceonly_ledger_expires_at" in plan, plan
+
+
+def test_an_earlier_cut_never_moves_a_chain_s_base_back(guard: Guard, namespace: str) -> None:
+    # Two purges at once (two operators, or the command and the server's own): the one
+    # with the earlier cut read its rows, then waited for the chain head's lock while
+    # the one with the later cut deleted further and moved the base. It must leave the
+    # base where it is, or the chain would start at a row long gone and verify broken.
+    # (SQLite: one writer, which takes the lock before it reads; no such interleaving.)
+    if guard.store.kind == "sqlite":
+        pytest.skip("SQLite's purge holds the database's write lock from its first read")
+    guard.gov.upsert_policy(Policy(agent_id="a1"))
+    for i in range(3):
+        assert guard.call_tool(lookup, {"q": f"early{i}"}, agent_id="a1").ok
+    time.sleep(0.05)
+    early = guard.gov.store.now()
+    time.sleep(0.05)
+    for i in range(3):
+        assert guard.call_tool(lookup, {"q": f"late{i}"}, agent_id="a1").ok
+    assert guard.call_tool(lookup, {"q": "kept"}, agent_id="a1").ok
+    store = guard.gov.store
+    au, h = schema.audit, schema.audit_heads
+    head = sa.and_(h.c.tenant == namespace, h.c.agent_id == "a1")
+    got: list[int] = []
+    with store.engine.connect() as other:
+        other.execute(sa.select(h.c.seq).where(head).with_for_update())  # the later purge
+        purge = threading.Thread(target=lambda: got.append(store.purge_audit(namespace, early)))
+        purge.start()
+        time.sleep(0.5)  # it has read its rows and waits for the head
+        assert purge.is_alive()
+        mine = sa.and_(au.c.tenant == namespace, au.c.agent_id == "a1")
+        top = other.execute(sa.select(au.c.hash).where(mine, au.c.seq == 6)).scalar_one()
+        other.execute(sa.delete(au).where(mine, au.c.seq <= 6))
+        other.execute(sa.update(h).where(head).values(base_seq=6, base_hash=top))
+        other.commit()
+    purge.join(30)
+    assert got == [0]
+    assert guard.gov.verify_audit() == []
+    assert [e.seq for e in guard.gov.agent_logs("a1")] == [7]

@@ -226,3 +226,38 @@ def test_revision_0005_finishes_a_run_interrupted_half_way(empty_url: str) -> No
         assert diff(store, schema.metadata) == []
     finally:
         store.close()
+
+
+# -- revision 0006: the ledger's expiry index ----------------------------------------------
+EXPIRY = "ix_onceonly_ledger_expires_at"
+
+
+def ledger_indexes(url: str) -> set[str]:
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    try:
+        return {str(i["name"]) for i in sa.inspect(engine).get_indexes(schema.ledger.name)}
+    finally:
+        engine.dispose()
+
+
+def test_revision_0006_both_ways_and_again_over_its_own_index(empty_url: str) -> None:
+    # Up, down, and up again over the index a run stopped half-way left behind (MariaDB's
+    # DDL is not transactional: the index made, the revision not recorded).
+    store = SQLStore(empty_url, auto_migrate=False)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        store.migrate("0005")
+        assert EXPIRY not in ledger_indexes(empty_url)
+        store.migrate()
+        assert EXPIRY in ledger_indexes(empty_url)
+        with store.engine().begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0005")
+        assert EXPIRY not in ledger_indexes(empty_url)
+        with store.engine().begin() as conn:
+            conn.execute(sa.text(f"CREATE INDEX {EXPIRY} ON onceonly_ledger (expires_at)"))
+        store.migrate()
+        assert diff(store, schema.metadata) == []
+    finally:
+        store.close()
