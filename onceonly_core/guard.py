@@ -1578,7 +1578,7 @@ async def _aget(store: Store, namespace: str, key: str) -> Record | None:
     if store.nowait:
         try:
             return store.run_nowait(lambda s: s.get(namespace, key))
-        except WouldBlock:  # pragma: no cover - a read in WAL mode does not wait
+        except WouldBlock:  # the schema not checked yet (a first use), or a read that would wait
             pass
     return await asyncio.to_thread(store.get, namespace, key)
 
