@@ -44,6 +44,7 @@ from .protocol import (
     BLOCKED,
     Call,
     CallContext,
+    Get,
     Options,
     Outcome,
     Ran,
@@ -52,11 +53,12 @@ from .protocol import (
     replay_of,
     replayed,
     run_async,
+    run_op,
     run_sync,
     safe_str,
 )
 from .stores import Record, Store, check_url, open_store
-from .stores.base import MAX_LABEL, NewClaim, WouldBlock, check_labels
+from .stores.base import MAX_LABEL, NewClaim, check_labels
 
 if TYPE_CHECKING:
     from .contract import Classification
@@ -1121,7 +1123,8 @@ class Guard:
         return self.store.read_before_claim and not call.force and not call.new.first_sight
 
     def _saw_done(self, outcome: Outcome) -> Outcome:
-        """Remember a completed key for :meth:`_replayed`'s read-first (server stores)."""
+        """Remember a completed key for :meth:`_replayed`'s read-first (stores that
+        ``read_before_claim``: the SQL ones)."""
         if (
             outcome.decision in ("executed", "replayed", "reconciled")
             and self.store.read_before_claim
@@ -1231,10 +1234,9 @@ class Guard:
                     await obs.arun(call, run_async, flow(call), store, execute, reconcile)
                 )
             if call.claimed is None and self._reads_first(call):
-                # The read where the flow would run a primitive: on the loop when the
-                # store runs it at once (SQLite WAL NORMAL), else in a worker thread; it
-                # needs no shield: a cancellation leaves nothing behind.
-                out = replay_of(call, await _aget(store, call.namespace, call.key))
+                # The read where the flow runs every primitive (protocol.run_op: on the
+                # loop on SQLite WAL NORMAL, else in a worker thread).
+                out = replay_of(call, await run_op(Get(call.namespace, call.key), store))
                 if out is not None:
                     return out  # a key read first is remembered already
             return self._saw_done(await run_async(flow(call), store, execute, reconcile))
@@ -1571,16 +1573,6 @@ class Guard:
 #: At most this many completed keys a Guard remembers for reading before claiming
 #: (all forgotten at once when full).
 _DONE_KEYS = 1024
-
-
-async def _aget(store: Store, namespace: str, key: str) -> Record | None:
-    """``store.get`` from a coroutine, as :func:`protocol.run_async` runs a primitive."""
-    if store.nowait:
-        try:
-            return store.run_nowait(lambda s: s.get(namespace, key))
-        except WouldBlock:  # the schema not checked yet (a first use), or a read that would wait
-            pass
-    return await asyncio.to_thread(store.get, namespace, key)
 
 
 _MARKS = {"executed": "✓", "replayed": "↺", "blocked": "✗", "failed": "!"}

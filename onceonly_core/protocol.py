@@ -657,19 +657,7 @@ async def run_async(
         send = None
         try:
             if isinstance(op, StoreOp):
-                if not store.blocking or (type(op) is Heartbeat and op.lease < 0):
-                    # Releasing a lease runs inline: it must happen even when the task
-                    # has just been cancelled, and awaiting again could be cancelled too.
-                    send = op.run(store)
-                elif store.nowait and not (type(op) is Finish and op.via is not None):
-                    # On the loop unless it would wait for a lock (SQLite WAL NORMAL):
-                    # a worker-thread hop costs about as much as the write itself.
-                    try:
-                        send = store.run_nowait(op.run)
-                    except WouldBlock:  # nothing was written: run it where it may wait
-                        send = await _in_thread(op, store)
-                else:
-                    send = await _in_thread(op, store)
+                send = await run_op(op, store)
             elif type(op) is Sleep:
                 await asyncio.sleep(op.seconds)
             elif type(op) is Execute:
@@ -680,6 +668,25 @@ async def run_async(
                     send = await send
         except BaseException as err:
             error = err
+
+
+async def run_op(op: StoreOp, store: Store) -> Any:
+    """One primitive from a coroutine, where :func:`run_async` runs each: inline for a
+    store that never blocks, on the loop when the store runs it at once without waiting
+    for a lock (:attr:`Store.nowait`, :meth:`Store.run_nowait`: SQLite WAL NORMAL), else
+    in a worker thread."""
+    if not store.blocking or (type(op) is Heartbeat and op.lease < 0):
+        # Releasing a lease runs inline: it must happen even when the task has just
+        # been cancelled, and awaiting again could be cancelled too.
+        return op.run(store)
+    if store.nowait and not (type(op) is Finish and op.via is not None):
+        # On the loop unless it would wait for a lock (SQLite WAL NORMAL): a
+        # worker-thread hop costs about as much as the write itself.
+        try:
+            return store.run_nowait(op.run)
+        except WouldBlock:  # nothing was written: run it where it may wait
+            pass
+    return await _in_thread(op, store)
 
 
 async def _in_thread(op: StoreOp, store: Store) -> Any:

@@ -95,8 +95,7 @@ def archive_audit(
         if archive is not None:
             out = open(archive, "a", encoding="utf-8")  # noqa: SIM115 - closed below
         for tenant in tenants if tenants is not None else _tenants(gov):
-            low: float | None = None  # no row older than this is left
-            for cut, rows in _batches(gov, tenant, before, batch):
+            for low, cut, rows in _batches(gov, tenant, before, batch):
                 if out is not None:
                     for row in rows:
                         out.write(json.dumps(row, sort_keys=True, default=str) + "\n")
@@ -104,7 +103,6 @@ def archive_audit(
                     out.flush()
                     os.fsync(out.fileno())
                 n = gov.purge_audit(tenant, cut, after=low)
-                low = cut
                 if n != len(rows):  # another purge ran at the same time
                     log.warning(
                         "retention: %s: archived %d audit rows before %s, purged %d",
@@ -135,8 +133,10 @@ def _tenants(gov: Any) -> list[str]:
 
 def _batches(
     gov: Any, tenant: str, before: float, batch: int
-) -> Iterator[tuple[float, list[dict[str, Any]]]]:
-    """(cut, rows) per batch: exactly the rows ``purge_audit(tenant, cut)`` deletes.
+) -> Iterator[tuple[float | None, float, list[dict[str, Any]]]]:
+    """(low, cut, rows) per batch: exactly the rows ``purge_audit(tenant, cut)`` deletes,
+    none older than ``low`` (the previous batch's cut, which the caller purged before
+    asking for the next; None at first): the ``after`` to give ``purge_audit``.
 
     ``purge_audit`` deletes, per agent, every row up to the last one recorded before the
     cut. The cut is the time of the ``batch``-th oldest row still there, so a batch holds
@@ -198,7 +198,7 @@ def _batches(
             rows.sort(key=lambda r: (r["created_at"], r["id"]))
         if not rows:
             return
-        yield cut, rows
+        yield low, cut, rows
         if cut >= before:
             return
         low = cut  # the caller purged up to the cut before asking for more

@@ -19,6 +19,8 @@ from typing import NoReturn
 
 import pytest
 
+from onceonly_core.testing.databases import scratch_database
+
 TESTS_DIR = Path(__file__).resolve().parent
 
 REQUIRE_SERVICES_ENV = "ONCEONLY_REQUIRE_SERVICES"
@@ -145,7 +147,6 @@ def cut_connections(url: str) -> None:
     """Cut every other connection to ``url``'s database from the server side (what a
     restart does to a pool, without the restart): PostgreSQL terminates their backends,
     MariaDB/MySQL kills their threads."""
-    import contextlib
 
     import sqlalchemy as sa
 
@@ -172,8 +173,5 @@ def cut_connections(url: str) -> None:
     eng.dispose()
 
 
-def fresh_database(server_url: str) -> contextlib.AbstractContextManager[str]:
-    """A new, empty database on the test server (dropped afterwards)."""
-    from onceonly_core.testing.databases import scratch_database
-
-    return scratch_database(server_url)
+#: A new, empty database on the test server (dropped afterwards): the package's own.
+fresh_database = scratch_database

@@ -360,14 +360,17 @@ class SQLStore(Store):
         self._pid = os.getpid()
         self._pins.forget()
 
-    def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
-        """Execute one statement; return the first row (fetch) or the rowcount."""
+    def _run(
+        self, name: str, sql: str, params: dict[str, Any], fetch: bool, *, read: bool = False
+    ) -> Any:
+        """Execute one statement; return the first row (fetch) or the rowcount. ``read``:
+        the statement only reads (see :meth:`_on_cursor`)."""
 
         def one(cur: Any) -> Any:
             cur.execute(sql, params)
             return cur.fetchone() if fetch else cur.rowcount
 
-        return self._on_cursor(name, one)
+        return self._on_cursor(name, one, read=read)
 
     def _on_cursor(self, name: str, work: Callable[[Any], _R], *, read: bool = False) -> _R:
         """``work(cursor)`` on this thread's pinned connection (or a checked-out one); a
@@ -510,13 +513,7 @@ class SQLStore(Store):
 
     # -- primitives ---------------------------------------------------------------------
     def get(self, namespace: str, key: str) -> Record | None:
-        sql, params = self._sql["get"], {"ns": namespace, "k": key}
-
-        def one(cur: Any) -> Any:
-            cur.execute(sql, params)
-            return cur.fetchone()
-
-        row = self._on_cursor("get", one, read=True)
+        row = self._run("get", self._sql["get"], {"ns": namespace, "k": key}, True, read=True)
         return None if row is None else self._to_record(row)
 
     def claim(self, namespace: str, key: str, new: NewClaim) -> Record:
@@ -1030,7 +1027,10 @@ class SQLiteStore(SQLStore):
             self._engine = eng
         return super().engine()
 
-    def _run(self, name: str, sql: str, params: dict[str, Any], fetch: bool) -> Any:
+    def _run(
+        self, name: str, sql: str, params: dict[str, Any], fetch: bool, *, read: bool = False
+    ) -> Any:
+        # ``read`` changes nothing here: a file has no connection to lose.
         if not self._ready:
             self._ensure_schema()
         params["now"] = time.time()

@@ -127,3 +127,33 @@ def test_an_async_retry_on_normal_reads_on_the_event_loop(
         assert seen == []  # not on this thread's connection: the loop's own (nowait)
     finally:
         g.close()
+
+
+def test_an_observed_guard_remembers_what_it_saw_done(tmp_path: Path) -> None:
+    # With telemetry on (here its structured logging), every call goes through the
+    # observer; its completions are remembered too, so a retry's claim reads first
+    # instead of trying an insert under the write lock: one read.
+    from onceonly_core.telemetry import instrument_logging
+
+    g = Guard(f"sqlite:///{tmp_path / 'l.db'}", quiet=True)
+    try:
+        instrument_logging(g)
+        assert g(tool, 0) == 0  # opens the ledger
+        seen = _statements(g)
+        assert g(tool, 1) == 1
+        assert seen == ["INSERT", "UPDATE"]
+        seen.clear()
+        assert g(tool, 1) == 1
+        assert seen == ["SELECT"]
+        assert asyncio.run(g(atool, 2)) == 2
+        store: Any = g.store
+        claims: list[Any] = []
+        real = store.claim
+        store.claim = lambda *a, **k: claims.append(a) or real(*a, **k)
+        # Async, observed: the whole call goes through the flow (inside its span), whose
+        # claim, told the key is not new, reads it first.
+        assert asyncio.run(g(atool, 2)) == 2
+        assert [a[2].first_sight for a in claims] == [False]
+        assert RAN == [0, 1, 2]
+    finally:
+        g.close()
